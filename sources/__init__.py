@@ -1,0 +1,1 @@
+"""Where facts come from: RSS/Atom feeds, curated JSONL files, and turning entries into claims."""

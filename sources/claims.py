@@ -1,0 +1,106 @@
+"""Claims: one source saying one (subject, relation, object) at one time.
+
+A claim is an immutable value. Its `content_hash` identifies "this source said this thing in
+this entry", so re-reading the same feed entry or JSONL line yields the same hash and the
+ledger drops it as a duplicate. Text coming from sources is data only: it is cleaned of
+control characters, length-checked and never formatted, evaluated or used as a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+__all__ = ["Claim", "canonical_json", "clean_text", "iso", "normalize_text", "parse_time", "utcnow"]
+
+_WS_RE = re.compile(r"\s+")
+# Control and format characters (bidi overrides, zero-width) have no place in a fact.
+_CONTROL_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
+_EDGE_PUNCT = " \t\"'`.,;:!?()[]{}<>«»“”‘’"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(dt: datetime) -> str:
+    """Fixed-width UTC ISO-8601 text: sorts lexically and hashes the same on every database."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Inverse of `iso`; also accepts other ISO-8601 forms (naive times are taken as UTC)."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def canonical_json(obj: object) -> str:
+    """The one JSON form used for hashing: sorted keys, no spaces, UTF-8 text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def clean_text(value: str) -> str:
+    """Source text as plain data: NFC, control/format characters dropped, whitespace collapsed."""
+    value = unicodedata.normalize("NFC", value)
+    value = "".join(ch if unicodedata.category(ch) not in _CONTROL_CATEGORIES else " " for ch in value)
+    return _WS_RE.sub(" ", value).strip()
+
+
+def normalize_text(value: str) -> str:
+    """The exact-match form of a subject or object.
+
+    NFKC + casefold, whitespace collapsed, surrounding punctuation and quotes stripped and a
+    leading English article dropped: "The  Hague." and "the hague" compare equal. Anything
+    looser is left to semantic matching.
+    """
+    value = unicodedata.normalize("NFKC", clean_text(value)).casefold()
+    value = value.strip(_EDGE_PUNCT)
+    for article in ("the ", "a ", "an "):
+        if value.startswith(article) and len(value) > len(article):
+            value = value[len(article) :]
+            break
+    return _WS_RE.sub(" ", value).strip(_EDGE_PUNCT)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One source asserting (subject, relation, object)."""
+
+    subject: str
+    relation: str
+    object: str
+    source_id: str
+    url: str  # where it was read (entry link, feed URL or file location)
+    observed_at: datetime  # when the source says it was true (never later than fetch time)
+    ref: str = ""  # the entry id / JSONL line id: distinguishes restatements from re-reads
+    flags: tuple[str, ...] = ()  # e.g. ("malformed",): the source's feed was bozo, trust drops
+    content_hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(
+            canonical_json(
+                {
+                    "source": self.source_id,
+                    "subject": self.subject,
+                    "relation": self.relation,
+                    "object": self.object,
+                    "ref": self.ref,
+                }
+            ).encode()
+        ).hexdigest()
+        object.__setattr__(self, "content_hash", digest)
+
+    @property
+    def subject_key(self) -> str:
+        return normalize_text(self.subject)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What a fact is about: normalised subject and relation."""
+        return (self.subject_key, self.relation)

@@ -1,0 +1,231 @@
+"""RSS and Atom feeds: fetch under limits, parse the bytes, turn entries into claims.
+
+The fact convention (documented in docs/intake.md). An entry states one fact with three
+elements in the namespace `urn:kmd:fact:1` (any prefix), plus an optional observation time:
+
+    <entry xmlns:kf="urn:kmd:fact:1">
+      <kf:subject>France</kf:subject>
+      <kf:relation>capital</kf:relation>
+      <kf:object>Paris</kf:object>
+      <kf:observed>2024-05-01T12:00:00Z</kf:observed>   <!-- optional -->
+    </entry>
+
+Feeds written as prose are read with the source's extraction patterns from the policy:
+regular expressions over the title, summary or content (HTML stripped) whose named groups
+`subject` and `object` give the fact, for the pattern's relation.
+
+Everything taken from an entry is data: cleaned, length-capped (fields over the cap are
+refused, not truncated, so a fact is never silently changed) and never interpreted.
+"""
+
+from __future__ import annotations
+
+import calendar
+import html
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import feedparser
+from loguru import logger
+
+from kmd.daemon.policy import FetchLimits, SourcePolicy
+from kmd.sources.base import PollResult
+from kmd.sources.claims import Claim, clean_text, parse_time
+from kmd.sources.net import FetchError, Fetcher
+
+__all__ = ["FACT_NAMESPACE", "FeedSource", "ParsedFeed", "parse_feed"]
+
+FACT_NAMESPACE = "urn:kmd:fact:1"
+_TAG_RE = re.compile(r"<[^>]*>")
+# bozo exceptions that say nothing about the feed's integrity: the declared charset was
+# wrong but the bytes decoded fine.
+_BENIGN_BOZO = (feedparser.CharacterEncodingOverride,)
+
+
+class ParsedFeed:
+    """What one feed body yielded."""
+
+    def __init__(self, claims: list[Claim], problems: list[str], malformed: bool, entries: int):
+        self.claims = claims
+        self.problems = problems
+        self.malformed = malformed
+        self.entries = entries  # entries looked at (after the cap)
+
+
+def _text(value: Any, limit: int) -> str:
+    """An entry field as plain text, HTML tags removed, cut to `limit` characters.
+
+    Used only for text that patterns search; fact fields use `_fact_field`, which refuses
+    over-long values instead of cutting them.
+    """
+    if not isinstance(value, str):
+        return ""
+    return clean_text(html.unescape(_TAG_RE.sub(" ", value[: limit * 4])))[:limit]
+
+
+def _fact_field(value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError("not text")
+    # feedparser leaves entities escaped in some (loose-parser) paths; unescape once.
+    text = clean_text(html.unescape(value))
+    if not text:
+        raise ValueError("empty")
+    if len(text) > limit:
+        raise ValueError(f"longer than {limit} characters")
+    return text
+
+
+def _entry_time(entry: Mapping[str, Any], observed: str | None, fetched_at: datetime) -> datetime:
+    """When the entry says the fact was true; never later than when we fetched it.
+
+    Clamping to the fetch time stops a feed from post-dating a claim to win supersession.
+    """
+    when: datetime | None = None
+    if observed:
+        try:
+            when = parse_time(observed.strip())
+        except ValueError:
+            when = None
+    if when is None:
+        for key in ("updated_parsed", "published_parsed"):
+            st = entry.get(key)
+            if st:
+                when = datetime.fromtimestamp(calendar.timegm(st), UTC)
+                break
+    if when is None or when > fetched_at:
+        return fetched_at
+    return when
+
+
+def parse_feed(
+    body: bytes,
+    source: SourcePolicy,
+    limits: FetchLimits,
+    *,
+    url: str,
+    fetched_at: datetime,
+) -> ParsedFeed:
+    """Parse feed bytes and extract claims. Never raises on bad input; problems are listed."""
+    if not isinstance(body, bytes):  # a str would be taken as a path or URL by feedparser
+        raise TypeError("parse_feed takes the fetched bytes, never text")
+    try:
+        parsed = feedparser.parse(body)
+    except Exception as exc:  # feedparser is meant not to raise; if it does, the feed is bad
+        return ParsedFeed([], [f"unparseable feed: {type(exc).__name__}: {exc}"], True, 0)
+
+    problems: list[str] = []
+    malformed = bool(parsed.get("bozo")) and not isinstance(parsed.get("bozo_exception"), _BENIGN_BOZO)
+    if malformed:
+        reason = f"malformed feed ({type(parsed.get('bozo_exception')).__name__}: {parsed.get('bozo_exception')})"
+        if source.on_malformed == "reject":
+            return ParsedFeed([], [reason + "; rejected by policy"], True, 0)
+        problems.append(reason + "; claims down-weighted by policy")
+
+    entries = parsed.get("entries") or []
+    if len(entries) > limits.max_entries:
+        problems.append(f"{len(entries)} entries; only the first {limits.max_entries} are read")
+        entries = entries[: limits.max_entries]
+    prefixes = [p for p, uri in (parsed.get("namespaces") or {}).items() if uri == FACT_NAMESPACE and p]
+    flags = ("malformed",) if malformed else ()
+
+    claims: list[Claim] = []
+    for index, entry in enumerate(entries):
+        ref = entry.get("id") or entry.get("link") or f"#{index}"
+        ref = ref if isinstance(ref, str) else f"#{index}"
+        link = entry.get("link") if isinstance(entry.get("link"), str) else url
+        where = f"entry {ref[:80]!r}"
+        for prefix in prefixes:
+            fields = {name: entry.get(f"{prefix}_{name}") for name in ("subject", "relation", "object")}
+            present = [k for k, v in fields.items() if v is not None]
+            if not present:
+                continue
+            if len(present) < 3:
+                problems.append(f"{where}: incomplete fact, missing {sorted(set(fields) - set(present))}")
+                continue
+            try:
+                values = {k: _fact_field(v, limits.max_field_chars) for k, v in fields.items()}
+            except ValueError as exc:
+                problems.append(f"{where}: fact field refused: {exc}")
+                continue
+            observed = entry.get(f"{prefix}_observed")
+            claims.append(
+                Claim(
+                    subject=values["subject"],
+                    relation=values["relation"],
+                    object=values["object"],
+                    source_id=source.id,
+                    url=link[: limits.max_field_chars],
+                    observed_at=_entry_time(entry, observed if isinstance(observed, str) else None, fetched_at),
+                    ref=ref[: limits.max_field_chars],
+                    flags=flags,
+                )
+            )
+        for pattern in source.extract:
+            if pattern.field == "content":
+                contents = entry.get("content") or []
+                raw = contents[0].get("value") if contents and isinstance(contents[0], Mapping) else None
+            else:
+                raw = entry.get(pattern.field)
+            text = _text(raw, limits.max_field_chars)
+            match = pattern.regex.search(text) if text else None
+            if not match:
+                continue
+            subject, obj = clean_text(match.group("subject") or ""), clean_text(match.group("object") or "")
+            if not subject or not obj:
+                continue
+            claims.append(
+                Claim(
+                    subject=subject,
+                    relation=pattern.relation,
+                    object=obj,
+                    source_id=source.id,
+                    url=link[: limits.max_field_chars],
+                    observed_at=_entry_time(entry, None, fetched_at),
+                    ref=f"{ref[: limits.max_field_chars]}#{pattern.field}:{pattern.relation}",
+                    flags=flags,
+                )
+            )
+    return ParsedFeed(claims, problems, malformed, len(entries))
+
+
+class FeedSource:
+    """A `Source` for one RSS/Atom feed, with conditional GET across polls."""
+
+    def __init__(self, policy: SourcePolicy, limits: FetchLimits, fetcher: Fetcher):
+        if policy.kind != "feed":
+            raise ValueError(f"source {policy.id!r} is not a feed")
+        self.policy = policy
+        self.limits = limits
+        self._fetcher = fetcher
+
+    @property
+    def id(self) -> str:
+        return self.policy.id
+
+    def poll(self, cursor: Mapping[str, Any], now: datetime) -> PollResult:
+        # Validators are only sent for the URL they came from: a changed location starts fresh.
+        same = cursor.get("location") == self.policy.location
+        etag = cursor.get("etag") if same else None
+        last_modified = cursor.get("last_modified") if same else None
+        try:
+            result = self._fetcher.fetch(
+                self.policy.location,
+                limits=self.limits,
+                network=self.policy.network,
+                etag=etag,
+                last_modified=last_modified,
+            )
+        except FetchError as exc:
+            logger.warning("source {}: fetch refused or failed: {}", self.id, exc)
+            return PollResult(self.id, problems=(str(exc),), cursor=dict(cursor), refused=True)
+        if result.not_modified:
+            logger.debug("source {}: not modified", self.id)
+            return PollResult(self.id, cursor=dict(cursor), not_modified=True)
+        parsed = parse_feed(result.body, self.policy, self.limits, url=result.url, fetched_at=now)
+        for problem in parsed.problems:
+            logger.warning("source {}: {}", self.id, problem)
+        new_cursor = {"location": self.policy.location, "etag": result.etag, "last_modified": result.last_modified}
+        refused = parsed.malformed and self.policy.on_malformed == "reject"
+        return PollResult(self.id, tuple(parsed.claims), tuple(parsed.problems), new_cursor, refused=refused)
