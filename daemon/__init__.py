@@ -1,0 +1,1 @@
+"""The service side of kmd: settings, ledger, maintenance loop, HTTP API and CLI."""

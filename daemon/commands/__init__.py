@@ -1,0 +1,1 @@
+"""Subcommand groups of the `kmd` CLI, one module per concern."""

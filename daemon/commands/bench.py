@@ -1,0 +1,111 @@
+"""`kmd bench`: score a backend with the lifelong protocol on an edit dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kmd.daemon.commands.common import ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, ProfileOpt, fail, load_host
+
+METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")
+COSTS = (
+    "edit_s_mean", "edit_s_p95", "forward_ms_base", "forward_ms_edited",
+    "overhead_ratio", "state_bytes_per_edit", "peak_rss_mb",
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench", help="Benchmark a backend: N sequential edits, scored after the last one.")(bench)
+
+
+def bench(
+    backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")],
+    data: Annotated[Path, typer.Option(help="Dataset file: ZsRE, CounterFact (flat), hallucination or temporal JSON.")],
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N records.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="zsre, counterfact, hallucination or temporal (default: detect).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (torch, and the shuffle if --shuffle).")] = 0,
+    shuffle: Annotated[bool, typer.Option(help="Seeded shuffle instead of file order.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scoring batch size.")] = 16,
+    config: Annotated[list[str] | None, typer.Option("--set", help="Backend option override KEY=VALUE (JSON value), repeatable.")] = None,
+    model: ModelOpt = "embedded",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    profile: ProfileOpt = None,
+    chat_template: ChatOpt = False,
+) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kmd.editors.bench.data import DatasetError, load_records
+    from kmd.editors.bench.harness import BenchOptions, run_lifelong
+    from kmd.editors.registry import UnknownBackendError, get_backend
+
+    try:
+        backend_cls = get_backend(backend)
+        fmt, records = load_records(data, format, limit)
+        overrides = parse_overrides(config or [])
+    except (UnknownBackendError, DatasetError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    host = load_host(model, device, dtype, profile, chat_template)
+    try:
+        editor = backend_cls(host, backend_cls.default_config(host, **overrides))
+    except (ValueError, TypeError) as exc:
+        raise fail(str(exc)) from exc
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        result = run_lifelong(
+            host, editor, records, seed=seed, shuffle=shuffle,
+            options=BenchOptions(batch_size=batch_size), progress=progress,
+        )
+    result["dataset"] = str(data)
+    result["format"] = fmt
+    print_table(result)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(value: object) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+        return str(value)
+
+    table = Table(title=f"{result['backend']} on {Path(result['dataset']).name} ({result['n_edits']} edits, {result['model']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in (*METRICS, *COSTS):
+        table.add_row(key, fmt(result.get(key)))
+    Console().print(table)

@@ -1,0 +1,1 @@
+"""Benchmark harness: the lifelong protocol of PROTOCOL.md over edit datasets."""

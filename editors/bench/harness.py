@@ -1,0 +1,189 @@
+"""The lifelong (sequential) protocol of ../shared/design/PROTOCOL.md.
+
+1. the first N records (file order, or a seeded shuffle, stated in the result);
+2. the unedited model's locality outputs are recorded (pre pass);
+3. N edits are applied one after another to one model, never rolled back;
+4. only after the last edit, every record is scored on the final model.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kmd.editors.bench.data import EditRecord
+from kmd.editors.protocol import EditRequest
+from kmd.editors.scoring import generate, score_targets
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+    from kmd.editors.protocol import Editor
+
+PROTOCOL = "lifelong-sequential/v1: N edits in order, scored once after the last edit"
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    batch_size: int = 16
+    timing_prompts: int = 50  # prompts for the base-vs-edited forward latency
+    timing_rounds: int = 3
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(statistics.fmean(values)) if values else None
+
+
+def _p95(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))])
+
+
+def _starts_with(host: ModelHost, tokens: list[int], target: str) -> bool:
+    text = host.tokenizer.decode(tokens, skip_special_tokens=True)
+    return text.strip().startswith(target.strip())
+
+
+def _target_lengths(host: ModelHost, pairs: Sequence[tuple[str, str]]) -> list[int]:
+    return [len(host.encode_pair(p, t)[1]) for p, t in pairs]
+
+
+@torch.no_grad()
+def _forward_ms(host: ModelHost, editor: Editor, prompts: Sequence[str], rounds: int) -> tuple[float, float]:
+    """Mean ms per single-prompt forward, base (hooks removed) vs edited, same prompts.
+
+    Blocks alternate and the best round of each is kept, to damp noise from other load.
+    """
+    encoded = [torch.tensor([host.encode(host.format_prompt(p))], device=host.device) for p in prompts]
+
+    def block(edited: bool) -> float:
+        start = time.perf_counter()
+        for ids in encoded:
+            if edited:
+                with editor.query(None):
+                    host.model(input_ids=ids)
+            else:
+                host.model(input_ids=ids)
+        return (time.perf_counter() - start) * 1000 / len(encoded)
+
+    base, edited = [], []
+    for _ in range(rounds):
+        with editor.suspended():
+            base.append(block(False))
+        edited.append(block(True))
+    return min(base), min(edited)
+
+
+def run_lifelong(
+    host: ModelHost,
+    editor: Editor,
+    records: Sequence[EditRecord],
+    *,
+    seed: int = 0,
+    shuffle: bool = False,
+    options: BenchOptions = BenchOptions(),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    notify = progress or (lambda phase, done, total: None)
+    records = list(records)
+    if shuffle:
+        random.Random(seed).shuffle(records)
+    torch.manual_seed(seed)
+    n = len(records)
+    bs = options.batch_size
+    loc_pairs = [(r.loc_prompt, r.loc_answer) for r in records]
+    loc_lengths = _target_lengths(host, loc_pairs)
+
+    # 2. pre pass on the unedited model
+    notify("pre pass", 0, 2)
+    base_loc = score_targets(host, None, loc_pairs, bs)
+    notify("pre pass", 1, 2)
+    base_loc_gen = generate(host, None, [r.loc_prompt for r in records], loc_lengths, bs)
+    notify("pre pass", 2, 2)
+
+    # 3. sequential edits
+    edit_seconds: list[float] = []
+    for index, record in enumerate(records):
+        request = EditRequest(
+            prompt=record.prompt, target=record.target, subject=record.subject, rephrases=record.rephrases
+        )
+        start = time.perf_counter()
+        editor.apply(request)
+        edit_seconds.append(time.perf_counter() - start)
+        notify("editing", index + 1, n)
+
+    # 4. score everything on the final model
+    rel_pairs = [(r.prompt, r.target) for r in records]
+    gen_pairs = [(p, r.target) for r in records for p in r.rephrases]
+    gen_owner = [i for i, r in enumerate(records) for _ in r.rephrases]
+    steps = 6
+    notify("scoring", 0, steps)
+    rel = score_targets(host, editor, rel_pairs, bs)
+    notify("scoring", 1, steps)
+    gen = score_targets(host, editor, gen_pairs, bs) if gen_pairs else []
+    notify("scoring", 2, steps)
+    loc = score_targets(host, editor, loc_pairs, bs)
+    notify("scoring", 3, steps)
+    rel_tokens = generate(host, editor, [p for p, _ in rel_pairs], _target_lengths(host, rel_pairs), bs)
+    notify("scoring", 4, steps)
+    gen_tokens = generate(host, editor, [p for p, _ in gen_pairs], _target_lengths(host, gen_pairs), bs) if gen_pairs else []
+    notify("scoring", 5, steps)
+    loc_gen = generate(host, editor, [r.loc_prompt for r in records], loc_lengths, bs)
+    notify("scoring", 6, steps)
+
+    def per_record(values: list[float], owners: list[int]) -> list[float]:
+        # average over a record's rephrases first, then over records
+        grouped: dict[int, list[float]] = {}
+        for owner, value in zip(owners, values, strict=True):
+            grouped.setdefault(owner, []).append(value)
+        return [statistics.fmean(v) for v in grouped.values()]
+
+    timing = records[: options.timing_prompts]
+    forward_base, forward_edited = _forward_ms(
+        host, editor, [r.prompt for r in timing] + [r.loc_prompt for r in timing], options.timing_rounds
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = editor.save(Path(tmp) / "state")
+        state_bytes = sum(f.stat().st_size for f in saved.iterdir())
+
+    gen_ok = [float(_starts_with(host, t, gen_pairs[i][1])) for i, t in enumerate(gen_tokens)]
+    return {
+        "backend": editor.name,
+        "model": host.identity.name,
+        "dataset": None,  # filled in by the caller, which knows the path
+        "n_edits": n,
+        "rel": _mean([s.accuracy for s in rel]),
+        "gen": _mean(per_record([s.accuracy for s in gen], gen_owner)) if gen else None,
+        "loc": _mean([e.agreement(b) for e, b in zip(loc, base_loc, strict=True)]),
+        "rel_em": _mean([float(_starts_with(host, t, r.target)) for t, r in zip(rel_tokens, records, strict=True)]),
+        "gen_em": _mean(per_record(gen_ok, gen_owner)) if gen_pairs else None,
+        "loc_em": _mean([float(e == b) for e, b in zip(loc_gen, base_loc_gen, strict=True)]),
+        "ppl": _mean([s.perplexity for s in rel]),
+        "edit_s_mean": _mean(edit_seconds),
+        "edit_s_p95": _p95(edit_seconds),
+        "forward_ms_base": forward_base,
+        "forward_ms_edited": forward_edited,
+        "overhead_ratio": forward_edited / forward_base if forward_base else None,
+        "state_bytes_per_edit": state_bytes / n if n else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "protocol": PROTOCOL,
+        "order": f"seeded shuffle (seed {seed})" if shuffle else "file order",
+        "seed": seed,
+        "backend_config": editor.config_dict(),
+        "device": str(host.device),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+    }

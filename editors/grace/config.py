@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GraceConfig:
+    """GRACE hyperparameters (per model, from the profile; unknown keys are rejected)."""
+
+    layer: int | None = None  # edited down_proj; None: 80 % of the depth
+    # Radius of a new entry as a fraction of its key's L2 norm (scale-free across models).
+    # On SmolLM2-135M layer 24 (ZsRE val): a rephrase's key lies at a median 0.35 of the norm,
+    # the nearest other fact at 0.44, the nearest locality prompt beyond 1.2.
+    radius: float = 0.5
+    lr: float = 1.0  # Adam, as in the GRACE paper
+    max_steps: int = 100
+    stop_loss: float = 0.01  # stop once the mean target NLL is below this

@@ -1,0 +1,157 @@
+"""GRACE on a decoder's `mlp.down_proj` (see ../shared/design/METHODS.md).
+
+Each edit owns one codebook row: key = the down_proj input at the last prompt token,
+value = a learned down_proj output that replaces the real one at the positions that
+predict the target (the last prompt token and the next len(target) - 1 tokens; after
+that the model continues on its own instead of repeating the target). A query row uses
+the nearest entry when its key lies within that entry's radius.
+
+Radii are a pure function of the current entries: r_i = min(radius * |k_i|, half the
+distance to the nearest entry with a different target). So GRACE's split/expand
+behaviour needs no history, and reverting an edit (deleting its row and recomputing
+radii) leaves exactly the state the other edits alone would give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+
+from kmd.editors.batching import teacher_forced_batch
+from kmd.editors.grace.config import GraceConfig
+from kmd.editors.hooks import HookSpec, hooked, resolve_module
+from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.upper import UpperStack
+
+
+def _label(target: str) -> str:
+    return " ".join(target.lower().split())
+
+
+class GraceEditor(Editor):
+    name = "grace"
+    config_class = GraceConfig
+
+    def __init__(self, host, config: GraceConfig | None = None) -> None:
+        super().__init__(host, config)
+        n_layers = host.num_layers
+        self.layer = self.config.layer if self.config.layer is not None else min(round(0.8 * n_layers), n_layers - 1)
+        if not 0 <= self.layer < n_layers:
+            raise EditorError(f"grace: layer {self.layer} outside 0..{n_layers - 1}")
+        self.path = host.profile.layout.path("mlp_down", self.layer)
+        down = resolve_module(host.model, self.path)
+        device = host.device
+        self.keys = torch.empty(0, down.in_features, device=device)  # (N, d_ff)
+        self.values = torch.empty(0, down.out_features, device=device)  # (N, d_model)
+        self.radii = torch.empty(0, device=device)  # (N,)
+        self.spans = torch.empty(0, dtype=torch.long, device=device)  # (N,) target length in tokens
+        self.row_ids: list[str] = []  # edit id of each row
+        self.labels: list[str] = []  # normalised target of each row
+
+    # ----- computing an edit -----------------------------------------------------------------
+    def _apply(self, edit_id: str, request: EditRequest) -> None:
+        cfg, host = self.config, self.host
+        batch = teacher_forced_batch(host, [(request.prompt, request.target)])
+        last = int(batch.prompt_mask[0].sum()) - 1
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):  # key and the value's starting point
+            seen["key"] = args[0][0, last].float()  # (d_ff,)
+            seen["out"] = output[0, last].float()  # (d_model,)
+
+        stack = UpperStack(
+            host, self.layer, batch.input_ids, batch.attention_mask, extra_specs=[HookSpec(self.path, grab)]
+        )
+        value = torch.nn.Parameter(seen["out"].clone())
+        span = len(batch.labels)
+        relative = torch.arange(batch.input_ids.shape[1], device=host.device) - last  # (T,)
+        predicts_target = ((relative >= 0) & (relative < span))[None, :, None]  # (1, T, 1)
+
+        def replace(module, args, output):
+            return torch.where(predicts_target, value.to(output.dtype), output)
+
+        optimiser = torch.optim.Adam([value], lr=cfg.lr)
+        loss = torch.tensor(float("inf"))
+        with torch.enable_grad(), hooked(host.model, [HookSpec(self.path, replace)]):
+            for step in range(cfg.max_steps):
+                logits = stack.logits_at(stack.final_hidden(), batch.rows, batch.positions)
+                loss = F.cross_entropy(logits.float(), batch.labels)
+                if loss.item() < cfg.stop_loss:
+                    break
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        logger.bind(edit_id=edit_id).debug("grace: value trained in {} steps, loss {:.4f}", step + 1, loss.item())
+        self.keys = torch.cat([self.keys, seen["key"][None]])
+        self.values = torch.cat([self.values, value.detach()[None]])
+        self.spans = torch.cat([self.spans, torch.tensor([span], device=self.spans.device)])
+        self.row_ids.append(edit_id)
+        self.labels.append(_label(request.target))
+        self._update_radii()
+
+    def _revert(self, edit_id: str) -> None:
+        row = self.row_ids.index(edit_id)
+        keep = [i for i in range(len(self.row_ids)) if i != row]
+        self.keys, self.values, self.spans = self.keys[keep], self.values[keep], self.spans[keep]
+        del self.row_ids[row], self.labels[row]
+        self._update_radii()
+
+    def _update_radii(self) -> None:
+        n = len(self.row_ids)
+        radii = self.config.radius * self.keys.norm(dim=1)  # (N,)
+        if n > 1:
+            dist = torch.cdist(self.keys, self.keys)  # (N, N)
+            labels = self.labels
+            conflict = torch.tensor([[a != b for b in labels] for a in labels], device=dist.device)
+            half = torch.where(conflict, dist / 2, torch.inf).amin(1)
+            radii = torch.minimum(radii, half)
+        self.radii = radii
+
+    # ----- serving ----------------------------------------------------------------------------
+    def _hook_specs(self) -> list[HookSpec]:
+        return [HookSpec(self.path, self._serve)]
+
+    def _serve(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        routing = self.routing()
+        batch, seq, _ = output.shape
+        decision = routing.decisions.get(self.name)
+        steps = torch.arange(seq, device=output.device)
+        if decision is None:  # prefill: decide per row from its last prompt token
+            last = routing.last_prompt_index(batch, seq, output.device)  # (B,)
+            query = args[0][torch.arange(batch, device=output.device), last].float()  # (B, d_ff)
+            dist = torch.cdist(query, self.keys)  # (B, N)
+            best_dist, best = dist.min(dim=1)
+            hit = best_dist <= self.radii[best]
+            relative = steps[None, :] - last[:, None]  # (B, T): 0 at the last prompt token
+            decision = routing.decisions[self.name] = {"hit": hit, "best": best, "next": seq - last}
+        else:  # decode step with the KV cache: continue counting after the prompt
+            relative = decision["next"][:, None] + steps[None, :]
+            decision["next"] = decision["next"] + seq
+        hit, best = decision["hit"], decision["best"]
+        if not bool(hit.any()):
+            return None
+        span = self.spans[best][:, None]  # (B, 1)
+        selected = hit[:, None] & (relative >= 0) & (relative < span)  # (B, T)
+        values = self.values[best].to(output.dtype)[:, None, :]  # (B, 1, d_model)
+        return torch.where(selected[..., None], values, output)
+
+    # ----- persistence ------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "spans": self.spans}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"layer": self.layer, "row_ids": self.row_ids, "labels": self.labels}
+
+    def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        if extra.get("layer") != self.layer or sorted(extra.get("row_ids", [])) != sorted(r.edit_id for r in requests):
+            raise EditorError("grace: saved rows do not match the saved edits")
+        self.keys, self.values = tensors["keys"].float(), tensors["values"].float()
+        self.spans = tensors["spans"].long()
+        self.row_ids, self.labels = list(extra["row_ids"]), list(extra["labels"])
+        if not len(self.row_ids) == self.keys.shape[0] == self.values.shape[0]:
+            raise EditorError("grace: saved tensors do not match the saved rows")
+        self._update_radii()

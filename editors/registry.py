@@ -1,0 +1,54 @@
+"""Backend registry: lazy, strict, and helpful on typos.
+
+Built-in backends are listed by import path and imported only when asked for, so
+importing kmd does not import every method. Plug-ins call `register_backend`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kmd.editors.protocol import Editor
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+# name -> "module:Class" (lazy) or the class itself once imported / registered.
+_BACKENDS: dict[str, str | type] = {
+    "grace": "kmd.editors.grace:GraceEditor",
+}
+
+
+class UnknownBackendError(LookupError):
+    pass
+
+
+def register_backend(name: str, target: str | type) -> None:
+    """Register a backend class (or a lazy "module:Class" path) under a unique name."""
+    if not _NAME.match(name):
+        raise ValueError(f"backend name {name!r} must be lowercase letters, digits and _ (max 32)")
+    if name in _BACKENDS:
+        raise ValueError(f"backend {name!r} is already registered")
+    _BACKENDS[name] = target
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> type[Editor]:
+    if name not in _BACKENDS:
+        near = difflib.get_close_matches(name, _BACKENDS, n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise UnknownBackendError(f"unknown backend {name!r} (known: {', '.join(backend_names())}){hint}")
+    target = _BACKENDS[name]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        _BACKENDS[name] = target
+    if getattr(target, "name", None) != name:
+        raise TypeError(f"backend class {target!r} must declare name = {name!r}")
+    return target  # type: ignore[return-value]

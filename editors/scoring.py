@@ -1,0 +1,123 @@
+"""Score and generate through a (possibly edited) model.
+
+`editor=None` means the base model. With an editor, every forward runs inside
+`editor.query(prompt_mask)`, so retrieval sees prompt tokens only, per row, and decode
+steps reuse the decision made on the prompt (KV cache on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from kmd.editors.batching import chunks, left_padded, teacher_forced_batch
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+    from kmd.editors.protocol import Editor
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Teacher-forced result for one `prompt + " " + target` row."""
+
+    argmax: tuple[int, ...]  # the model's top token at each target position
+    labels: tuple[int, ...]  # the target tokens
+    nll: float  # mean negative log-likelihood of the target tokens
+
+    @property
+    def accuracy(self) -> float:
+        return sum(a == b for a, b in zip(self.argmax, self.labels)) / max(len(self.labels), 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.nll, 50.0))
+
+    def agreement(self, other: TargetScore) -> float:
+        """Fraction of positions where both runs chose the same token (locality)."""
+        return sum(a == b for a, b in zip(self.argmax, other.argmax)) / max(len(self.argmax), 1)
+
+
+def _routed(editor: Editor | None, prompt_mask: torch.Tensor):
+    return editor.query(prompt_mask) if editor is not None else nullcontext()
+
+
+@torch.no_grad()
+def score_targets(
+    host: ModelHost,
+    editor: Editor | None,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+) -> list[TargetScore]:
+    out: list[TargetScore] = []
+    for chunk in chunks(pairs, batch_size):
+        batch = teacher_forced_batch(host, chunk)
+        with _routed(editor, batch.prompt_mask):
+            logits = host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        picked = logits[batch.rows, batch.positions].float()  # (K, V)
+        nll = F.cross_entropy(picked, batch.labels, reduction="none")
+        top = picked.argmax(-1)
+        for (a, b), row_nll in zip(batch.spans, batch.per_row(nll), strict=True):
+            out.append(
+                TargetScore(
+                    argmax=tuple(top[a:b].tolist()),
+                    labels=tuple(batch.labels[a:b].tolist()),
+                    nll=float(row_nll.mean()) if b > a else 0.0,
+                )
+            )
+    return out
+
+
+@torch.no_grad()
+def generate(
+    host: ModelHost,
+    editor: Editor | None,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int] = 16,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy continuations (new token ids only), KV cache on.
+
+    `max_new_tokens` may be one number or one per prompt (rows are cut to their own length).
+    """
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    pad = host.tokenizer.pad_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        chunk_limits = limits[start : start + batch_size]
+        ids, attention = left_padded(host, chunk)
+        with _routed(editor, attention.bool()):
+            generated = host.model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max(chunk_limits),
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        for row, limit in zip(generated[:, ids.shape[1] :].tolist(), chunk_limits, strict=True):
+            row = row[:limit]
+            eos = host.tokenizer.eos_token_id
+            if eos in row:  # after EOS the rest is padding
+                row = row[: row.index(eos) + 1]
+            out.append(row)
+    return out
+
+
+def generate_text(
+    host: ModelHost, editor: Editor | None, prompts: Sequence[str], max_new_tokens: int = 24
+) -> list[str]:
+    return [
+        host.tokenizer.decode(tokens, skip_special_tokens=True)
+        for tokens in generate(host, editor, prompts, max_new_tokens)
+    ]

@@ -1,0 +1,140 @@
+"""Saving and loading an editor's whole state: safetensors plus a JSON manifest.
+
+Layout of a state directory:
+
+    manifest.json                    the commit point (replaced atomically)
+    tensors-<sha256[:16]>.safetensors content-addressed tensors named by the manifest
+
+A save writes the new tensor file (fsync), then atomically replaces the manifest, then
+deletes tensor files the manifest no longer names. A crash at any point leaves either
+the old or the new state, never a mix. Nothing is pickled. Loading checks the format,
+the base model's identity, the backend, the config and the tensors' checksum, and
+refuses any mismatch with a message saying what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load as load_tensors_bytes
+from safetensors.torch import save as save_tensors_bytes
+
+from kmd.editors.profiles import ProfileError, build_config
+from kmd.editors.protocol import EditRequest, EditorError
+from kmd.editors.registry import UnknownBackendError, get_backend
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+    from kmd.editors.protocol import Editor
+
+FORMAT = "kmd-editor-state/1"
+MANIFEST = "manifest.json"
+
+
+class StateError(EditorError):
+    """A saved state is missing, corrupted, or belongs to another model/backend."""
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_editor(editor: Editor, path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in editor.state_tensors().items()}
+    blob = save_tensors_bytes(tensors)
+    digest = hashlib.sha256(blob).hexdigest()
+    tensor_file = f"tensors-{digest[:16]}.safetensors"
+    if not (path / tensor_file).exists():
+        _write_atomic(path / tensor_file, blob)
+    config = editor.config_dict()
+    manifest = {
+        "format": FORMAT,
+        "backend": editor.name,
+        "config": config,
+        "config_hash": config_hash(config),
+        "model": editor.host.identity.to_dict(),
+        "tensors": {"file": tensor_file, "sha256": digest, "bytes": len(blob)},
+        "edits": [editor.request(edit_id).to_dict() for edit_id in editor.edit_ids],
+        "extra": editor.extra_state(),
+    }
+    _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    for stale in path.glob("tensors-*.safetensors"):
+        if stale.name != tensor_file:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise StateError(f"{path}: no {MANIFEST}; not an editor state directory")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StateError(f"{file}: corrupted manifest ({exc})") from exc
+    required = {"format", "backend", "config", "config_hash", "model", "tensors", "edits", "extra"}
+    if not isinstance(manifest, dict) or not required <= set(manifest):
+        raise StateError(f"{file}: manifest lacks {sorted(required - set(manifest or {}))}")
+    if manifest["format"] != FORMAT:
+        raise StateError(f"{file}: format {manifest['format']!r}, expected {FORMAT!r}")
+    if config_hash(manifest["config"]) != manifest["config_hash"]:
+        raise StateError(f"{file}: config does not match its hash (edited by hand or corrupted)")
+    return manifest
+
+
+def load_editor(path: Path, host: ModelHost) -> Editor:
+    manifest = read_manifest(path)
+    mismatches = host.identity.mismatches(manifest["model"])
+    if mismatches:
+        raise StateError(
+            f"{path}: saved for another base model ({manifest['model'].get('name')}): " + "; ".join(mismatches)
+        )
+    try:
+        cls = get_backend(manifest["backend"])
+        config = build_config(cls.config_class, manifest["config"], f"{path}/{MANIFEST}")
+    except (UnknownBackendError, ProfileError, TypeError) as exc:
+        raise StateError(f"{path}: {exc}") from exc
+    info = manifest["tensors"]
+    tensor_path = path / info["file"]
+    if not tensor_path.is_file():
+        raise StateError(f"{path}: tensor file {info['file']} is missing")
+    blob = tensor_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        raise StateError(f"{tensor_path}: checksum mismatch (file corrupted or tampered with)")
+    try:
+        tensors = load_tensors_bytes(blob)
+        requests = [EditRequest.from_dict(r) for r in manifest["edits"]]
+    except Exception as exc:
+        raise StateError(f"{path}: unreadable state ({exc})") from exc
+    device = host.device
+    editor = cls(host, config)
+    editor.restore(requests, {k: v.to(device) for k, v in tensors.items()}, manifest["extra"])
+    return editor

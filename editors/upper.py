@@ -1,0 +1,63 @@
+"""Run only the top of the network from a residual stream computed once.
+
+An edit's optimisation changes something at layer `start` or above; everything below is
+frozen, so it is computed once per edit instead of once per optimisation step. The
+captured per-layer keyword arguments (attention mask, rotary embeddings...) are what the
+model itself passed to each layer, so this works for any layout in the profile without
+knowing how the family builds its masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kmd.editors.hooks import HookSpec, hooked, resolve_module
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+
+
+class UpperStack:
+    """Layers `start..L-1`, the final norm and the LM head, fed from a cached stream."""
+
+    def __init__(
+        self,
+        host: ModelHost,
+        start: int,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        extra_specs: Sequence[HookSpec] = (),
+    ) -> None:
+        model, layout = host.model, host.profile.layout
+        indices = range(start, host.num_layers)
+        self.layers = [resolve_module(model, layout.path("layer", i)) for i in indices]
+        self.norm = resolve_module(model, layout.final_norm)
+        self.lm_head = resolve_module(model, layout.lm_head)
+        captured: dict[int, tuple[tuple, dict[str, Any]]] = {}
+
+        def capture(index: int):
+            def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                captured[index] = (args, dict(kwargs))
+
+            return pre_hook
+
+        specs = [HookSpec(layout.path("layer", i), capture(i), "forward_pre", with_kwargs=True) for i in indices]
+        with torch.no_grad(), hooked(model, [*specs, *extra_specs]):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        self.hidden = captured[start][0][0]  # (B, T, D): the residual stream entering layer `start`
+        self.layer_inputs = [(captured[i][0][1:], captured[i][1]) for i in indices]
+
+    def final_hidden(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) normalised last hidden states; hooks installed by the caller apply."""
+        h = self.hidden if hidden is None else hidden
+        for layer, (args, kwargs) in zip(self.layers, self.layer_inputs, strict=True):
+            out = layer(h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.norm(h)
+
+    def logits_at(self, final_hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(K, V) logits at K (row, position) pairs only: the LM head is the costly part."""
+        return self.lm_head(final_hidden[rows, positions])

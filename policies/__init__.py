@@ -1,0 +1,1 @@
+"""Policy files (YAML) shipped with kmd: the documented example policy lives here."""
