@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands import bench, demo, editors_cmd
+from kmd.daemon.commands import ledger_cmd
 from kmd.daemon.logs import configure_logging
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ def _global(
 demo.register(app)
 bench.register(app)
 editors_cmd.register(app)
+ledger_cmd.register(app)
 
 
 def main() -> None:

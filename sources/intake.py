@@ -1,0 +1,130 @@
+"""The intake: poll the policy's sources and record what they claim in the ledger.
+
+`Intake.poll_due()` is what the scheduler calls: every source whose poll interval has passed
+is fetched and parsed (concurrently, in threads: the work is mostly waiting on the network),
+then its claims are recorded by one writer, and only then is its cursor (ETag,
+Last-Modified, sequence number, last poll time) saved. Verification is a separate step
+(`kmd.daemon.verify.Verifier`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from loguru import logger
+
+from kmd.daemon.ledger import Ledger
+from kmd.daemon.policy import Policy
+from kmd.sources.base import PollResult, Source
+from kmd.sources.claims import iso, parse_time, utcnow
+from kmd.sources.feeds import FeedSource
+from kmd.sources.jsonl import JsonlSource
+from kmd.sources.net import Fetcher, SafeFetcher
+
+__all__ = ["Intake", "IntakeReport", "build_sources"]
+
+
+@dataclass(frozen=True)
+class IntakeReport:
+    source_id: str
+    new_claims: int
+    duplicates: int
+    problems: tuple[str, ...]
+    not_modified: bool
+    refused: bool
+    seconds: float
+
+
+def build_sources(policy: Policy, fetcher: Fetcher) -> dict[str, Source]:
+    """One `Source` per policy entry, by kind."""
+    sources: dict[str, Source] = {}
+    for sp in policy.sources:
+        limits = policy.limits_for(sp)
+        sources[sp.id] = FeedSource(sp, limits, fetcher) if sp.kind == "feed" else JsonlSource(sp, limits, fetcher)
+    return sources
+
+
+class Intake:
+    def __init__(
+        self,
+        policy: Policy,
+        ledger: Ledger,
+        *,
+        fetcher: Fetcher | None = None,
+        sources: Mapping[str, Source] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.policy = policy
+        self.ledger = ledger
+        self._own_fetcher = fetcher is None
+        self.fetcher = fetcher or SafeFetcher()
+        self.sources: dict[str, Source] = dict(sources) if sources is not None else build_sources(policy, self.fetcher)
+        self._clock = clock
+
+    def close(self) -> None:
+        if self._own_fetcher and isinstance(self.fetcher, SafeFetcher):
+            self.fetcher.close()
+
+    def __enter__(self) -> Intake:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def due(self, now: datetime | None = None) -> list[str]:
+        """Sources whose poll interval has passed since their last poll."""
+        now = now or self._clock()
+        due = []
+        for source_id in self.sources:
+            last = self.ledger.load_cursor(source_id).get("last_poll")
+            try:
+                interval = self.policy.source(source_id).poll_interval
+            except KeyError:
+                interval = 0.0  # a source given in code, not in the policy: always due
+            if last is None or parse_time(last) + timedelta(seconds=interval) <= now:
+                due.append(source_id)
+        return due
+
+    def poll_due(self, *, max_workers: int = 4) -> list[IntakeReport]:
+        return self.poll_many(self.due(), max_workers=max_workers)
+
+    def poll(self, source_id: str) -> IntakeReport:
+        return self.poll_many([source_id], max_workers=1)[0]
+
+    def poll_many(self, source_ids: Iterable[str], *, max_workers: int = 4) -> list[IntakeReport]:
+        """Fetch and parse in threads; record claims and save cursors in this thread."""
+        ids = list(source_ids)
+        unknown = [s for s in ids if s not in self.sources]
+        if unknown:
+            raise KeyError(f"unknown sources: {unknown}")
+        now = self._clock()
+        cursors = {sid: self.ledger.load_cursor(sid) for sid in ids}
+
+        def fetch(sid: str) -> tuple[PollResult, float]:
+            start = time.perf_counter()
+            try:
+                result = self.sources[sid].poll(cursors[sid], now)
+            except Exception as exc:  # a source bug must not stop the others
+                logger.exception("source {}: poll failed", sid)
+                result = PollResult(sid, problems=(f"poll failed: {type(exc).__name__}: {exc}",),
+                                    cursor=cursors[sid], refused=True)  # fmt: skip
+            return result, time.perf_counter() - start
+
+        reports = []
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ids) or 1))) as pool:
+            for result, seconds in pool.map(fetch, ids):
+                recorded = self.ledger.record_claims(result.claims, policy_version=self.policy.version_tag)
+                cursor = {**result.cursor, "last_poll": iso(now), "last_problems": len(result.problems)}
+                self.ledger.save_cursor(result.source_id, cursor)
+                reports.append(
+                    IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems,
+                                 result.not_modified, result.refused, seconds)  # fmt: skip
+                )
+                if recorded.new_ids:
+                    logger.info("source {}: {} new claims ({} duplicates)", result.source_id, len(recorded.new_ids),
+                                recorded.duplicates)  # fmt: skip
+        return reports
