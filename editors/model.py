@@ -191,6 +191,9 @@ class ModelHost:
             source, name = str(embedded_model_dir(settings)), EMBEDDED_NAME
         else:
             source, name = settings.model, settings.model
+            if settings.model.startswith(("/", "./", "../", "~")) and not Path(settings.model).expanduser().is_dir():
+                raise ModelNotFoundError(f"model directory {settings.model!r} does not exist")
+            source = str(Path(source).expanduser()) if source.startswith("~") else source
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = resolve_device(settings.device)

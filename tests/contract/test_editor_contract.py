@@ -1,0 +1,156 @@
+"""The contract every registered backend obeys, on a tiny random Llama (fast, no downloads)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kmd.editors.batching import left_padded
+from kmd.editors.model import ModelHost, ModelSettings
+from kmd.editors.protocol import EditRequest, UnknownEditError
+from kmd.editors.registry import backend_names, get_backend
+from kmd.editors.scoring import generate, score_targets
+from kmd.editors.state import StateError
+
+EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
+OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice")
+PROBES = [
+    "the capital of France is",
+    "Alice works for the company",
+    "the dog and the cat",
+    "who wrote the book ?",
+    "Bob speaks the language of Japan",
+]
+
+
+def logits(host, editor, prompts=PROBES) -> torch.Tensor:
+    ids, attention = left_padded(host, prompts)
+    with torch.no_grad():
+        if editor is None:
+            return host.model(input_ids=ids, attention_mask=attention).logits
+        with editor.query(attention.bool()):
+            return host.model(input_ids=ids, attention_mask=attention).logits
+
+
+def took(host, editor, request) -> float:
+    return score_targets(host, editor, [(request.prompt, request.target)])[0].accuracy
+
+
+@pytest.fixture(params=backend_names())
+def editor(request, tiny_host):
+    cls = get_backend(request.param)
+    return cls(tiny_host)
+
+
+def test_apply_takes_effect_and_leaves_unrelated_prompts(tiny_host, editor):
+    base = logits(tiny_host, None)
+    assert took(tiny_host, None, EDIT) < 1.0, "pick an edit the base model does not already make"
+    edit_id = editor.apply(EDIT)
+    assert editor.edit_ids == [edit_id]
+    assert took(tiny_host, editor, EDIT) == 1.0
+    edited = logits(tiny_host, editor)
+    # rows 2.. are unrelated prompts in the same batch: routing is per row
+    assert torch.equal(edited[2:], base[2:])
+    assert not torch.equal(edited[0], base[0])
+
+
+def test_generation_with_kv_cache_uses_the_edit(tiny_host, editor):
+    editor.apply(EDIT)
+    target_ids = tiny_host.encode_pair(EDIT.prompt, EDIT.target)[1]
+    edited = generate(tiny_host, editor, [EDIT.prompt, "the dog and the cat"], len(target_ids))
+    base = generate(tiny_host, None, [EDIT.prompt, "the dog and the cat"], len(target_ids))
+    assert edited[0][: len(target_ids)] == target_ids
+    assert edited[1] == base[1]
+
+
+def test_revert_restores_base_logits_bit_for_bit(tiny_host, editor):
+    base = logits(tiny_host, None)
+    first = editor.apply(EDIT)
+    second = editor.apply(OTHER)
+    editor.revert(first)
+    assert took(tiny_host, editor, OTHER) == 1.0, "reverting one edit must keep the others"
+    editor.revert(second)
+    assert editor.edit_ids == []
+    assert torch.equal(logits(tiny_host, editor), base)
+    assert torch.equal(logits(tiny_host, None), base)
+    with pytest.raises(UnknownEditError):
+        editor.revert(first)
+
+
+def test_base_weights_never_change(tiny_host, editor):
+    before = {k: v.clone() for k, v in tiny_host.model.state_dict().items()}
+    editor.apply(EDIT)
+    editor.apply(OTHER)
+    after = tiny_host.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tiny_host, tiny_model_dir, editor, tmp_path):
+    editor.apply(EDIT)
+    editor.apply(OTHER)
+    state = editor.save(tmp_path / "state")
+    manifest = json.loads((state / "manifest.json").read_text())
+    assert manifest["backend"] == editor.name
+    assert [e["edit_id"] for e in manifest["edits"]] == editor.edit_ids
+    assert manifest["model"]["fingerprint"] == tiny_host.identity.fingerprint
+    expected = logits(tiny_host, editor)
+    out = tmp_path / "logits.safetensors"
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from safetensors.torch import save_file
+        from kmd.editors.model import ModelHost, ModelSettings
+        from kmd.editors.protocol import Editor
+        from kmd.editors.batching import left_padded
+        host = ModelHost.load(ModelSettings(model={str(tiny_model_dir)!r}, device="cpu"))
+        editor = Editor.load({str(state)!r}, host)
+        ids, attention = left_padded(host, {PROBES!r})
+        with torch.no_grad(), editor.query(attention.bool()):
+            save_file({{"logits": host.model(input_ids=ids, attention_mask=attention).logits}}, {str(out)!r})
+        print(",".join(editor.edit_ids))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().split(",") == editor.edit_ids
+    assert torch.equal(load_file(out)["logits"], expected)
+
+
+def test_load_refuses_another_model_and_corrupted_state(tiny_host, other_model_dir, editor, tmp_path):
+    editor.apply(EDIT)
+    state = editor.save(tmp_path / "state")
+    other = ModelHost.load(ModelSettings(model=str(other_model_dir), device="cpu"))
+    with pytest.raises(StateError, match="another base model"):
+        type(editor).load(state, other)
+
+    tensor_file = next(state.glob("tensors-*.safetensors"))
+    blob = bytearray(tensor_file.read_bytes())
+    blob[-1] ^= 0xFF
+    tensor_file.write_bytes(bytes(blob))
+    with pytest.raises(StateError, match="checksum"):
+        type(editor).load(state, tiny_host)
+
+    (state / "manifest.json").write_text("{not json")
+    with pytest.raises(StateError, match="corrupted manifest"):
+        type(editor).load(state, tiny_host)
+
+
+def test_saving_again_replaces_state_atomically(tiny_host, editor, tmp_path):
+    first = editor.apply(EDIT)
+    path = editor.save(tmp_path / "state")
+    editor.apply(OTHER)
+    editor.save(path)
+    assert len(list(path.glob("tensors-*.safetensors"))) == 1, "stale tensor files are removed"
+    editor.revert(first)
+    editor.save(path)
+    expected = logits(tiny_host, editor)
+    with editor.suspended():  # one editor attached to the model at a time
+        reloaded = type(editor).load(path, tiny_host)
+        assert reloaded.edit_ids == editor.edit_ids
+        assert torch.equal(logits(tiny_host, reloaded), expected)

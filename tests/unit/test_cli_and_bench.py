@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from kmd.daemon.cli import app
+from kmd.editors.bench.data import EditRecord
+from kmd.editors.bench.harness import run_lifelong
+from kmd.editors.registry import get_backend
+
+REQUIRED = ("backend model dataset n_edits rel gen loc rel_em gen_em loc_em ppl edit_s_mean edit_s_p95 "
+            "forward_ms_base forward_ms_edited overhead_ratio state_bytes_per_edit peak_rss_mb").split()
+
+RECORDS = [
+    EditRecord("1", "the capital of France is", "Berlin", "France", ("France has the capital",), "the dog and the cat", "sky"),
+    EditRecord("2", "Alice works for the company", "banana", "Alice", ("the company of Alice is",), "who wrote the book ?", "Bob"),
+]
+
+
+def test_help_lists_subcommands():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("demo", "bench", "backends"):
+        assert name in result.output
+
+
+def test_lifelong_protocol_reports_every_metric(tiny_host):
+    editor = get_backend("grace")(tiny_host)
+    result = run_lifelong(tiny_host, editor, RECORDS)
+    assert set(REQUIRED) <= set(result)
+    assert result["n_edits"] == 2 and result["rel"] == 1.0
+    assert result["loc"] == 1.0 and result["loc_em"] == 1.0
+    assert result["state_bytes_per_edit"] > 0 and result["overhead_ratio"] > 0
+
+
+def test_bench_command_writes_json(tiny_model_dir, tmp_path):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([
+        {"case_id": i, "prompt": r.prompt, "target_new": r.target, "subject": r.subject,
+         "ground_truth": "x", "rephrase_prompt": r.rephrases[0], "locality_prompt": r.loc_prompt,
+         "locality_ground_truth": r.loc_answer}
+        for i, r in enumerate(RECORDS)
+    ]))
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "kmd.daemon.cli", "bench", "--backend", "grace", "--data", str(data),
+           "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert set(REQUIRED) <= set(result) and result["format"] == "counterfact"
+    assert "rel_em" in run.stdout
+
+
+def test_bench_command_rejects_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--backend", "nope", "--data", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "unknown backend" in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"src\": 1}]")
+    result = runner.invoke(app, ["bench", "--backend", "grace", "--data", str(bad), "--format", "zsre"])
+    assert result.exit_code == 2 and "record 0" in result.output
