@@ -420,7 +420,14 @@ def parse_policy(text: str | bytes, name: str = "<policy>") -> Policy:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors(include_url=False):
+        errors = exc.errors(include_url=False)
+        # A list whose only items failed also reports "too short": noise, the item errors say it.
+        failing = [tuple(e["loc"]) for e in errors]
+        errors = [
+            e for e in errors
+            if not (e["type"] == "too_short" and any(len(f) > len(e["loc"]) and f[: len(e["loc"])] == tuple(e["loc"]) for f in failing))
+        ]  # fmt: skip
+        for err in errors:
             loc = tuple(err["loc"]) + tuple((err.get("ctx") or {}).get("at", ()))
             line, known = _line_for(root, loc)
             message = err["msg"].removeprefix("Value error, ")

@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 __all__ = ["Claim", "canonical_json", "clean_text", "iso", "normalize_text", "parse_time", "utcnow"]
 
 _WS_RE = re.compile(r"\s+")
-# Control and format characters (bidi overrides, zero-width) have no place in a fact.
-_CONTROL_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
+# Format, surrogate, private-use and unassigned characters (bidi overrides, zero-width
+# joiners) have no place in a fact and are dropped; control characters become spaces.
+_DROP_CATEGORIES = {"Cf", "Cs", "Co", "Cn"}
 _EDGE_PUNCT = " \t\"'`.,;:!?()[]{}<>«»“”‘’"
 
 
@@ -46,9 +47,11 @@ def canonical_json(obj: object) -> str:
 
 
 def clean_text(value: str) -> str:
-    """Source text as plain data: NFC, control/format characters dropped, whitespace collapsed."""
+    """Source text as plain data: NFC, invisible characters dropped, whitespace collapsed."""
     value = unicodedata.normalize("NFC", value)
-    value = "".join(ch if unicodedata.category(ch) not in _CONTROL_CATEGORIES else " " for ch in value)
+    value = "".join(
+        " " if (cat := unicodedata.category(ch)) == "Cc" else ("" if cat in _DROP_CATEGORIES else ch) for ch in value
+    )
     return _WS_RE.sub(" ", value).strip()
 
 
