@@ -40,6 +40,8 @@ def bench(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from loguru import logger
+
     from kmd.editors.bench.data import DatasetError, load_records
     from kmd.editors.bench.harness import BenchOptions, run_lifelong
     from kmd.editors.registry import UnknownBackendError, get_backend
@@ -65,6 +67,8 @@ def bench(
             if phase not in tasks:
                 tasks[phase] = bar.add_task(phase, total=total)
             bar.update(tasks[phase], completed=done)
+            if not console.is_terminal and (done == total or done % max(total // 10, 1) == 0):
+                logger.info("{}: {}/{}", phase, done, total)  # a bar does not show in logs
 
         result = run_lifelong(
             host, editor, records, seed=seed, shuffle=shuffle,
