@@ -884,7 +884,9 @@ class Ledger:
             edit = tx.add_edit(fact_id, request=request, backend=backend, backend_config=backend_config,
                                policy_version=policy_version, supersedes_edit_id=supersedes_edit_id, reason=reason)  # fmt: skip
             tx.set_fact_status(fact_id, "applied", reason=f"edit {edit.id} applied")
-            logger.info("edit {}: applied for fact {} ({} {} -> {})", edit.id, fact_id, fact.subject, fact.relation, fact.object)
+            logger.bind(edit_id=edit.id).info(
+                "edit {}: applied for fact {} ({} {} -> {})", edit.id, fact_id, fact.subject, fact.relation, fact.object
+            )
             return edit
 
     def commit_edit(self, edit_id: int, *, probes: Mapping[str, Any], actor: str = "daemon",
@@ -893,7 +895,7 @@ class Ledger:
         with self.transaction(actor) as tx:
             edit = tx.set_edit_status(edit_id, "committed", reason=reason, probes=probes)
             tx.set_fact_status(edit.fact_id, "committed", reason=f"edit {edit_id} committed")
-        logger.info("edit {}: committed", edit_id)
+        logger.bind(edit_id=edit_id).info("edit {}: committed", edit_id)
         return edit
 
     def revert_edit(
@@ -916,7 +918,7 @@ class Ledger:
             revert = tx.add_revert(edit_id, reason=reason, probes_before=probes_before, probes_after=probes_after)
             tx.set_fact_status(edit.fact_id, "ready" if retry else "blocked",
                                reason=f"edit {edit_id} reverted: {reason}", kind="fact.retry" if retry else None)  # fmt: skip
-        logger.warning("edit {}: reverted ({})", edit_id, reason)
+        logger.bind(edit_id=edit_id).warning("edit {}: reverted ({})", edit_id, reason)
         return revert
 
     def supersede_edit(
@@ -947,7 +949,7 @@ class Ledger:
             revert = tx.add_revert(old_edit_id, reason=reason, probes_before=probes_before,
                                    probes_after=probes_after, superseded_by_fact_id=by_fact_id)  # fmt: skip
             tx.set_fact_status(old.fact_id, "superseded", reason=reason)
-        logger.info("edit {}: reverted, superseded by fact {}", old_edit_id, by_fact_id)
+        logger.bind(edit_id=old_edit_id).info("edit {}: reverted, superseded by fact {}", old_edit_id, by_fact_id)
         return revert
 
     def block_fact(self, fact_id: int, *, reason: str, actor: str = "daemon") -> FactRecord:

@@ -112,7 +112,8 @@ class Verifier:
         with self.ledger.transaction(self.actor) as tx:
             new = tx.claims(status="new")
             decisions: dict[int, ClaimUpdate] = {}
-            admitted = self._admit(tx, new, now, decisions)
+            counters: Counter = Counter()
+            admitted = self._admit(tx, new, now, decisions, counters)
             keys = {c.key for c in admitted}
             if full:
                 keys |= {c.key for c in tx.claims(status="pending")}
@@ -127,7 +128,6 @@ class Verifier:
             )
             new_facts: list[FactRecord] = []
             superseded: list[int] = []
-            counters = Counter()
             for key in sorted(pending_by_key):
                 self._evaluate(tx, key, pending_by_key[key], facts_by_key.get(key, []), decisions, new_facts,
                                superseded, counters)  # fmt: skip
@@ -155,7 +155,12 @@ class Verifier:
         return report
 
     def _admit(
-        self, tx: LedgerTransaction, new: list[ClaimRecord], now: datetime, decisions: dict[int, ClaimUpdate]
+        self,
+        tx: LedgerTransaction,
+        new: list[ClaimRecord],
+        now: datetime,
+        decisions: dict[int, ClaimUpdate],
+        counters: Counter,
     ) -> list[ClaimRecord]:
         admitted: list[ClaimRecord] = []
         used: dict[str, int] = {}  # admitted per source in its current window, this run included
@@ -174,6 +179,7 @@ class Verifier:
                                                     since=now - timedelta(seconds=limit.per))  # fmt: skip
             if used[c.source_id] >= limit.max_claims:
                 decisions[c.id] = ClaimUpdate(c.id, "rejected", "rate_limited")
+                counters["rate_limited"] += 1
                 continue
             used[c.source_id] += 1
             decisions[c.id] = ClaimUpdate(c.id, "pending", "admitted")

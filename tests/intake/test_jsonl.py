@@ -192,6 +192,8 @@ def test_signed_jsonl_over_http(server, tmp_path, signer):
 
 
 def test_keygen_and_sign_commands(tmp_path):
+    from kmd.daemon.logs import configure_logging
+
     runner = CliRunner()
     key = tmp_path / "k.pem"
     out = runner.invoke(app, ["intake", "keygen", str(key)])
@@ -201,4 +203,5 @@ def test_keygen_and_sign_commands(tmp_path):
     assert runner.invoke(app, ["intake", "keygen", str(key)]).exit_code == 1  # never overwrite
     path = write(tmp_path / "f.jsonl", 1, GOOD)
     assert runner.invoke(app, ["intake", "sign", str(path), "--key", str(key)]).exit_code == 0
+    configure_logging("INFO")  # the CLI pointed loguru at the runner's (now closed) stderr
     assert not jsonl_source(path, keys=[public], required=True).poll({}, NOW).refused
