@@ -1,0 +1,96 @@
+"""The whole intake against real feeds on loopback: poll, record, verify, edit requests."""
+
+from __future__ import annotations
+
+import json
+
+from intake.helpers import SynonymEncoder, Route, atom, make_policy
+from kmd.daemon.edit_request import build_edit_request
+from kmd.daemon.ledger import Ledger
+from kmd.daemon.matching import ObjectMatcher
+from kmd.daemon.verify import Verifier
+from kmd.sources.intake import Intake
+from kmd.sources.signing import generate_key, sign_file
+
+
+def feed_source(name, server, trust, extra=""):
+    return f"""\
+  - id: {name}
+    kind: feed
+    location: {server.url('/' + name)}
+    trust: {trust}
+    relations: [capital, head_of_state]
+    poll_interval: 10m
+    network: {{allow_networks: ["127.0.0.0/8"]}}
+{extra}"""
+
+
+def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
+    key = tmp_path / "k.pem"
+    public = generate_key(key)
+    curated = tmp_path / "facts.jsonl"
+    curated.write_text(
+        json.dumps({"kmd_jsonl": 1, "source": "curated", "sequence": 1}) + "\n"
+        + json.dumps({"subject": "Freedonia", "relation": "head_of_state", "object": "Rufus T. Firefly"}) + "\n"
+    )  # fmt: skip
+    sign_file(curated, key)
+    server.routes["/a"] = Route(atom([{"subject": "France", "relation": "capital", "object": "Paris"},
+                                      {"subject": "Freedonia", "relation": "head_of_state", "object": "Rufus T. Firefly"}]),
+                                etag='"a1"')  # fmt: skip
+    server.routes["/b"] = Route(atom([{"subject": "France", "relation": "capital", "object": "Paris, France"}]),
+                                last_modified="Wed, 01 Jan 2025 00:00:00 GMT")  # fmt: skip
+    server.routes["/lo"] = Route(atom([{"subject": "Spain", "relation": "capital", "object": "Barcelona"}]))
+    server.routes["/broken"] = Route(b"<rss><channel><item><title>x")
+    server.routes["/huge"] = Route(b"x" * 50_000)
+    server.routes["/evil"] = Route(status=302, headers={"Location": "http://169.254.169.254/latest/"})
+    policy = make_policy(
+        feed_source("a", server, "medium") + feed_source("b", server, "medium") + feed_source("lo", server, "low")
+        + feed_source("broken", server, "high") + feed_source("huge", server, "high", "    limits: {max_bytes: 10000}\n")
+        + feed_source("evil", server, "high")
+        + f"""\
+  - id: curated
+    kind: jsonl
+    location: {curated}
+    trust: high
+    relations: [head_of_state]
+    poll_interval: 10m
+    require_signature: true
+    signing_keys: ["{public}"]
+"""
+    )  # fmt: skip
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(db, clock=clock)
+    with Intake(policy, ledger, clock=clock) as intake:
+        reports = {r.source_id: r for r in intake.poll_due()}
+    assert {k: r.new_claims for k, r in reports.items()} == {
+        "a": 2, "b": 1, "lo": 1, "broken": 0, "huge": 0, "evil": 0, "curated": 1}  # fmt: skip
+    assert reports["broken"].refused and "malformed" in reports["broken"].problems[0]
+    assert reports["huge"].refused and "cap" in reports["huge"].problems[0]
+    assert reports["evil"].refused and "not a public address" in reports["evil"].problems[0]
+
+    verifier = Verifier(policy, ledger, ObjectMatcher(SynonymEncoder([["Paris", "Paris, France"]]), 0.85), clock=clock)
+    report = verifier.run()
+    assert report.claims_seen == 5 and len(report.new_facts) == 2 and report.waiting == 1  # Spain: low trust alone
+    (ready,) = ledger.ready_facts()
+    assert (ready.subject, ready.relation) == ("France", "capital")
+    assert build_edit_request(ready, policy) == {
+        "prompt": "The capital of France is", "target": ready.object, "subject": "France",
+        "rephrases": ["France's capital city is"],
+    }  # fmt: skip
+    (quarantined,) = ledger.facts(status="quarantined")
+    assert quarantined.object == "Rufus T. Firefly"  # feed a + signed curated file, sensitive relation
+
+    # Nothing is due before the poll interval; then conditional GETs find nothing new.
+    with Intake(policy, Ledger(db, clock=clock), clock=clock) as intake:
+        assert intake.due() == []
+        clock.advance(minutes=11)
+        assert "a" in intake.due()
+        again = {r.source_id: r for r in intake.poll_due()}
+    assert again["a"].not_modified and again["curated"].not_modified
+    assert again["b"].new_claims == 0 and again["b"].duplicates == 1  # no ETag: re-read, dropped by hash
+    assert sum(r.new_claims for r in again.values()) == 0
+    assert server.requests[-1][0] in {"/a", "/b", "/lo", "/broken", "/huge", "/evil"}
+    sent = {path: headers for path, headers in server.requests[-8:]}
+    assert sent["/a"].get("if-none-match") == '"a1"'
+    assert sent["/b"].get("if-modified-since") == "Wed, 01 Jan 2025 00:00:00 GMT"
+    assert ledger.verify_chain().ok
