@@ -107,4 +107,7 @@ def register(app: typer.Typer) -> None:
         """Serve FEEDS x ENTRIES feeds on 127.0.0.1, ingest them, and verify the claims."""
         from kmd.sources.bench import run_bench
 
-        run_bench(feeds=feeds, entries=entries, workers=workers, encoder=encoder, db=db)
+        import sys
+
+        run_bench(feeds=feeds, entries=entries, workers=workers, encoder=encoder, db=db,
+                  command="kmd " + " ".join(sys.argv[1:]))  # fmt: skip
