@@ -94,3 +94,29 @@ def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
     assert sent["/a"].get("if-none-match") == '"a1"'
     assert sent["/b"].get("if-modified-since") == "Wed, 01 Jan 2025 00:00:00 GMT"
     assert ledger.verify_chain().ok
+
+
+def test_cli_check_policy_and_poll(server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from intake.helpers import BASE_POLICY
+    from kmd.daemon.cli import app
+    from kmd.daemon.logs import configure_logging
+
+    runner = CliRunner()
+    good = tmp_path / "policy.yaml"
+    good.write_text(BASE_POLICY + "sources:\n" + feed_source("a", server, "high"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("trust: high", "trust: total"))
+    try:
+        out = runner.invoke(app, ["intake", "check-policy", str(good)])
+        assert out.exit_code == 0 and "ok:" in out.output
+        out = runner.invoke(app, ["intake", "check-policy", str(bad)])
+        assert out.exit_code == 1 and f"{bad}:" in out.output and "sources[0].trust" in out.output
+        server.routes["/a"] = Route(atom([{"subject": "France", "relation": "capital", "object": "Paris"}]))
+        monkeypatch.setenv("KMD_DB_URL", f"sqlite:///{tmp_path / 'l.db'}")
+        out = runner.invoke(app, ["intake", "poll", "--policy", str(good), "--encoder", "ngram"])
+        assert out.exit_code == 0, out.output
+        assert "a: ok, 1 new claims" in out.output and "1 new facts" in out.output
+    finally:
+        configure_logging("INFO")  # the CLI pointed loguru at the runner's (now closed) stderr
