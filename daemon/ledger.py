@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from loguru import logger
 from sqlalchemy import Index, func, insert
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from kmd.daemon.db import default_db_url, make_engine, writer
@@ -446,7 +447,7 @@ class LedgerTransaction:
         # write lock from BEGIN IMMEDIATE).
         head = self._s.exec(select(ChainHeadRow).where(ChainHeadRow.id == 1).with_for_update()).first()
         if head is None:
-            head = ChainHeadRow(id=1, seq=0, hash=GENESIS_HASH)
+            raise LedgerError("the chain head row is missing: the ledger was tampered with (run verify-chain)")
         seq, prev = head.seq, head.hash
         rows = []
         for kind, entity, entity_id, actor, reason, data in self._events:
@@ -663,6 +664,16 @@ class Ledger:
         self._writer = writer(self._engine)
         self._clock = clock
         SQLModel.metadata.create_all(self._engine, tables=_TABLES)
+        self._ensure_head()
+
+    def _ensure_head(self) -> None:
+        """Create the chain head row up front, so concurrent first writers lock one row."""
+        try:
+            with Session(self._writer) as s, s.begin():
+                if s.get(ChainHeadRow, 1) is None:
+                    s.add(ChainHeadRow(id=1, seq=0, hash=GENESIS_HASH))
+        except IntegrityError:
+            pass  # another process created it first
 
     @classmethod
     def in_memory(cls, *, clock: Callable[[], datetime] = utcnow) -> Ledger:

@@ -136,12 +136,13 @@ def tamper(path, sql: str, *args) -> None:
         ("UPDATE kmd_fact SET status = 'ready'", "the events say 'committed'"),
         ("UPDATE kmd_edit SET probes = '{\"rel\": 1.0}'", "probes"),
         ("UPDATE kmd_event SET actor = 'mallory' WHERE seq = 1", "disagree with the hashed payload"),
+        ("DELETE FROM kmd_chain_head", "chain head says seq 0"),
         ("INSERT INTO kmd_claim (content_hash, source_id, subject, relation, object, subject_key, url, ref, observed_at,"
          " ingested_at, flags, policy_version, status, status_reason) VALUES ('h', 's', 'x', 'capital', 'y', 'x', 'u',"
          " '', 't', 't', '[]', 'v', 'new', '')", "no creation event"),
     ],
     ids=["event-payload", "event-deleted", "tail-deleted", "reordered", "claim-row", "fact-row", "edit-row",
-         "status-cache", "probe-cache", "event-column", "row-inserted"],
+         "status-cache", "probe-cache", "event-column", "head-deleted", "row-inserted"],
 )  # fmt: skip
 def test_tampering_is_detected(db, sql, expect):
     url, ledger, path = db
@@ -157,6 +158,28 @@ def test_tampering_is_detected(db, sql, expect):
     report = ledger.verify_chain()
     assert not report.ok
     assert any(expect in p for p in report.problems), report.problems
+
+
+def test_concurrent_writers_keep_one_valid_chain(db, clock):
+    import threading
+
+    url, ledger, _ = db
+    others = [Ledger(url, clock=clock) for _ in range(3)]
+
+    def write(n: int, target: Ledger) -> None:
+        for i in range(20):
+            c = Claim(f"S{n}-{i}", "capital", "X", f"src{n}", "u", clock(), ref=str(i))
+            target.record_claims([c], policy_version="v")
+
+    threads = [threading.Thread(target=write, args=(n, t)) for n, t in enumerate([ledger, *others])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report = ledger.verify_chain()
+    assert report.ok and report.events == 80
+    for other in others:
+        other.close()
 
 
 def test_deleted_rows_are_detected(db):
