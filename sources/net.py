@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,11 +119,18 @@ def address_allowed(address: IPAddress, network: NetworkPolicy) -> bool:
 class SafeFetcher:
     """The httpx-based `Fetcher`. One instance can be shared by threads."""
 
-    def __init__(self, resolver: Resolver = system_resolver, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        resolver: Resolver = system_resolver,
+        *,
+        verify: ssl.SSLContext | bool = True,  # a context trusting a private CA, for intranet feeds
+        transport: httpx.BaseTransport | None = None,
+    ):
         self._resolve = resolver
         self._client = httpx.Client(
             follow_redirects=False,  # redirects are followed by hand, each hop re-checked
             limits=httpx.Limits(max_keepalive_connections=0),
+            verify=verify,
             transport=transport,
             trust_env=False,  # no proxies or netrc from the environment: we pin addresses
         )

@@ -141,3 +141,68 @@ def test_address_classification(address, allowed):
 def test_policy_exception_covers_mapped_addresses():
     assert address_allowed(ipaddress.ip_address("::ffff:127.0.0.1"), LOOPBACK)
     assert not address_allowed(ipaddress.ip_address("::1"), LOOPBACK)
+
+
+def _tls_server(tmp_path, name: str):
+    """An HTTPS server on loopback with a certificate for `name`, and a context trusting it."""
+    import datetime as dt
+    import http.server
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = f"hello from {self.headers['Host']}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    client_ctx = ssl.create_default_context(cadata=cert_pem.decode())
+    return httpd, client_ctx
+
+
+def test_https_is_pinned_to_the_checked_address_and_keeps_the_name(tmp_path):
+    httpd, ctx = _tls_server(tmp_path, "feeds.test")
+    port = httpd.server_address[1]
+    try:
+        with SafeFetcher(resolver=lambda h, p: ["127.0.0.1"], verify=ctx) as f:
+            result = f.fetch(f"https://feeds.test:{port}/feed", limits=LIMITS, network=LOOPBACK)
+            assert result.body == f"hello from feeds.test:{port}".encode()
+        # The certificate is still checked against the name, not the pinned address.
+        with SafeFetcher(resolver=lambda h, p: ["127.0.0.1"], verify=ctx) as f:
+            with pytest.raises(FetchError, match="(?i)certificate|hostname"):
+                f.fetch(f"https://other.test:{port}/feed", limits=LIMITS, network=LOOPBACK)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
