@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from loguru import logger
-from sqlalchemy import Index, func, insert
+from sqlalchemy import Index, bindparam, func, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -520,18 +520,32 @@ class LedgerTransaction:
     def update_claims(self, updates: Sequence[ClaimUpdate]) -> None:
         """Move claims along their lifecycle (admitted, accepted into a fact, rejected)."""
         by_id = {u.claim_id: u for u in updates}
-        ids = list(by_id)
+        ids = sorted(by_id)
+        current: dict[int, str] = {}
         for i in range(0, len(ids), 500):
-            for row in self._s.exec(select(ClaimRow).where(col(ClaimRow.id).in_(ids[i : i + 500]))):
-                u = by_id.pop(row.id)
-                if u.status not in CLAIM_TRANSITIONS[row.status]:
-                    raise LedgerError(f"claim {row.id}: cannot go from {row.status} to {u.status}")
-                row.status, row.status_reason, row.fact_id = u.status, u.reason, u.fact_id
-                self._s.add(row)
-                self._event(f"claim.{u.status}", "claim", row.id, u.reason,
-                            {"status": u.status, "status_reason": u.reason, "fact_id": u.fact_id})  # fmt: skip
-        if by_id:
-            raise LedgerError(f"unknown claim ids: {sorted(by_id)[:10]}")
+            q = select(ClaimRow.id, ClaimRow.status).where(col(ClaimRow.id).in_(ids[i : i + 500]))
+            current.update({rid: st for rid, st in self._s.exec(q)})
+        unknown = [i for i in ids if i not in current]
+        if unknown:
+            raise LedgerError(f"unknown claim ids: {unknown[:10]}")
+        params = []
+        for rid in ids:
+            u = by_id[rid]
+            if u.status not in CLAIM_TRANSITIONS[current[rid]]:
+                raise LedgerError(f"claim {rid}: cannot go from {current[rid]} to {u.status}")
+            params.append({"b_id": rid, "status": u.status, "status_reason": u.reason, "fact_id": u.fact_id})
+            self._event(f"claim.{u.status}", "claim", rid, u.reason,
+                        {"status": u.status, "status_reason": u.reason, "fact_id": u.fact_id})  # fmt: skip
+        if params:
+            # One executemany instead of an ORM object per claim (verification touches thousands).
+            stmt = (
+                update(ClaimRow.__table__)
+                .where(ClaimRow.__table__.c.id == bindparam("b_id"))
+                .values(status=bindparam("status"), status_reason=bindparam("status_reason"),
+                        fact_id=bindparam("fact_id"))
+            )  # fmt: skip
+            self._s.connection().execute(stmt, params)
+            self._s.expire_all()  # claim objects loaded earlier in this session are now stale
 
     # -- facts ---------------------------------------------------------------------------
     def add_fact(
@@ -550,17 +564,20 @@ class LedgerTransaction:
     ) -> FactRecord:
         """A newly verified fact: `quarantined` when sensitive, else `ready` to edit."""
         status = "quarantined" if sensitive else "ready"
-        row = FactRow(
-            subject=subject, relation=relation, object=object, subject_key=subject_key, observed_at=iso(observed_at),
-            verified_at=self.now, sensitive=sensitive, policy_version=policy_version,
-            claim_ids=canonical_json(sorted(claim_ids)), supersedes_fact_id=supersedes_fact_id, status=status,
-            status_reason=reason,
-        )  # fmt: skip
-        self._s.add(row)
-        self._s.flush()
-        self._event("fact.verified", "fact", row.id, reason,
+        row = {
+            "subject": subject, "relation": relation, "object": object, "subject_key": subject_key,
+            "observed_at": iso(observed_at), "verified_at": self.now, "sensitive": sensitive,
+            "policy_version": policy_version, "claim_ids": canonical_json(sorted(claim_ids)),
+            "supersedes_fact_id": supersedes_fact_id, "status": status, "status_reason": reason,
+        }  # fmt: skip
+        # A core insert: verification may create thousands of facts in one transaction.
+        row["id"] = self._s.connection().execute(insert(FactRow.__table__).returning(FactRow.__table__.c.id), row).scalar_one()
+        self._event("fact.verified", "fact", row["id"], reason,
                     {"record": _record_hash("fact", row), "status": status, "status_reason": reason})  # fmt: skip
-        return FactRecord.of(row)
+        return FactRecord(
+            row["id"], subject, relation, object, subject_key, parse_time(row["observed_at"]), parse_time(self.now),
+            sensitive, policy_version, tuple(sorted(claim_ids)), supersedes_fact_id, status, reason,
+        )  # fmt: skip
 
     def set_fact_status(self, fact_id: int, status: str, *, reason: str, kind: str | None = None,
                         actor: str | None = None) -> FactRecord:  # fmt: skip
