@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from loguru import logger
 from sqlalchemy import Index, bindparam, func, insert, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -227,15 +228,17 @@ def _chain_hash(prev_hash: str, payload: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
 
 
-def _claims_for_keys(s: Session, keys: Iterable[tuple[str, str]], status: Sequence[str] | None) -> list[ClaimRow]:
+def _claims_for_keys(s: Session, keys: Iterable[tuple[str, str]], status: Sequence[str] | None) -> list[Any]:
+    """Claim rows (plain result rows, not ORM objects: faster in bulk) for (subject_key, relation) keys."""
     wanted = set(keys)
     subjects = sorted({k[0] for k in wanted})
-    out: list[ClaimRow] = []
+    table = ClaimRow.__table__
+    out: list[Any] = []
     for i in range(0, len(subjects), 500):
-        q = select(ClaimRow).where(col(ClaimRow.subject_key).in_(subjects[i : i + 500]))
+        q = sa_select(table).where(table.c.subject_key.in_(subjects[i : i + 500]))
         if status is not None:
-            q = q.where(col(ClaimRow.status).in_(list(status)))
-        out += [r for r in s.exec(q) if (r.subject_key, r.relation) in wanted]
+            q = q.where(table.c.status.in_(list(status)))
+        out += [r for r in s.connection().execute(q) if (r.subject_key, r.relation) in wanted]
     out.sort(key=lambda r: r.id)
     return out
 
@@ -295,7 +298,7 @@ class ClaimRecord:
         return (self.subject_key, self.relation)
 
     @classmethod
-    def of(cls, row: ClaimRow) -> ClaimRecord:
+    def of(cls, row: Any) -> ClaimRecord:  # a ClaimRow or a result row with its columns
         return cls(
             row.id, row.content_hash, row.source_id, row.subject, row.relation, row.object, row.subject_key,
             row.url, row.ref, parse_time(row.observed_at), parse_time(row.ingested_at), tuple(json.loads(row.flags)),
@@ -470,8 +473,9 @@ class LedgerTransaction:
     # -- reads inside the transaction (consistent with its writes) -----------------------
     def claims(self, *, status: str | Sequence[str] = "new") -> list[ClaimRecord]:
         statuses = [status] if isinstance(status, str) else list(status)
-        q = select(ClaimRow).where(col(ClaimRow.status).in_(statuses)).order_by(col(ClaimRow.id))
-        return [ClaimRecord.of(r) for r in self._s.exec(q)]
+        table = ClaimRow.__table__
+        q = sa_select(table).where(table.c.status.in_(statuses)).order_by(table.c.id)
+        return [ClaimRecord.of(r) for r in self._s.connection().execute(q)]
 
     def claims_for_keys(self, keys: Iterable[tuple[str, str]], *, status: Sequence[str] | None = None) -> list[ClaimRecord]:
         return [ClaimRecord.of(r) for r in _claims_for_keys(self._s, keys, status)]

@@ -283,6 +283,7 @@ class Policy(_Strict):
 
     _path: str = PrivateAttr(default="<memory>")
     _digest: str = PrivateAttr(default="")
+    _by_id: dict[Any, Any] = PrivateAttr(default_factory=dict)  # None -> the sources it indexes
 
     @field_validator("relations")
     @classmethod
@@ -330,10 +331,14 @@ class Policy(_Strict):
         return f"{self.version}@{self.digest[:12]}"
 
     def source(self, source_id: str) -> SourcePolicy:
-        for src in self.sources:
-            if src.id == source_id:
-                return src
-        raise KeyError(f"no source {source_id!r} in policy {self.path}")
+        index = self._by_id
+        if index.get(None) is not self.sources:  # built on first use (the verifier asks per claim),
+            index = {None: self.sources, **{src.id: src for src in self.sources}}  # again after model_copy
+            self._by_id = index
+        try:
+            return index[source_id]
+        except KeyError:
+            raise KeyError(f"no source {source_id!r} in policy {self.path}") from None
 
     def relation(self, name: str) -> RelationTemplate:
         try:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 __all__ = ["Claim", "canonical_json", "clean_text", "iso", "normalize_text", "parse_time", "utcnow"]
 
 _WS_RE = re.compile(r"\s+")
+_ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Format, surrogate, private-use and unassigned characters (bidi overrides, zero-width
 # joiners) have no place in a fact and are dropped; control characters become spaces.
 _DROP_CATEGORIES = {"Cf", "Cs", "Co", "Cn"}
@@ -48,6 +49,8 @@ def canonical_json(obj: object) -> str:
 
 def clean_text(value: str) -> str:
     """Source text as plain data: NFC, invisible characters dropped, whitespace collapsed."""
+    if value.isascii():  # the common case: only ASCII control characters to replace
+        return _WS_RE.sub(" ", _ASCII_CONTROL_RE.sub(" ", value)).strip()
     value = unicodedata.normalize("NFC", value)
     value = "".join(
         " " if (cat := unicodedata.category(ch)) == "Cc" else ("" if cat in _DROP_CATEGORIES else ch) for ch in value
