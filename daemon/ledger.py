@@ -488,6 +488,13 @@ class LedgerTransaction:
         """Claims from one source in these statuses ingested since a time (rate limits)."""
         return _count_claims(self._s, source_id, status, since)
 
+    # -- source cursors (not chained: operational state) ----------------------------------
+    def save_cursor(self, source_id: str, cursor: Mapping[str, Any]) -> None:
+        """Save a source's cursor in the same transaction as the claims read with it."""
+        row = self._s.get(CursorRow, source_id) or CursorRow(source_id=source_id, state="{}", updated_at="")
+        row.state, row.updated_at = json.dumps(dict(cursor), sort_keys=True, default=str), self.now
+        self._s.add(row)
+
     # -- claims --------------------------------------------------------------------------
     def record_claims(self, claims: Iterable[Claim], *, policy_version: str) -> RecordResult:
         """Store new claims (status `new`); claims whose content hash is known are dropped."""
@@ -734,10 +741,8 @@ class Ledger:
             return json.loads(row.state) if row else {}
 
     def save_cursor(self, source_id: str, cursor: Mapping[str, Any]) -> None:
-        with Session(self._writer) as s, s.begin():
-            row = s.get(CursorRow, source_id) or CursorRow(source_id=source_id, state="{}", updated_at="")
-            row.state, row.updated_at = json.dumps(dict(cursor), sort_keys=True, default=str), iso(self._clock())
-            s.add(row)
+        with self.transaction("intake") as tx:
+            tx.save_cursor(source_id, cursor)
 
     # -- reading -------------------------------------------------------------------------
     def claim(self, claim_id: int) -> ClaimRecord:

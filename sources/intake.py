@@ -2,9 +2,9 @@
 
 `Intake.poll_due()` is what the scheduler calls: every source whose poll interval has passed
 is fetched and parsed (concurrently, in threads: the work is mostly waiting on the network),
-then its claims are recorded by one writer, and only then is its cursor (ETag,
-Last-Modified, sequence number, last poll time) saved. Verification is a separate step
-(`kmd.daemon.verify.Verifier`).
+then its claims and its cursor (ETag, Last-Modified, sequence number, last poll time) are
+written by one writer in one transaction, so a cursor never advances past claims that were
+not stored. Verification is a separate step (`kmd.daemon.verify.Verifier`).
 """
 
 from __future__ import annotations
@@ -117,9 +117,11 @@ class Intake:
         reports = []
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ids) or 1))) as pool:
             for result, seconds in pool.map(fetch, ids):
-                recorded = self.ledger.record_claims(result.claims, policy_version=self.policy.version_tag)
                 cursor = {**result.cursor, "last_poll": iso(now), "last_problems": len(result.problems)}
-                self.ledger.save_cursor(result.source_id, cursor)
+                # One transaction: the cursor (ETag, sequence) advances only with the claims stored.
+                with self.ledger.transaction("intake") as tx:
+                    recorded = tx.record_claims(result.claims, policy_version=self.policy.version_tag)
+                    tx.save_cursor(result.source_id, cursor)
                 reports.append(
                     IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems,
                                  result.not_modified, result.refused, seconds)  # fmt: skip
