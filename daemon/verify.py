@@ -89,6 +89,10 @@ class Verifier:
             level -= 1
         return level
 
+    def _groups(self, claims: Sequence[ClaimRecord]) -> int:
+        """Independent source groups among the claims (sources still in the policy)."""
+        return len({self.policy.source(c.source_id).independence_group for c in claims if self._trust(c) is not None})
+
     def _qualifies(self, claims: Sequence[ClaimRecord]) -> bool:
         groups: dict[str, int] = {}
         for c in claims:
@@ -132,7 +136,9 @@ class Verifier:
                 self._evaluate(tx, key, pending_by_key[key], facts_by_key.get(key, []), decisions, new_facts,
                                superseded, counters)  # fmt: skip
             tx.update_claims(list(decisions.values()))
-        waiting = sum(1 for cs in pending_by_key.values() for c in cs if c.id not in decisions or decisions[c.id].status == "pending")
+        waiting = sum(
+            1 for cs in pending_by_key.values() for c in cs if c.id not in decisions or decisions[c.id].status == "pending"
+        )
         report = VerifyReport(
             claims_seen=len(new),
             admitted=len(admitted),
@@ -219,9 +225,7 @@ class Verifier:
         if not qualifying:
             return  # wait for more sources
         # The best-supported cluster wins; among equals, the most recent.
-        qualifying.sort(key=lambda cs: (len({self.policy.source(c.source_id).independence_group for c in cs
-                                              if self._trust(c) is not None}), max(c.observed_at for c in cs)))  # fmt: skip
-        winner = qualifying[-1]
+        winner = max(qualifying, key=lambda cs: (self._groups(cs), max(c.observed_at for c in cs)))
         newest = max(c.observed_at for c in winner)
 
         if current is not None and newest <= current.observed_at:
