@@ -267,10 +267,11 @@ class Verifier:
         logger.info("fact {}: {} {} -> {} ({})", fact.id, subject, key[1], obj, fact.status)
 
     def _surface(self, claims: Sequence[ClaimRecord], field: Callable[[ClaimRecord], str]) -> str:
-        """The most common spelling among the claims; ties go to the most trusted, then earliest."""
+        """The most common spelling among the claims; ties go to the most trusted source, then
+        to the shortest spelling (a tighter edit target), then to the earliest claim."""
         counts = Counter(clean_text(field(c)) for c in claims)
         best = max(
             claims,
-            key=lambda c: (counts[clean_text(field(c))], self._trust(c) or 0, -c.id),
+            key=lambda c: (counts[clean_text(field(c))], self._trust(c) or 0, -len(field(c)), -c.id),
         )
         return clean_text(field(best))
