@@ -37,7 +37,7 @@ from loguru import logger
 from kmd.daemon.ledger import ClaimRecord, ClaimUpdate, FactRecord, Ledger, LedgerTransaction
 from kmd.daemon.matching import ObjectMatcher
 from kmd.daemon.policy import TRUST_LEVELS, Policy
-from kmd.sources.claims import clean_text, utcnow
+from kmd.sources.claims import clean_text, normalize_text, utcnow
 
 __all__ = ["VerifyReport", "Verifier"]
 
@@ -125,11 +125,14 @@ class Verifier:
             for c in tx.claims_for_keys(keys, status=["pending"]) + admitted:
                 pending_by_key[c.key].append(c)
             facts_by_key = tx.active_facts(keys)
-            # One encoder batch for every object that may need comparing.
-            self.matcher.prime(
-                [c.object for cs in pending_by_key.values() for c in cs]
-                + [f.object for fs in facts_by_key.values() for f in fs]
-            )
+            # One encoder batch for the objects that need it: keys whose objects still differ
+            # after exact normalisation (most keys need no model at all).
+            to_encode: list[str] = []
+            for key, claims in pending_by_key.items():
+                objects = [c.object for c in claims] + [f.object for f in facts_by_key.get(key, [])]
+                if len({normalize_text(o) for o in objects}) > 1:
+                    to_encode += objects
+            self.matcher.prime(to_encode)
             new_facts: list[FactRecord] = []
             superseded: list[int] = []
             for key in sorted(pending_by_key):
