@@ -120,3 +120,74 @@ def test_cli_check_policy_and_poll(server, tmp_path, monkeypatch):
         assert "a: ok, 1 new claims" in out.output and "1 new facts" in out.output
     finally:
         configure_logging("INFO")  # the CLI pointed loguru at the runner's (now closed) stderr
+
+
+def test_supersession_and_signed_files_over_http(server, clock, tmp_path):
+    """Feeds change their answer: the newer verified fact supersedes the committed edit.
+    A curated file served over HTTP is refused when unsigned or tampered with."""
+    key = tmp_path / "k.pem"
+    public = generate_key(key)
+    facts = tmp_path / "facts.jsonl"
+
+    def publish(seq: int, obj: str, *, sign: bool = True, tamper: bool = False) -> None:
+        facts.write_text(json.dumps({"kmd_jsonl": 1, "source": "curated", "sequence": seq}) + "\n"
+                         + json.dumps({"subject": "France", "relation": "capital", "object": obj}) + "\n")  # fmt: skip
+        server.routes.pop("/facts.jsonl.sig", None)
+        if sign:
+            sign_file(facts, key)
+            server.routes["/facts.jsonl.sig"] = Route((tmp_path / "facts.jsonl.sig").read_bytes())
+        body = facts.read_bytes().replace(b"Paris", b"Lille") if tamper else facts.read_bytes()
+        server.routes["/facts.jsonl"] = Route(body)
+
+    def feed(obj: str, day: int) -> Route:
+        stamp = f"2025-01-{day:02d}T00:00:00Z"
+        return Route(atom([{"id": f"urn:{obj}", "subject": "France", "relation": "capital", "object": obj,
+                            "observed": stamp}]), etag=f'"{obj}"')  # fmt: skip
+
+    clock.advance(days=30)  # "now" is after every observation below
+    server.routes["/a"] = feed("Lyon", 1)
+    publish(1, "Lyon")
+    policy = make_policy(feed_source("a", server, "medium") + f"""\
+  - id: curated
+    kind: jsonl
+    location: {server.url('/facts.jsonl')}
+    trust: medium
+    relations: [capital]
+    poll_interval: 10m
+    require_signature: true
+    signing_keys: ["{public}"]
+    network: {{allow_networks: ["127.0.0.0/8"]}}
+""")  # fmt: skip
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}", clock=clock)
+    verifier = Verifier(policy, ledger, ObjectMatcher(SynonymEncoder(), 0.85), clock=clock)
+    with Intake(policy, ledger, clock=clock) as intake:
+        intake.poll_due()
+        (lyon,) = verifier.run().new_facts
+        edit = ledger.record_edit_applied(lyon, request=build_edit_request(ledger.fact(lyon), policy), backend="fake",
+                                          backend_config={}, policy_version=policy.version_tag)  # fmt: skip
+        ledger.commit_edit(edit.id, probes={"rel": 1.0})
+
+        # An unsigned file, then a tampered one: refused, nothing recorded.
+        clock.advance(minutes=11)
+        publish(2, "Paris", sign=False)
+        server.routes["/a"] = feed("Paris", 20)
+        reports = {r.source_id: r for r in intake.poll_due()}
+        assert reports["curated"].refused and "unsigned" in reports["curated"].problems[0]
+        assert reports["a"].new_claims == 1
+        assert verifier.run().new_facts == ()  # one source is not a quorum
+        clock.advance(minutes=11)
+        publish(2, "Paris", tamper=True)
+        reports = {r.source_id: r for r in intake.poll_due()}
+        assert reports["curated"].refused and "does not match" in reports["curated"].problems[0]
+        assert reports["a"].not_modified
+
+        # The properly signed file arrives: quorum for the newer answer.
+        clock.advance(minutes=11)
+        publish(2, "Paris")
+        assert {r.source_id: r.new_claims for r in intake.poll_due()} == {"a": 0, "curated": 1}
+    (paris,) = verifier.run().new_facts
+    fact = ledger.fact(paris)
+    assert fact.object == "Paris" and fact.supersedes_fact_id == lyon and fact.supersedes_edit_id == edit.id
+    revert = ledger.supersede_edit(edit.id, by_fact_id=paris)
+    assert revert.superseded_by_fact_id == paris and ledger.fact(lyon).status == "superseded"
+    assert ledger.verify_chain().ok
