@@ -41,7 +41,11 @@ class TeacherForcedBatch:
 
 
 def teacher_forced_batch(host: ModelHost, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
-    encoded = [host.encode_pair(prompt, target) for prompt, target in pairs]
+    return teacher_forced_batch_ids(host, [host.encode_pair(prompt, target) for prompt, target in pairs])
+
+
+def teacher_forced_batch_ids(host: ModelHost, encoded: Sequence[tuple[list[int], list[int]]]) -> TeacherForcedBatch:
+    """The same from token ids: (prompt ids, target ids) per row."""
     width = max(len(p) + len(t) for p, t in encoded)
     pad = host.tokenizer.pad_token_id
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)

@@ -151,6 +151,24 @@ class Editor(ABC):
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    def stronger_overrides(self) -> dict[str, Any]:
+        """Config overrides for one retry of an edit that did not take ({}: no retry).
+
+        Only optimisation settings (steps, learning rate, stopping) belong here: layer
+        choices are fixed when the editor is built.
+        """
+        return {}
+
+    @contextmanager
+    def configured(self, **overrides: Any) -> Iterator[None]:
+        """Apply edits inside this block with some hyperparameters overridden."""
+        saved = self.config
+        self.config = dataclasses.replace(saved, **overrides)
+        try:
+            yield
+        finally:
+            self.config = saved
+
     # ----- the protocol ------------------------------------------------------------------
     @property
     def edit_ids(self) -> list[str]:

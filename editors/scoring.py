@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kmd.editors.batching import chunks, left_padded, teacher_forced_batch
+from kmd.editors.batching import TeacherForcedBatch, chunks, left_padded, teacher_forced_batch, teacher_forced_batch_ids
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -48,16 +48,30 @@ def _routed(editor: Editor | None, prompt_mask: torch.Tensor):
     return editor.query(prompt_mask) if editor is not None else nullcontext()
 
 
-@torch.no_grad()
 def score_targets(
     host: ModelHost,
     editor: Editor | None,
     pairs: Sequence[tuple[str, str]],
     batch_size: int = 16,
 ) -> list[TargetScore]:
+    """Teacher-forced scores of `prompt + " " + target` for (prompt, target) text pairs."""
+    return _score([teacher_forced_batch(host, chunk) for chunk in chunks(pairs, batch_size)], host, editor)
+
+
+def score_token_targets(
+    host: ModelHost,
+    editor: Editor | None,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 16,
+) -> list[TargetScore]:
+    """The same for (prompt ids, target ids) pairs, e.g. recorded greedy continuations."""
+    return _score([teacher_forced_batch_ids(host, chunk) for chunk in chunks(encoded, batch_size)], host, editor)
+
+
+@torch.no_grad()
+def _score(batches: Sequence[TeacherForcedBatch], host: ModelHost, editor: Editor | None) -> list[TargetScore]:
     out: list[TargetScore] = []
-    for chunk in chunks(pairs, batch_size):
-        batch = teacher_forced_batch(host, chunk)
+    for batch in batches:
         with _routed(editor, batch.prompt_mask):
             logits = host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         picked = logits[batch.rows, batch.positions].float()  # (K, V)

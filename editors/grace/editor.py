@@ -52,6 +52,9 @@ class GraceEditor(Editor):
         self.row_ids: list[str] = []  # edit id of each row
         self.labels: list[str] = []  # normalised target of each row
 
+    def stronger_overrides(self) -> dict[str, Any]:
+        return {"max_steps": self.config.max_steps * 2, "stop_loss": self.config.stop_loss / 10}
+
     # ----- computing an edit -----------------------------------------------------------------
     def _apply(self, edit_id: str, request: EditRequest) -> None:
         cfg, host = self.config, self.host
