@@ -21,7 +21,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "ConfigError",
     "Duration",
     "ExtractionPattern",
     "FetchLimits",
@@ -51,9 +52,12 @@ __all__ = [
     "TRUST_LEVELS",
     "Trust",
     "VerificationPolicy",
+    "StrictModel",
     "example_policy_path",
     "load_policy",
+    "load_yaml_model",
     "parse_policy",
+    "parse_yaml_model",
 ]
 
 Trust = Literal["low", "medium", "high"]
@@ -92,7 +96,12 @@ def _check_name(value: str, what: str) -> str:
 
 
 class _Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+StrictModel = _Strict  # the public name for other config files (daemon settings)
 
 
 class RateLimit(_Strict):
@@ -375,11 +384,15 @@ class PolicyProblem:
 
 
 class PolicyError(ValueError):
-    """A policy file that cannot be used; `problems` lists every error found."""
+    """A policy (or other strict YAML config) file that cannot be used; `problems` lists
+    every error found."""
 
-    def __init__(self, problems: list[PolicyProblem]):
+    def __init__(self, problems: list[PolicyProblem], what: str = "policy"):
         self.problems = problems
-        super().__init__("invalid policy:\n  " + "\n  ".join(str(p) for p in problems))
+        super().__init__(f"invalid {what}:\n  " + "\n  ".join(str(p) for p in problems))
+
+
+ConfigError = PolicyError  # the public name when the file is not a policy
 
 
 def example_policy_path() -> Path:
@@ -392,37 +405,59 @@ def example_policy_path() -> Path:
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file; raises PolicyError naming file, line and key."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError([PolicyProblem(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
-    return parse_policy(data, name=str(path))
+    return parse_policy(_read(path, "policy"), name=str(path))
 
 
 def parse_policy(text: str | bytes, name: str = "<policy>") -> Policy:
     """Validate policy YAML text. `name` is used in error messages."""
     raw = text if isinstance(text, bytes) else text.encode()
+    policy = parse_yaml_model(raw, Policy, name=name, what="policy")
+    policy._path = name
+    policy._digest = hashlib.sha256(raw).hexdigest()
+    return policy
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(path: str | Path, model: type[M]) -> M:
+    """Any strict YAML config file (policy, daemon settings) validated against `model`,
+    with errors naming file, line and key (raises PolicyError)."""
+    path = Path(path)
+    return parse_yaml_model(_read(path, "configuration"), model, name=str(path))
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PolicyError([PolicyProblem(str(path), None, "", f"cannot read: {exc.strerror}")], what) from None
+
+
+def parse_yaml_model(text: str | bytes, model: type[M], name: str = "<yaml>", what: str = "configuration") -> M:
+    """Validate YAML text against a pydantic model; every problem is reported with its line."""
+    raw = text if isinstance(text, bytes) else text.encode()
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyError([PolicyProblem(name, None, "", f"not UTF-8: {exc}")]) from None
+        raise PolicyError([PolicyProblem(name, None, "", f"not UTF-8: {exc}")], what) from None
     try:
         root = yaml.compose(source, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError([PolicyProblem(name, line, "", f"YAML syntax: {problem}")]) from None
+        raise PolicyError([PolicyProblem(name, line, "", f"YAML syntax: {problem}")], what) from None
     if root is None:
-        raise PolicyError([PolicyProblem(name, 1, "", "the file is empty")])
+        raise PolicyError([PolicyProblem(name, 1, "", "the file is empty")], what)
     duplicates = list(_duplicate_keys(root, ()))
     if duplicates:
-        raise PolicyError([PolicyProblem(name, ln, _dotted(loc), "duplicate key") for loc, ln in duplicates])
+        raise PolicyError([PolicyProblem(name, ln, _dotted(loc), "duplicate key") for loc, ln in duplicates], what)
     data = yaml.SafeLoader(source).get_single_data()
     if not isinstance(data, Mapping):
-        raise PolicyError([PolicyProblem(name, 1, "", "the top level must be a mapping")])
+        raise PolicyError([PolicyProblem(name, 1, "", "the top level must be a mapping")], what)
     try:
-        policy = Policy.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
         errors = exc.errors(include_url=False)
@@ -441,10 +476,7 @@ def parse_policy(text: str | bytes, name: str = "<policy>") -> Policy:
             elif "input" in err and not isinstance(err["input"], dict | list) and err["type"] != "missing":
                 message += f" (got {err['input']!r})"
             problems.append(PolicyProblem(name, line, _dotted(known), message))
-        raise PolicyError(problems) from None
-    policy._path = name
-    policy._digest = hashlib.sha256(raw).hexdigest()
-    return policy
+        raise PolicyError(problems, what) from None
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

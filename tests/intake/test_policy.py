@@ -126,3 +126,23 @@ def test_durations_and_file_errors(tmp_path):
     bad.write_text(BASE_POLICY + SOURCES + "    trust: hgh\n")
     with pytest.raises(PolicyError, match=str(bad)):
         load_policy(bad)
+
+
+def test_the_generic_yaml_loader_serves_other_config_files(tmp_path):
+    from kmd.daemon.policy import ConfigError, Duration, StrictModel, load_yaml_model
+
+    class Schedule(StrictModel):
+        every: Duration = 60.0
+
+    class Settings(StrictModel):
+        name: str
+        schedule: Schedule = Schedule()
+
+    path = tmp_path / "settings.yaml"
+    path.write_text("name: x\nschedule:\n  every: 2m\n")
+    assert load_yaml_model(path, Settings).schedule.every == 120.0
+    path.write_text("name: x\nschedule:\n  every: soon\n  colour: red\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml_model(path, Settings)
+    assert str(info.value).startswith("invalid configuration:")
+    assert [(p.line, p.key) for p in info.value.problems] == [(3, "schedule.every"), (4, "schedule.colour")]
