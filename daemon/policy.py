@@ -247,6 +247,9 @@ class RelationTemplate(_Strict):
     prompt: str
     paraphrases: tuple[str, ...] = ()
     description: str = ""
+    # Backend hyperparameter overrides for this relation's edits (e.g. more optimisation
+    # steps for long answers). Unknown options are refused when the edit is applied.
+    editor_options: dict[str, float | int | bool | str] = Field(default_factory=dict)
 
     @field_validator("prompt", "paraphrases")
     @classmethod
@@ -277,6 +280,10 @@ class ProbePolicy(_Strict):
     min_loc: float = Field(default=0.98, ge=0.0, le=1.0)  # held-out prompts unchanged
     earlier_edits_sample: int = Field(default=20, ge=0)  # earlier edits re-checked per edit
     min_earlier_rel: float = Field(default=0.9, ge=0.0, le=1.0)
+    # Locality prompts: kmd's shipped suite (several hundred varied prompts) plus your own
+    # JSONL files ({"prompt": ...} per line; relative paths are relative to the policy file).
+    default_locality_suite: bool = True
+    locality_suites: tuple[str, ...] = ()
 
 
 class Policy(_Strict):

@@ -12,6 +12,10 @@ class GraceConfig:
     # On SmolLM2-135M layer 24 (ZsRE val): a rephrase's key lies at a median 0.35 of the norm,
     # the nearest other fact at 0.44, the nearest locality prompt beyond 1.2.
     radius: float = 0.5
+    # GRACE's split rule: a new entry's radius stops halfway to any entry with another
+    # target. Turning it off (with a huge radius) makes an edit fire on every prompt: only
+    # useful to test that the probes catch a harmful edit.
+    split_conflicts: bool = True
     lr: float = 1.0  # Adam, as in the GRACE paper
     max_steps: int = 100
     stop_loss: float = 0.01  # stop once the mean target NLL is below this

@@ -6,10 +6,11 @@ predict the target (the last prompt token and the next len(target) - 1 tokens; a
 that the model continues on its own instead of repeating the target). A query row uses
 the nearest entry when its key lies within that entry's radius.
 
-Radii are a pure function of the current entries: r_i = min(radius * |k_i|, half the
-distance to the nearest entry with a different target). So GRACE's split/expand
-behaviour needs no history, and reverting an edit (deleting its row and recomputing
-radii) leaves exactly the state the other edits alone would give.
+Radii are a pure function of the current entries: r_i = min(s_i * |k_i|, half the
+distance to the nearest entry with a different target), where s_i is the radius fraction
+the edit was made with. So GRACE's split/expand behaviour needs no history, and
+reverting an edit (deleting its row and recomputing radii) leaves exactly the state the
+other edits alone would give.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class GraceEditor(Editor):
         self.values = torch.empty(0, down.out_features, device=device)  # (N, d_model)
         self.radii = torch.empty(0, device=device)  # (N,)
         self.spans = torch.empty(0, dtype=torch.long, device=device)  # (N,) target length in tokens
+        self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
+        self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
         self.row_ids: list[str] = []  # edit id of each row
         self.labels: list[str] = []  # normalised target of each row
 
@@ -92,6 +95,8 @@ class GraceEditor(Editor):
         self.keys = torch.cat([self.keys, seen["key"][None]])
         self.values = torch.cat([self.values, value.detach()[None]])
         self.spans = torch.cat([self.spans, torch.tensor([span], device=self.spans.device)])
+        self.scales = torch.cat([self.scales, torch.tensor([cfg.radius], device=self.scales.device)])
+        self.splits = torch.cat([self.splits, torch.tensor([cfg.split_conflicts], device=self.splits.device)])
         self.row_ids.append(edit_id)
         self.labels.append(_label(request.target))
         self._update_radii()
@@ -100,18 +105,19 @@ class GraceEditor(Editor):
         row = self.row_ids.index(edit_id)
         keep = [i for i in range(len(self.row_ids)) if i != row]
         self.keys, self.values, self.spans = self.keys[keep], self.values[keep], self.spans[keep]
+        self.scales, self.splits = self.scales[keep], self.splits[keep]
         del self.row_ids[row], self.labels[row]
         self._update_radii()
 
     def _update_radii(self) -> None:
         n = len(self.row_ids)
-        radii = self.config.radius * self.keys.norm(dim=1)  # (N,)
+        radii = self.scales * self.keys.norm(dim=1)  # (N,)
         if n > 1:
             dist = torch.cdist(self.keys, self.keys)  # (N, N)
             labels = self.labels
             conflict = torch.tensor([[a != b for b in labels] for a in labels], device=dist.device)
             half = torch.where(conflict, dist / 2, torch.inf).amin(1)
-            radii = torch.minimum(radii, half)
+            radii = torch.where(self.splits, torch.minimum(radii, half), radii)
         self.radii = radii
 
     # ----- serving ----------------------------------------------------------------------------
@@ -144,7 +150,7 @@ class GraceEditor(Editor):
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys, "values": self.values, "spans": self.spans}
+        return {"keys": self.keys, "values": self.values, "spans": self.spans, "scales": self.scales, "splits": self.splits}
 
     def extra_state(self) -> dict[str, Any]:
         return {"layer": self.layer, "row_ids": self.row_ids, "labels": self.labels}
@@ -154,6 +160,7 @@ class GraceEditor(Editor):
             raise EditorError("grace: saved rows do not match the saved edits")
         self.keys, self.values = tensors["keys"].float(), tensors["values"].float()
         self.spans = tensors["spans"].long()
+        self.scales, self.splits = tensors["scales"].float(), tensors["splits"].bool()
         self.row_ids, self.labels = list(extra["row_ids"]), list(extra["labels"])
         if not len(self.row_ids) == self.keys.shape[0] == self.values.shape[0]:
             raise EditorError("grace: saved tensors do not match the saved rows")

@@ -1,0 +1,48 @@
+"""`kmd run`: the maintenance daemon (or one cycle with --once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kmd.daemon.commands.common import fail
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run", help="Run the maintenance daemon (poll, verify, edit, probe, revert, serve the API).")(run)
+
+
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Daemon settings YAML (see deploy/kmd.yaml).")],
+    once: Annotated[bool, typer.Option(help="Run one full cycle (all sources) and exit; no API server.")] = False,
+) -> None:
+    from rich.console import Console
+
+    from kmd.daemon.policy import PolicyError
+    from kmd.daemon.service import Daemon
+    from kmd.daemon.settings import load_settings
+    from kmd.editors.model import ModelNotFoundError
+    from kmd.editors.registry import UnknownBackendError
+    from kmd.editors.state import StateError
+
+    try:
+        settings = load_settings(config)
+        daemon = Daemon(settings)
+    except (PolicyError, UnknownBackendError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    try:
+        if once:
+            summary = daemon.run_once()
+            console = Console()
+            console.print(
+                f"cycle: {summary.polled} sources polled, {summary.new_claims} new claims, {summary.new_facts} new facts; "
+                f"edits committed {list(summary.committed)}, reverted {list(summary.reverted)}, "
+                f"skipped facts {list(summary.skipped)}, regression reverts {list(summary.regression_reverts)} "
+                f"({summary.seconds:.1f} s)"
+            )
+        else:
+            daemon.serve_forever()
+    except (ModelNotFoundError, StateError) as exc:
+        raise fail(str(exc)) from exc

@@ -1,0 +1,291 @@
+"""The maintenance loop's one writer: facts in, probed edits out, reverts when they hurt.
+
+Every change to the model goes through `Maintainer` under one lock, so two edits never
+run at once and nothing serves from a model that is half-way through an edit. The order
+of each edit makes a crash at any moment recoverable:
+
+    ledger: edit `applied`  ->  editor.apply  ->  probes
+        pass: editor state saved atomically  ->  ledger: edit `committed`
+        fail: editor.revert                  ->  ledger: revert log (fact blocked)
+
+On start, `restore()` loads the saved state and reconciles it with the ledger: an edit
+the state holds but the ledger never committed is removed (its fact is retried); an edit
+the ledger applied but never committed is marked reverted (its fact is retried); a
+committed edit missing from the state is re-applied from its recorded request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from kmd.daemon.edit_request import build_edit_request
+from kmd.daemon.probes import LocalityBaseline, Prober, ProbeReport, Thresholds, read_suite
+from kmd.editors.protocol import EditRequest, Editor
+from kmd.editors.registry import get_backend
+from kmd.editors.scoring import score_targets
+from kmd.editors.state import MANIFEST, StateError
+
+if TYPE_CHECKING:
+    from kmd.daemon.ledger import EditRecord, FactRecord, Ledger
+    from kmd.daemon.policy import Policy
+    from kmd.editors.model import ModelHost
+
+
+@dataclass
+class Stats:
+    """Counters exported as Prometheus metrics (no per-edit labels)."""
+
+    edits_committed: int = 0
+    edits_reverted: int = 0
+    edits_retried: int = 0
+    facts_skipped: int = 0
+    regression_reverts: int = 0
+    last_cycle_seconds: float = 0.0
+    last_probe_seconds: float = 0.0
+    last_locality: float | None = None
+    busy: bool = False  # an edit or revert is in flight
+    cycles: int = 0
+    errors: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    committed: tuple[int, ...] = ()
+    reverted: tuple[int, ...] = ()
+    skipped: tuple[int, ...] = ()
+    seconds: float = 0.0
+
+
+class Maintainer:
+    def __init__(
+        self,
+        host: ModelHost,
+        ledger: Ledger,
+        policy: Policy,
+        state_dir: Path,
+        *,
+        editor: Editor | None = None,
+        suite: list[str] | None = None,
+        actor: str = "daemon",
+    ) -> None:
+        self.host, self.ledger, self.policy = host, ledger, policy
+        self.state_dir = Path(state_dir)
+        self.editor_dir = self.state_dir / "editor"
+        self.actor = actor
+        self.lock = threading.RLock()  # the one writer; also held while serving generation
+        self.stats = Stats()
+        self.editor = editor or get_backend(policy.backend)(host)
+        self._suite = suite if suite is not None else self._suite_prompts()
+        self.prober: Prober | None = None
+        self._stop = threading.Event()
+
+    # ----- start-up ---------------------------------------------------------------------------
+    def _suite_prompts(self) -> list[str]:
+        probes = self.policy.probes
+        prompts = read_suite(None) if probes.default_locality_suite else []
+        base = Path(self.policy.path).parent if self.policy.path else Path(".")
+        for extra in probes.locality_suites:
+            prompts += read_suite(extra if Path(extra).is_absolute() else base / extra)
+        if not prompts:
+            raise ValueError("the policy leaves no locality prompts: enable the default suite or list files")
+        return prompts
+
+    def restore(self) -> None:
+        """Record the locality baseline, load the saved state, reconcile with the ledger."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # The baseline must be the unedited model's answers: record before loading edits.
+        baseline = LocalityBaseline.load_or_record(self.state_dir / "locality-baseline.json", self.host, self._suite)
+        self.prober = Prober(self.host, baseline, Thresholds.of(self.policy.probes))
+        with self.lock:
+            if (self.editor_dir / MANIFEST).is_file():
+                loaded = Editor.load(self.editor_dir, self.host)
+                if loaded.name != self.editor.name:
+                    raise StateError(
+                        f"{self.editor_dir} holds {loaded.name} edits but the policy asks for {self.editor.name}; "
+                        "revert them with the old backend or move the state away"
+                    )
+                self.editor = loaded
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        committed = {str(e.id): e for e in self.ledger.committed_edits()}
+        held = set(self.editor.edit_ids)
+        changed = False
+        for edit_id in sorted(held - set(committed), key=int):
+            logger.bind(edit_id=edit_id).warning("edit {} is in the saved state but was never committed; removing", edit_id)
+            self.editor.revert(edit_id)
+            changed = True
+        for edit in self.ledger.uncommitted_edits():
+            if str(edit.id) in self.editor.edit_ids:
+                continue
+            self.ledger.revert_edit(edit.id, reason="interrupted before commit (crash or shutdown); will retry",
+                                    probes_before=None, probes_after=None, actor=self.actor, retry=True)  # fmt: skip
+        for edit_id, edit in committed.items():
+            if edit_id not in held:
+                logger.bind(edit_id=edit_id).error("committed edit {} missing from the saved state; re-applying", edit_id)
+                self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": edit_id}))
+                changed = True
+        if changed:
+            self.save()
+        logger.info("editor restored: {} committed edits ({} backend)", len(self.editor.edit_ids), self.editor.name)
+
+    def save(self) -> None:
+        self.editor.save(self.editor_dir)
+
+    # ----- serving ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.prober is not None and not self.stats.busy
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        with self.lock:
+            self.stats.busy = True
+            try:
+                yield
+            finally:
+                self.stats.busy = False
+
+    # ----- the cycle --------------------------------------------------------------------------
+    def apply_ready(self, limit: int = 50) -> CycleReport:
+        """Turn verified facts into probed, committed edits (or reverted ones)."""
+        started = time.perf_counter()
+        committed, reverted, skipped = [], [], []
+        for fact in self.ledger.ready_facts(limit=limit):
+            if self._stop.is_set():
+                break
+            outcome, edit_id = self.apply_fact(fact)
+            {"committed": committed, "reverted": reverted, "skipped": skipped}[outcome].append(edit_id or fact.id)
+        return CycleReport(tuple(committed), tuple(reverted), tuple(skipped), time.perf_counter() - started)
+
+    def apply_fact(self, fact: FactRecord) -> tuple[str, int | None]:
+        assert self.prober is not None, "call restore() first"
+        request = EditRequest.from_dict(build_edit_request(fact, self.policy))
+        with self._busy():
+            if fact.supersedes_edit_id is not None:
+                self._supersede(fact)
+            elif self._already_known(request):
+                self.ledger.skip_fact(fact.id, actor=self.actor)
+                self.stats.facts_skipped += 1
+                return "skipped", None
+            return self._edit(fact, request)
+
+    def _already_known(self, request: EditRequest) -> bool:
+        return score_targets(self.host, self.editor, [(request.prompt, request.target)])[0].accuracy == 1.0
+
+    def _supersede(self, fact: FactRecord) -> None:
+        old = str(fact.supersedes_edit_id)
+        before = self.prober.locality(self.editor)
+        if old in self.editor.edit_ids:
+            self.editor.revert(old)
+            self.save()
+        after = self.prober.locality(self.editor)
+        self.ledger.supersede_edit(int(old), by_fact_id=fact.id, actor=self.actor,
+                                   probes_before={"loc": before}, probes_after={"loc": after})  # fmt: skip
+
+    def _edit(self, fact: FactRecord, request: EditRequest) -> tuple[str, int]:
+        assert self.prober is not None
+        attempts = [{}]
+        retry = self.editor.stronger_overrides()
+        if retry:
+            attempts.append(retry)
+        earlier = [self.editor.request(i) for i in self.editor.edit_ids]
+        baseline_loc = self.prober.locality(self.editor)
+        for number, overrides in enumerate(attempts, 1):
+            config = self.editor.config_dict() | self._relation_options(fact) | overrides
+            record = self.ledger.record_edit_applied(
+                fact.id, request=request.to_dict(), backend=self.editor.name, backend_config=config,
+                policy_version=self.policy.version_tag, actor=self.actor,
+                reason="edit applied" if number == 1 else f"retry {number - 1} with {overrides}",
+            )  # fmt: skip
+            edit_id = str(record.id)
+            log = logger.bind(edit_id=edit_id)
+            with self.editor.configured(**(self._relation_options(fact) | overrides)):
+                self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
+            started = time.perf_counter()
+            report = self.prober.check(self.editor, self.editor.request(edit_id), earlier)
+            self.stats.last_probe_seconds = time.perf_counter() - started
+            self.stats.last_locality = report.loc
+            if report.passed:
+                self.save()
+                self.ledger.commit_edit(record.id, probes=report.figures(), actor=self.actor)
+                self.stats.edits_committed += 1
+                log.info("edit {} committed: rel {:.2f} gen {} loc {:.4f}", edit_id, report.rel, report.gen, report.loc)
+                return "committed", record.id
+            self.editor.revert(edit_id)
+            after = {"loc": self.prober.locality(self.editor)}
+            retry_next = not report.took and number < len(attempts) and not self._harmful(report)
+            self.ledger.revert_edit(
+                record.id, reason="; ".join(report.failures), probes_before=report.figures() | {"loc_before": baseline_loc},
+                probes_after=after, actor=self.actor, retry=retry_next,
+            )  # fmt: skip
+            self.stats.edits_reverted += 1
+            log.warning("edit {} reverted: {}", edit_id, "; ".join(report.failures))
+            if not retry_next:
+                return "reverted", record.id
+            self.stats.edits_retried += 1
+            fact = self.ledger.fact(fact.id)
+        return "reverted", record.id
+
+    def _relation_options(self, fact: FactRecord) -> dict[str, Any]:
+        return dict(self.policy.relation(fact.relation).editor_options)
+
+    @staticmethod
+    def _harmful(report: ProbeReport) -> bool:
+        """Damage beyond 'did not take': a stronger retry would not help."""
+        return any(f.startswith(("locality", "earlier")) for f in report.failures)
+
+    # ----- people and the API -----------------------------------------------------------------
+    def revert(self, edit_id: int, *, reason: str, actor: str) -> dict[str, Any]:
+        assert self.prober is not None
+        with self._busy():
+            key = str(edit_id)
+            if key not in self.editor.edit_ids:
+                raise KeyError(f"edit {edit_id} is not applied")
+            before = {"loc": self.prober.locality(self.editor)}
+            self.editor.revert(key)
+            self.save()
+            after = {"loc": self.prober.locality(self.editor)}
+            revert = self.ledger.revert_edit(edit_id, reason=reason, probes_before=before, probes_after=after, actor=actor)
+            self.stats.edits_reverted += 1
+            return {"edit_id": edit_id, "revert_id": revert.id, "before": before, "after": after}
+
+    # ----- periodic regression ------------------------------------------------------------------
+    def regression_check(self) -> list[int]:
+        """Re-probe locality; if degraded, revert the most recent edits until it recovers."""
+        assert self.prober is not None
+        reverted: list[int] = []
+        with self._busy():
+            threshold = self.prober.thresholds.min_loc
+            loc = self.prober.locality(self.editor)
+            self.stats.last_locality = loc
+            while loc < threshold and self.editor.edit_ids:
+                newest = self.editor.edit_ids[-1]
+                self.editor.revert(newest)
+                self.save()
+                after = self.prober.locality(self.editor)
+                self.ledger.revert_edit(int(newest), reason=f"periodic regression: loc {loc:.4f} < {threshold}",
+                                        probes_before={"loc": loc}, probes_after={"loc": after}, actor=self.actor)  # fmt: skip
+                self.stats.regression_reverts += 1
+                reverted.append(int(newest))
+                loc = after
+            self.stats.last_locality = loc
+        if reverted:
+            logger.warning("regression check reverted edits {}", reverted)
+        return reverted
+
+    def stop(self) -> None:
+        """Ask a running cycle to stop after the edit in flight."""
+        self._stop.set()
+
+    def committed_edits(self) -> list[EditRecord]:
+        return self.ledger.committed_edits()

@@ -1,0 +1,278 @@
+"""The daemon: scheduler, maintenance jobs, HTTP API, signals and systemd notification.
+
+Start-up order: the API comes up first (liveness answers, readiness says "starting"),
+then the model loads and the saved editor state is restored and reconciled with the
+ledger; only then is the service ready (and systemd told READY=1). APScheduler 3.x runs
+one poll job per source at its own interval, one edit job (verify, then apply verified
+facts) and a periodic regression probe. Every job has `max_instances=1` and
+`coalesce=True`, so after downtime missed runs collapse into one instead of a burst.
+Model changes all go through the `Maintainer` lock: never two edits at once.
+
+SIGTERM/SIGINT: stop taking new work, let the edit in flight finish (commit or revert),
+stop the API, exit 0. A SIGKILL at any moment is recovered at the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from kmd.daemon.ledger import Ledger
+from kmd.daemon.policy import load_policy
+from kmd.daemon.settings import DaemonSettings
+from kmd.sources.claims import Claim, utcnow
+
+if TYPE_CHECKING:
+    from kmd.daemon.maintainer import Maintainer
+    from kmd.editors.model import ModelHost
+
+
+@dataclass(frozen=True)
+class CycleSummary:
+    polled: int
+    new_claims: int
+    new_facts: int
+    committed: tuple[int, ...]
+    reverted: tuple[int, ...]
+    skipped: tuple[int, ...]
+    regression_reverts: tuple[int, ...]
+    seconds: float
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings, *, host: ModelHost | None = None) -> None:
+        from kmd.editors.registry import get_backend
+
+        self.settings = settings
+        self.policy = load_policy(settings.policy_path)
+        get_backend(self.policy.backend)  # fail now, with a suggestion, on an unknown backend
+        self.ledger = Ledger(settings.database_url)
+        self.api_token = settings.api_token()
+        self.maintainer: Maintainer | None = None
+        self._host = host
+        self._intake = None
+        self._verifier = None
+        self._scheduler = None
+        self._server = None
+        self._server_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._started_at = time.monotonic()
+
+    # ----- readiness ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.readiness()[0]
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._stopping.is_set():
+            return False, "stopping"
+        if self.maintainer is None or self.maintainer.prober is None:
+            return False, "starting: loading the model and restoring state"
+        if self.maintainer.stats.busy:
+            return False, "an edit or revert is in flight"
+        return True, "ok"
+
+    # ----- start-up -----------------------------------------------------------------------------
+    def load(self) -> Maintainer:
+        """Load the model, restore and reconcile the editor state, build intake and verifier."""
+        from kmd.daemon.maintainer import Maintainer
+        from kmd.daemon.matching import MiniLMEncoder, ObjectMatcher
+        from kmd.daemon.verify import Verifier
+        from kmd.editors.model import ModelHost, ModelSettings
+        from kmd.sources.intake import Intake
+
+        if self._host is None:
+            m = self.settings.model
+            self._host = ModelHost.load(
+                ModelSettings(model=m.model, device=m.device, dtype=m.dtype, use_chat_template=m.use_chat_template,
+                              profile=m.profile, offline=m.offline)  # fmt: skip
+            )
+        maintainer = Maintainer(self._host, self.ledger, self.policy, self.settings.state_path)
+        maintainer.restore()
+        self._intake = Intake(self.policy, self.ledger)
+        matcher = ObjectMatcher(MiniLMEncoder(), self.policy.verification.similarity_threshold)
+        self._verifier = Verifier(self.policy, self.ledger, matcher)
+        self.maintainer = maintainer
+        return maintainer
+
+    # ----- the work -----------------------------------------------------------------------------
+    def ingest(self, *, all_sources: bool = False) -> tuple[int, int, int]:
+        """Poll sources (all, or those due) and verify; returns (polled, new claims, new facts)."""
+        assert self._intake is not None and self._verifier is not None
+        reports = self._intake.poll_many(list(self._intake.sources)) if all_sources else self._intake.poll_due()
+        for report in reports:
+            for problem in report.problems:
+                logger.warning("source {}: {}", report.source_id, problem)
+        verified = self._verifier.run()
+        return len(reports), sum(r.new_claims for r in reports), len(verified.new_facts)
+
+    def cycle(self, *, all_sources: bool = True, regression: bool = True) -> CycleSummary:
+        """One full cycle: poll, verify, apply verified facts, regression probe."""
+        assert self.maintainer is not None
+        started = time.perf_counter()
+        polled, claims, facts = self.ingest(all_sources=all_sources)
+        report = self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
+        regressed = self.maintainer.regression_check() if regression else []
+        self.maintainer.stats.cycles += 1
+        self.maintainer.stats.last_cycle_seconds = time.perf_counter() - started
+        return CycleSummary(polled, claims, facts, report.committed, report.reverted, report.skipped,
+                            tuple(regressed), time.perf_counter() - started)  # fmt: skip
+
+    def generate(self, maintainer: Maintainer, prompt: str, max_new_tokens: int) -> str:
+        from kmd.editors.scoring import generate_text
+
+        with maintainer.lock:  # never serve from a model half-way through an edit
+            return generate_text(maintainer.host, maintainer.editor, [prompt], max_new_tokens)[0]
+
+    def submit_fact(self, subject: str, relation: str, obj: str, source_id: str, url: str) -> dict[str, Any]:
+        """Record a curated fact as a claim from a policy source; verified in the next cycle."""
+        try:
+            source = self.policy.source(source_id)
+        except KeyError:
+            raise ValueError(f"source {source_id!r} is not in the policy") from None
+        if relation not in source.relations:
+            raise ValueError(f"source {source_id!r} may not assert relation {relation!r} (allowed: {list(source.relations)})")
+        claim = Claim(subject=subject, relation=relation, object=obj, source_id=source_id,
+                      url=url or "api:", observed_at=utcnow(), ref=f"api:{uuid.uuid4().hex}")  # fmt: skip
+        result = self.ledger.record_claims([claim], policy_version=self.policy.version_tag, actor="api")
+        return {"claim_ids": list(result.new_ids), "duplicates": result.duplicates,
+                "note": "recorded; verified and applied by the next edit cycle"}  # fmt: skip
+
+    # ----- scheduled jobs -------------------------------------------------------------------------
+    def _guarded(self, name: str, fn, *args) -> None:
+        if self._stopping.is_set():
+            return
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("job {} failed", name)
+            if self.maintainer is not None:
+                self.maintainer.stats.errors += 1
+
+    def _poll_job(self, source_id: str) -> None:
+        assert self._intake is not None
+        self._intake.poll(source_id)
+
+    def _edit_job(self) -> None:
+        assert self._verifier is not None and self.maintainer is not None
+        self._verifier.run()
+        self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
+        self.maintainer.stats.cycles += 1
+
+    def _regression_job(self) -> None:
+        assert self.maintainer is not None
+        self.maintainer.regression_check()
+
+    def _schedule(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        sched = self.settings.schedule
+        scheduler = BackgroundScheduler(
+            timezone="UTC",
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": int(sched.misfire_grace)},
+        )
+        now = utcnow()
+        for source in self.policy.sources:
+            scheduler.add_job(self._guarded, "interval", seconds=source.poll_interval, id=f"poll:{source.id}",
+                              args=[f"poll:{source.id}", self._poll_job, source.id], next_run_time=now)  # fmt: skip
+        scheduler.add_job(self._guarded, "interval", seconds=sched.edit_interval, id="edit",
+                          args=["edit", self._edit_job], next_run_time=now)  # fmt: skip
+        scheduler.add_job(self._guarded, "interval", seconds=sched.regression_interval, id="regression",
+                          args=["regression", self._regression_job])  # fmt: skip
+        scheduler.start()
+        self._scheduler = scheduler
+
+    # ----- the API server -------------------------------------------------------------------------
+    def start_api(self) -> None:
+        import uvicorn
+
+        from kmd.daemon.api import create_app
+
+        api = self.settings.api
+        config = uvicorn.Config(create_app(self), host=api.host, port=api.port, log_level="warning", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._server_thread = threading.Thread(target=self._server.run, name="kmd-api", daemon=True)
+        self._server_thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started and time.monotonic() < deadline and self._server_thread.is_alive():
+            time.sleep(0.05)
+        if not self._server.started:
+            raise RuntimeError(f"the API could not listen on {api.host}:{api.port}")
+        logger.info("API listening on http://{}:{}", api.host, api.port)
+
+    # ----- lifetimes ------------------------------------------------------------------------------
+    def run_once(self) -> CycleSummary:
+        self.load()
+        try:
+            return self.cycle(all_sources=True)
+        finally:
+            self.close()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; returns after a clean shutdown."""
+        notifier = _SystemdNotifier()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self._request_stop(signum))
+        if self.settings.api.enabled:
+            self.start_api()
+        self.load()
+        self._schedule()
+        notifier.notify("READY=1\nSTATUS=serving")
+        logger.info("kmd ready: {} edits applied, backend {}", len(self.maintainer.editor.edit_ids), self.maintainer.editor.name)
+        interval = notifier.watchdog_interval() if self.settings.schedule.watchdog else None
+        while not self._stopping.wait(interval or 1.0):
+            if interval and self._healthy():
+                notifier.notify("WATCHDOG=1")
+        notifier.notify("STOPPING=1")
+        self._shutdown()
+
+    def _request_stop(self, signum: int) -> None:
+        logger.info("signal {} received: finishing the edit in flight, then stopping", signal.Signals(signum).name)
+        self._stopping.set()
+        if self.maintainer is not None:
+            self.maintainer.stop()
+
+    def _healthy(self) -> bool:
+        api_ok = self._server_thread is None or self._server_thread.is_alive()
+        return api_ok and self._scheduler is not None and self._scheduler.running
+
+    def _shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)  # the edit in flight finishes (commit or revert)
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=10)
+        self.close()
+        logger.info("kmd stopped cleanly")
+
+    def close(self) -> None:
+        if self._intake is not None:
+            self._intake.close()
+        self.ledger.close()
+
+
+class _SystemdNotifier:
+    """sd_notify when run under systemd (NOTIFY_SOCKET set); a no-op otherwise."""
+
+    def __init__(self) -> None:
+        self._notifier = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._notifier = sdnotify.SystemdNotifier()
+
+    def notify(self, message: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(message)
+
+    def watchdog_interval(self) -> float | None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        return int(usec) / 2e6 if usec and self._notifier is not None else None

@@ -1,0 +1,87 @@
+"""Runtime settings of the daemon (`kmd run --config FILE`): where things are, not what to trust.
+
+What to trust, how to verify and probe, and which backend to use live in the policy file;
+this file says which model to load, where state and the ledger live, how the API is
+exposed and how often the jobs run. YAML with a strict schema: unknown keys and bad values
+are errors naming the file, line and key. Secrets never go in this file: the API token
+comes from an environment variable or a file (systemd `EnvironmentFile=`, a Kubernetes
+Secret).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from kmd.daemon.policy import Duration, StrictModel, load_yaml_model
+
+__all__ = ["ApiSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
+
+
+class ModelConfig(StrictModel):
+    model: str = "embedded"  # "embedded", a Hugging Face id, or a local directory
+    device: str = "auto"
+    dtype: str = "auto"
+    use_chat_template: bool = False
+    profile: str | None = None
+    offline: bool | None = None  # None: follow HF_HUB_OFFLINE
+
+
+class ApiSettings(StrictModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: pick a free port (tests)
+    token_env: str = "KMD_API_TOKEN"  # bearer token for write endpoints, from this variable
+    token_file: str | None = None  # ... or from this file (first line)
+    protect_reads: bool = False  # reads need the token too
+
+
+class ScheduleSettings(StrictModel):
+    edit_interval: Duration = 60.0  # apply verified facts this often
+    regression_interval: Duration = 3600.0  # full locality regression probe
+    misfire_grace: Duration = 300.0  # a run late by more than this after downtime is skipped
+    max_edits_per_cycle: int = Field(default=50, ge=1)
+    watchdog: bool = True  # ping systemd's watchdog when WATCHDOG_USEC is set
+
+
+class DaemonSettings(StrictModel):
+    policy: str  # path to the policy YAML
+    state_dir: str = "state"  # editor state, locality baseline, default SQLite ledger
+    database: str | None = None  # SQLAlchemy URL; default: $KMD_DB_URL or sqlite in state_dir
+    model: ModelConfig = ModelConfig()
+    api: ApiSettings = ApiSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+
+    _base: Path = Path(".")
+
+    def path(self, value: str) -> Path:
+        """Relative paths in the file are relative to the file's own directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self._base / p)
+
+    @property
+    def state_path(self) -> Path:
+        return self.path(self.state_dir)
+
+    @property
+    def policy_path(self) -> Path:
+        return self.path(self.policy)
+
+    @property
+    def database_url(self) -> str:
+        return self.database or os.environ.get("KMD_DB_URL") or f"sqlite:///{self.state_path / 'ledger.db'}"
+
+    def api_token(self) -> str | None:
+        if self.api.token_file:
+            text = self.path(self.api.token_file).read_text().strip().splitlines()
+            return text[0].strip() if text else None
+        return os.environ.get(self.api.token_env) or None
+
+
+def load_settings(path: str | Path) -> DaemonSettings:
+    path = Path(path)
+    settings = load_yaml_model(path, DaemonSettings)
+    settings._base = path.resolve().parent
+    return settings

@@ -1,0 +1,95 @@
+"""The maintenance loop in process, on the tiny random model (fast)."""
+
+from __future__ import annotations
+
+import torch
+
+from kmd.daemon.service import Daemon
+from kmd.daemon.settings import load_settings
+from kmd.editors.batching import left_padded
+
+from .helpers import write_curated, write_setup
+
+PROMPTS = ["the capital of France is", "the language of Spain is", "the dog and the cat", "who wrote the book ?"]
+
+
+def logits(host, editor):
+    ids, attention = left_padded(host, PROMPTS)
+    with torch.no_grad(), editor.query(attention.bool()):
+        return host.model(input_ids=ids, attention_mask=attention).logits
+
+
+def make_daemon(tmp_path, host, facts, **kw):
+    config = write_setup(tmp_path, facts, **kw)
+    return Daemon(load_settings(config), host=host), tmp_path
+
+
+def test_cycle_commits_edits_and_state_survives_restart(tmp_path, tiny_host):
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin"), ("Spain", "language", "banana")])
+    daemon.load()
+    summary = daemon.cycle()
+    assert summary.new_facts == 2 and len(summary.committed) == 2, summary
+    m = daemon.maintainer
+    edits = daemon.ledger.committed_edits()
+    assert [str(e.id) for e in edits] == m.editor.edit_ids
+    assert edits[0].probes["rel"] == 1.0 and edits[0].policy_version.startswith("test-1@")
+    expected = logits(tiny_host, m.editor)
+    with m.editor.suspended():  # a restart: a new daemon on the same state and ledger
+        daemon.close()
+        again = Daemon(load_settings(tmp / "kmd.yaml"), host=tiny_host)
+        again.load()
+        assert again.maintainer.editor.edit_ids == m.editor.edit_ids
+        assert torch.equal(logits(tiny_host, again.maintainer.editor), expected)
+        again.close()
+
+
+def test_newer_fact_supersedes_the_committed_edit(tmp_path, tiny_host):
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    daemon.load()
+    first = daemon.cycle().committed
+    write_curated(tmp / "facts.jsonl", 2, [("France", "capital", "Rome")])
+    second = daemon.cycle()
+    assert len(second.committed) == 1
+    m = daemon.maintainer
+    assert m.editor.edit_ids == [str(second.committed[0])]
+    revert = daemon.ledger.reverts()[0]
+    assert revert.edit_id == first[0] and revert.superseded_by_fact_id is not None
+    assert m.editor.request(m.editor.edit_ids[0]).target == "Rome"
+    daemon.close()
+
+
+def test_degrading_edit_is_reverted_and_outputs_return_bit_for_bit(tmp_path, tiny_host):
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")], min_loc=0.999)
+    daemon.load()
+    m = daemon.maintainer
+    daemon.cycle()
+    before = logits(tiny_host, m.editor)
+    # An edit that fires on every prompt: GRACE with an unbounded radius.
+    write_curated(tmp / "facts.jsonl", 2, [("Spain", "language", "banana")])
+    with m.editor.configured(radius=1e9, split_conflicts=False):
+        summary = daemon.cycle()
+    assert summary.reverted and not summary.committed, summary
+    revert = daemon.ledger.reverts()[0]
+    assert "locality" in revert.reason and revert.probes_before["loc"] < 0.999
+    assert torch.equal(logits(tiny_host, m.editor), before)
+    fact = daemon.ledger.fact(daemon.ledger.edit(summary.reverted[0]).fact_id)
+    assert fact.status == "blocked"
+    daemon.close()
+
+
+def test_interrupted_edit_is_rolled_back_on_restart(tmp_path, tiny_host):
+    """A crash between apply and commit: the ledger says applied, the saved state lacks it."""
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    daemon.load()
+    daemon.ingest(all_sources=True)
+    fact = daemon.ledger.ready_facts()[0]
+    record = daemon.ledger.record_edit_applied(fact.id, request={"prompt": "x", "target": "y"}, backend="grace",
+                                               backend_config={}, policy_version="t")  # fmt: skip
+    daemon.close()
+    again = Daemon(load_settings(tmp / "kmd.yaml"), host=tiny_host)
+    again.load()
+    assert again.ledger.edit(record.id).status == "reverted"
+    assert again.ledger.fact(fact.id).status == "ready"  # retried, not lost
+    summary = again.cycle()
+    assert len(summary.committed) == 1
+    again.close()
