@@ -13,6 +13,7 @@ import typer
 
 from kmd.daemon.commands import bench, demo, editors_cmd
 from kmd.daemon.commands import ledger_cmd
+from kmd.daemon.commands import calibrate
 from kmd.daemon.commands import run_cmd
 from kmd.daemon.logs import configure_logging
 
@@ -37,6 +38,7 @@ demo.register(app)
 bench.register(app)
 editors_cmd.register(app)
 ledger_cmd.register(app)
+calibrate.register(app)
 run_cmd.register(app)
 
 

@@ -1,0 +1,183 @@
+"""Prepending b vectors at layer z, expressed as extra key/value pairs at layers >= z.
+
+LLP prepends an edit's b value vectors to the hidden-state sequence entering layer z.
+Causal attention means those b positions never see the prompt: their states at every
+layer >= z depend on the value vectors alone. So instead of lengthening the sequence
+(which would change the KV cache, the masks and the positions of every row of a batch,
+hit or not), we run the b vectors once through layers z..L-1 on their own, keep each
+layer's (pre-RoPE) keys and values, and at serving time let the prompt tokens of a hit
+row attend to them as well. The b positions sit just before the row's first real token
+(positions p_first - b .. p_first - 1), exactly where prepending puts them.
+
+With the softmax taken over [prefix; tokens], the attention output of a query is
+
+    O = a * O_tokens + (1 - a) * O_prefix,   a = sigmoid(LSE_tokens - LSE_prefix)
+
+where O_tokens is what the model computed anyway (the input of `o_proj`) and LSE are
+the log-sum-exp of the scaled scores. Only the hit rows' `o_proj` inputs are replaced,
+so other rows of the batch stay bit-identical to the base model, the model's own KV
+cache is untouched, and decode steps just merge again against the cached keys.
+
+Supported attention: Llama-style q/k/v/o projections with rotate-half RoPE and grouped
+KV heads (Llama, Mistral without sliding window, Qwen2, SmolLM...). `check_supported`
+refuses anything else instead of computing something wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kmd.editors.hooks import HookSpec, hooked
+
+
+class UnsupportedModelError(RuntimeError):
+    pass
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, hd); cos/sin (B or 1, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, n_kv, S, hd) -> (B, n_kv * groups, S, hd), matching the model's head order."""
+    if groups == 1:
+        return x
+    b, n_kv, s, hd = x.shape
+    return x[:, :, None].expand(b, n_kv, groups, s, hd).reshape(b, n_kv * groups, s, hd)
+
+
+def check_supported(model: nn.Module, attention: nn.Module) -> None:
+    config = model.config
+    missing = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attention, name)]
+    problems = [f"attention lacks {missing}"] if missing else []
+    if any(hasattr(attention, name) for name in ("q_norm", "k_norm")):
+        problems.append("per-head q/k norms")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        problems.append("sliding-window attention")
+    if getattr(config, "attn_logit_softcapping", None):
+        problems.append("attention logit soft-capping")
+    impl = getattr(config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        problems.append(f"attention implementation {impl!r} (use sdpa or eager)")
+    if problems:
+        raise UnsupportedModelError(f"llp: unsupported attention in {type(model).__name__}: {', '.join(problems)}")
+
+
+def causal_scores_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply the model's 4D attention mask (bool: True = attend; float: additive) or causal."""
+    tq, s = scores.shape[-2:]
+    if mask is None:
+        if tq == 1:
+            return scores
+        allowed = torch.arange(s, device=scores.device)[None, :] <= (s - tq + torch.arange(tq, device=scores.device))[:, None]
+        return scores.masked_fill(~allowed, float("-inf"))
+    mask = mask[..., -tq:, :s]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.to(scores.dtype)
+
+
+def merge_prefix(
+    o_in: torch.Tensor,  # (Bh, Tq, H * hd): the attention output before o_proj (hit rows)
+    q: torch.Tensor,  # (Bh, H, Tq, hd) roped queries
+    keys: torch.Tensor,  # (Bh, n_kv, S, hd) roped keys of the tokens (cache included)
+    mask: torch.Tensor | None,  # the model's 4D mask for these rows, or None (causal)
+    prefix_keys: torch.Tensor,  # (Bh, n_kv, b, hd) roped
+    prefix_values: torch.Tensor,  # (Bh, n_kv, b, hd)
+    scaling: float,
+) -> torch.Tensor:
+    """The attention output with the prefix positions added to the softmax (float32)."""
+    bh, tq, width = o_in.shape
+    heads = q.shape[1]
+    groups = heads // keys.shape[1]
+    q = q.float()
+    scores = torch.matmul(q, repeat_kv(keys.float(), groups).transpose(-1, -2)) * scaling
+    lse_tokens = torch.logsumexp(causal_scores_mask(scores, mask), dim=-1)  # (Bh, H, Tq)
+    p_scores = torch.matmul(q, repeat_kv(prefix_keys.float(), groups).transpose(-1, -2)) * scaling  # (Bh, H, Tq, b)
+    lse_prefix = torch.logsumexp(p_scores, dim=-1)
+    o_prefix = torch.matmul(torch.softmax(p_scores, dim=-1), repeat_kv(prefix_values.float(), groups))
+    alpha = torch.sigmoid(lse_tokens - lse_prefix)[..., None]  # (Bh, H, Tq, 1); 0 where no token is visible
+    o_tokens = o_in.float().view(bh, tq, heads, -1).transpose(1, 2)
+    merged = torch.where(alpha > 0, o_prefix + alpha * (o_tokens - o_prefix), o_prefix)
+    return merged.transpose(1, 2).reshape(bh, tq, width).to(o_in.dtype)
+
+
+class PrefixRunner:
+    """Runs b vectors alone through layers z..L-1 and returns each layer's keys/values.
+
+    Keys are returned before RoPE: their rotation depends on where a query row puts
+    them (just before its first token), so it is applied at serving time.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: list[nn.Module], attentions: list[nn.Module], attention_paths: list[str], rotary: nn.Module
+    ) -> None:
+        self.model, self.layers, self.attentions, self.rotary = model, layers, attentions, rotary
+        self.paths = attention_paths
+
+    def __call__(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """values (E, b, D) -> keys, values (E, Lz, b, n_kv, hd)."""
+        e, b, _ = values.shape
+        positions = torch.arange(b, device=values.device)[None].expand(e, b)
+        embeddings = self.rotary(values, positions)
+        mask = None
+        if b > 1:  # causal among the b positions, as an additive mask (valid for sdpa and eager)
+            upper = torch.ones(b, b, dtype=torch.bool, device=values.device).triu(1)
+            mask = torch.zeros(b, b, dtype=values.dtype, device=values.device).masked_fill(upper, torch.finfo(values.dtype).min)
+            mask = mask[None, None]
+        grabbed: dict[tuple[int, str], torch.Tensor] = {}
+
+        def grab(index: int, part: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                grabbed[index, part] = output
+
+            return hook
+
+        specs = [
+            HookSpec(f"{path}.{part}_proj", grab(index, part))
+            for index, path in enumerate(self.paths)
+            for part in ("k", "v")
+        ]
+        h = values
+        with hooked(self.model, specs):
+            for layer in self.layers:  # the last layer's output is dropped; only its keys/values matter
+                out = layer(
+                    h, attention_mask=mask, position_ids=positions, position_embeddings=embeddings,
+                    past_key_values=None, use_cache=False,
+                )
+                h = out[0] if isinstance(out, tuple) else out
+        hd = self.attentions[0].head_dim
+        keys = torch.stack([grabbed[i, "k"].view(e, b, -1, hd) for i in range(len(self.layers))], dim=1)
+        vals = torch.stack([grabbed[i, "v"].view(e, b, -1, hd) for i in range(len(self.layers))], dim=1)
+        return keys, vals
+
+
+def rope_prefix(
+    rotary: nn.Module, keys: torch.Tensor, p_first: torch.Tensor
+) -> torch.Tensor:
+    """keys (Bh, Lz, b, n_kv, hd) pre-RoPE -> (Bh, Lz, n_kv, b, hd) rotated to p_first - b + j."""
+    bh, _, b, _, _ = keys.shape
+    positions = p_first[:, None] - b + torch.arange(b, device=keys.device)[None]  # (Bh, b)
+    cos, sin = rotary(keys, positions)  # (Bh, b, hd)
+    k = keys.permute(0, 1, 3, 2, 4)  # (Bh, Lz, n_kv, b, hd)
+    cos, sin = cos[:, None, None].to(k.dtype), sin[:, None, None].to(k.dtype)
+    return k * cos + rotate_half(k) * sin
+
+
+def cache_keys(cache: Any, layer_idx: int) -> torch.Tensor | None:
+    """The full (B, n_kv, S, hd) keys of one layer from a transformers Cache, after its update."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    return keys if isinstance(keys, torch.Tensor) and keys.numel() else None

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LlpConfig:
+    """LLP hyperparameters (per model, from the profile; unknown keys are rejected).
+
+    Layer choices default to depth fractions: retrieval layers R = the first quarter of
+    the network, injection layer z = max(R) + 1 (METHODS.md: R = 0..7, z = 8 on 32 layers).
+    """
+
+    retrieval_layers: list[int] | None = None  # R; None: 0 .. round(L / 4) - 1
+    injection_layer: int | None = None  # z > max(R); None: max(R) + 1
+    n_values: int = 4  # b: value vectors prepended at z per edit (paper configs: 1)
+
+    # Retrieval. Paper values; calibrate per model with `kmd calibrate --backend llp`.
+    similarity: float = 0.7  # a key gets a vote at a layer when its max cosine over prompt tokens exceeds this
+    vote_fraction: float = 0.5  # the winning key needs at least this fraction of |R| votes
+    top_k: int = 3  # keys considered per layer
+    center: bool = False  # subtract a per-layer background mean (of the model's own prefix texts) before cosine
+
+    # Keys: InfoNCE against the existing keys of each layer.
+    key_lr: float = 5e-3
+    key_steps: int = 32
+    key_temperature: float = 0.2
+    key_negatives: int = 1000  # existing keys sampled as negatives (per layer)
+    context_negatives: bool = False  # also push away from the edit prompt's non-subject tokens
+
+    # Values: NLL of the target on the prefixed prompts + weight_decay * |v| / |v_init|.
+    value_lr: float = 0.5  # Adam; relative to the RMS of the initial vector (value = init + rms * delta)
+    value_steps: int = 64
+    value_stop_loss: float = 0.05
+    value_weight_decay: float = 0.1
+
+    # Augmentation: short texts generated once by the model itself.
+    n_prefixes: int = 2  # prefixed copies of the prompt per edit (besides the bare prompt)
+    prefix_pool: int = 10  # texts generated once per editor; each edit draws n_prefixes of them
+    prefix_tokens: int = 8  # length of each generated text, in tokens
+    seed: int = 0

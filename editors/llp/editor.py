@@ -1,0 +1,567 @@
+"""LLP, Layer-Level Prompting (see ../shared/design/METHODS.md, "LLP").
+
+Each edit owns one row of a key memory and one row of a value memory:
+
+- keys, one per retrieval layer l in R (the first quarter of the network): layer l's
+  output at the last subject token of the prompt, averaged over the bare prompt and a
+  few prefixed copies (short texts the model generated itself), then trained with an
+  InfoNCE loss to stay close to those queries and away from the other edits' keys;
+- b value vectors that act as if prepended to the sequence entering the injection
+  layer z = max(R) + 1, trained so the prompts continue with the target. They are
+  served as extra key/value pairs at layers >= z (editors/llp/attention.py explains why
+  this is exactly prepending, and how it keeps other rows and the KV cache untouched).
+
+Serving, per row of a batch and from prompt tokens only: at every l in R, each key's
+similarity is its maximum cosine over the row's prompt tokens; the top-k keys above
+`similarity` get one vote each. The key with the most votes is used when it has at
+least `vote_fraction * |R|` of them; otherwise the row runs as the base model. The
+decision is taken on the prefill and reused by KV-cache decode steps.
+
+Revert deletes the edit's rows: exact. During an edit's optimisation the layers below
+z run once (`UpperStack`); each step runs the b vectors through layers z.. (a few
+positions) and the prompts through layers z.. with the merge.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+
+from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
+from kmd.editors.hooks import HookSpec, hooked, resolve_module
+from kmd.editors.llp.attention import (
+    PrefixRunner,
+    UnsupportedModelError,
+    cache_keys,
+    check_supported,
+    merge_prefix,
+    rope,
+    rope_prefix,
+)
+from kmd.editors.llp.config import LlpConfig
+from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.upper import UpperStack
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "This")
+
+
+def default_layers(num_layers: int, config: LlpConfig) -> tuple[list[int], int]:
+    """(R, z) from the config, or from depth fractions when unset."""
+    if config.retrieval_layers is not None:
+        retrieval = sorted({int(i) for i in config.retrieval_layers})
+    else:
+        retrieval = list(range(max(1, round(num_layers / 4))))
+    z = config.injection_layer if config.injection_layer is not None else max(retrieval) + 1
+    if not retrieval or min(retrieval) < 0 or not max(retrieval) < z < num_layers:
+        raise EditorError(f"llp: need 0 <= R < z < {num_layers}; got R={retrieval}, z={z}")
+    return retrieval, z
+
+
+def last_subject_token(host: ModelHost, text: str, subject: str | None) -> int:
+    """Index of the last token of the last occurrence of `subject` in the formatted `text`
+    (case-insensitive); the last token of the text when there is no subject or no match."""
+    formatted = host.format_prompt(text)
+    encoded = host.tokenizer(formatted, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    if ids != host.encode(formatted):
+        raise EditorError("llp: tokenizer offsets disagree with the host's encoding")
+    if subject and subject.strip():
+        start = formatted.lower().rfind(subject.strip().lower())
+        if start >= 0:
+            end = start + len(subject.strip())
+            inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+            if inside:
+                return inside[-1]
+    return len(ids) - 1
+
+
+def generate_prefixes(host: ModelHost, count: int, tokens: int, seed: int) -> list[str]:
+    """Short texts sampled once from the model itself (seeded, one batched call)."""
+    if count <= 0:
+        return []
+    tokenizer, model = host.tokenizer, host.model
+    starts = [host.encode(PREFIX_STARTS[i % len(PREFIX_STARTS)]) for i in range(count)]
+    width = max(len(s) for s in starts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in starts], device=host.device)
+    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in starts], device=host.device)
+    devices = [host.device] if host.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        generated = model.generate(
+            input_ids=ids, attention_mask=attention, max_new_tokens=tokens, do_sample=True,
+            top_k=50, top_p=None, temperature=1.0, pad_token_id=pad, use_cache=True,
+        )
+    out = []
+    for index, row in enumerate(generated.tolist()):
+        text = " ".join(tokenizer.decode(row, skip_special_tokens=True).split())
+        out.append(text or PREFIX_STARTS[index % len(PREFIX_STARTS)])
+    return out
+
+
+def with_prefix(prefix: str, prompt: str) -> str:
+    return f"{prefix} {prompt}" if prefix[-1:] in ".!?;:" else f"{prefix}. {prompt}"
+
+
+@dataclass
+class _Injection:
+    """Which rows of the current batch get which prefix (keys pre-RoPE, per upper layer)."""
+
+    rows: torch.Tensor  # (Bh,)
+    keys: torch.Tensor  # (Bh, Lz, b, n_kv, hd)
+    values: torch.Tensor  # (Bh, Lz, b, n_kv, hd)
+    p_first: torch.Tensor  # (Bh,) position id of each row's first prompt token
+    roped: torch.Tensor | None = None  # (Bh, Lz, n_kv, b, hd), computed once per context
+    stash: dict[str, Any] = field(default_factory=dict)
+
+
+class LlpEditor(Editor):
+    name = "llp"
+    config_class = LlpConfig
+
+    def __init__(self, host: ModelHost, config: LlpConfig | None = None) -> None:
+        super().__init__(host, config)
+        cfg, model, layout = self.config, host.model, host.profile.layout
+        self.retrieval, self.z = default_layers(host.num_layers, cfg)
+        if cfg.n_values < 1 or cfg.top_k < 1 or not 0 < cfg.vote_fraction <= 1:
+            raise EditorError("llp: n_values and top_k must be >= 1 and vote_fraction in (0, 1]")
+        self.upper = list(range(self.z, host.num_layers))
+        self.layer_paths = [layout.path("layer", i) for i in range(host.num_layers)]
+        self.attn_paths = [f"{self.layer_paths[i]}.self_attn" for i in self.upper]
+        self.attentions = [resolve_module(model, p) for p in self.attn_paths]
+        check_supported(model, self.attentions[0])
+        parent = resolve_module(model, layout.layers.rsplit(".", 1)[0])
+        self.rotary = getattr(parent, "rotary_emb", None)
+        if self.rotary is None:
+            raise UnsupportedModelError(f"llp: {type(parent).__name__} has no rotary_emb module")
+        self.runner = PrefixRunner(
+            model, [resolve_module(model, self.layer_paths[i]) for i in self.upper], self.attentions, self.attn_paths, self.rotary
+        )
+        device, d = host.device, model.config.hidden_size
+        attn = self.attentions[0]
+        n_kv = attn.k_proj.out_features // attn.head_dim
+        nr, nz, b = len(self.retrieval), len(self.upper), cfg.n_values
+        self.keys = torch.empty(0, nr, d, device=device)  # (N, |R|, D) raw (centred when configured)
+        self.values = torch.empty(0, b, d, device=device)  # (N, b, D)
+        self.prefix_keys = torch.empty(0, nz, b, n_kv, attn.head_dim, device=device)  # pre-RoPE
+        self.prefix_values = torch.empty(0, nz, b, n_kv, attn.head_dim, device=device)
+        self.center = torch.zeros(nr, d, device=device)  # background mean per retrieval layer
+        self.row_ids: list[str] = []
+        self.meta: dict[str, dict[str, Any]] = {}  # per edit: prefixes used, steps, loss
+        self.prefixes: list[str] = []  # generated once (lazily), persisted
+        self._unit_keys = torch.empty(nr, 0, d, device=device)  # (|R|, N, D) normalised, for serving
+        self._train_injection: _Injection | None = None
+        self._training = False
+
+    # ----- augmentation ----------------------------------------------------------------
+    def ensure_prefixes(self) -> list[str]:
+        cfg = self.config
+        if not self.prefixes and (cfg.n_prefixes > 0 or cfg.center):
+            self.prefixes = generate_prefixes(self.host, cfg.prefix_pool, cfg.prefix_tokens, cfg.seed)
+            if cfg.center:
+                self.center = self._background_mean(self.prefixes)
+        return self.prefixes
+
+    def _background_mean(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean state of each retrieval layer over the texts' tokens (first token excluded)."""
+        states = self._retrieval_states(list(texts))
+        mask = states["attention_mask"].bool().clone()
+        mask[:, 0] = False  # the first token is an attention sink with an outlying state
+        stacked = states["states"]  # (|R|, B, T, D)
+        weights = mask[None, :, :, None].float()
+        return (stacked * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1)
+
+    def variants(self, edit_id: str, prompt: str) -> tuple[list[str], list[int]]:
+        """The bare prompt plus `n_prefixes` prefixed copies chosen for this edit."""
+        cfg = self.config
+        pool = self.ensure_prefixes()
+        if cfg.n_prefixes == 0 or not pool:
+            return [prompt], []
+        chosen = random.Random(f"{cfg.seed}/{edit_id}").sample(range(len(pool)), min(cfg.n_prefixes, len(pool)))
+        return [prompt] + [with_prefix(pool[i], prompt) for i in chosen], chosen
+
+    # ----- retrieval states ------------------------------------------------------------------
+    def _capture_specs(self, sink: dict[int, torch.Tensor]) -> list[HookSpec]:
+        def grab(index: int):
+            def hook(module, args, output):
+                sink[index] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        return [HookSpec(self.layer_paths[layer], grab(i)) for i, layer in enumerate(self.retrieval)]
+
+    @torch.no_grad()
+    def _retrieval_states(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Layer outputs at R for right-padded prompts, running only layers 0..max(R)."""
+        host = self.host
+        encoded = [host.encode(host.format_prompt(p)) for p in prompts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, tokens in enumerate(encoded):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            attention[row, : len(tokens)] = 1
+        ids, attention = ids.to(host.device), attention.to(host.device)
+        sink: dict[int, torch.Tensor] = {}
+        run_until(host, self.layer_paths[max(self.retrieval)], ids, attention, self._capture_specs(sink))
+        states = torch.stack([sink[i] for i in range(len(self.retrieval))]).float()  # (|R|, B, T, D)
+        return {"states": states, "attention_mask": attention, "lengths": torch.tensor([len(e) for e in encoded])}
+
+    def _subject_states(
+        self, states: torch.Tensor, prompts: list[str], subject: str | None, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|R|, P, D) last-subject-token states of the variants; (|R|, C, D) the bare prompt's other tokens."""
+        device = states.device
+        index = torch.tensor([last_subject_token(self.host, p, subject) for p in prompts], device=device)
+        queries = states[:, torch.arange(len(prompts), device=device), index]
+        own = int(prompt_mask[0].sum())
+        context = [t for t in range(1, own) if t != int(index[0])]
+        return queries, states[:, 0, context]
+
+    def key_queries(self, edit_id: str, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Key inputs from the prompts alone (layers 0..max(R) only); used by calibration."""
+        prompts, chosen = self.variants(edit_id, request.prompt)
+        got = self._retrieval_states(prompts)
+        states = got["states"] - self.center[:, None, None]
+        queries, context = self._subject_states(states, prompts, request.subject, got["attention_mask"].bool())
+        return queries, context, chosen
+
+    # ----- computing an edit -----------------------------------------------------------------
+    def _apply(self, edit_id: str, request: EditRequest) -> None:
+        prompts, chosen = self.variants(edit_id, request.prompt)
+        # One run of the frozen model gives both the retrieval-layer states (keys; causal,
+        # so the target tokens do not touch the prompt positions) and the stream entering
+        # z (values); layers below z are not run again during the optimisation.
+        batch = teacher_forced_batch(self.host, [(p, request.target) for p in prompts])
+        sink: dict[int, torch.Tensor] = {}
+        stack = UpperStack(self.host, self.z, batch.input_ids, batch.attention_mask, self._capture_specs(sink))
+        states = torch.stack([sink[i] for i in range(len(self.retrieval))]).float() - self.center[:, None, None]
+        queries, context = self._subject_states(states, prompts, request.subject, batch.prompt_mask)
+        key = self.train_key(queries, context)  # (|R|, D)
+        value, steps, loss = self.train_value(stack, batch)
+        with torch.no_grad():
+            pk, pv = self.runner(value[None].to(self.host.model.dtype))
+        self.keys = torch.cat([self.keys, key[None]])
+        self.values = torch.cat([self.values, value[None]])
+        self.prefix_keys = torch.cat([self.prefix_keys, pk.float()])
+        self.prefix_values = torch.cat([self.prefix_values, pv.float()])
+        self.row_ids.append(edit_id)
+        self.meta[edit_id] = {"prefixes": chosen, "steps": steps, "loss": round(loss, 5)}
+        self._refresh()
+        logger.bind(edit_id=edit_id).debug("llp: value trained in {} steps, loss {:.4f}", steps, loss)
+
+    def append_key(self, edit_id: str, key: torch.Tensor) -> None:
+        """Add a key row only (used by calibration, which needs no values)."""
+        self.keys = torch.cat([self.keys, key[None]])
+        self.row_ids.append(edit_id)
+        self._refresh()
+
+    def train_key(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """InfoNCE per retrieval layer: close to the subject queries, away from other keys."""
+        cfg = self.config
+        init = queries.mean(1)  # (|R|, D)
+        negatives = []
+        if len(self.row_ids) and cfg.key_negatives > 0:
+            n = len(self.row_ids)
+            sample = torch.randperm(n, generator=torch.Generator().manual_seed(n))[: cfg.key_negatives]
+            negatives.append(self.keys[sample.to(self.keys.device)].transpose(0, 1))  # (|R|, M, D)
+        if cfg.context_negatives and context.shape[1]:
+            negatives.append(context)
+        if not negatives or cfg.key_steps == 0:
+            return init
+        negative = F.normalize(torch.cat(negatives, dim=1), dim=-1)  # (|R|, M, D)
+        anchors = F.normalize(queries, dim=-1)  # (|R|, P, D)
+        # key = init + rms(init) * delta: `key_lr` is a step relative to the state's scale.
+        scale = init.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+        delta = torch.nn.Parameter(torch.zeros_like(init))
+        optimiser = torch.optim.Adam([delta], lr=cfg.key_lr)
+        with torch.enable_grad():
+            for _ in range(cfg.key_steps):
+                unit = F.normalize(init + scale * delta, dim=-1)
+                positive = torch.einsum("lpd,ld->lp", anchors, unit)  # (|R|, P)
+                push = torch.einsum("lmd,ld->lm", negative, unit)  # (|R|, M)
+                logits = torch.cat([positive[..., None], push[:, None].expand(-1, positive.shape[1], -1)], -1)
+                loss = F.cross_entropy(logits.flatten(0, 1) / cfg.key_temperature, torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=logits.device))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        return (init + scale * delta.detach()).float()
+
+    def train_value(self, stack: UpperStack, batch: TeacherForcedBatch) -> tuple[torch.Tensor, int, float]:
+        """Optimise the b vectors entering layer z (rows: prompt variants + target)."""
+        cfg, host = self.config, self.host
+        b = cfg.n_values
+        end = int(batch.attention_mask[0].sum())  # row 0 is the bare prompt + target
+        init = stack.hidden[0, max(0, end - b) : end].float()
+        if init.shape[0] < b:
+            init = torch.cat([init[:1].expand(b - init.shape[0], -1), init])
+        # Optimise a scale-free offset: value = init + rms(init) * delta, so `value_lr` is a
+        # step relative to the stream's own scale (hidden-state norms vary a lot across models).
+        scale = init.pow(2).mean().sqrt().clamp(min=1e-6)
+        delta = torch.nn.Parameter(torch.zeros_like(init))
+        init_norm = init.norm().clamp(min=1e-6)
+        rows = batch.input_ids.shape[0]
+        optimiser = torch.optim.Adam([delta], lr=cfg.value_lr)
+        dtype = host.model.dtype
+        nll = torch.tensor(float("inf"))
+        steps = 0
+        self._training = True
+        try:
+            with torch.enable_grad(), hooked(host.model, self._inject_specs()):
+                for steps in range(1, cfg.value_steps + 1):
+                    self._train_injection = None  # the prefix run itself gets no prefix
+                    value = init + scale * delta
+                    pk, pv = self.runner(value[None].to(dtype))
+                    self._train_injection = _Injection(
+                        rows=torch.arange(rows, device=host.device),
+                        keys=pk.expand(rows, *pk.shape[1:]),
+                        values=pv.expand(rows, *pv.shape[1:]),
+                        p_first=torch.zeros(rows, dtype=torch.long, device=host.device),
+                    )
+                    logits = stack.logits_at(stack.final_hidden(), batch.rows, batch.positions)
+                    nll = F.cross_entropy(logits.float(), batch.labels)
+                    if nll.item() < cfg.value_stop_loss or steps == cfg.value_steps:
+                        break
+                    loss = nll + cfg.value_weight_decay * value.norm() / init_norm
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+        finally:
+            self._training = False
+            self._train_injection = None
+        return (init + scale * delta).detach().float(), steps, float(nll.item())
+
+    def _revert(self, edit_id: str) -> None:
+        row = self.row_ids.index(edit_id)
+        keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.keys.device)
+        self.keys, self.values = self.keys[keep], self.values[keep]
+        self.prefix_keys, self.prefix_values = self.prefix_keys[keep], self.prefix_values[keep]
+        del self.row_ids[row]
+        self.meta.pop(edit_id, None)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._unit_keys = F.normalize(self.keys.transpose(0, 1), dim=-1).contiguous()  # (|R|, N, D)
+
+    # ----- serving: retrieval ------------------------------------------------------------------
+    def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(|R|, B, T, D) states -> (|R|, B, N): each key's max cosine over each row's prompt tokens."""
+        nr, batch, seq, d = states.shape
+        unit = F.normalize(states.float() - self.center[:, None, None], dim=-1)
+        sims = torch.bmm(unit.view(nr, batch * seq, d), self._unit_keys.transpose(1, 2)).view(nr, batch, seq, -1)
+        sims = sims.masked_fill(~prompt_mask[None, :, :, None], float("-inf"))
+        return sims.amax(dim=2)
+
+    def vote(self, maxsims: torch.Tensor, similarity: float | None = None, vote_fraction: float | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(|R|, B, N) -> per row (best key, its votes, hit)."""
+        cfg = self.config
+        tau = cfg.similarity if similarity is None else similarity
+        fraction = cfg.vote_fraction if vote_fraction is None else vote_fraction
+        nr, batch, n = maxsims.shape
+        k = min(cfg.top_k, n)
+        top, index = maxsims.topk(k, dim=-1)  # (|R|, B, k)
+        ok = (top > tau).float()
+        flat_index = index.permute(1, 0, 2).reshape(batch, nr * k)
+        votes = torch.zeros(batch, n, device=maxsims.device).scatter_add_(1, flat_index, ok.permute(1, 0, 2).reshape(batch, -1))
+        total = torch.zeros(batch, n, device=maxsims.device).scatter_add_(
+            1, flat_index, (top.clamp(min=-1) * ok).permute(1, 0, 2).reshape(batch, -1)
+        )
+        best = (votes * 4 + total / nr).argmax(dim=1)  # most votes, then the highest similarity
+        best_votes = votes.gather(1, best[:, None]).squeeze(1)
+        need = max(1, math.ceil(fraction * nr - 1e-9))
+        return best, best_votes, best_votes >= need
+
+    def _hook_specs(self) -> list[HookSpec]:
+        last = len(self.retrieval) - 1
+        specs = [
+            HookSpec(self.layer_paths[layer], self._retrieval_hook(i, i == last), "forward", with_kwargs=True)
+            for i, layer in enumerate(self.retrieval)
+        ]
+        return specs + self._inject_specs()
+
+    def _retrieval_hook(self, index: int, last: bool):
+        def hook(module, args, kwargs, output):
+            routing = self.routing()
+            decision = routing.decisions.get(self.name)
+            if decision is None:
+                decision = routing.decisions[self.name] = {"states": {}, "injection": None, "done": False}
+            if decision["done"]:
+                return None  # a decode step: the prefill decided
+            hidden = output[0] if isinstance(output, tuple) else output
+            decision["states"][index] = hidden
+            if last:
+                self._decide(routing, decision, kwargs.get("position_ids"))
+            return None
+
+        return hook
+
+    @torch.no_grad()
+    def _decide(self, routing, decision: dict[str, Any], position_ids: torch.Tensor | None) -> None:
+        states = torch.stack([decision.pop("states")[i] for i in range(len(self.retrieval))])
+        _, batch, seq, _ = states.shape
+        device = states.device
+        mask = routing.mask_for(batch, seq, device)
+        best, _, hit = self.vote(self.layer_similarities(states, mask))
+        decision["done"] = True
+        rows = hit.nonzero().squeeze(1)
+        if not len(rows):
+            return
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device)[None]
+        position_ids = position_ids.expand(batch, seq)
+        first = mask.int().argmax(dim=1)  # first prompt token of each row
+        p_first = position_ids[torch.arange(batch, device=device), first]
+        edits = best[rows]
+        decision["injection"] = _Injection(
+            rows=rows,
+            keys=self.prefix_keys[edits],
+            values=self.prefix_values[edits],
+            p_first=p_first[rows],
+        )
+
+    # ----- serving: injection at layers >= z ---------------------------------------------------
+    def _current(self) -> _Injection | None:
+        if self._training:
+            return self._train_injection
+        decision = self.routing().decisions.get(self.name)
+        return decision["injection"] if decision else None
+
+    def _inject_specs(self) -> list[HookSpec]:
+        specs = []
+        for j, path in enumerate(self.attn_paths):
+            specs += [
+                HookSpec(path, self._attn_pre, "forward_pre", with_kwargs=True),
+                HookSpec(f"{path}.q_proj", self._stash("q")),
+                HookSpec(f"{path}.k_proj", self._stash("k")),
+                HookSpec(f"{path}.o_proj", self._merge_hook(j), "forward_pre"),
+            ]
+        return specs
+
+    def _attn_pre(self, module, args, kwargs):
+        injection = self._current()
+        if injection is not None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            injection.stash = {
+                "embeddings": kwargs.get("position_embeddings"),
+                "mask": kwargs.get("attention_mask"),
+                "cache": kwargs.get("past_key_values"),
+                "shape": hidden.shape[:2],
+            }
+        return None
+
+    def _stash(self, part: str):
+        def hook(module, args, output):
+            injection = self._current()
+            if injection is not None:
+                injection.stash[part] = output
+            return None
+
+        return hook
+
+    def _merge_hook(self, j: int):
+        attention = self.attentions[j]
+
+        def hook(module, args):
+            injection = self._current()
+            if injection is None:
+                return None
+            stash, rows = injection.stash, injection.rows
+            o_in = args[0]
+            bh, tq = len(rows), o_in.shape[1]
+            hd = attention.head_dim
+            cos, sin = stash["embeddings"]
+            if cos.shape[0] > 1:
+                cos, sin = cos[rows], sin[rows]
+            q = rope(stash["q"][rows].view(bh, tq, -1, hd).transpose(1, 2), cos, sin)
+            keys = None
+            if stash["cache"] is not None:
+                keys = cache_keys(stash["cache"], attention.layer_idx)
+                if keys is None:
+                    raise UnsupportedModelError(f"llp: cannot read keys from {type(stash['cache']).__name__}")
+                keys = keys[rows]
+            else:
+                keys = rope(stash["k"][rows].view(bh, tq, -1, hd).transpose(1, 2), cos, sin)
+            mask = stash["mask"]
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[rows]
+            if injection.roped is None:
+                injection.roped = rope_prefix(self.rotary, injection.keys, injection.p_first)
+            prefix_values = injection.values[:, j].transpose(1, 2)  # (Bh, n_kv, b, hd)
+            merged = merge_prefix(
+                o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling
+            )
+            return (o_in.index_copy(0, rows, merged),)
+
+        return hook
+
+    # ----- persistence ------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "keys": self.keys,
+            "values": self.values,
+            "prefix_keys": self.prefix_keys,
+            "prefix_values": self.prefix_values,
+            "center": self.center,
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "retrieval_layers": self.retrieval,
+            "injection_layer": self.z,
+            "row_ids": self.row_ids,
+            "meta": self.meta,
+            "prefixes": self.prefixes,
+        }
+
+    def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        if extra.get("retrieval_layers") != self.retrieval or extra.get("injection_layer") != self.z:
+            raise EditorError("llp: saved layers differ from this configuration's")
+        if sorted(extra.get("row_ids", [])) != sorted(r.edit_id for r in requests):
+            raise EditorError("llp: saved rows do not match the saved edits")
+        names = ("keys", "values", "prefix_keys", "prefix_values")
+        loaded = {name: tensors[name].float() for name in names}
+        n = len(extra["row_ids"])
+        if any(t.shape[0] != n for t in loaded.values()) or loaded["prefix_keys"].shape[1:] != self.prefix_keys.shape[1:]:
+            raise EditorError("llp: saved tensors do not match the saved rows / model")
+        self.keys, self.values = loaded["keys"], loaded["values"]
+        self.prefix_keys, self.prefix_values = loaded["prefix_keys"], loaded["prefix_values"]
+        self.center = tensors["center"].float()
+        self.row_ids = list(extra["row_ids"])
+        self.meta = dict(extra.get("meta", {}))
+        self.prefixes = list(extra.get("prefixes", []))
+        self._refresh()
+
+    # ----- calibration (kmd calibrate --backend llp) ----------------------------------------
+    @classmethod
+    def calibrate(cls, host: ModelHost, records: Sequence[Any], **options: Any) -> dict[str, Any]:
+        from kmd.editors.llp.calibration import calibrate
+
+        return calibrate(cls, host, records, **options)
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_until(host: ModelHost, path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[HookSpec]) -> None:
+    """Run the model with `specs` installed, stopping after the module at `path`."""
+
+    def stop(module, args, output):
+        raise _Stop
+
+    try:
+        with hooked(host.model, [*specs, HookSpec(path, stop)]):
+            host.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass

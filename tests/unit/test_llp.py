@@ -1,0 +1,210 @@
+"""LLP-specific checks on the tiny random Llama (fast; the embedded model is marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kmd.editors.batching import left_padded, teacher_forced_batch
+from kmd.editors.hooks import resolve_module
+from kmd.editors.llp import LlpConfig, LlpEditor
+from kmd.editors.llp.editor import last_subject_token
+from kmd.editors.protocol import EditRequest
+from kmd.editors.scoring import generate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: a second thread only adds synchronisation (and is slow on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def literal_prepend_logits(editor: LlpEditor, input_ids, attention_mask, value: torch.Tensor) -> torch.Tensor:
+    """Reference: really prepend `value` (b, D) to the stream entering z, for every row."""
+    host, z = editor.host, editor.z
+    model = host.model
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+    from kmd.editors.hooks import HookSpec, hooked
+
+    spec = HookSpec(editor.layer_paths[z], grab, "forward_pre", with_kwargs=True)
+    with torch.no_grad(), editor.suspended(), hooked(model, [spec]):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    h = captured["h"]
+    batch, seq, _ = h.shape
+    b = value.shape[0]
+    h = torch.cat([value[None].expand(batch, b, -1).to(h.dtype), h], dim=1)
+    # positions: the b vectors just before each row's first real token (right padding: 0)
+    positions = (torch.arange(seq + b) - b)[None].expand(batch, -1)
+    embeddings = editor.rotary(h, positions)
+    keep = torch.cat([torch.ones(batch, b, dtype=torch.bool), attention_mask.bool()], dim=1)  # (B, b+T)
+    causal = torch.ones(seq + b, seq + b, dtype=torch.bool).tril()
+    mask = causal[None, None] & keep[:, None, None, :]
+    with torch.no_grad(), editor.suspended():
+        for index in editor.upper:
+            layer = resolve_module(model, editor.layer_paths[index])
+            out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
+            h = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(model.model.norm(h[:, b:]))
+
+
+def fresh(tiny_host, **options) -> LlpEditor:
+    return LlpEditor(tiny_host, LlpEditor.default_config(tiny_host, **options))
+
+
+def install_value(editor: LlpEditor, value: torch.Tensor, key: torch.Tensor | None = None) -> str:
+    """Store an edit row directly (no training) so tests control the value exactly."""
+    with torch.no_grad():
+        pk, pv = editor.runner(value[None])
+    editor.keys = torch.cat([editor.keys, (key if key is not None else torch.randn(len(editor.retrieval), editor.keys.shape[-1]))[None]])
+    editor.values = torch.cat([editor.values, value[None]])
+    editor.prefix_keys = torch.cat([editor.prefix_keys, pk])
+    editor.prefix_values = torch.cat([editor.prefix_values, pv])
+    edit_id = f"manual-{len(editor.row_ids)}"
+    editor.row_ids.append(edit_id)
+    editor._requests[edit_id] = EditRequest(prompt="x", target="y", edit_id=edit_id)
+    editor._refresh()
+    editor._sync_hooks()
+    return edit_id
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_serving_merge_equals_literal_prepending(tiny_host, b):
+    editor = fresh(tiny_host, n_values=b, similarity=-1.0)  # every row retrieves the one edit
+    torch.manual_seed(0)
+    value = torch.randn(b, tiny_host.model.config.hidden_size) * 2
+    install_value(editor, value)
+    batch = teacher_forced_batch(tiny_host, [("the capital of France is", "Berlin"), ("who wrote the book ?", "Alice Bob")])
+    expected = literal_prepend_logits(editor, batch.input_ids, batch.attention_mask, value)
+    with torch.no_grad(), editor.query(batch.prompt_mask):
+        got = tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), editor.suspended():
+        base = tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.allclose(got[real], base[real], atol=1e-3)
+
+
+def subject_key(editor: LlpEditor, prompt: str, subject: str) -> torch.Tensor:
+    """(|R|, D): the retrieval-layer states at the subject's last token (what a key starts from)."""
+    got = editor._retrieval_states([prompt])
+    index = last_subject_token(editor.host, prompt, subject)
+    return got["states"][:, 0, index]
+
+
+def test_last_subject_token_uses_offsets_and_falls_back(tiny_host):
+    tokens = tiny_host.tokenizer.convert_ids_to_tokens(tiny_host.encode("the capital of France is"))
+    assert tokens[last_subject_token(tiny_host, "the capital of France is", "France")].endswith("France")
+    assert last_subject_token(tiny_host, "the capital of France is", "france") == 3  # case-insensitive
+    assert last_subject_token(tiny_host, "the capital of France is", "Spain") == len(tokens) - 1
+    assert last_subject_token(tiny_host, "the capital of France is", None) == len(tokens) - 1
+
+
+def test_vote_needs_a_share_of_layers_and_breaks_ties_by_similarity(tiny_host):
+    editor = fresh(tiny_host, retrieval_layers=[0, 1], injection_layer=2, similarity=0.5, vote_fraction=1.0, top_k=2)
+    # (|R|=2, B=3, N=3) max similarities
+    sims = torch.tensor(
+        [
+            [[0.9, 0.6, 0.1], [0.6, 0.2, 0.1], [0.9, 0.1, 0.1]],
+            [[0.8, 0.7, 0.1], [0.3, 0.2, 0.1], [0.1, 0.1, 0.95]],
+        ]
+    )
+    best, votes, hit = editor.vote(sims)
+    assert best.tolist() == [0, 0, 2]  # row 0: keys 0 and 1 tie on votes, key 0 is more similar
+    assert votes.tolist() == [2.0, 1.0, 1.0]
+    assert hit.tolist() == [True, False, False]  # row 1: one vote of two; row 2: split votes
+    _, _, hit = editor.vote(sims, vote_fraction=0.5)
+    assert hit.tolist() == [True, True, True]
+    best, votes, _ = editor.vote(torch.tensor([[[0.6, 0.95]], [[0.9, 0.6]]]), vote_fraction=0.5)
+    assert best.tolist() == [1] and votes.tolist() == [2.0]  # two votes each: the higher total similarity wins
+
+
+def test_routing_is_per_row_and_ignores_answer_tokens(tiny_host):
+    editor = fresh(tiny_host, similarity=0.9)
+    torch.manual_seed(1)
+    value = torch.randn(editor.config.n_values, tiny_host.model.config.hidden_size) * 3
+    install_value(editor, value, subject_key(editor, "the capital of France is", "France"))
+    pairs = [
+        ("the capital of France is", "Berlin"),  # the edit's prompt: retrieves
+        ("who wrote the book ?", "France France"),  # the subject only in the answer: must not
+        ("the dog and the cat", "sun"),
+    ]
+    batch = teacher_forced_batch(tiny_host, pairs)
+    with torch.no_grad():
+        with editor.suspended():
+            base = tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with editor.query(batch.prompt_mask) as routing:
+            edited = tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert routing.decisions["llp"]["injection"].rows.tolist() == [0]
+    assert torch.equal(edited[1:], base[1:])
+    assert not torch.equal(edited[0], base[0])
+
+
+def greedy_without_cache(editor: LlpEditor, prompts: list[str], steps: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Recompute the whole sequence at every step (no KV cache), prompt tokens marked as such."""
+    host = editor.host
+    ids, attention = left_padded(host, prompts)
+    prompt_mask = attention.bool()
+    out: list[list[int]] = [[] for _ in prompts]
+    last = None
+    for _ in range(steps):
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), editor.query(prompt_mask):
+            logits = host.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
+        last = logits[:, -1]
+        token = last.argmax(-1)
+        for row, t in enumerate(token.tolist()):
+            out[row].append(t)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        attention = torch.cat([attention, torch.ones_like(token[:, None])], dim=1)
+        prompt_mask = torch.cat([prompt_mask, torch.zeros_like(token[:, None], dtype=torch.bool)], dim=1)
+    return out, last
+
+
+def test_kv_cache_generation_equals_recomputation(tiny_host):
+    editor = fresh(tiny_host, similarity=0.9)
+    torch.manual_seed(2)
+    value = torch.randn(editor.config.n_values, tiny_host.model.config.hidden_size) * 3
+    install_value(editor, value, subject_key(editor, "the capital of France is", "France"))
+    prompts = ["the capital of France is", "who wrote the book ?", "Bob speaks the language of Japan"]
+    cached = generate(tiny_host, editor, prompts, max_new_tokens=6)
+    recomputed, _ = greedy_without_cache(editor, prompts, 6)
+    assert cached == recomputed
+    with editor.suspended():
+        base = generate(tiny_host, None, prompts, max_new_tokens=6)
+    assert cached[0] != base[0] and cached[1:] == base[1:]
+
+
+def test_apply_revert_and_restore_round_trip(tiny_host, tmp_path):
+    editor = fresh(tiny_host)
+    first = editor.apply(EditRequest(prompt="the capital of France is", target="Berlin", subject="France"))
+    second = editor.apply(EditRequest(prompt="Bob speaks the language of Japan", target="Italy", subject="Bob"))
+    assert editor.keys.shape[:2] == (2, len(editor.retrieval))
+    assert editor.prefix_keys.shape[:3] == (2, len(editor.upper), editor.config.n_values)
+    assert set(editor.meta) == {first, second} and len(editor.prefixes) == editor.config.prefix_pool
+    path = editor.save(tmp_path / "state")
+    with editor.suspended():
+        loaded = LlpEditor.load(path, tiny_host)
+        assert loaded.prefixes == editor.prefixes and loaded.meta == editor.meta
+        assert torch.equal(loaded.keys, editor.keys) and torch.equal(loaded.prefix_values, editor.prefix_values)
+        loaded._detach()
+    editor.revert(first)
+    assert editor.row_ids == [second] and editor.keys.shape[0] == 1
+
+
+def test_layer_defaults_follow_depth_and_reject_bad_choices(tiny_host):
+    from kmd.editors.llp.editor import default_layers
+    from kmd.editors.protocol import EditorError
+
+    assert default_layers(32, LlpConfig()) == (list(range(8)), 8)
+    assert default_layers(30, LlpConfig()) == (list(range(8)), 8)
+    assert default_layers(4, LlpConfig()) == ([0], 1)
+    assert default_layers(32, LlpConfig(retrieval_layers=[0, 2], injection_layer=10)) == ([0, 2], 10)
+    with pytest.raises(EditorError):
+        default_layers(32, LlpConfig(retrieval_layers=[0, 9], injection_layer=8))
