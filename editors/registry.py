@@ -20,6 +20,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _BACKENDS: dict[str, str | type] = {
     "grace": "kmd.editors.grace:GraceEditor",
     "llp": "kmd.editors.llp:LlpEditor",
+    "memoir": "kmd.editors.memoir:MemoirEditor",
 }
 
 

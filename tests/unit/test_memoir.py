@@ -1,0 +1,207 @@
+"""MEMOIR-specific behaviour on the tiny random Llama (fast; the embedded-model checks are slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kmd.editors.batching import left_padded, teacher_forced_batch
+from kmd.editors.memoir import MemoirEditor
+from kmd.editors.memoir.editor import background_passages
+from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.scoring import generate, score_targets
+
+EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
+OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice")
+THIRD = EditRequest(prompt="Bob speaks the language of Japan", target="cherry", subject="Bob")
+UNRELATED = "who wrote the book ?"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation (badly so on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(host, **overrides) -> MemoirEditor:
+    # tau 0.8: on the tiny random model unrelated probes overlap the edits' masks by <= 0.6.
+    overrides = {"n_prefixes": 2, "prefix_tokens": 4, "tau": 0.8} | overrides
+    return MemoirEditor(host, MemoirEditor.default_config(host, **overrides))
+
+
+def accuracy(host, editor, request) -> float:
+    return score_targets(host, editor, [(request.prompt, request.target)])[0].accuracy
+
+
+def test_config_and_layer_choice(tiny_host):
+    editor = make(tiny_host)
+    assert editor.layer == 2  # 0.85 of 4 layers, at most the last-but-one
+    assert editor.k == round(0.29 * 128)
+    assert make(tiny_host, k=16).k == 16
+    with pytest.raises(EditorError, match="layer"):
+        make(tiny_host, layer=3)
+    with pytest.raises(EditorError, match="tau"):
+        make(tiny_host, tau=0.0)
+
+
+def test_no_statistics_no_hooks_until_the_first_edit(tiny_host):
+    editor = make(tiny_host)
+    assert editor.permutation is None and editor._handle is None
+    editor.apply(EDIT)
+    assert sorted(editor.permutation.tolist()) == list(range(editor.d_ff))
+    assert editor.bg_mean.shape == (editor.d_ff,)
+    assert len(editor.prefixes) == 2 and all(isinstance(p, str) and p for p in editor.prefixes)
+    assert len(background_passages()) >= 50
+
+
+def test_retrieval_is_per_row_and_from_prompt_tokens_only(tiny_host):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    # Row 0: the edited prompt with its target. Row 1: the same prompt with another answer.
+    # Row 2: an unrelated prompt whose *answer* is the edited prompt's text.
+    pairs = [(EDIT.prompt, EDIT.target), (EDIT.prompt, "Madrid"), (UNRELATED, EDIT.prompt)]
+    batch = teacher_forced_batch(tiny_host, pairs)
+    with torch.no_grad(), editor.query(batch.prompt_mask) as routing:
+        edited = tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    decision = routing.decisions["memoir"]
+    assert decision["rows"].tolist() == [0, 1]  # the answer tokens of row 2 were not looked at
+    assert decision["score"][0] == 1.0 and decision["score"][1] == 1.0
+    with torch.no_grad():
+        base = tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert torch.equal(edited[2], base[2])
+    assert not torch.equal(edited[0], base[0])
+
+
+def test_answer_tokens_do_not_change_the_decision(tiny_host):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    scores = []
+    for answer in ("Berlin", "the dog and the cat and the bird", EDIT.prompt):
+        batch = teacher_forced_batch(tiny_host, [(UNRELATED, answer)])
+        with torch.no_grad(), editor.query(batch.prompt_mask) as routing:
+            tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        scores.append(float(routing.decisions["memoir"]["score"][0]))
+    assert scores[0] == scores[1] == scores[2]
+
+
+def test_below_tau_the_row_is_the_base_model(tiny_host):
+    editor = make(tiny_host, tau=1.0)  # only an exact mask match retrieves
+    editor.apply(EDIT)
+    assert accuracy(tiny_host, editor, EDIT) == 1.0
+    ids, attention = left_padded(tiny_host, [UNRELATED, "the dog and the cat"])
+    with torch.no_grad():
+        base = tiny_host.model(input_ids=ids, attention_mask=attention).logits
+        with editor.query(attention.bool()):
+            edited = tiny_host.model(input_ids=ids, attention_mask=attention).logits
+    assert torch.equal(edited, base)
+
+
+def test_generation_with_cache_matches_full_recomputation(tiny_host):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    cached = generate(tiny_host, editor, [EDIT.prompt], 4)[0]
+    ids, _ = left_padded(tiny_host, [EDIT.prompt])
+    prompt_len = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(len(cached)):  # no cache: the whole sequence again, prompt marked as such
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[:, :prompt_len] = True
+            with editor.query(mask):
+                logits = tiny_host.model(input_ids=ids).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert ids[0, prompt_len:].tolist() == cached
+
+
+def _overlapping(host) -> MemoirEditor:
+    # k = 0.8 of d_ff: any two masks share at least 60 % of their columns.
+    editor = make(host, k=0.8, tau=0.99)
+    return editor
+
+
+def test_revert_removes_exactly_what_the_edit_wrote(tiny_host):
+    editor = _overlapping(tiny_host)
+    editor.apply(EDIT)
+    after_first = editor.memory.clone()
+    second = editor.apply(OTHER)
+    shared = set(editor.masks[0].tolist()) & set(editor.masks[1].tolist())
+    assert len(shared) >= 0.6 * editor.d_ff
+    assert not torch.equal(editor.memory, after_first)
+    editor.revert(second)
+    assert torch.equal(editor.memory, after_first)  # bit for bit: as if OTHER had never been applied
+    assert accuracy(tiny_host, editor, EDIT) == 1.0
+
+
+def test_revert_in_the_middle_leaves_the_fold_of_the_others(tiny_host):
+    editor = _overlapping(tiny_host)
+    ids = [editor.apply(r) for r in (EDIT, OTHER, THIRD)]
+    deltas = {i: d.clone() for i, d in zip(ids, editor.deltas, strict=True)}
+    masks = {i: m.clone() for i, m in zip(ids, editor.masks, strict=True)}
+    editor.revert(ids[0])
+    expected = torch.zeros_like(editor.memory)
+    for i in ids[1:]:  # what the remaining recorded deltas give, applied in order
+        expected[masks[i]] = expected[masks[i]] + deltas[i]
+    assert torch.equal(editor.memory, expected)
+    editor.revert(ids[2])
+    assert torch.equal(editor.memory[masks[ids[1]]], deltas[ids[1]])
+    editor.revert(ids[1])
+    assert torch.count_nonzero(editor.memory) == 0 and editor._handle is None
+
+
+def test_save_load_keeps_permutation_background_prefixes_and_memory(tiny_host, tmp_path):
+    editor = _overlapping(tiny_host)
+    first = editor.apply(EDIT)
+    editor.apply(OTHER)
+    editor.revert(first)
+    editor.apply(THIRD)
+    path = editor.save(tmp_path / "state")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["extra"]["prefixes"] == editor.prefixes
+    with editor.suspended():
+        loaded = Editor.load(path, tiny_host)
+        assert isinstance(loaded, MemoirEditor)
+        for name in ("permutation", "bg_mean", "bg_std", "masks"):
+            assert torch.equal(getattr(loaded, name), getattr(editor, name)), name
+        assert loaded.prefixes == editor.prefixes
+        assert torch.equal(loaded.memory, editor.memory)  # rebuilt from the deltas, bit for bit
+        # The loaded editor's masks for new prompts are the same as the original's.
+        feats = editor.prompt_features([UNRELATED, EDIT.prompt])
+        assert torch.equal(loaded.tophash(feats), editor.tophash(feats))
+
+
+def test_restore_refuses_edits_without_statistics(tiny_host):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    tensors = {k: v for k, v in editor.state_tensors().items() if k not in ("permutation", "bg_mean", "bg_std")}
+    fresh = make(tiny_host)
+    with pytest.raises(EditorError, match="permutation"):
+        fresh.restore([editor.request(editor.edit_ids[0])], tensors, editor.extra_state())
+
+
+def test_failed_apply_changes_nothing(tiny_host, monkeypatch):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    memory, masks = editor.memory.clone(), editor.masks.clone()
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda logits, labels: logits.sum() * float("nan"))
+    with pytest.raises(EditorError, match="diverged"):
+        editor.apply(OTHER)
+    monkeypatch.undo()
+    assert torch.equal(editor.memory, memory) and torch.equal(editor.masks, masks)
+    assert len(editor.edit_ids) == len(editor.deltas) == 1
+
+
+def test_calibrate_returns_a_threshold(tiny_host):
+    from kmd.editors.bench.data import EditRecord
+
+    records = [
+        EditRecord("0", EDIT.prompt, "Berlin", "France", ("the capital city of France is",), "the dog and the cat", "x"),
+        EditRecord("1", OTHER.prompt, "banana", "Alice", ("Alice works for a company",), UNRELATED, "x"),
+    ]
+    out = MemoirEditor.calibrate(tiny_host, records, n_prefixes=0)
+    assert 0.0 < out["tau"] <= 1.0
+    assert out["n_records"] == 2 and out["k"] == round(0.29 * 128)
+    assert {"gen_retrieved", "loc_fired"} <= set(out["at_tau"])
