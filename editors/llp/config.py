@@ -11,7 +11,7 @@ class LlpConfig:
     the network, injection layer z = max(R) + 1 (METHODS.md: R = 0..7, z = 8 on 32 layers).
     """
 
-    retrieval_layers: list[int] | None = None  # R; None: 0 .. round(L / 4) - 1
+    retrieval_layers: list | None = None  # R, a list of layer indices; None: 0 .. round(L / 4) - 1
     injection_layer: int | None = None  # z > max(R); None: max(R) + 1
     n_values: int = 4  # b: value vectors prepended at z per edit (paper configs: 1)
 
@@ -19,9 +19,19 @@ class LlpConfig:
     similarity: float = 0.7  # a key gets a vote at a layer when its max cosine over prompt tokens exceeds this
     vote_fraction: float = 0.5  # the winning key needs at least this fraction of |R| votes
     top_k: int = 3  # keys considered per layer
-    center: bool = False  # subtract a per-layer background mean (of the model's own prefix texts) before cosine
+    # Cosines are taken after standardising each retrieval layer's states with a background
+    # mean/std (texts the model generated itself, first token excluded): "zscore"; "center"
+    # subtracts the mean only; "none" uses raw states (the paper). Early-layer states share a
+    # large common direction and a few massive dimensions, which make raw cosines all ~1.
+    normalize: str = "zscore"
+    background_texts: int = 32  # generated once per editor for the statistics
+    background_tokens: int = 24
 
-    # Keys: InfoNCE against the existing keys of each layer.
+    # Keys: start from the subject states (unit-normalised, the bare prompt weighing
+    # `bare_weight`, the prefixed copies the rest; the paper averages all equally), then
+    # InfoNCE against the existing keys of each layer. A subject that opens the bare
+    # prompt sits on the attention-sink position there, far from its prefixed states.
+    bare_weight: float = 0.5
     key_lr: float = 5e-3
     key_steps: int = 32
     key_temperature: float = 0.2

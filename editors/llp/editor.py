@@ -156,6 +156,10 @@ class LlpEditor(Editor):
         self.prefix_keys = torch.empty(0, nz, b, n_kv, attn.head_dim, device=device)  # pre-RoPE
         self.prefix_values = torch.empty(0, nz, b, n_kv, attn.head_dim, device=device)
         self.center = torch.zeros(nr, d, device=device)  # background mean per retrieval layer
+        self.scale = torch.ones(nr, d, device=device)  # background std per retrieval layer
+        self.background_ready = cfg.normalize == "none"
+        if cfg.normalize not in ("none", "center", "zscore"):
+            raise EditorError(f"llp: normalize must be none, center or zscore (got {cfg.normalize!r})")
         self.row_ids: list[str] = []
         self.meta: dict[str, dict[str, Any]] = {}  # per edit: prefixes used, steps, loss
         self.prefixes: list[str] = []  # generated once (lazily), persisted
@@ -166,20 +170,30 @@ class LlpEditor(Editor):
     # ----- augmentation ----------------------------------------------------------------
     def ensure_prefixes(self) -> list[str]:
         cfg = self.config
-        if not self.prefixes and (cfg.n_prefixes > 0 or cfg.center):
+        if not self.prefixes and cfg.n_prefixes > 0:
             self.prefixes = generate_prefixes(self.host, cfg.prefix_pool, cfg.prefix_tokens, cfg.seed)
-            if cfg.center:
-                self.center = self._background_mean(self.prefixes)
         return self.prefixes
 
-    def _background_mean(self, texts: Sequence[str]) -> torch.Tensor:
-        """Mean state of each retrieval layer over the texts' tokens (first token excluded)."""
-        states = self._retrieval_states(list(texts))
-        mask = states["attention_mask"].bool().clone()
+    def ensure_background(self) -> None:
+        """Mean/std of each retrieval layer over texts the model generates (once, seeded)."""
+        cfg = self.config
+        if self.background_ready:
+            return
+        texts = generate_prefixes(self.host, cfg.background_texts, cfg.background_tokens, cfg.seed + 1)
+        got = self._retrieval_states(texts)
+        mask = got["attention_mask"].bool().clone()
         mask[:, 0] = False  # the first token is an attention sink with an outlying state
-        stacked = states["states"]  # (|R|, B, T, D)
-        weights = mask[None, :, :, None].float()
-        return (stacked * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1)
+        tokens = got["states"][:, mask]  # (|R|, K, D)
+        self.center = tokens.mean(1)
+        if cfg.normalize == "zscore":
+            std = tokens.std(1)
+            self.scale = std.clamp(min=1e-3 * float(std.mean()))
+        self.background_ready = True
+
+    def standardize(self, states: torch.Tensor) -> torch.Tensor:
+        """(|R|, ..., D) retrieval-layer states in the space the keys live in."""
+        shape = (len(self.retrieval),) + (1,) * (states.dim() - 2) + (-1,)
+        return (states.float() - self.center.view(shape)) / self.scale.view(shape)
 
     def variants(self, edit_id: str, prompt: str) -> tuple[list[str], list[int]]:
         """The bare prompt plus `n_prefixes` prefixed copies chosen for this edit."""
@@ -231,13 +245,15 @@ class LlpEditor(Editor):
     def key_queries(self, edit_id: str, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Key inputs from the prompts alone (layers 0..max(R) only); used by calibration."""
         prompts, chosen = self.variants(edit_id, request.prompt)
+        self.ensure_background()
         got = self._retrieval_states(prompts)
-        states = got["states"] - self.center[:, None, None]
+        states = self.standardize(got["states"])
         queries, context = self._subject_states(states, prompts, request.subject, got["attention_mask"].bool())
         return queries, context, chosen
 
     # ----- computing an edit -----------------------------------------------------------------
     def _apply(self, edit_id: str, request: EditRequest) -> None:
+        self.ensure_background()
         prompts, chosen = self.variants(edit_id, request.prompt)
         # One run of the frozen model gives both the retrieval-layer states (keys; causal,
         # so the target tokens do not touch the prompt positions) and the stream entering
@@ -245,7 +261,7 @@ class LlpEditor(Editor):
         batch = teacher_forced_batch(self.host, [(p, request.target) for p in prompts])
         sink: dict[int, torch.Tensor] = {}
         stack = UpperStack(self.host, self.z, batch.input_ids, batch.attention_mask, self._capture_specs(sink))
-        states = torch.stack([sink[i] for i in range(len(self.retrieval))]).float() - self.center[:, None, None]
+        states = self.standardize(torch.stack([sink[i] for i in range(len(self.retrieval))]))
         queries, context = self._subject_states(states, prompts, request.subject, batch.prompt_mask)
         key = self.train_key(queries, context)  # (|R|, D)
         value, steps, loss = self.train_value(stack, batch)
@@ -269,7 +285,10 @@ class LlpEditor(Editor):
     def train_key(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """InfoNCE per retrieval layer: close to the subject queries, away from other keys."""
         cfg = self.config
-        init = queries.mean(1)  # (|R|, D)
+        unit_queries = F.normalize(queries, dim=-1)
+        init = unit_queries.mean(1)  # (|R|, D)
+        if queries.shape[1] > 1:  # the bare prompt (row 0) weighs `bare_weight`, the prefixed copies the rest
+            init = cfg.bare_weight * unit_queries[:, 0] + (1 - cfg.bare_weight) * unit_queries[:, 1:].mean(1)
         negatives = []
         if len(self.row_ids) and cfg.key_negatives > 0:
             n = len(self.row_ids)
@@ -357,7 +376,7 @@ class LlpEditor(Editor):
     def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(|R|, B, T, D) states -> (|R|, B, N): each key's max cosine over each row's prompt tokens."""
         nr, batch, seq, d = states.shape
-        unit = F.normalize(states.float() - self.center[:, None, None], dim=-1)
+        unit = F.normalize(self.standardize(states), dim=-1)
         sims = torch.bmm(unit.view(nr, batch * seq, d), self._unit_keys.transpose(1, 2)).view(nr, batch, seq, -1)
         sims = sims.masked_fill(~prompt_mask[None, :, :, None], float("-inf"))
         return sims.amax(dim=2)
@@ -513,6 +532,7 @@ class LlpEditor(Editor):
             "prefix_keys": self.prefix_keys,
             "prefix_values": self.prefix_values,
             "center": self.center,
+            "scale": self.scale,
         }
 
     def extra_state(self) -> dict[str, Any]:
@@ -522,6 +542,7 @@ class LlpEditor(Editor):
             "row_ids": self.row_ids,
             "meta": self.meta,
             "prefixes": self.prefixes,
+            "background_ready": self.background_ready,
         }
 
     def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
@@ -536,7 +557,8 @@ class LlpEditor(Editor):
             raise EditorError("llp: saved tensors do not match the saved rows / model")
         self.keys, self.values = loaded["keys"], loaded["values"]
         self.prefix_keys, self.prefix_values = loaded["prefix_keys"], loaded["prefix_values"]
-        self.center = tensors["center"].float()
+        self.center, self.scale = tensors["center"].float(), tensors["scale"].float()
+        self.background_ready = bool(extra.get("background_ready", self.config.normalize == "none"))
         self.row_ids = list(extra["row_ids"])
         self.meta = dict(extra.get("meta", {}))
         self.prefixes = list(extra.get("prefixes", []))

@@ -93,9 +93,10 @@ def test_serving_merge_equals_literal_prepending(tiny_host, b):
 
 def subject_key(editor: LlpEditor, prompt: str, subject: str) -> torch.Tensor:
     """(|R|, D): the retrieval-layer states at the subject's last token (what a key starts from)."""
+    editor.ensure_background()
     got = editor._retrieval_states([prompt])
     index = last_subject_token(editor.host, prompt, subject)
-    return got["states"][:, 0, index]
+    return editor.standardize(got["states"])[:, 0, index]
 
 
 def test_last_subject_token_uses_offsets_and_falls_back(tiny_host):
