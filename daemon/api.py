@@ -105,8 +105,32 @@ class _StatsCollector:
             yield family
 
 
+def _token_ok(request: Request) -> bool:
+    token = request.app.state.daemon.api_token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+
+
+def _writer(request: Request) -> None:
+    if not request.app.state.daemon.api_token:
+        raise HTTPException(403, "writes are disabled: no API token is configured")
+    if not _token_ok(request):
+        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _reader(request: Request) -> None:
+    if request.app.state.daemon.settings.api.protect_reads and not _token_ok(request):
+        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+# Module level: with postponed annotations FastAPI resolves these names in module globals.
+Read = Annotated[None, Depends(_reader)]
+Write = Annotated[None, Depends(_writer)]
+
+
 def create_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(title="kmd", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.daemon = daemon
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatsCollector(daemon))  # type: ignore[arg-type]
 
@@ -115,29 +139,10 @@ def create_app(daemon: Daemon) -> FastAPI:
         problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return JSONResponse(status_code=422, content={"error": "invalid request", "problems": problems})
 
-    def _token_ok(request: Request) -> bool:
-        token = daemon.api_token
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
-
-    def writer(request: Request) -> None:
-        if not daemon.api_token:
-            raise HTTPException(403, "writes are disabled: no API token is configured")
-        if not _token_ok(request):
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
-    def reader(request: Request) -> None:
-        if daemon.settings.api.protect_reads and not _token_ok(request):
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
     def maintainer():
         if daemon.maintainer is None:
             raise HTTPException(503, "starting: model and state are not loaded yet")
         return daemon.maintainer
-
-    Read = Annotated[None, Depends(reader)]
-    Write = Annotated[None, Depends(writer)]
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -209,8 +209,15 @@ class Maintainer:
             )  # fmt: skip
             edit_id = str(record.id)
             log = logger.bind(edit_id=edit_id)
-            with self.editor.configured(**(self._relation_options(fact) | overrides)):
-                self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
+            try:
+                with self.editor.configured(**(self._relation_options(fact) | overrides)):
+                    self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
+            except Exception as exc:  # the editor keeps nothing from a failed apply
+                log.exception("edit {} could not be applied", edit_id)
+                self.ledger.revert_edit(record.id, reason=f"apply failed: {type(exc).__name__}: {exc}",
+                                        probes_before=None, probes_after=None, actor=self.actor)  # fmt: skip
+                self.stats.errors += 1
+                return "reverted", record.id
             started = time.perf_counter()
             report = self.prober.check(self.editor, self.editor.request(edit_id), earlier)
             self.stats.last_probe_seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ stop the API, exit 0. A SIGKILL at any moment is recovered at the next start.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -186,6 +187,9 @@ class Daemon:
                           args=["edit", self._edit_job], next_run_time=now)  # fmt: skip
         scheduler.add_job(self._guarded, "interval", seconds=sched.regression_interval, id="regression",
                           args=["regression", self._regression_job])  # fmt: skip
+        # A run skipped because the previous one is still going is normal here (one writer).
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
         scheduler.start()
         self._scheduler = scheduler
 

@@ -9,6 +9,7 @@ then derives its layer choices from depth fractions.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -116,10 +117,40 @@ def _layout_types(layout: Layout) -> list[str]:
     return next(types for types, candidate in _layouts().values() if candidate == layout)
 
 
+def coerce_options(cls: type, options: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Check option names against a hyperparameter dataclass and convert values to its field
+    types (YAML reads `1.0e9` as a string; CLI values arrive as text)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ProfileError(f"{origin}: unknown option(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
+    hints = typing.get_type_hints(cls)
+    return {name: _convert(value, hints[name], f"{origin}: {name}") for name, value in options.items()}
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    for kind in kinds:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+        elif kind in (int, float) and not isinstance(value, bool):
+            try:
+                converted = kind(value)
+            except (TypeError, ValueError):
+                continue
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                continue
+            return converted
+        elif isinstance(kind, type) and isinstance(value, kind):
+            return value
+    raise ProfileError(f"{where}: {value!r} is not a valid {hint}")
+
+
 def build_config(cls: type[T], options: dict[str, Any], origin: str) -> T:
     """Instantiate a frozen hyperparameter dataclass, rejecting unknown keys by name."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ProfileError(f"{origin}: unknown option(s) {unknown} for {cls.__name__} (known: {sorted(names)})")
-    return cls(**options)
+    return cls(**coerce_options(cls, options, origin))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from kmd.editors.hooks import HookHandle, HookSpec, install_hooks
-from kmd.editors.profiles import build_config
+from kmd.editors.profiles import build_config, coerce_options
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -163,7 +163,7 @@ class Editor(ABC):
     def configured(self, **overrides: Any) -> Iterator[None]:
         """Apply edits inside this block with some hyperparameters overridden."""
         saved = self.config
-        self.config = dataclasses.replace(saved, **overrides)
+        self.config = dataclasses.replace(saved, **coerce_options(type(saved), overrides, f"{self.name} overrides"))
         try:
             yield
         finally:

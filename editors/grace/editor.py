@@ -4,7 +4,7 @@ Each edit owns one codebook row: key = the down_proj input at the last prompt to
 value = a learned down_proj output that replaces the real one at the positions that
 predict the target (the last prompt token and the next len(target) - 1 tokens; after
 that the model continues on its own instead of repeating the target). A query row uses
-the nearest entry when its key lies within that entry's radius.
+the nearest entry whose radius covers its key.
 
 Radii are a pure function of the current entries: r_i = min(s_i * |k_i|, half the
 distance to the nearest entry with a different target), where s_i is the radius fraction
@@ -133,8 +133,9 @@ class GraceEditor(Editor):
             last = routing.last_prompt_index(batch, seq, output.device)  # (B,)
             query = args[0][torch.arange(batch, device=output.device), last].float()  # (B, d_ff)
             dist = torch.cdist(query, self.keys)  # (B, N)
-            best_dist, best = dist.min(dim=1)
-            hit = best_dist <= self.radii[best]
+            covering = torch.where(dist <= self.radii[None, :], dist, torch.inf)
+            best_dist, best = covering.min(dim=1)  # the nearest entry whose radius covers the query
+            hit = torch.isfinite(best_dist)
             relative = steps[None, :] - last[:, None]  # (B, T): 0 at the last prompt token
             decision = routing.decisions[self.name] = {"hit": hit, "best": best, "next": seq - last}
         else:  # decode step with the KV cache: continue counting after the prompt
