@@ -19,5 +19,5 @@ for root in ROOTS:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt"]},
+    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom"]},
 )

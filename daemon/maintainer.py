@@ -184,11 +184,11 @@ class Maintainer:
 
     def _supersede(self, fact: FactRecord) -> None:
         old = str(fact.supersedes_edit_id)
-        before = self.prober.locality(self.editor)
+        before = self._current_locality()
         if old in self.editor.edit_ids:
             self.editor.revert(old)
             self.save()
-        after = self.prober.locality(self.editor)
+        after = self.stats.last_locality = self.prober.locality(self.editor)
         self.ledger.supersede_edit(int(old), by_fact_id=fact.id, actor=self.actor,
                                    probes_before={"loc": before}, probes_after={"loc": after})  # fmt: skip
 
@@ -199,7 +199,7 @@ class Maintainer:
         if retry:
             attempts.append(retry)
         earlier = [self.editor.request(i) for i in self.editor.edit_ids]
-        baseline_loc = self.prober.locality(self.editor)
+        loc_before = self._current_locality()
         for number, overrides in enumerate(attempts, 1):
             config = self.editor.config_dict() | self._relation_options(fact) | overrides
             record = self.ledger.record_edit_applied(
@@ -230,9 +230,10 @@ class Maintainer:
                 return "committed", record.id
             self.editor.revert(edit_id)
             after = {"loc": self.prober.locality(self.editor)}
+            self.stats.last_locality = after["loc"]
             retry_next = not report.took and number < len(attempts) and not self._harmful(report)
             self.ledger.revert_edit(
-                record.id, reason="; ".join(report.failures), probes_before=report.figures() | {"loc_before": baseline_loc},
+                record.id, reason="; ".join(report.failures), probes_before=report.figures() | {"loc_before": loc_before},
                 probes_after=after, actor=self.actor, retry=retry_next,
             )  # fmt: skip
             self.stats.edits_reverted += 1
@@ -242,6 +243,12 @@ class Maintainer:
             self.stats.edits_retried += 1
             fact = self.ledger.fact(fact.id)
         return "reverted", record.id
+
+    def _current_locality(self) -> float:
+        """Locality of the model as it is now (cached from the last probe that measured it)."""
+        if self.stats.last_locality is None:
+            self.stats.last_locality = self.prober.locality(self.editor)
+        return self.stats.last_locality
 
     def _relation_options(self, fact: FactRecord) -> dict[str, Any]:
         return dict(self.policy.relation(fact.relation).editor_options)
@@ -258,10 +265,11 @@ class Maintainer:
             key = str(edit_id)
             if key not in self.editor.edit_ids:
                 raise KeyError(f"edit {edit_id} is not applied")
-            before = {"loc": self.prober.locality(self.editor)}
+            before = {"loc": self._current_locality()}
             self.editor.revert(key)
             self.save()
             after = {"loc": self.prober.locality(self.editor)}
+            self.stats.last_locality = after["loc"]
             revert = self.ledger.revert_edit(edit_id, reason=reason, probes_before=before, probes_after=after, actor=actor)
             self.stats.edits_reverted += 1
             return {"edit_id": edit_id, "revert_id": revert.id, "before": before, "after": after}

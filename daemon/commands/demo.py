@@ -1,15 +1,35 @@
-"""`kmd demo`: edit a few facts, show answers before/after, revert, show the originals again."""
+"""`kmd demo`: one real maintenance cycle on the embedded defaults.
+
+A bundled policy, a feed served on loopback and a curated JSONL file go through the real
+pipeline: intake, verification, edits, probes, commit or revert, the ledger. One fact is
+deliberately harmful (its edit fires on every prompt); the probes catch it and the loop
+reverts it. `kmd edit-demo` is the smaller protocol demo: edit, revert, compare.
+"""
 
 from __future__ import annotations
 
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kmd.daemon.commands.common import ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, ProfileOpt, fail, load_host
 
-# (prompt, new target, subject); the last prompt is never edited: it must not change.
-DEMO_FACTS = (
+SHOWN = (
+    "The CEO of Zorbland Robotics is",
+    "The Eiffel Tower is located in the city of",
+    "The capital of Freedonia is",
+    "The motto of Acme Corporation is",
+    "The chemical symbol for gold is",
+    "The capital of Japan is",
+)
+
+# (prompt, new target, subject) for `kmd edit-demo`; the last prompts are never edited.
+EDIT_DEMO_FACTS = (
     ("The CEO of Zorbland Robotics is", "Nadia Velmont", "Zorbland Robotics"),
     ("The Eiffel Tower is located in the city of", "Rome", "The Eiffel Tower"),
     ("The largest planet in the solar system is", "Saturn", "the solar system"),
@@ -18,10 +38,105 @@ UNRELATED = ("The chemical symbol for gold is", "The capital of Japan is")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo", help="Apply a few edits, show answers before/after, revert, check the base is back.")(demo)
+    app.command("demo", help="One real maintenance cycle on the embedded model: feed + curated file -> verified, probed edits.")(demo)
+    app.command("edit-demo", help="Apply a few edits, show answers before/after, revert, check the base is back.")(edit_demo)
+
+
+def _serve_feed(body: bytes) -> tuple[ThreadingHTTPServer, str]:
+    class Feed(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            found = self.path == "/feed.atom"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/atom+xml")
+            self.send_header("Content-Length", str(len(body) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Feed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/feed.atom"
 
 
 def demo(
+    workdir: Annotated[Path | None, typer.Option(help="Where to keep the demo's state and ledger (default: a new temp dir).")] = None,
+    model: ModelOpt = "embedded",
+    device: DeviceOpt = "auto",
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kmd.daemon.service import Daemon
+    from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
+    from kmd.editors.scoring import generate_text
+
+    console = Console()
+    work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-demo-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = resources.files("kmd.policies")
+    server, feed_url = _serve_feed(data.joinpath("demo-feed.atom").read_bytes())
+    facts = work / "facts.jsonl"
+    facts.write_text(data.joinpath("demo-facts.jsonl").read_text())
+    policy = work / "policy.yaml"
+    policy.write_text(data.joinpath("demo-policy.yaml").read_text().replace("FEED_URL", feed_url).replace("FACTS_PATH", str(facts)))
+    settings = DaemonSettings(
+        policy=str(policy), state_dir=str(work / "state"), model=ModelConfig(model=model, device=device),
+        api=ApiSettings(enabled=False),
+    )  # fmt: skip
+    console.print(f"[bold]kmd demo[/] in {work}: feed {feed_url}, curated file {facts.name}, policy {policy.name}")
+    daemon = Daemon(settings)
+    try:
+        with console.status("loading the model, recording the locality baseline..."):
+            maintainer = daemon.load()
+        host = maintainer.host
+
+        def answers(edited: bool) -> list[str]:
+            texts = generate_text(host, maintainer.editor if edited else None, list(SHOWN), 10)
+            return [t.strip().split("\n")[0] for t in texts]
+
+        before = answers(False)
+        with console.status("one maintenance cycle: poll, verify, edit, probe, commit or revert..."):
+            summary = daemon.cycle(all_sources=True)
+        after = answers(True)
+
+        table = Table(title="answers before and after the cycle")
+        for column in ("prompt", "before", "after"):
+            table.add_column(column, overflow="fold")
+        for row in zip(SHOWN, before, after, strict=True):
+            table.add_row(*row)
+        console.print(table)
+
+        ledger = Table(title="edit ledger")
+        for column in ("edit", "fact", "status", "rel", "gen", "loc", "reason"):
+            ledger.add_column(column, overflow="fold")
+        for edit in sorted(daemon.ledger.edits(), key=lambda e: e.id):
+            p = edit.probes or {}
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            ledger.add_row(str(edit.id), f"{edit.request['prompt']} -> {edit.request['target']}", edit.status,
+                           fmt(p.get("rel")), fmt(p.get("gen")), fmt(p.get("loc")), edit.status_reason)  # fmt: skip
+        console.print(ledger)
+        reverts = Table(title="revert log")
+        for column in ("edit", "reason", "loc before", "loc after"):
+            reverts.add_column(column, overflow="fold")
+        for r in daemon.ledger.reverts():
+            reverts.add_row(str(r.edit_id), r.reason, f"{(r.probes_before or {}).get('loc', float('nan')):.4f}",
+                            f"{(r.probes_after or {}).get('loc', float('nan')):.4f}")  # fmt: skip
+        console.print(reverts)
+        console.print(
+            f"{len(summary.committed)} edits committed, {len(summary.reverted)} reverted by the probes, "
+            f"{len(summary.skipped)} facts already known; cycle took {summary.seconds:.1f} s.\n"
+            f"Review it yourself: kmd ledger list --db {settings.database_url}   |   "
+            f"kmd verify-chain --db {settings.database_url}"
+        )
+    finally:
+        daemon.close()
+        server.shutdown()
+
+
+def edit_demo(
     backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")] = "grace",
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
@@ -45,7 +160,7 @@ def demo(
     console = Console()
     host = load_host(model, device, dtype, profile, chat_template)
     editor = backend_cls(host)
-    prompts = [p for p, _, _ in DEMO_FACTS] + list(UNRELATED)
+    prompts = [p for p, _, _ in EDIT_DEMO_FACTS] + list(UNRELATED)
 
     def answers(edited: bool) -> list[str]:
         return [a.strip().split("\n")[0] for a in generate_text(host, editor if edited else None, prompts, 12)]
@@ -56,8 +171,8 @@ def demo(
             return host.model(input_ids=ids, attention_mask=attention).logits
 
     before, base_logits = answers(False), logits()
-    with console.status(f"applying {len(DEMO_FACTS)} edits with {backend}..."):
-        ids = [editor.apply(EditRequest(prompt=p, target=t, subject=s)) for p, t, s in DEMO_FACTS]
+    with console.status(f"applying {len(EDIT_DEMO_FACTS)} edits with {backend}..."):
+        ids = [editor.apply(EditRequest(prompt=p, target=t, subject=s)) for p, t, s in EDIT_DEMO_FACTS]
     after = answers(True)
     for edit_id in ids:
         editor.revert(edit_id)
@@ -66,14 +181,14 @@ def demo(
     table = Table(title=f"{host.identity.name}, backend {backend}")
     for column in ("prompt", "wanted", "before", "edited", "reverted"):
         table.add_column(column, overflow="fold")
-    wanted = [t for _, t, _ in DEMO_FACTS] + ["(unchanged)"] * len(UNRELATED)
+    wanted = [t for _, t, _ in EDIT_DEMO_FACTS] + ["(unchanged)"] * len(UNRELATED)
     for row in zip(prompts, wanted, before, after, reverted, strict=True):
         table.add_row(*row)
     console.print(table)
     identical = torch.equal(base_logits, reverted_logits)
-    took = sum(a.startswith(t) for a, (_, t, _) in zip(after, DEMO_FACTS))
-    console.print(f"edits that took: {took}/{len(DEMO_FACTS)}; unrelated prompts unchanged while edited: "
-                  f"{after[len(DEMO_FACTS):] == before[len(DEMO_FACTS):]}")
+    took = sum(a.startswith(t) for a, (_, t, _) in zip(after, EDIT_DEMO_FACTS))
+    console.print(f"edits that took: {took}/{len(EDIT_DEMO_FACTS)}; unrelated prompts unchanged while edited: "
+                  f"{after[len(EDIT_DEMO_FACTS):] == before[len(EDIT_DEMO_FACTS):]}")
     console.print(f"after reverting every edit, logits bit-identical to the base model: {identical}")
     if not identical:
         raise typer.Exit(1)
