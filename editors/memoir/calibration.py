@@ -41,8 +41,13 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def calibrate_tau(editor: MemoirEditor, records: Sequence[Any], max_false: float = 0.01) -> dict[str, Any]:
+def calibrate_tau(
+    editor: MemoirEditor, records: Sequence[Any], max_false: float = 0.01, progress: Any = None
+) -> dict[str, Any]:
+    notify = progress or (lambda phase, done, total: None)
+    notify("statistics", 0, 1)
     editor._ensure_statistics()
+    notify("statistics", 1, 1)
     fields = [_fields(r) for r in records]
     prompts = [p for p, _, _ in fields]
     rephrases = [(i, r) for i, (_, rs, _) in enumerate(fields) for r in rs]
@@ -50,19 +55,23 @@ def calibrate_tau(editor: MemoirEditor, records: Sequence[Any], max_false: float
     if not prompts or not rephrases or not locality:
         raise ValueError("memoir calibration needs records with a prompt, rephrases and locality prompts")
 
+    notify("masks", 0, 3)
     masks = editor.tophash(editor.prompt_features(prompts))  # (N, k): the stored edit masks
     owners = editor._one_hot(masks)
+    notify("masks", 1, 3)
 
     def overlaps(texts: list[str]) -> torch.Tensor:
         return editor._one_hot(editor.tophash(editor.prompt_features(texts))) @ owners.T / editor.k
 
     reph = overlaps([r for _, r in rephrases])  # (R, N)
+    notify("masks", 2, 3)
     owner = torch.tensor([i for i, _ in rephrases])
     own = reph[torch.arange(len(rephrases)), owner]
     others = reph.clone()
     others[torch.arange(len(rephrases)), owner] = -1.0
     best_other = others.max(1).values
     loc_best = overlaps(locality).max(1).values  # (L,)
+    notify("masks", 3, 3)
     prompt_other = owners @ owners.T / editor.k
     prompt_other.fill_diagonal_(-1.0)
 
@@ -86,7 +95,7 @@ def calibrate_tau(editor: MemoirEditor, records: Sequence[Any], max_false: float
         "n_locality": len(locality),
         "k": editor.k,
         "layer": editor.layer,
-        "at_tau": chosen,
+        "at_choice": chosen,
         "rephrase_own_overlap": _quantiles(own),
         "rephrase_best_other_overlap": _quantiles(best_other),
         "rephrase_own_is_best": float((own >= best_other).float().mean()),

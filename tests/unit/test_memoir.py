@@ -202,6 +202,7 @@ def test_calibrate_returns_a_threshold(tiny_host):
         EditRecord("1", OTHER.prompt, "banana", "Alice", ("Alice works for a company",), UNRELATED, "x"),
     ]
     out = MemoirEditor.calibrate(tiny_host, records, n_prefixes=0)
-    assert 0.0 < out["tau"] <= 1.0
-    assert out["n_records"] == 2 and out["k"] == round(0.29 * 128)
-    assert {"gen_retrieved", "loc_fired"} <= set(out["at_tau"])
+    assert set(out["options"]) == {"tau"} and 0.0 < out["options"]["tau"] <= 1.0
+    report = out["report"]
+    assert report["n_records"] == 2 and report["k"] == round(0.29 * 128)
+    assert {"tau", "gen_retrieved", "loc_fired"} <= set(report["at_choice"])
