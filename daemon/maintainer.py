@@ -219,7 +219,15 @@ class Maintainer:
                 self.stats.errors += 1
                 return "reverted", record.id
             started = time.perf_counter()
-            report = self.prober.check(self.editor, self.editor.request(edit_id), earlier)
+            try:
+                report = self.prober.check(self.editor, self.editor.request(edit_id), earlier)
+            except Exception as exc:  # never keep an edit that was not probed
+                log.exception("probing edit {} failed", edit_id)
+                self.editor.revert(edit_id)
+                self.ledger.revert_edit(record.id, reason=f"probes failed: {type(exc).__name__}: {exc}",
+                                        probes_before=None, probes_after=None, actor=self.actor)  # fmt: skip
+                self.stats.errors += 1
+                return "reverted", record.id
             self.stats.last_probe_seconds = time.perf_counter() - started
             self.stats.last_locality = report.loc
             if report.passed:
@@ -241,7 +249,6 @@ class Maintainer:
             if not retry_next:
                 return "reverted", record.id
             self.stats.edits_retried += 1
-            fact = self.ledger.fact(fact.id)
         return "reverted", record.id
 
     def _current_locality(self) -> float:
