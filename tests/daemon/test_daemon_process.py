@@ -17,6 +17,8 @@ import pytest
 
 from intake.helpers import LoopbackServer, Route, atom
 
+from .helpers import LOCALITY
+
 TOKEN = "test-token-123"
 
 POLICY = """
@@ -61,10 +63,6 @@ probes:
   locality_suites: [locality.jsonl]
 """
 
-LOCALITY = [
-    "the dog and the cat", "who wrote the book ?", "the sun and the moon", "Bob plays music",
-    "the river of Japan", "Alice wrote a song", "the mother of Bob is", "red green blue",
-]
 
 
 def free_port() -> int:
