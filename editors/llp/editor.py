@@ -135,6 +135,7 @@ class LlpEditor(Editor):
         self.retrieval, self.z = default_layers(host.num_layers, cfg)
         if cfg.n_values < 1 or cfg.top_k < 1 or not 0 < cfg.vote_fraction <= 1:
             raise EditorError("llp: n_values and top_k must be >= 1 and vote_fraction in (0, 1]")
+        self._structure = {k: getattr(cfg, k) for k in self.STRUCTURAL}
         self.upper = list(range(self.z, host.num_layers))
         self.layer_paths = [layout.path("layer", i) for i in range(host.num_layers)]
         self.attn_paths = [f"{self.layer_paths[i]}.self_attn" for i in self.upper]
@@ -252,7 +253,12 @@ class LlpEditor(Editor):
         return queries, context, chosen
 
     # ----- computing an edit -----------------------------------------------------------------
+    STRUCTURAL = ("retrieval_layers", "injection_layer", "n_values", "normalize", "background_texts", "background_tokens")
+
     def _apply(self, edit_id: str, request: EditRequest) -> None:
+        changed = [k for k in self.STRUCTURAL if getattr(self.config, k) != self._structure[k]]
+        if changed:  # `configured(...)` may tune the optimisation per edit, not the memory layout
+            raise EditorError(f"llp: {changed} cannot change between edits")
         self.ensure_background()
         prompts, chosen = self.variants(edit_id, request.prompt)
         # One run of the frozen model gives both the retrieval-layer states (keys; causal,
@@ -427,7 +433,8 @@ class LlpEditor(Editor):
 
     @torch.no_grad()
     def _decide(self, routing, decision: dict[str, Any], position_ids: torch.Tensor | None) -> None:
-        states = torch.stack([decision.pop("states")[i] for i in range(len(self.retrieval))])
+        collected = decision.pop("states")
+        states = torch.stack([collected[i] for i in range(len(self.retrieval))])
         _, batch, seq, _ = states.shape
         device = states.device
         mask = routing.mask_for(batch, seq, device)

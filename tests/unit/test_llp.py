@@ -126,8 +126,9 @@ def test_vote_needs_a_share_of_layers_and_breaks_ties_by_similarity(tiny_host):
     assert best.tolist() == [1] and votes.tolist() == [2.0]  # two votes each: the higher total similarity wins
 
 
-def test_routing_is_per_row_and_ignores_answer_tokens(tiny_host):
-    editor = fresh(tiny_host, similarity=0.9)
+@pytest.mark.parametrize("layers", [{}, {"retrieval_layers": [0, 1], "injection_layer": 2}])
+def test_routing_is_per_row_and_ignores_answer_tokens(tiny_host, layers):
+    editor = fresh(tiny_host, similarity=0.9, **layers)
     torch.manual_seed(1)
     value = torch.randn(editor.config.n_values, tiny_host.model.config.hidden_size) * 3
     install_value(editor, value, subject_key(editor, "the capital of France is", "France"))
@@ -168,8 +169,9 @@ def greedy_without_cache(editor: LlpEditor, prompts: list[str], steps: int) -> t
     return out, last
 
 
-def test_kv_cache_generation_equals_recomputation(tiny_host):
-    editor = fresh(tiny_host, similarity=0.9)
+@pytest.mark.parametrize("layers", [{}, {"retrieval_layers": [0, 1], "injection_layer": 2}])
+def test_kv_cache_generation_equals_recomputation(tiny_host, layers):
+    editor = fresh(tiny_host, similarity=0.9, **layers)
     torch.manual_seed(2)
     value = torch.randn(editor.config.n_values, tiny_host.model.config.hidden_size) * 3
     install_value(editor, value, subject_key(editor, "the capital of France is", "France"))
