@@ -209,6 +209,7 @@ class Maintainer:
             )  # fmt: skip
             edit_id = str(record.id)
             log = logger.bind(edit_id=edit_id)
+            apply_started = time.perf_counter()
             try:
                 with self.editor.configured(**(self._relation_options(fact) | overrides)):
                     self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
@@ -230,9 +231,10 @@ class Maintainer:
                 return "reverted", record.id
             self.stats.last_probe_seconds = time.perf_counter() - started
             self.stats.last_locality = report.loc
+            timings = {"apply_seconds": round(started - apply_started, 3), "probe_seconds": round(self.stats.last_probe_seconds, 3)}
             if report.passed:
                 self.save()
-                self.ledger.commit_edit(record.id, probes=report.figures(), actor=self.actor)
+                self.ledger.commit_edit(record.id, probes=report.figures() | timings, actor=self.actor)
                 self.stats.edits_committed += 1
                 log.info("edit {} committed: rel {:.2f} gen {} loc {:.4f}", edit_id, report.rel, report.gen, report.loc)
                 return "committed", record.id
@@ -241,7 +243,7 @@ class Maintainer:
             self.stats.last_locality = after["loc"]
             retry_next = not report.took and number < len(attempts) and not self._harmful(report)
             self.ledger.revert_edit(
-                record.id, reason="; ".join(report.failures), probes_before=report.figures() | {"loc_before": loc_before},
+                record.id, reason="; ".join(report.failures), probes_before=report.figures() | timings | {"loc_before": loc_before},
                 probes_after=after, actor=self.actor, retry=retry_next,
             )  # fmt: skip
             self.stats.edits_reverted += 1

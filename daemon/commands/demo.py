@@ -110,13 +110,16 @@ def demo(
         console.print(table)
 
         ledger = Table(title="edit ledger")
-        for column in ("edit", "fact", "status", "rel", "gen", "loc", "reason"):
+        for column in ("edit", "fact", "status", "rel", "gen", "loc", "apply s", "probe s", "reason"):
             ledger.add_column(column, overflow="fold")
         for edit in sorted(daemon.ledger.edits(), key=lambda e: e.id):
             p = edit.probes or {}
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            if edit.status == "reverted":  # the figures that caused a revert are in the revert log
+                p = next((r.probes_before or {} for r in daemon.ledger.reverts(edit_id=edit.id)), {})
             ledger.add_row(str(edit.id), f"{edit.request['prompt']} -> {edit.request['target']}", edit.status,
-                           fmt(p.get("rel")), fmt(p.get("gen")), fmt(p.get("loc")), edit.status_reason)  # fmt: skip
+                           fmt(p.get("rel")), fmt(p.get("gen")), fmt(p.get("loc")), fmt(p.get("apply_seconds")),
+                           fmt(p.get("probe_seconds")), edit.status_reason)  # fmt: skip
         console.print(ledger)
         reverts = Table(title="revert log")
         for column in ("edit", "reason", "loc before", "loc after"):
