@@ -52,8 +52,8 @@ def calibrate_tau(
     prompts = [p for p, _, _ in fields]
     rephrases = [(i, r) for i, (_, rs, _) in enumerate(fields) for r in rs]
     locality = [loc for _, _, locs in fields for loc in locs]
-    if not prompts or not rephrases or not locality:
-        raise ValueError("memoir calibration needs records with a prompt, rephrases and locality prompts")
+    if not prompts or not locality:
+        raise ValueError("memoir calibration needs records with a prompt and locality prompts")
 
     notify("masks", 0, 3)
     masks = editor.tophash(editor.prompt_features(prompts))  # (N, k): the stored edit masks
@@ -63,17 +63,18 @@ def calibrate_tau(
     def overlaps(texts: list[str]) -> torch.Tensor:
         return editor._one_hot(editor.tophash(editor.prompt_features(texts))) @ owners.T / editor.k
 
-    reph = overlaps([r for _, r in rephrases])  # (R, N)
+    # Without rephrases (long-form sets) tau rests on locality alone; gen_retrieved is then 0.
+    reph = overlaps([r for _, r in rephrases]) if rephrases else torch.empty(0, len(prompts))  # (R, N)
     notify("masks", 2, 3)
-    owner = torch.tensor([i for i, _ in rephrases])
+    owner = torch.tensor([i for i, _ in rephrases], dtype=torch.long)
     own = reph[torch.arange(len(rephrases)), owner]
     others = reph.clone()
     others[torch.arange(len(rephrases)), owner] = -1.0
-    best_other = others.max(1).values
+    best_other = others.max(1).values if len(prompts) > 1 else torch.full_like(own, -1.0)
     loc_best = overlaps(locality).max(1).values  # (L,)
     notify("masks", 3, 3)
     prompt_other = owners @ owners.T / editor.k
-    prompt_other.fill_diagonal_(-1.0)
+    prompt_other.fill_diagonal_(-1.0)  # nearest *other* edit prompt (-1 with a single record)
 
     grid = [round(0.01 * t, 2) for t in range(1, 101)]
     sweep = []
@@ -81,7 +82,7 @@ def calibrate_tau(
         sweep.append(
             {
                 "tau": tau,
-                "gen_retrieved": float(((own >= tau) & (own >= best_other)).float().mean()),
+                "gen_retrieved": float(((own >= tau) & (own >= best_other)).float().mean()) if rephrases else 0.0,
                 "loc_fired": float((loc_best >= tau).float().mean()),
             }
         )
@@ -98,7 +99,7 @@ def calibrate_tau(
         "at_choice": chosen,
         "rephrase_own_overlap": _quantiles(own),
         "rephrase_best_other_overlap": _quantiles(best_other),
-        "rephrase_own_is_best": float((own >= best_other).float().mean()),
+        "rephrase_own_is_best": float((own >= best_other).float().mean()) if rephrases else None,
         "locality_best_overlap": _quantiles(loc_best),
         "prompt_nearest_other_overlap": _quantiles(prompt_other.max(1).values),
         "sweep": [s for s in sweep if round(s["tau"] * 100) % 5 == 0],
