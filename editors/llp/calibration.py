@@ -8,16 +8,22 @@
 2. Every edited record's prompt and rephrases, every record's locality prompt and the
    held-out records' prompts (unrelated questions of the same style) are scored once:
    per retrieval layer, each key's max cosine over the prompt tokens.
-3. For every vote fraction k/|R| and similarity threshold on a grid, the voting rule is
-   applied and scored:
+3. Thresholds are per retrieval layer: for a per-layer false-positive rate r (a grid from
+   0.05 % to 50 %), layer l's threshold is the (1 - r) quantile of the best key similarity
+   of the unrelated prompts (locality + held-out) at l; one threshold for all layers
+   wastes the layers whose similarities are all high (on SmolLM2 layer 0's best key
+   similarity is ~0.98 for almost any prompt, layer 5's ~0.76). For every vote count k
+   of |R| and rate r the voting rule is applied and scored:
 
        J = (right_prompt + right_rephrase) / 2 - miss_cost * (false_loc + false_held_out) / 2
 
    where `right_*` is the share of an edit's own prompts that retrieve that edit, and
    `false_*` the share of unrelated prompts that retrieve anything. A false retrieval
    breaks an answer that was right, a missed one only leaves a fact stale, so
-   `miss_cost` (default 3) weighs the former more. The chosen threshold is the middle of
-   the best plateau (all thresholds within 0.002 of the best J for that fraction).
+   `miss_cost` (default 3) weighs the former more. The chosen rate is the middle of the
+   best plateau (all rates within 0.002 of the best J for that vote count). The unrelated
+   prompts both set and test the thresholds (in-sample); the edited prompts and rephrases
+   do not take part in choosing them except through J.
 
 Deterministic for a given model, data and configuration (seeded prefixes and sampling).
 """
@@ -50,15 +56,20 @@ def _max_sims(editor: LlpEditor, prompts: Sequence[str], batch_size: int) -> tor
     return torch.cat(out, dim=1)
 
 
-def _decide(top: torch.Tensor, index: torch.Tensor, n: int, tau: float, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The voting rule of `LlpEditor.vote` on precomputed top-k: (best, hit) per prompt."""
+def _decide(top: torch.Tensor, index: torch.Tensor, n: int, tau: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The voting rule of `LlpEditor.vote` on precomputed top-k: (best, hit) per prompt; tau (|R|,)."""
     nr, p, k = top.shape
-    ok = (top > tau).float()
+    ok = (top > tau[:, None, None]).float()
     flat = index.permute(1, 0, 2).reshape(p, nr * k)
     votes = torch.zeros(p, n).scatter_add_(1, flat, ok.permute(1, 0, 2).reshape(p, -1))
     total = torch.zeros(p, n).scatter_add_(1, flat, (top.clamp(min=-1) * ok).permute(1, 0, 2).reshape(p, -1))
     best = (votes * 4 + total / nr).argmax(dim=1)
     return best, votes.gather(1, best[:, None]).squeeze(1) >= need
+
+
+# Per-layer false-positive rates tried: each layer's threshold is the (1 - rate) quantile of
+# the best key similarity of the unrelated prompts (locality + held-out) at that layer.
+RATES = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 def calibrate(
@@ -102,11 +113,12 @@ def calibrate(
         notify("scoring", done, len(groups))
 
     nr, n = len(editor.retrieval), len(editor.row_ids)
-    grid = [round(0.005 * i, 3) for i in range(0, 201)]
-    table: dict[int, list[dict[str, float]]] = {}
+    unrelated = torch.cat([tops[g][0][:, :, 0] for g in ("loc", "held_out") if g in tops], dim=1)  # (|R|, U)
+    table: dict[int, list[dict[str, Any]]] = {}
     for votes_needed in range(1, nr + 1):
         rows = []
-        for tau in grid:
+        for rate in RATES:
+            tau = torch.quantile(unrelated, 1 - rate, dim=1)
             rates = {}
             for name, (top, index, owners) in tops.items():
                 best, hit = _decide(top, index, n, tau, votes_needed)
@@ -117,7 +129,7 @@ def calibrate(
                     rates[f"false_{name}"] = float(hit.float().mean())
             right = (rates.get("right_prompt", 0.0) + rates.get("right_rephrase", rates.get("right_prompt", 0.0))) / 2
             false = (rates.get("false_loc", 0.0) + rates.get("false_held_out", rates.get("false_loc", 0.0))) / 2
-            rows.append({"similarity": tau, "J": right - miss_cost * false, **rates})
+            rows.append({"layer_rate": rate, "J": right - miss_cost * false, **rates, "tau": [round(float(t), 4) for t in tau]})
         table[votes_needed] = rows
 
     best_row, best_votes = None, 0
@@ -131,9 +143,9 @@ def calibrate(
     fraction = round(best_votes / nr, 4)
     if math.ceil(fraction * nr - 1e-9) != best_votes:  # guard against rounding changing the rule
         fraction = round((best_votes - 0.5) / nr, 4)
-    summary = {k: round(v, 4) for k, v in best_row.items()}
+    summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in best_row.items()}
     return {
-        "options": {"similarity": best_row["similarity"], "vote_fraction": fraction},
+        "options": {"layer_similarity": best_row["tau"], "vote_fraction": fraction},
         "report": {
             "retrieval_layers": editor.retrieval,
             "injection_layer": editor.z,
@@ -146,7 +158,7 @@ def calibrate(
             "overrides": overrides,
             "seconds": round(time.perf_counter() - started, 1),
             "curves": {
-                str(v): [{k: round(x, 4) for k, x in r.items()} for i, r in enumerate(rows) if i % 10 == 0]
+                str(v): [{k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items() if k != "tau"} for r in rows]
                 for v, rows in table.items()
             },
         },

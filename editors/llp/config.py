@@ -17,6 +17,7 @@ class LlpConfig:
 
     # Retrieval. Paper values; calibrate per model with `kmd calibrate --backend llp`.
     similarity: float = 0.7  # a key gets a vote at a layer when its max cosine over prompt tokens exceeds this
+    layer_similarity: list | None = None  # per retrieval layer thresholds (floats); overrides `similarity`
     vote_fraction: float = 0.5  # the winning key needs at least this fraction of |R| votes
     top_k: int = 3  # keys considered per layer
     # Cosines are taken after standardising each retrieval layer's states with a background

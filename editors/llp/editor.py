@@ -135,6 +135,8 @@ class LlpEditor(Editor):
         self.retrieval, self.z = default_layers(host.num_layers, cfg)
         if cfg.n_values < 1 or cfg.top_k < 1 or not 0 < cfg.vote_fraction <= 1:
             raise EditorError("llp: n_values and top_k must be >= 1 and vote_fraction in (0, 1]")
+        if cfg.layer_similarity is not None and len(cfg.layer_similarity) != len(self.retrieval):
+            raise EditorError(f"llp: layer_similarity needs {len(self.retrieval)} values (one per retrieval layer)")
         self._structure = {k: getattr(cfg, k) for k in self.STRUCTURAL}
         self.upper = list(range(self.z, host.num_layers))
         self.layer_paths = [layout.path("layer", i) for i in range(host.num_layers)]
@@ -387,16 +389,22 @@ class LlpEditor(Editor):
         sims = sims.masked_fill(~prompt_mask[None, :, :, None], float("-inf"))
         return sims.amax(dim=2)
 
-    def vote(self, maxsims: torch.Tensor, similarity: float | None = None, vote_fraction: float | None = None
+    def thresholds(self) -> torch.Tensor:
+        """(|R|,) similarity threshold per retrieval layer."""
+        cfg = self.config
+        values = cfg.layer_similarity if cfg.layer_similarity is not None else [cfg.similarity] * len(self.retrieval)
+        return torch.tensor([float(v) for v in values], device=self.keys.device)
+
+    def vote(self, maxsims: torch.Tensor, similarity: float | torch.Tensor | None = None, vote_fraction: float | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(|R|, B, N) -> per row (best key, its votes, hit)."""
         cfg = self.config
-        tau = cfg.similarity if similarity is None else similarity
+        tau = self.thresholds() if similarity is None else torch.as_tensor(similarity, device=maxsims.device)
         fraction = cfg.vote_fraction if vote_fraction is None else vote_fraction
         nr, batch, n = maxsims.shape
         k = min(cfg.top_k, n)
         top, index = maxsims.topk(k, dim=-1)  # (|R|, B, k)
-        ok = (top > tau).float()
+        ok = (top > tau.reshape(-1, 1, 1) if tau.dim() else top > tau).float()
         flat_index = index.permute(1, 0, 2).reshape(batch, nr * k)
         votes = torch.zeros(batch, n, device=maxsims.device).scatter_add_(1, flat_index, ok.permute(1, 0, 2).reshape(batch, -1))
         total = torch.zeros(batch, n, device=maxsims.device).scatter_add_(

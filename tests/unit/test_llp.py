@@ -211,3 +211,61 @@ def test_layer_defaults_follow_depth_and_reject_bad_choices(tiny_host):
     assert default_layers(32, LlpConfig(retrieval_layers=[0, 2], injection_layer=10)) == ([0, 2], 10)
     with pytest.raises(EditorError):
         default_layers(32, LlpConfig(retrieval_layers=[0, 9], injection_layer=8))
+
+
+CAL_RECORDS = [
+    ("the capital of France is", "Berlin", "France", "France has the capital"),
+    ("the capital of Italy is", "Tokyo", "Italy", "Italy has the capital"),
+    ("Alice works for the company", "banana", "Alice", "the company of Alice is"),
+    ("Bob speaks the language of", "Spain", "Bob", "the language Bob speaks is"),
+    ("the river of London is", "Rome", "London", "London has the river"),
+    ("who wrote the book of Carol ?", "Dave", "Carol", "the book of Carol was written by"),
+    ("the mother of Eve is", "Nadia", "Eve", "Eve has the mother"),
+    ("the city of Orin is", "Madrid", "Orin", "Orin is in the city"),
+]
+
+
+def test_calibration_command_writes_profile_options(tiny_model_dir, tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from kmd.daemon.cli import app
+
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([
+        {"subject": s, "src": p, "rephrase": r, "alt": t, "loc": "the dog and the cat", "loc_ans": "sky",
+         "pred": "x", "answers": ["x"], "case_id": i}
+        for i, (p, t, s, r) in enumerate(CAL_RECORDS)
+    ]))
+    out = tmp_path / "cal.yaml"
+    args = ["calibrate", "--backend", "llp", "--data", str(data), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--out", str(out), "--set", "n_prefixes=0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "# Produced by: kmd calibrate --backend llp" in text and "--set n_prefixes=0" in text
+    options = yaml.safe_load(text)["backends"]["llp"]
+    assert set(options) == {"layer_similarity", "vote_fraction"}
+    assert len(options["layer_similarity"]) == 1 and 0 < options["vote_fraction"] <= 1
+    again = CliRunner().invoke(app, args)  # deterministic: same data, model, options
+    assert again.exit_code == 0 and yaml.safe_load(out.read_text())["backends"]["llp"] == options
+    missing = CliRunner().invoke(app, ["calibrate", "--backend", "grace", "--data", str(data), "--model", str(tiny_model_dir)])
+    assert missing.exit_code == 2 and "no calibration" in missing.output
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama-32l"])
+def test_shipped_profiles_give_valid_llp_configs(name):
+    import yaml
+
+    from kmd.editors.llp.editor import default_layers
+    from kmd.editors.profiles import PROFILE_DIR, build_config
+
+    data = yaml.safe_load((PROFILE_DIR / f"{name}.yaml").read_text())
+    config = build_config(LlpConfig, data["backends"]["llp"], name)
+    layers = data["match"]["num_hidden_layers"]
+    retrieval, z = default_layers(layers, config)
+    assert retrieval == list(range(8)) and z > max(retrieval)
+    if config.layer_similarity is not None:
+        assert len(config.layer_similarity) == len(retrieval)
