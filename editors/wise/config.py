@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WiseConfig:
+    """WISE hyperparameters (per model, from the profile; unknown keys are rejected).
+
+    See ../shared/design/METHODS.md (WISE) and docs/editors.md (## WISE).
+    """
+
+    layer: int | None = None  # edited down_proj; None: ~0.85 of the depth (at most the last-but-one layer)
+    # Knowledge shards: consecutive edits share a shard (`shard_size` edits each) that trains a
+    # fixed random `mask_ratio` of the memory's elements (seeded by `seed` and the shard index).
+    mask_ratio: float = 0.2
+    shard_size: int = 500
+    # TIES merging of the shards' task vectors: keep the top `density` of each by magnitude,
+    # elect a sign per element, average the entries that agree with it.
+    density: float = 0.53
+    # Routing: a row uses the side memory when its activation (mean over its prompt tokens of
+    # |W'a - W a|) reaches `act_ratio` times the smallest activation of an edit prompt.
+    act_ratio: float = 0.88
+    # Activation-margin loss (the paper's [5, 20, 10]): unrelated prompts below `margin_unrelated`,
+    # edit prompts above `margin_edit`, and edit minus unrelated above `margin_gap`.
+    margin_unrelated: float = 5.0
+    margin_edit: float = 20.0
+    margin_gap: float = 10.0
+    margin_weight: float = 1.0
+    clamp: float = 1.0  # every memory element stays within +-clamp of the base weight
+    # Optimisation. The paper uses SGD at lr 1.0 for ~70 steps (`optimizer: sgd`, `lr: 1.0`);
+    # Adam at lr 0.05 moves every element at a similar pace whatever the scale of the layer's
+    # inputs, and keeps earlier edits of the shard working where SGD's large steps overwrite
+    # them (on the tiny test model and on SmolLM2-135M). Early stop when the target NLL is
+    # below `stop_loss` and every margin holds.
+    optimizer: str = "adam"  # "adam" or "sgd"
+    lr: float = 0.05
+    max_steps: int = 70
+    stop_loss: float = 0.02
+    # Augmentation: `n_prefixes` prefixed copies of the prompt (the paper ~10) drawn per edit
+    # from `prefix_pool` short texts the model generates once (`prefix_tokens` tokens each);
+    # `n_unrelated` other texts of that pool are the unrelated prompts of the margin loss.
+    n_prefixes: int = 4
+    n_unrelated: int = 2
+    prefix_pool: int = 12
+    prefix_tokens: int = 8
+    seed: int = 0

@@ -1,0 +1,352 @@
+"""WISE on a decoder's `mlp.down_proj` (see ../shared/design/METHODS.md, "WISE").
+
+The edited down_proj gets a side memory W' = W + D: W (the base weight) is never written,
+D (d_model, d_ff) is the memory's difference from it. Edits are grouped into knowledge
+shards of `shard_size` consecutive edits; shard s trains only a fixed random
+`mask_ratio` of D's elements (its mask is seeded by the shard's serial number), one edit
+after the other, starting from zero. The memory served is the TIES merge of the shards'
+task vectors (one shard: itself).
+
+Training an edit: the target NLL on the bare prompt and prefixed copies of it, plus the
+activation-margin loss. A prompt's activation is the mean over its prompt tokens of
+|D a_t| (= |W' a_t - W a_t|, a_t the down_proj input); the margins make it large on the
+edit's prompts and small on unrelated texts. Layers 0..layer run once per edit
+(`UpperStack`): D only adds `a @ D^T` to the stream leaving the edited layer.
+
+Routing, per row and from prompt tokens only: a row uses the memory when its activation
+reaches `act_ratio` times the smallest activation of a kept edit's prompt (measured when
+the edit is made, and for every kept edit again when the set of shards changes or an edit
+is reverted). Otherwise the hook returns nothing and the row is exactly the base model's.
+
+Revert: a trained shard cannot forget one edit, so reverting retrains the edit's shard
+from zero on its other edits, in their original order and with their original per-edit
+randomness and options; the result is exactly the shard that would exist had the edit
+never been applied. It costs one edit's training per kept edit of the shard
+(`last_revert` records how many and how long). Reverting every edit leaves no memory
+and no hooks: the model is bit for bit the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+
+from kmd.editors.batching import teacher_forced_batch
+from kmd.editors.hooks import HookSpec, resolve_module
+from kmd.editors.llp.editor import generate_prefixes, run_until, with_prefix
+from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.upper import UpperStack
+from kmd.editors.wise.config import WiseConfig
+from kmd.editors.wise.merge import ties_merge
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+
+# Options fixed when the memory is laid out: they cannot change between edits.
+STRUCTURAL = ("layer", "mask_ratio", "shard_size", "density", "prefix_pool", "prefix_tokens", "seed")
+
+
+@dataclass
+class Shard:
+    serial: int  # seeds the mask; never reused, so a shard's mask survives other shards' removal
+    edit_ids: list[str] = field(default_factory=list)  # in training order
+    delta: torch.Tensor | None = None  # (d_model, d_ff) float32, zero outside the mask
+
+
+def activation(extra: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of |extra_t| over each row's masked tokens but the first, for extra (B, T, d_model).
+
+    The first token is left out (unless it is the only one): its state depends on that one
+    token alone, so every prompt opening with the same word ("What", "The") has the same
+    activation there, which says nothing about which fact is asked for.
+    """
+    norms = (extra.float().pow(2).sum(-1) + 1e-12).sqrt()  # (B, T); eps: finite gradient at D = 0
+    first = mask.int().argmax(dim=1)  # (B,) first masked token of each row
+    later = mask.clone()
+    later[torch.arange(mask.shape[0], device=mask.device), first] = False
+    weights = torch.where(later.any(1, keepdim=True), later, mask).to(norms.dtype)
+    return (norms * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class WiseEditor(Editor):
+    name = "wise"
+    config_class = WiseConfig
+
+    def __init__(self, host: ModelHost, config: WiseConfig | None = None) -> None:
+        super().__init__(host, config)
+        cfg, n_layers = self.config, host.num_layers
+        if n_layers < 2:
+            raise EditorError("wise: needs a model with at least 2 layers")
+        self.layer = cfg.layer if cfg.layer is not None else min(int(0.85 * n_layers + 0.5), n_layers - 2)
+        if not 0 <= self.layer <= n_layers - 2:
+            raise EditorError(f"wise: layer {self.layer} outside 0..{n_layers - 2} (the last layer is not supported)")
+        if not 0 < cfg.mask_ratio <= 1 or not 0 < cfg.density <= 1 or cfg.shard_size < 1:
+            raise EditorError("wise: mask_ratio and density must be in (0, 1], shard_size >= 1")
+        if cfg.optimizer not in ("sgd", "adam"):
+            raise EditorError(f"wise: optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
+        self._structure = {k: getattr(cfg, k) for k in STRUCTURAL}
+        self.path = host.profile.layout.path("mlp_down", self.layer)
+        down = resolve_module(host.model, self.path)
+        self.d_ff, self.d_model = down.in_features, down.out_features
+        self.shards: list[Shard] = []
+        self.next_serial = 0
+        self.memory_t = torch.zeros(self.d_ff, self.d_model, device=host.device)  # merged D, transposed
+        self.prefixes: list[str] = []  # generated once (lazily), persisted
+        self.acts: dict[str, float] = {}  # edit id -> activation of its bare prompt under the served memory
+        self.meta: dict[str, dict[str, Any]] = {}  # per edit: shard, options, steps, losses
+        self.last_revert: dict[str, Any] | None = None  # what the last revert cost
+        self._prompt_inputs: dict[str, torch.Tensor] = {}  # edit id -> (T, d_ff) down_proj input on its prompt
+
+    def stronger_overrides(self) -> dict[str, Any]:
+        return {"max_steps": self.config.max_steps * 2, "stop_loss": self.config.stop_loss / 2}
+
+    @property
+    def threshold(self) -> float:
+        if not self.acts:
+            return math.inf
+        return self.config.act_ratio * min(self.acts.values())
+
+    # ----- per-edit inputs ----------------------------------------------------------------
+    def ensure_prefixes(self) -> list[str]:
+        cfg = self.config
+        if not self.prefixes and cfg.n_prefixes + cfg.n_unrelated > 0:
+            self.prefixes = generate_prefixes(self.host, cfg.prefix_pool, cfg.prefix_tokens, cfg.seed)
+        return self.prefixes
+
+    def variants(self, edit_id: str, request: EditRequest, cfg: WiseConfig) -> tuple[list[str], list[str]]:
+        """(bare prompt + prefixed copies, unrelated texts), drawn from the pool by the edit's id."""
+        pool = self.ensure_prefixes()
+        want = min(cfg.n_prefixes + cfg.n_unrelated, len(pool))
+        chosen = random.Random(f"{cfg.seed}/{edit_id}").sample(range(len(pool)), want)
+        prefixes = chosen[: cfg.n_prefixes]
+        unrelated = [pool[i] for i in chosen[cfg.n_prefixes :]] + list(request.locality)
+        return [request.prompt] + [with_prefix(pool[i], request.prompt) for i in prefixes], unrelated
+
+    def mask(self, serial: int) -> torch.Tensor:
+        """(d_model, d_ff) bool: the elements shard `serial` trains (seeded, made on the CPU)."""
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + serial)
+        return (torch.rand(self.d_model, self.d_ff, generator=gen) < self.config.mask_ratio).to(self.host.device)
+
+    @torch.no_grad()
+    def layer_inputs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, T, d_ff) down_proj inputs of right-padded prompts and their (P, T) token mask."""
+        host = self.host
+        encoded = [host.encode(host.format_prompt(p)) for p in prompts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, tokens in enumerate(encoded):
+            ids[row, : len(tokens)], attention[row, : len(tokens)] = torch.tensor(tokens), 1
+        ids, attention = ids.to(host.device), attention.to(host.device)
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        run_until(host, self.path, ids, attention, [HookSpec(self.path, grab)])
+        return seen["a"].float(), attention.bool()
+
+    # ----- computing an edit -----------------------------------------------------------------
+    def _apply(self, edit_id: str, request: EditRequest) -> None:
+        changed = [k for k in STRUCTURAL if getattr(self.config, k) != self._structure[k]]
+        if changed:  # `configured(...)` may tune the optimisation per edit, not the memory layout
+            raise EditorError(f"wise: {changed} cannot change between edits")
+        cfg = self.config
+        options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in STRUCTURAL}
+        if self.shards and len(self.shards[-1].edit_ids) < cfg.shard_size:
+            shard, new = self.shards[-1], False
+        else:
+            shard, new = Shard(serial=self.next_serial), True
+        mask = self.mask(shard.serial)
+        start = shard.delta if shard.delta is not None else torch.zeros(self.d_model, self.d_ff, device=self.host.device)
+        delta, info, prompt_input = self._train(start, mask, edit_id, request, cfg)
+        # Commit (nothing above touched the editor's state).
+        shard.delta = delta
+        shard.edit_ids.append(edit_id)
+        if new:
+            self.shards.append(shard)
+            self.next_serial += 1
+        self.meta[edit_id] = {"shard": shard.serial, "options": options, **info}
+        self._prompt_inputs[edit_id] = prompt_input
+        self._merge()
+        if new and len(self.shards) > 1:
+            self._measure(self._all_ids())  # the merge changed what every kept edit sees
+        else:
+            self._measure([edit_id])
+        logger.bind(edit_id=edit_id).debug(
+            "wise: shard {}, {} steps, nll {:.4f}, act {:.2f}, threshold {:.2f}",
+            shard.serial, info["steps"], info["nll"], self.acts[edit_id], self.threshold,
+        )
+
+    def _train(
+        self, start: torch.Tensor, mask: torch.Tensor, edit_id: str, request: EditRequest, cfg: WiseConfig
+    ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """Train one edit into a shard's task vector; returns (new delta, info, prompt input)."""
+        host = self.host
+        prompts, unrelated = self.variants(edit_id, request, cfg)
+        batch = teacher_forced_batch(host, [(p, request.target) for p in prompts])
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        def last_only(module, args, output):  # the capture pass needs no logits: skip most of the LM head
+            return output[:, -1:]
+
+        specs = [HookSpec(self.path, grab), HookSpec(host.profile.layout.final_norm, last_only)]
+        stack = UpperStack(host, self.layer + 1, batch.input_ids, batch.attention_mask, extra_specs=specs)
+        a = seen["a"].float()  # (B, T, d_ff): rows are the bare prompt and its prefixed copies, + target
+        if unrelated:
+            a_unrelated, unrelated_mask = self.layer_inputs(unrelated)  # (U, T', d_ff), (U, T')
+        hidden, dtype = stack.hidden.float(), stack.hidden.dtype
+        weight = torch.nn.Parameter(start.clone())
+        grad_mask = mask.to(weight.dtype)
+        optimiser = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([weight], lr=cfg.lr)
+        nll_first = None
+        with torch.enable_grad():
+            for step in range(cfg.max_steps + 1):
+                extra = a @ weight.T  # (B, T, d_model): what the memory adds to the layer's output
+                logits = stack.logits_at(stack.final_hidden((hidden + extra).to(dtype)), batch.rows, batch.positions)
+                nll = F.cross_entropy(logits.float(), batch.labels)
+                act_edit = activation(extra, batch.prompt_mask)  # (B,)
+                margin = F.relu(cfg.margin_edit - act_edit).mean()
+                if unrelated:
+                    act_other = activation(a_unrelated @ weight.T, unrelated_mask)  # (U,)
+                    gap = act_edit[:, None] - act_other[None, :]  # (B, U)
+                    margin = margin + F.relu(act_other - cfg.margin_unrelated).mean() + F.relu(cfg.margin_gap - gap).mean()
+                nll_first = nll.item() if nll_first is None else nll_first
+                if (nll.item() < cfg.stop_loss and margin.item() == 0.0) or step == cfg.max_steps:
+                    break
+                loss = nll + cfg.margin_weight * margin
+                optimiser.zero_grad()
+                loss.backward()
+                weight.grad.mul_(grad_mask)  # only the shard's elements learn
+                optimiser.step()
+                with torch.no_grad():
+                    weight.clamp_(-cfg.clamp, cfg.clamp)  # W' within +-clamp of W
+        delta = weight.detach()
+        if not torch.isfinite(delta).all():
+            raise EditorError("wise: the optimisation diverged (non-finite memory)")
+        info = {"steps": step, "nll_first": round(nll_first, 5), "nll": round(nll.item(), 5), "margin": round(margin.item(), 5)}
+        prompt_input = a[0, batch.prompt_mask[0]]  # (T_p, d_ff): the bare prompt's tokens
+        return delta, info, prompt_input
+
+    def _revert(self, edit_id: str) -> None:
+        started = time.perf_counter()
+        shard = next(s for s in self.shards if edit_id in s.edit_ids)
+        kept = [e for e in shard.edit_ids if e != edit_id]
+        mask = self.mask(shard.serial)
+        delta = torch.zeros(self.d_model, self.d_ff, device=self.host.device)
+        infos = {}
+        for other in kept:  # replay the shard's history without the reverted edit
+            options = self.meta[other]["options"]
+            cfg = dataclasses.replace(self.config, **options)
+            delta, infos[other], self._prompt_inputs[other] = self._train(delta, mask, other, self.request(other), cfg)
+        # Commit.
+        shard.delta, shard.edit_ids = delta, kept
+        if not kept:
+            self.shards.remove(shard)
+        for other, info in infos.items():
+            self.meta[other] |= info
+        del self.meta[edit_id]
+        self.acts.pop(edit_id, None)
+        self._prompt_inputs.pop(edit_id, None)
+        self._merge()
+        self._measure(self._all_ids())
+        self.last_revert = {"edit_id": edit_id, "retrained": len(kept), "seconds": round(time.perf_counter() - started, 4)}
+        logger.bind(edit_id=edit_id).info(
+            "wise: reverted by retraining shard {} on its {} other edits in {:.2f} s",
+            shard.serial, len(kept), self.last_revert["seconds"],
+        )
+
+    def _all_ids(self) -> list[str]:
+        return [e for s in self.shards for e in s.edit_ids]
+
+    def _merge(self) -> None:
+        if not self.shards:
+            self.memory_t = torch.zeros(self.d_ff, self.d_model, device=self.host.device)
+            return
+        merged = ties_merge([s.delta for s in self.shards], self.config.density)  # (d_model, d_ff)
+        self.memory_t = merged.T.contiguous()
+
+    @torch.no_grad()
+    def _measure(self, edit_ids: Sequence[str]) -> None:
+        """Activation of each edit's bare prompt under the served memory (routing threshold)."""
+        missing = [e for e in edit_ids if e not in self._prompt_inputs]
+        if missing:  # after a load: one forward to the edited layer for the edits' prompts
+            a, mask = self.layer_inputs([self.request(e).prompt for e in missing])
+            for row, e in enumerate(missing):
+                self._prompt_inputs[e] = a[row, mask[row]]
+        for e in edit_ids:
+            inputs = self._prompt_inputs[e]  # (T_p, d_ff)
+            self.acts[e] = float(activation((inputs @ self.memory_t)[None], torch.ones(1, inputs.shape[0], dtype=torch.bool, device=inputs.device))[0])
+
+    # ----- serving ----------------------------------------------------------------------------
+    def _hook_specs(self) -> list[HookSpec]:
+        return [HookSpec(self.path, self._serve)]
+
+    def _serve(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        routing = self.routing()
+        a = args[0]
+        batch, seq, _ = a.shape
+        decision = routing.decisions.get(self.name)
+        if decision is None:  # prefill: decide per row from its prompt tokens only
+            extra = a.float() @ self.memory_t  # (B, T, d_model)
+            act = activation(extra, routing.mask_for(batch, seq, a.device))  # (B,)
+            rows = (act >= self.threshold).nonzero().flatten()
+            decision = routing.decisions[self.name] = {"rows": rows, "act": act}
+            extra = extra[rows]
+        else:  # decode step with the KV cache: the prefill decided
+            rows = decision["rows"]
+            extra = a[rows].float() @ self.memory_t if rows.numel() else None
+        if rows.numel() == 0:
+            return None  # no row routed: the output is exactly the base model's
+        out = output.clone()
+        out[rows] = output[rows] + extra.to(output.dtype)
+        return out
+
+    # ----- persistence ------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        # Only each shard's masked elements: the masks are rebuilt from their seeds.
+        return {f"shard_{s.serial}": s.delta[self.mask(s.serial)] for s in self.shards}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "shards": [{"serial": s.serial, "edit_ids": s.edit_ids} for s in self.shards],
+            "next_serial": self.next_serial,
+            "prefixes": self.prefixes,
+            "acts": self.acts,
+            "meta": self.meta,
+        }
+
+    def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        ids = [r.edit_id for r in requests]
+        saved = extra.get("shards", [])
+        order = [e for s in saved for e in s["edit_ids"]]
+        if extra.get("layer") != self.layer or sorted(order) != sorted(ids) or set(extra.get("acts", {})) != set(ids):
+            raise EditorError("wise: saved shards do not match the saved edits (layer or edit ids)")
+        shards = []
+        for entry in saved:
+            mask = self.mask(entry["serial"])
+            values = tensors.get(f"shard_{entry['serial']}")
+            if values is None or values.shape != (int(mask.sum()),):
+                raise EditorError(f"wise: shard {entry['serial']} does not match its mask (seed or model changed?)")
+            delta = torch.zeros(self.d_model, self.d_ff, device=self.host.device)
+            delta[mask] = values.float()
+            shards.append(Shard(serial=entry["serial"], edit_ids=list(entry["edit_ids"]), delta=delta))
+        self.shards, self.next_serial = shards, int(extra.get("next_serial", len(shards)))
+        self.prefixes = list(extra.get("prefixes") or [])
+        self.acts = {k: float(v) for k, v in extra["acts"].items()}
+        self.meta = dict(extra.get("meta") or {})
+        self._prompt_inputs = {}
+        self._merge()
