@@ -1,0 +1,138 @@
+"""WISE-specific behaviour on the tiny random Llama (fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kmd.editors.protocol import Editor, EditorError, EditRequest
+from kmd.editors.scoring import score_targets
+from kmd.editors.wise import WiseEditor
+from kmd.editors.wise.editor import activation
+from kmd.editors.wise.merge import ties_merge, trim
+
+EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France", edit_id="e1")
+OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice", edit_id="e2")
+THIRD = EditRequest(prompt="Bob speaks the language of Japan", target="cherry", subject="Bob", edit_id="e3")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(host, **overrides) -> WiseEditor:
+    overrides = {"max_steps": 30} | overrides
+    return WiseEditor(host, WiseEditor.default_config(host, **overrides))
+
+
+def accuracy(host, editor, request) -> float:
+    return score_targets(host, editor, [(request.prompt, request.target)])[0].accuracy
+
+
+def test_trim_keeps_the_largest_entries():
+    task = torch.tensor([0.1, -3.0, 0.5, 2.0])
+    assert torch.equal(trim(task, 0.5), torch.tensor([0.0, -3.0, 0.0, 2.0]))
+    assert torch.equal(trim(task, 1.0), task)
+
+
+def test_ties_merge_elects_signs_and_averages_agreeing_entries():
+    a = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    b = torch.tensor([3.0, -1.0, 4.0, 0.0])
+    merged = ties_merge([a, b], density=1.0)
+    # element 0: both positive -> mean 2; element 1: sign of 2 - 1 is +, only a agrees -> 2;
+    # element 2: only b -> 4; element 3: only a -> -1
+    assert torch.equal(merged, torch.tensor([2.0, 2.0, 4.0, -1.0]))
+    assert torch.equal(ties_merge([a], density=0.5), a)  # one shard is served as it is
+
+
+def test_activation_skips_the_first_token_and_padding():
+    extra = torch.zeros(2, 3, 4)
+    extra[:, 0] = 100.0  # the first token: ignored
+    extra[:, 1, 0] = 3.0
+    extra[:, 2, 0] = 5.0
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    assert torch.allclose(activation(extra, mask), torch.tensor([4.0, 3.0]), atol=1e-5)
+
+
+def test_revert_gives_exactly_the_shard_without_the_edit(tiny_host):
+    editor = make(tiny_host)
+    for request in (EDIT, OTHER, THIRD):
+        editor.apply(request)
+    editor.revert("e2")
+    assert editor.last_revert["retrained"] == 2
+    assert editor.last_revert["seconds"] > 0
+    with editor.suspended():
+        fresh = make(tiny_host)
+        fresh.apply(EDIT)
+        fresh.apply(THIRD)
+    assert torch.equal(editor.memory_t, fresh.memory_t)
+    # A revert re-measures every kept edit's activation under the new memory (the threshold).
+    fresh._measure(["e1", "e3"])
+    assert editor.acts == fresh.acts
+    assert editor.shards[0].edit_ids == ["e1", "e3"]
+
+
+def test_shards_are_merged_and_a_reverted_shard_is_dropped(tiny_host):
+    editor = make(tiny_host, shard_size=1)
+    for request in (EDIT, OTHER):
+        editor.apply(request)
+    assert [s.serial for s in editor.shards] == [0, 1]
+    masks = [editor.mask(s.serial) for s in editor.shards]
+    assert not torch.equal(masks[0], masks[1])
+    assert all(((s.delta != 0) & ~m).sum() == 0 for s, m in zip(editor.shards, masks))  # only the mask trains
+    editor.revert("e1")
+    assert editor.last_revert["retrained"] == 0  # its shard held no other edit
+    assert [s.serial for s in editor.shards] == [1]
+    assert torch.equal(editor.memory_t, editor.shards[0].delta.T)
+    editor.apply(THIRD)
+    assert [s.serial for s in editor.shards] == [1, 2]  # serials (and masks) are never reused
+
+
+def test_memory_stays_within_the_clamp(tiny_host):
+    editor = make(tiny_host, clamp=0.01)
+    editor.apply(EDIT)
+    assert float(editor.shards[0].delta.abs().max()) <= 0.01
+
+
+def test_revert_after_a_restart_uses_the_saved_history(tiny_host, tmp_path):
+    editor = make(tiny_host)
+    for request in (EDIT, OTHER, THIRD):
+        editor.apply(request)
+    path = editor.save(tmp_path / "state")
+    expected_memory = editor.memory_t.clone()
+    editor.revert("e1")
+    after_revert = editor.memory_t.clone()
+    with editor.suspended():
+        reloaded = Editor.load(path, tiny_host)
+        assert torch.equal(reloaded.memory_t, expected_memory)
+        reloaded.revert("e1")  # prompt inputs are recomputed from the saved requests
+        assert torch.equal(reloaded.memory_t, after_revert)
+        assert reloaded.acts == editor.acts
+
+
+def test_layout_options_cannot_change_between_edits(tiny_host):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    with pytest.raises(EditorError, match="mask_ratio"), editor.configured(mask_ratio=0.5):
+        editor.apply(OTHER)
+    assert editor.edit_ids == ["e1"]
+
+
+def test_retried_edit_options_are_replayed_on_revert(tiny_host):
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    with editor.configured(**editor.stronger_overrides()):
+        editor.apply(OTHER)
+    assert editor.meta["e2"]["options"]["max_steps"] == 60
+    editor.apply(THIRD)
+    editor.revert("e1")
+    with editor.suspended():
+        fresh = make(tiny_host)
+        with fresh.configured(max_steps=60, stop_loss=fresh.config.stop_loss / 2):
+            fresh.apply(OTHER)
+        fresh.apply(THIRD)
+    assert torch.equal(editor.memory_t, fresh.memory_t)
