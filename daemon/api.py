@@ -7,7 +7,7 @@
     POST /v1/generate             greedy generation through the edited model
     GET  /v1/edits[/{id}]         the edit ledger;  GET /v1/reverts  the revert log
     POST /v1/facts                submit a curated fact (a claim from a policy source)
-    POST /v1/edits/{id}/revert    revert one edit now
+    POST /v1/edits/{id}/revert    revert one edit now (the writer only: 409 on a replica)
 
 Writes need `Authorization: Bearer <token>` (the token from the daemon config; with no
 token configured, writes are refused). Reads are open unless `protect_reads` is set.
@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmd.daemon.ledger import LedgerError
+from kmd.daemon.service import NotServingError
 
 if TYPE_CHECKING:
     from kmd.daemon.service import Daemon
@@ -90,10 +91,17 @@ class _StatsCollector:
             family = CounterMetricFamily(f"kmd_{name}", doc)
             family.add_metric([], float(getattr(stats, name, 0) if stats else 0))
             yield family
+        replica = self.daemon.replica
+        loads = CounterMetricFamily("kmd_state_loads", "published states a replica loaded and put in service")
+        loads.add_metric([], float(replica.loads if replica else 0))
+        yield loads
+        editor = replica.editor if replica else (m.editor if m else None)
         gauges = {
             "ready": (1.0 if self.daemon.ready else 0.0, "1 when serving with model and state loaded"),
+            "writer": (1.0 if m is not None and self.daemon.ledger.writer_term is not None else 0.0,
+                       "1 in the process that holds the writer role"),
             "edit_in_flight": (1.0 if stats and stats.busy else 0.0, "1 while an edit or revert runs"),
-            "edits_active": (float(len(m.editor.edit_ids)) if m else 0.0, "edits currently applied to the model"),
+            "edits_active": (float(len(editor.edit_ids)) if editor else 0.0, "edits currently applied to the model"),
             "locality": (stats.last_locality if stats and stats.last_locality is not None else float("nan"),
                          "last measured locality agreement with the unedited model"),
             "probe_seconds": (stats.last_probe_seconds if stats else 0.0, "duration of the last post-edit probe"),
@@ -140,6 +148,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         return JSONResponse(status_code=422, content={"error": "invalid request", "problems": problems})
 
     def maintainer():
+        if daemon.settings.cluster.role == "replica":
+            raise HTTPException(409, "this is a serving replica; send edits and reverts to the writer")
         if daemon.maintainer is None:
             raise HTTPException(503, "starting: model and state are not loaded yet")
         return daemon.maintainer
@@ -159,8 +169,10 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.post("/v1/generate")
     def generate(body: GenerateBody, _: Read) -> dict[str, Any]:
-        m = maintainer()
-        return {"prompt": body.prompt, "text": daemon.generate(m, body.prompt, body.max_new_tokens)}
+        try:
+            return {"prompt": body.prompt, "text": daemon.generate(body.prompt, body.max_new_tokens)}
+        except NotServingError as exc:
+            raise HTTPException(503, str(exc)) from exc
 
     @app.get("/v1/edits")
     def edits(_: Read, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:

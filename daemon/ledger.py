@@ -25,7 +25,11 @@ Writes that belong together go through `Ledger.transaction()`; the other write m
 run one transaction. Everything returned is an immutable record, never an ORM object.
 
 Source cursors (ETag, sequence numbers) are operational state, not ledger facts: they live
-in their own table and are not chained.
+in their own table and are not chained. So do the two rows of the single-writer scheme
+(`kmd.daemon.leadership`): the writer *term*, bumped by each process that becomes the
+writer (every write transaction of a process holding a term first checks it is still the
+current one, so a deposed writer cannot write), and the *published state* version that
+serving replicas load (`kmd.daemon.replication`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from datetime import datetime
 from typing import Any
 
 from loguru import logger
-from sqlalchemy import Index, bindparam, func, insert, update
+from sqlalchemy import Index, bindparam, func, insert, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -58,11 +62,14 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerTransaction",
+    "NotWriterError",
+    "PublishedState",
     "RecordResult",
     "RevertRecord",
 ]
 
 GENESIS_HASH = "0" * 64
+_SCHEMA_LOCK_KEY = 0x6B6D642D736368  # "kmd-sch": serialises table creation on PostgreSQL
 
 CLAIM_TRANSITIONS = {
     "new": {"pending", "accepted", "rejected"},
@@ -87,6 +94,10 @@ ACTIVE_FACT_STATUSES = ("quarantined", "ready", "applied", "committed", "blocked
 
 class LedgerError(Exception):
     """An operation the ledger refuses (unknown id, transition not allowed)."""
+
+
+class NotWriterError(LedgerError):
+    """This process's writer term is over: another process became the writer."""
 
 
 # -- tables ---------------------------------------------------------------------------------
@@ -196,7 +207,32 @@ class CursorRow(SQLModel, table=True):
     updated_at: str
 
 
-_TABLES = [t.__table__ for t in (FactRow, ClaimRow, EditRow, RevertRow, EventRow, ChainHeadRow, CursorRow)]
+class WriterTermRow(SQLModel, table=True):
+    """The current writer term (one row): bumped by each process that becomes the writer."""
+
+    __tablename__ = "kmd_writer_term"
+
+    id: int = Field(default=1, primary_key=True)
+    term: int
+    holder: str
+    since: str
+
+
+class PublishedStateRow(SQLModel, table=True):
+    """The committed editor state serving replicas load (one row; see kmd.daemon.replication)."""
+
+    __tablename__ = "kmd_published_state"
+
+    id: int = Field(default=1, primary_key=True)
+    version: str  # sha256 of the state's manifest.json: also its directory name
+    edit_ids: str  # canonical JSON list: the edits the state holds, oldest first
+    term: int  # the writer term that published it
+    holder: str
+    published_at: str
+
+
+_TABLES = [t.__table__ for t in (FactRow, ClaimRow, EditRow, RevertRow, EventRow, ChainHeadRow, CursorRow,
+                                 WriterTermRow, PublishedStateRow)]  # fmt: skip
 
 # The immutable columns of each row kind, hashed into its creation event.
 _RECORD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -399,6 +435,15 @@ class EventRecord:
     def of(cls, row: EventRow) -> EventRecord:
         data = json.loads(row.payload).get("data", {})
         return cls(row.seq, parse_time(row.ts), row.kind, row.entity, row.entity_id, row.actor, row.reason, data, row.hash)
+
+
+@dataclass(frozen=True)
+class PublishedState:
+    version: str
+    edit_ids: tuple[str, ...]
+    term: int
+    holder: str
+    published_at: datetime
 
 
 @dataclass(frozen=True)
@@ -691,15 +736,25 @@ class Ledger:
         self._engine = make_engine(self.url, echo=echo)
         self._writer = writer(self._engine)
         self._clock = clock
-        SQLModel.metadata.create_all(self._engine, tables=_TABLES)
-        self._ensure_head()
+        self._term: int | None = None  # the writer term this process holds (see begin_writer_term)
+        self._create_tables()
+        self._ensure_row(ChainHeadRow(id=1, seq=0, hash=GENESIS_HASH))
+        self._ensure_row(WriterTermRow(id=1, term=0, holder="", since=""))
 
-    def _ensure_head(self) -> None:
-        """Create the chain head row up front, so concurrent first writers lock one row."""
+    def _create_tables(self) -> None:
+        # Several processes may start at once on one PostgreSQL database: CREATE TABLE is
+        # not safe to race, so serialise it on a transaction-level advisory lock.
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            SQLModel.metadata.create_all(conn, tables=_TABLES)
+
+    def _ensure_row(self, row: SQLModel) -> None:
+        """Create a singleton row up front, so concurrent first writers lock one row."""
         try:
             with Session(self._writer) as s, s.begin():
-                if s.get(ChainHeadRow, 1) is None:
-                    s.add(ChainHeadRow(id=1, seq=0, hash=GENESIS_HASH))
+                if s.get(type(row), 1) is None:
+                    s.add(row)
         except IntegrityError:
             pass  # another process created it first
 
@@ -721,9 +776,53 @@ class Ledger:
     def transaction(self, actor: str) -> Iterator[LedgerTransaction]:
         """One atomic unit of writes; its events join the chain when the block ends."""
         with Session(self._writer, expire_on_commit=False) as session, session.begin():
+            if self._term is not None:
+                self._check_term(session)
             tx = LedgerTransaction(session, actor, self._clock)
             yield tx
             tx._flush_events()
+
+    # -- the single writer ---------------------------------------------------------------
+    def _check_term(self, s: Session) -> None:
+        # FOR SHARE: a new writer's term bump waits for this transaction, and every later
+        # transaction of ours sees the bump. (SQLite has one writer at a time anyway.)
+        current = s.exec(select(WriterTermRow.term).where(WriterTermRow.id == 1).with_for_update(read=True)).one()
+        if current != self._term:
+            raise NotWriterError(f"writer term {self._term} is over (term {current} is current): another process is the writer")
+
+    def begin_writer_term(self, holder: str) -> int:
+        """Become the writer: bump the term; from now on every write checks it is still ours."""
+        with Session(self._writer, expire_on_commit=False) as s, s.begin():
+            row = s.exec(select(WriterTermRow).where(WriterTermRow.id == 1).with_for_update()).one()
+            row.term, row.holder, row.since = row.term + 1, holder, iso(self._clock())
+            s.add(row)
+            term = row.term
+        self._term = term
+        logger.info("writer term {} begins ({})", term, holder)
+        return term
+
+    @property
+    def writer_term(self) -> int | None:
+        return self._term
+
+    def publish_state(self, version: str, edit_ids: Sequence[str], *, holder: str) -> None:
+        """Record the committed editor state replicas should serve (needs a writer term)."""
+        if self._term is None:
+            raise NotWriterError("only the writer publishes states (begin_writer_term first)")
+        with self.transaction("writer") as tx:
+            row = tx._s.get(PublishedStateRow, 1) or PublishedStateRow(id=1, version="", edit_ids="[]", term=0,
+                                                                         holder="", published_at="")  # fmt: skip
+            row.version, row.edit_ids, row.term = version, canonical_json(list(edit_ids)), self._term
+            row.holder, row.published_at = holder, tx.now
+            tx._s.add(row)
+
+    def published_state(self) -> PublishedState | None:
+        with self._read() as s:
+            row = s.get(PublishedStateRow, 1)
+            if row is None:
+                return None
+            return PublishedState(row.version, tuple(json.loads(row.edit_ids)), row.term, row.holder,
+                                  parse_time(row.published_at))  # fmt: skip
 
     @contextmanager
     def _read(self) -> Iterator[Session]:

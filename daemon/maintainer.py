@@ -12,13 +12,17 @@ On start, `restore()` loads the saved state and reconciles it with the ledger: a
 the state holds but the ledger never committed is removed (its fact is retried); an edit
 the ledger applied but never committed is marked reverted (its fact is retried); a
 committed edit missing from the state is re-applied from its recorded request.
+
+With serving replicas, `publish` (set by the daemon) copies the saved state where they
+can load it; it runs when an operation that saved the state has also recorded it in the
+ledger, so replicas only ever see committed states.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +90,8 @@ class Maintainer:
         self.editor = editor or get_backend(policy.backend)(host)
         self._suite = suite if suite is not None else self._suite_prompts()
         self.prober: Prober | None = None
+        self.publish: Callable[[], None] | None = None  # publish the saved state for replicas
+        self._unpublished = False  # the saved state changed since the last publish
         self._stop = threading.Event()
 
     # ----- start-up ---------------------------------------------------------------------------
@@ -140,6 +146,14 @@ class Maintainer:
 
     def save(self) -> None:
         self.editor.save(self.editor_dir)
+        self._unpublished = True
+
+    def publish_pending(self, *, force: bool = False) -> None:
+        """Publish the saved state if it changed (or always: a new writer's first publish)."""
+        with self.lock:
+            if (self._unpublished or force) and self.publish is not None:
+                self.publish()
+                self._unpublished = False
 
     # ----- serving ----------------------------------------------------------------------------
     @property
@@ -152,6 +166,7 @@ class Maintainer:
             self.stats.busy = True
             try:
                 yield
+                self.publish_pending()  # the ledger now records what the saved state holds
             finally:
                 self.stats.busy = False
 

@@ -10,10 +10,18 @@ Model changes all go through the `Maintainer` lock: never two edits at once.
 
 SIGTERM/SIGINT: stop taking new work, let the edit in flight finish (commit or revert),
 stop the API, exit 0. A SIGKILL at any moment is recovered at the next start.
+
+Scale-out (`cluster:` settings): a `writer` process first becomes the single writer
+(`kmd.daemon.leadership`: always on SQLite, an advisory lock on PostgreSQL; until then it
+waits as a standby, `/readyz` 503), then restores and runs the jobs, and publishes every
+committed state to `cluster.publish_dir`. If it loses the writer role it exits at once
+with status 3, like a crash. A `replica` process never edits: it serves the published
+state (`kmd.daemon.replication`) and reloads it when the ledger names a new one.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -21,10 +29,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from kmd.daemon.leadership import Leadership, holder_name, leadership_for
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.policy import load_policy
 from kmd.daemon.settings import DaemonSettings
@@ -32,7 +42,14 @@ from kmd.sources.claims import Claim, utcnow
 
 if TYPE_CHECKING:
     from kmd.daemon.maintainer import Maintainer
+    from kmd.daemon.replication import Replica
     from kmd.editors.model import ModelHost
+
+EXIT_NOT_WRITER = 3  # the writer role was lost: exit at once and restart as a standby
+
+
+class NotServingError(RuntimeError):
+    """No model and state are loaded yet (or this process is a standby)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,9 @@ class Daemon:
         self.ledger = Ledger(settings.database_url)
         self.api_token = settings.api_token()
         self.maintainer: Maintainer | None = None
+        self.replica: Replica | None = None
+        self.holder = holder_name()
+        self._leadership: Leadership | None = None
         self._host = host
         self._intake = None
         self._verifier = None
@@ -74,6 +94,10 @@ class Daemon:
     def readiness(self) -> tuple[bool, str]:
         if self._stopping.is_set():
             return False, "stopping"
+        if self.settings.cluster.role == "replica":
+            return self.replica.readiness() if self.replica else (False, "starting: loading the model")
+        if self._leadership is not None and self.ledger.writer_term is None:
+            return False, "standby: another process is the writer"
         if self.maintainer is None or self.maintainer.prober is None:
             return False, "starting: loading the model and restoring state"
         if self.maintainer.stats.busy:
@@ -81,13 +105,8 @@ class Daemon:
         return True, "ok"
 
     # ----- start-up -----------------------------------------------------------------------------
-    def load(self) -> Maintainer:
-        """Load the model, restore and reconcile the editor state, build intake and verifier."""
-        from kmd.daemon.maintainer import Maintainer
-        from kmd.daemon.matching import MiniLMEncoder, ObjectMatcher
-        from kmd.daemon.verify import Verifier
+    def load_model(self) -> ModelHost:
         from kmd.editors.model import ModelHost, ModelSettings
-        from kmd.sources.intake import Intake
 
         if self._host is None:
             m = self.settings.model
@@ -95,13 +114,75 @@ class Daemon:
                 ModelSettings(model=m.model, device=m.device, dtype=m.dtype, use_chat_template=m.use_chat_template,
                               profile=m.profile, offline=m.offline)  # fmt: skip
             )
-        maintainer = Maintainer(self._host, self.ledger, self.policy, self.settings.state_path)
+        return self._host
+
+    def try_become_writer(self) -> bool:
+        """Take the writer role if it is free; then every ledger write checks we still hold it."""
+        cluster = self.settings.cluster
+        if cluster.role != "writer":
+            raise RuntimeError("a replica never becomes the writer")
+        if self._leadership is None:
+            self._leadership = leadership_for(self.settings.database_url, key=cluster.lock_key, keepalive=cluster.keepalive)
+        if not self._leadership.try_acquire():
+            return False
+        if self.ledger.writer_term is None:
+            self.ledger.begin_writer_term(self.holder)
+        return True
+
+    def load(self) -> Maintainer:
+        """Become the writer, load the model, restore and reconcile the editor state, build intake and verifier."""
+        from kmd.daemon.maintainer import Maintainer
+        from kmd.daemon.matching import MiniLMEncoder, ObjectMatcher
+        from kmd.daemon.verify import Verifier
+        from kmd.sources.intake import Intake
+
+        if not self.try_become_writer():
+            raise RuntimeError("another process is the writer (it holds the PostgreSQL writer lock)")
+        maintainer = Maintainer(self.load_model(), self.ledger, self.policy, self.settings.state_path)
+        publish_dir = self.settings.publish_path
+        if publish_dir is not None:
+            self._adopt_closest_state(maintainer.editor_dir, publish_dir)
+            maintainer.publish = functools.partial(self._publish, maintainer.editor_dir)
         maintainer.restore()
+        if publish_dir is not None:  # a new writer term: publish what it serves, once
+            if not (maintainer.editor_dir / "manifest.json").is_file():
+                maintainer.save()
+            maintainer.publish_pending(force=True)
         self._intake = Intake(self.policy, self.ledger)
         matcher = ObjectMatcher(MiniLMEncoder(), self.policy.verification.similarity_threshold)
         self._verifier = Verifier(self.policy, self.ledger, matcher)
         self.maintainer = maintainer
         return maintainer
+
+    def _adopt_closest_state(self, editor_dir: Path, publish_dir: Path) -> None:
+        """Taking over: start from the local or the published state, whichever is nearer the ledger."""
+        from kmd.daemon.replication import adopt_state, closest_state, published_dir
+
+        published = self.ledger.published_state()
+        if published is None:
+            return
+        candidate = published_dir(publish_dir, published.version)
+        committed = {str(e.id) for e in self.ledger.committed_edits()}
+        if closest_state([candidate, editor_dir], committed) == candidate:
+            logger.info("restoring from published state {} (nearer the ledger than {})", published.version[:12], editor_dir)
+            adopt_state(candidate, editor_dir)
+
+    def _publish(self, editor_dir: Path) -> None:
+        from kmd.daemon.replication import publish_state
+
+        version, edit_ids = publish_state(editor_dir, self.settings.publish_path, keep=self.settings.cluster.keep_published)
+        self.ledger.publish_state(version, edit_ids, holder=self.holder)
+        logger.info("published state {} ({} edits)", version[:12], len(edit_ids))
+
+    def load_replica(self) -> Replica:
+        """A serving replica: the model, then the published state (see `Replica.sync`)."""
+        from kmd.daemon.replication import Replica
+
+        cluster = self.settings.cluster
+        self.replica = Replica(self.load_model(), self.ledger, self.policy, self.settings.publish_path,
+                               smoke_edits=cluster.smoke_edits)  # fmt: skip
+        self.replica.sync()
+        return self.replica
 
     # ----- the work -----------------------------------------------------------------------------
     def ingest(self, *, all_sources: bool = False) -> tuple[int, int, int]:
@@ -126,11 +207,16 @@ class Daemon:
         return CycleSummary(polled, claims, facts, report.committed, report.reverted, report.skipped,
                             tuple(regressed), time.perf_counter() - started)  # fmt: skip
 
-    def generate(self, maintainer: Maintainer, prompt: str, max_new_tokens: int) -> str:
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy text through the edited model (the writer's, or the replica's loaded state)."""
         from kmd.editors.scoring import generate_text
 
-        with maintainer.lock:  # never serve from a model half-way through an edit
-            return generate_text(maintainer.host, maintainer.editor, [prompt], max_new_tokens)[0]
+        source = self.replica or self.maintainer
+        # The lock: never serve from a model half-way through an edit or a state swap.
+        if source is None or source.editor is None:
+            raise NotServingError("starting: model and state are not loaded yet")
+        with source.lock:
+            return generate_text(source.host, source.editor, [prompt], max_new_tokens)[0]
 
     def submit_fact(self, subject: str, relation: str, obj: str, source_id: str, url: str) -> dict[str, Any]:
         """Record a curated fact as a claim from a policy source; verified in the next cycle."""
@@ -165,6 +251,7 @@ class Daemon:
         assert self._verifier is not None and self.maintainer is not None
         self._verifier.run()
         self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
+        self.maintainer.publish_pending()  # retries a publish that failed after an earlier change
         self.maintainer.stats.cycles += 1
 
     def _regression_job(self) -> None:
@@ -213,29 +300,64 @@ class Daemon:
 
     # ----- lifetimes ------------------------------------------------------------------------------
     def run_once(self) -> CycleSummary:
+        if self.settings.cluster.role != "writer":
+            raise RuntimeError("--once runs a maintenance cycle: only a writer does that")
         self.load()
         try:
             return self.cycle(all_sources=True)
         finally:
             self.close()
 
-    def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT; returns after a clean shutdown."""
+    def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT (returns 0 after a clean shutdown), or until this process
+        loses the writer role (returns EXIT_NOT_WRITER at once: the caller must exit)."""
         notifier = _SystemdNotifier()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._request_stop(signum))
         if self.settings.api.enabled:
             self.start_api()
-        self.load()
-        self._schedule()
-        notifier.notify("READY=1\nSTATUS=serving")
-        logger.info("kmd ready: {} edits applied, backend {}", len(self.maintainer.editor.edit_ids), self.maintainer.editor.name)
-        interval = notifier.watchdog_interval() if self.settings.schedule.watchdog else None
-        while not self._stopping.wait(interval or 1.0):
-            if interval and self._healthy():
+        cluster = self.settings.cluster
+        watchdog = notifier.watchdog_interval() if self.settings.schedule.watchdog else None
+        tick = min(watchdog or 1.0, cluster.poll_interval, cluster.keepalive)
+
+        def ping() -> None:
+            if watchdog and self._healthy():
                 notifier.notify("WATCHDOG=1")
+
+        if cluster.role == "replica":
+            self.load_replica()
+            notifier.notify("READY=1\nSTATUS=replica")
+            logger.info("kmd replica up: serving the states published in {}", self.settings.publish_path)
+        else:
+            self.load_model()  # a standby is ready to take over quickly
+            standby = False
+            while not self._stopping.is_set() and not self.try_become_writer():
+                if not standby:
+                    standby = True
+                    notifier.notify("READY=1\nSTATUS=standby: another process is the writer")
+                    logger.info("standby: another process is the writer; trying every {:g} s", cluster.poll_interval)
+                self._stopping.wait(cluster.poll_interval)
+                ping()
+            if not self._stopping.is_set():
+                self.load()
+                self._schedule()
+                notifier.notify("READY=1\nSTATUS=writer")
+                logger.info("kmd ready (writer, term {}): {} edits applied, backend {}", self.ledger.writer_term,
+                            len(self.maintainer.editor.edit_ids), self.maintainer.editor.name)  # fmt: skip
+        while not self._stopping.wait(tick):
+            if self.replica is not None:
+                self._guarded("replica sync", self.replica.sync)
+            elif not self._leadership.check():
+                logger.error("lost the writer role (the PostgreSQL lock session ended); stopping at once")
+                self._stopping.set()
+                if self.maintainer is not None:
+                    self.maintainer.stop()
+                notifier.notify("STOPPING=1")
+                return EXIT_NOT_WRITER
+            ping()
         notifier.notify("STOPPING=1")
         self._shutdown()
+        return 0
 
     def _request_stop(self, signum: int) -> None:
         logger.info("signal {} received: finishing the edit in flight, then stopping", signal.Signals(signum).name)
@@ -245,7 +367,9 @@ class Daemon:
 
     def _healthy(self) -> bool:
         api_ok = self._server_thread is None or self._server_thread.is_alive()
-        return api_ok and self._scheduler is not None and self._scheduler.running
+        if self._scheduler is None:  # a standby or a replica: this loop is its work
+            return api_ok
+        return api_ok and self._scheduler.running
 
     def _shutdown(self) -> None:
         if self._scheduler is not None:
@@ -254,6 +378,8 @@ class Daemon:
             self._server.should_exit = True
             if self._server_thread is not None:
                 self._server_thread.join(timeout=10)
+        if self._leadership is not None:
+            self._leadership.release()
         self.close()
         logger.info("kmd stopped cleanly")
 

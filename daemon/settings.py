@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kmd.daemon.policy import Duration, StrictModel, load_yaml_model
 
-__all__ = ["ApiSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
+__all__ = ["ApiSettings", "ClusterSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
 
 
 class ModelConfig(StrictModel):
@@ -46,6 +47,24 @@ class ScheduleSettings(StrictModel):
     watchdog: bool = True  # ping systemd's watchdog when WATCHDOG_USEC is set
 
 
+class ClusterSettings(StrictModel):
+    """Several processes on one ledger (docs/daemon.md, "Scale-out")."""
+
+    role: Literal["writer", "replica"] = "writer"  # replica: serve the published state, never edit
+    publish_dir: str | None = None  # shared directory for published states (writer writes, replicas read)
+    poll_interval: Duration = 2.0  # standby writer: try the lock; replica: look for a new state
+    keepalive: Duration = 5.0  # writer: confirm it still holds the PostgreSQL lock this often
+    lock_key: int = Field(default=0x6B6D642D777269, ge=-(2**63), lt=2**63)  # advisory lock id
+    keep_published: int = Field(default=5, ge=1)  # published versions kept on disk
+    smoke_edits: int = Field(default=2, ge=0)  # replica: edits (and reverted edits) probed per load
+
+    @model_validator(mode="after")
+    def _replica_needs_states(self) -> ClusterSettings:
+        if self.role == "replica" and not self.publish_dir:
+            raise ValueError("role replica needs publish_dir: the directory the writer publishes states to")
+        return self
+
+
 class DaemonSettings(StrictModel):
     policy: str  # path to the policy YAML
     state_dir: str = "state"  # editor state, locality baseline, default SQLite ledger
@@ -53,6 +72,7 @@ class DaemonSettings(StrictModel):
     model: ModelConfig = ModelConfig()
     api: ApiSettings = ApiSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     _base: Path = Path(".")
 
@@ -68,6 +88,10 @@ class DaemonSettings(StrictModel):
     @property
     def policy_path(self) -> Path:
         return self.path(self.policy)
+
+    @property
+    def publish_path(self) -> Path | None:
+        return self.path(self.cluster.publish_dir) if self.cluster.publish_dir else None
 
     @property
     def database_url(self) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from loguru import logger
 
 from kmd.daemon.commands.common import fail
 
@@ -17,20 +19,25 @@ def register(app: typer.Typer) -> None:
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Daemon settings YAML (see deploy/kmd.yaml).")],
     once: Annotated[bool, typer.Option(help="Run one full cycle (all sources) and exit; no API server.")] = False,
+    role: Annotated[str | None, typer.Option(help="writer | replica: overrides cluster.role in the settings.")] = None,
 ) -> None:
+    from pydantic import ValidationError
     from rich.console import Console
 
     from kmd.daemon.policy import PolicyError
     from kmd.daemon.service import Daemon
-    from kmd.daemon.settings import load_settings
+    from kmd.daemon.settings import ClusterSettings, load_settings
     from kmd.editors.model import ModelNotFoundError
     from kmd.editors.registry import UnknownBackendError
     from kmd.editors.state import StateError
 
     try:
         settings = load_settings(config)
+        if role is not None:
+            cluster = ClusterSettings.model_validate(settings.cluster.model_dump() | {"role": role})
+            settings = settings.model_copy(update={"cluster": cluster})
         daemon = Daemon(settings)
-    except (PolicyError, UnknownBackendError, OSError) as exc:
+    except (PolicyError, UnknownBackendError, OSError, ValidationError) as exc:
         raise fail(str(exc)) from exc
     try:
         if once:
@@ -43,6 +50,9 @@ def run(
                 f"({summary.seconds:.1f} s)"
             )
         else:
-            daemon.serve_forever()
-    except (ModelNotFoundError, StateError) as exc:
+            code = daemon.serve_forever()
+            if code:  # the writer role was lost: stop at once, edit in flight or not (like a crash)
+                logger.complete()
+                os._exit(code)
+    except (ModelNotFoundError, StateError, RuntimeError) as exc:
         raise fail(str(exc)) from exc
