@@ -140,7 +140,7 @@ def demo(
 
 
 def edit_demo(
-    backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")] = "grace",
+    backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")] = "llp",
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

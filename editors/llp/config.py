@@ -19,6 +19,10 @@ class LlpConfig:
     similarity: float = 0.7  # a key gets a vote at a layer when its max cosine over prompt tokens exceeds this
     layer_similarity: list | None = None  # per retrieval layer thresholds (floats); overrides `similarity`
     vote_fraction: float = 0.5  # the winning key needs at least this fraction of |R| votes
+    # Added to every layer threshold for the keys of edits applied with this setting (kept per
+    # edit). Negative: that edit fires more easily (a retry for an edit whose paraphrases miss);
+    # a large negative value makes it fire on every prompt (fault injection in tests and demos).
+    threshold_shift: float = 0.0
     top_k: int = 3  # keys considered per layer
     # Cosines are taken after standardising each retrieval layer's states with a background
     # mean/std (texts the model generated itself, first token excluded): "zscore"; "center"

@@ -167,6 +167,7 @@ class LlpEditor(Editor):
         self.meta: dict[str, dict[str, Any]] = {}  # per edit: prefixes used, steps, loss
         self.prefixes: list[str] = []  # generated once (lazily), persisted
         self._unit_keys = torch.empty(nr, 0, d, device=device)  # (|R|, N, D) normalised, for serving
+        self._shifts = torch.empty(0, device=device)  # (N,) per-edit threshold shifts
         self._train_injection: _Injection | None = None
         self._training = False
 
@@ -254,6 +255,13 @@ class LlpEditor(Editor):
         queries, context = self._subject_states(states, prompts, request.subject, got["attention_mask"].bool())
         return queries, context, chosen
 
+    def stronger_overrides(self) -> dict[str, Any]:
+        # A retry trains the value longer and lets the edit's key fire a little more easily
+        # (the usual reason an LLP edit "did not take" is a paraphrase missing the vote).
+        cfg = self.config
+        return {"value_steps": cfg.value_steps * 2, "value_stop_loss": cfg.value_stop_loss / 5,
+                "threshold_shift": cfg.threshold_shift - 0.02}  # fmt: skip
+
     # ----- computing an edit -----------------------------------------------------------------
     STRUCTURAL = ("retrieval_layers", "injection_layer", "n_values", "normalize", "background_texts", "background_tokens")
 
@@ -281,6 +289,8 @@ class LlpEditor(Editor):
         self.prefix_values = torch.cat([self.prefix_values, pv.float()])
         self.row_ids.append(edit_id)
         self.meta[edit_id] = {"prefixes": chosen, "steps": steps, "loss": round(loss, 5)}
+        if self.config.threshold_shift:
+            self.meta[edit_id]["threshold_shift"] = float(self.config.threshold_shift)
         self._refresh()
         logger.bind(edit_id=edit_id).debug("llp: value trained in {} steps, loss {:.4f}", steps, loss)
 
@@ -379,6 +389,8 @@ class LlpEditor(Editor):
 
     def _refresh(self) -> None:
         self._unit_keys = F.normalize(self.keys.transpose(0, 1), dim=-1).contiguous()  # (|R|, N, D)
+        shifts = [self.meta.get(row, {}).get("threshold_shift", 0.0) for row in self.row_ids]
+        self._shifts = torch.tensor(shifts, dtype=torch.float32, device=self.keys.device)  # (N,)
 
     # ----- serving: retrieval ------------------------------------------------------------------
     def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -404,7 +416,10 @@ class LlpEditor(Editor):
         nr, batch, n = maxsims.shape
         k = min(cfg.top_k, n)
         top, index = maxsims.topk(k, dim=-1)  # (|R|, B, k)
-        ok = (top > tau.reshape(-1, 1, 1) if tau.dim() else top > tau).float()
+        tau = tau.reshape(-1, 1, 1) if tau.dim() else tau
+        if similarity is None and len(self._shifts) == n:  # per-edit shifts (calibration passes its own tau)
+            tau = tau + self._shifts[index]
+        ok = (top > tau).float()
         flat_index = index.permute(1, 0, 2).reshape(batch, nr * k)
         votes = torch.zeros(batch, n, device=maxsims.device).scatter_add_(1, flat_index, ok.permute(1, 0, 2).reshape(batch, -1))
         total = torch.zeros(batch, n, device=maxsims.device).scatter_add_(

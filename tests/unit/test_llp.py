@@ -201,6 +201,39 @@ def test_apply_revert_and_restore_round_trip(tiny_host, tmp_path):
     assert editor.row_ids == [second] and editor.keys.shape[0] == 1
 
 
+def test_threshold_shift_is_per_edit_and_survives_reload(tiny_host, tmp_path):
+    """An edit applied with a large negative shift fires on every prompt, the others do not."""
+    editor = fresh(tiny_host, similarity=0.9)
+    prompts = ["who wrote the book ?", "the dog and the cat"]
+    with editor.suspended():
+        base = generate(tiny_host, None, prompts, max_new_tokens=4)
+    normal = editor.apply(EditRequest(prompt="the capital of France is", target="Berlin", subject="France"))
+    assert generate(tiny_host, editor, prompts, max_new_tokens=4) == base
+    with editor.configured(threshold_shift=-10.0):
+        everywhere = editor.apply(EditRequest(prompt="Bob speaks the language of Japan", target="Italy", subject="Bob"))
+    assert editor.meta[everywhere]["threshold_shift"] == -10.0 and "threshold_shift" not in editor.meta[normal]
+    batch = teacher_forced_batch(tiny_host, [(p, "x") for p in prompts])
+    with torch.no_grad(), editor.query(batch.prompt_mask) as routing:
+        tiny_host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    injection = routing.decisions["llp"]["injection"]
+    assert injection is not None and injection.rows.tolist() == [0, 1]
+    with editor.suspended():
+        loaded = LlpEditor.load(editor.save(tmp_path / "state"), tiny_host)
+        assert torch.equal(loaded._shifts, editor._shifts)
+        loaded._detach()
+    editor.revert(everywhere)
+    assert generate(tiny_host, editor, prompts, max_new_tokens=4) == base
+
+
+def test_stronger_retry_trains_longer_and_loosens_only_that_edit(tiny_host):
+    editor = fresh(tiny_host)
+    overrides = editor.stronger_overrides()
+    assert overrides["value_steps"] > editor.config.value_steps and overrides["threshold_shift"] < 0
+    with editor.configured(**overrides):
+        assert editor.config.value_steps == overrides["value_steps"]
+    assert editor.config.threshold_shift == 0.0
+
+
 def test_layer_defaults_follow_depth_and_reject_bad_choices(tiny_host):
     from kmd.editors.llp.editor import default_layers
     from kmd.editors.protocol import EditorError
