@@ -1,0 +1,160 @@
+"""`kmd bench-loop`: how long a new feed entry takes to become a committed, probed edit.
+
+The real maintenance loop on the demo policy (embedded model by default, the policy's
+backend): a feed served on loopback gains one new entry at a time, and each time one
+`Daemon.cycle()` polls it, verifies it, applies the edit, runs every probe (the edit and
+its paraphrases, the whole locality suite, a sample of earlier edits) and commits. The
+first entry is a warm-up: it pays the backend's one-off costs (LLP generates its
+background statistics on the first edit) and is reported apart. Under the scheduler the
+source's poll interval adds up to that interval on top of these figures.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+from xml.sax.saxutils import escape
+
+import typer
+
+from kmd.daemon.commands.common import DeviceOpt, ModelOpt
+
+# Made-up companies and people: the model cannot know them, so every edit must take.
+FIRST = ("Nadia", "Tomas", "Ilse", "Ravi", "Odile", "Kenji", "Marta", "Femi", "Lior", "Anouk", "Pavel", "Sana")
+LAST = ("Velmont", "Grausz", "Okafor", "Lindqvist", "Marchetti", "Tanaka", "Brennan", "Aziz", "Halloran", "Vesely")
+COMPANY = ("Zorbland", "Quillix", "Brontera", "Velocor", "Nimbrook", "Ostrava", "Kelvane", "Tarsis", "Umbrel", "Wendrik")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench-loop", help="Time from a new feed entry to its committed, probed edit (the real loop).")(bench_loop)
+
+
+class _Feed:
+    """An Atom feed on loopback whose entries the benchmark appends to."""
+
+    def __init__(self) -> None:
+        self.entries: list[str] = []
+        feed = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                body = feed.body()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/atom+xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/feed.atom"
+
+    def add(self, index: int, subject: str, obj: str) -> None:
+        self.entries.append(
+            f"<entry><id>urn:kmd:bench:{index}</id><title>{escape(subject)} names a chief executive</title>"
+            f"<updated>2026-11-20T08:00:{index % 60:02d}Z</updated><link href='https://newswire.example/{index}'/>"
+            f"<kf:subject>{escape(subject)}</kf:subject><kf:relation>ceo</kf:relation>"
+            f"<kf:object>{escape(obj)}</kf:object></entry>"
+        )
+
+    def body(self) -> bytes:
+        return (
+            "<?xml version='1.0' encoding='utf-8'?><feed xmlns='http://www.w3.org/2005/Atom' xmlns:kf='urn:kmd:fact:1'>"
+            "<title>bench</title><id>urn:kmd:bench</id><updated>2026-11-20T09:00:00Z</updated>"
+            + "".join(self.entries) + "</feed>"
+        ).encode()
+
+
+def bench_loop(
+    entries: Annotated[int, typer.Option(min=1, max=100, help="Timed entries (after one warm-up entry).")] = 5,
+    model: ModelOpt = "embedded",
+    device: DeviceOpt = "auto",
+    backend: Annotated[str | None, typer.Option(help="Override the demo policy's backend.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="State and ledger directory (default: a new temp dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+) -> None:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from kmd.daemon.service import Daemon
+    from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
+
+    console = Console()
+    work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-bench-loop-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    feed = _Feed()
+    facts = work / "facts.jsonl"
+    facts.write_text('{"kmd_jsonl": 1, "source": "curated", "sequence": 1, "created": "2026-11-20T00:00:00Z"}\n')
+    text = resources.files("kmd.policies").joinpath("demo-policy.yaml").read_text()
+    text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
+    if backend:
+        text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
+    policy = work / "policy.yaml"
+    policy.write_text(text)
+    settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"),
+                              model=ModelConfig(model=model, device=device), api=ApiSettings(enabled=False))  # fmt: skip
+    daemon = Daemon(settings)
+    rows: list[dict] = []
+    try:
+        started = time.perf_counter()
+        maintainer = daemon.load()
+        load_s = time.perf_counter() - started
+        for i in range(entries + 1):
+            subject = f"{COMPANY[i % len(COMPANY)]} {['Robotics', 'Foods', 'Labs', 'Shipping'][i // len(COMPANY) % 4]}"
+            person = f"{FIRST[i % len(FIRST)]} {LAST[(i * 7) % len(LAST)]}"
+            feed.add(i, subject, person)
+            t0 = time.perf_counter()
+            summary = daemon.cycle(all_sources=True, regression=False)
+            seconds = time.perf_counter() - t0
+            edits = [e for e in daemon.ledger.edits() if e.request.get("subject") == subject]
+            final = edits[-1] if edits else None
+            probes = (final.probes or {}) if final else {}
+            rows.append({"entry": i, "warm_up": i == 0, "fact": f"{subject} ceo -> {person}",
+                         "status": final.status if final else "no edit", "attempts": len(edits),
+                         "entry_to_commit_s": seconds if summary.committed else None,
+                         "apply_s": probes.get("apply_seconds"), "probe_s": probes.get("probe_seconds"),
+                         "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc")})  # fmt: skip
+            console.print(f"entry {i}: {rows[-1]['status']} in {seconds:.1f} s")
+    finally:
+        daemon.close()
+        feed.server.shutdown()
+
+    timed = [r for r in rows if not r["warm_up"] and r["entry_to_commit_s"] is not None]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in timed if r[key] is not None]
+        return statistics.fmean(values) if values else None
+
+    result = {
+        "model": maintainer.host.identity.name, "backend": maintainer.editor.name, "device": str(maintainer.host.device),
+        "torch_threads": torch.get_num_threads(), "load_and_baseline_s": load_s,
+        "locality_prompts": len(maintainer.prober.baseline.prompts),
+        "entries": rows, "committed": len(timed), "entry_to_commit_s_mean": mean("entry_to_commit_s"),
+        "apply_s_mean": mean("apply_s"), "probe_s_mean": mean("probe_s"),
+    }  # fmt: skip
+    table = Table(title=f"feed entry -> committed edit ({result['backend']}, {result['model']})")
+    for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "rel", "gen", "loc"):
+        table.add_column(column)
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        table.add_row(f"{r['entry']}{' (warm-up)' if r['warm_up'] else ''}", r["status"], str(r["attempts"]),
+                      fmt(r["entry_to_commit_s"]), fmt(r["apply_s"]), fmt(r["probe_s"]), fmt(r["rel"]), fmt(r["gen"]),
+                      fmt(r["loc"]))  # fmt: skip
+    console.print(table)
+    console.print(f"load + locality baseline {load_s:.1f} s; mean over {len(timed)} committed entries: "
+                  f"entry->commit {fmt(result['entry_to_commit_s_mean'])} s, apply {fmt(result['apply_s_mean'])} s, "
+                  f"probes {fmt(result['probe_s_mean'])} s")  # fmt: skip
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
