@@ -15,6 +15,7 @@ from kmd.daemon.commands import bench, demo, editors_cmd
 from kmd.daemon.commands import ledger_cmd
 from kmd.daemon.commands import calibrate
 from kmd.daemon.commands import run_cmd
+from kmd.daemon.commands import recipe
 from kmd.daemon.commands import loop_bench
 from kmd.daemon.logs import configure_logging
 
@@ -41,6 +42,7 @@ editors_cmd.register(app)
 ledger_cmd.register(app)
 calibrate.register(app)
 run_cmd.register(app)
+recipe.register(app)
 loop_bench.register(app)
 
 

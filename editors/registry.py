@@ -21,6 +21,7 @@ _BACKENDS: dict[str, str | type] = {
     "grace": "kmd.editors.grace:GraceEditor",
     "llp": "kmd.editors.llp:LlpEditor",
     "memoir": "kmd.editors.memoir:MemoirEditor",
+    "recipe": "kmd.editors.recipe:RecipeEditor",
     "wise": "kmd.editors.wise:WiseEditor",
 }
 

@@ -18,6 +18,8 @@ from kmd.editors.registry import backend_names, get_backend
 from kmd.editors.scoring import generate, score_targets
 from kmd.editors.state import StateError
 
+from .conftest import backend_options
+
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice")
 PROBES = [
@@ -45,7 +47,8 @@ def took(host, editor, request) -> float:
 @pytest.fixture(params=backend_names())
 def editor(request, tiny_host):
     cls = get_backend(request.param)
-    return cls(tiny_host)
+    options = backend_options(request.param, request)
+    return cls(tiny_host, cls.default_config(tiny_host, **options)) if options else cls(tiny_host)
 
 
 def test_apply_takes_effect_and_leaves_unrelated_prompts(tiny_host, editor):

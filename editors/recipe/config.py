@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """RECIPE options (per model, from the profile; unknown keys are rejected).
+
+    The method's hyperparameters live in the trained editor (`kmd recipe train`); here is
+    which trained editor to use and how strictly to retrieve.
+    """
+
+    # The trained editor (a safetensors file from `kmd recipe train`, normally
+    # <out>/best.safetensors). Required: there is no untrained RECIPE.
+    checkpoint: str | None = None
+    # A query retrieves its nearest edit when that edit's cosine exceeds the sentinel's by
+    # more than this (0: the Knowledge Sentinel alone decides, as in the paper).
+    margin: float = 0.0

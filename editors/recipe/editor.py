@@ -1,0 +1,161 @@
+"""RECIPE: retrieval-augmented continuous prompts (see ../shared/design/METHODS.md, "RECIPE").
+
+Editing is a forward pass, no optimisation: the edit's statement ("prompt target") goes
+through the frozen sentence encoder and the trained knowledge MLP (r_k, one repository
+row) and the prompt MLP (n_prompts continuous vectors, prepended to the token embeddings
+of the rows that retrieve this edit). The vectors' per-layer keys/values are computed
+once here (`PrefixInjector`), so serving only merges them into routed rows.
+
+Serving, per row of a batch and from prompt tokens only: on the prefill, each row's
+prompt tokens are decoded to text, encoded, and mapped by the query MLP to r_q; the row
+retrieves its nearest stored edit when that scores above the Knowledge Sentinel (and
+`margin`), otherwise it runs as the base model. KV-cache decode steps reuse the decision.
+
+The trained networks come from `kmd recipe train` (editors/recipe/train.py); the
+editor's `checkpoint` option names that file, and its checksum is kept in the saved
+state. Revert deletes the edit's row: exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from loguru import logger
+
+from kmd.editors.hooks import HookSpec
+from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.recipe.config import RecipeConfig
+from kmd.editors.recipe.inject import Injection, PrefixInjector
+from kmd.editors.recipe.model import CheckpointError, encode_texts, load_networks, statement
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class RecipeEditor(Editor):
+    name = "recipe"
+    config_class = RecipeConfig
+
+    def __init__(self, host: ModelHost, config: RecipeConfig | None = None) -> None:
+        super().__init__(host, config)
+        if not self.config.checkpoint:
+            raise CheckpointError(
+                "recipe: no trained editor configured. Train one with `kmd recipe train --model M --data FILE "
+                "--out DIR` and set the backend option checkpoint=DIR/best.safetensors (profile `backends: recipe:` "
+                "or `--set checkpoint=...`)"
+            )
+        path = Path(self.config.checkpoint).expanduser()
+        self.networks, meta = load_networks(path, host)
+        self.checkpoint_sha256 = file_sha256(path)
+        self.injector = PrefixInjector(host)
+        shape, device = self.networks.shape, host.device
+        n_layers, n_kv, hd = self.injector.kv_shape
+        self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
+        self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
+        self.prefix_keys = torch.empty(0, n_layers, shape.n_prompts, n_kv, hd, device=device)  # pre-RoPE
+        self.prefix_values = torch.empty(0, n_layers, shape.n_prompts, n_kv, hd, device=device)
+        self.row_ids: list[str] = []
+        logger.info("recipe: trained editor {} ({})", path, meta.get("training", {}).get("summary", "no summary"))
+
+    # ----- editing: one encoder forward ----------------------------------------------------
+    @torch.no_grad()
+    def _apply(self, edit_id: str, request: EditRequest) -> None:
+        encoded = encode_texts([statement(request.prompt, request.target)], self.host.device)
+        rep = self.networks.knowledge_reps(encoded)  # (1, R)
+        vectors = self.networks.prompt_vectors(rep)  # (1, n, D)
+        keys, values = self.injector.prefix_kv(vectors.to(self.host.model.dtype))
+        self.reps = torch.cat([self.reps, rep])
+        self.prompts = torch.cat([self.prompts, vectors])
+        self.prefix_keys = torch.cat([self.prefix_keys, keys.float()])
+        self.prefix_values = torch.cat([self.prefix_values, values.float()])
+        self.row_ids.append(edit_id)
+
+    def _revert(self, edit_id: str) -> None:
+        row = self.row_ids.index(edit_id)
+        keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
+        self.reps, self.prompts = self.reps[keep], self.prompts[keep]
+        self.prefix_keys, self.prefix_values = self.prefix_keys[keep], self.prefix_values[keep]
+        del self.row_ids[row]
+
+    # ----- serving -------------------------------------------------------------------------
+    @torch.no_grad()
+    def retrieve(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query text: (best row, hit). A hit beats the sentinel by more than `margin`."""
+        reps = self.networks.query_reps(encode_texts(queries, self.host.device))
+        logits = self.networks.retrieval_logits(reps, self.reps) * self.networks.shape.temperature  # cosines
+        best = logits[:, 1:].argmax(dim=1)
+        top = logits[:, 1:].gather(1, best[:, None])[:, 0]
+        return best, top > logits[:, 0] + self.config.margin
+
+    def _hook_specs(self) -> list[HookSpec]:
+        layout = self.host.profile.layout
+        return [
+            HookSpec(layout.embed, self._grab_ids),
+            HookSpec(layout.path("layer", 0), self._decide, "forward_pre", with_kwargs=True),
+            *self.injector.specs(self._current),
+        ]
+
+    def _grab_ids(self, module, args, output):
+        decisions = self.routing().decisions
+        if self.name not in decisions:  # the prefill: the prompt's token ids
+            decisions[self.name] = {"ids": args[0], "injection": None, "done": False}
+        return None
+
+    def _decide(self, module, args, kwargs):
+        routing = self.routing()
+        decision = routing.decisions.get(self.name)
+        if decision is None or decision["done"]:
+            return None
+        decision["done"] = True
+        ids = decision.pop("ids")
+        batch, seq = ids.shape
+        mask = routing.mask_for(batch, seq, ids.device)
+        tokenizer = self.host.tokenizer
+        texts = [tokenizer.decode(ids[row][mask[row]].tolist(), skip_special_tokens=True).strip() for row in range(batch)]
+        best, hit = self.retrieve([t or " " for t in texts])
+        rows = hit.nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=ids.device)[None]
+        position_ids = position_ids.expand(batch, seq)
+        first = mask.int().argmax(dim=1)  # first prompt token of each row
+        p_first = position_ids[torch.arange(batch, device=ids.device), first]
+        edits = best[rows]
+        decision["injection"] = Injection(
+            rows=rows, keys=self.prefix_keys[edits], values=self.prefix_values[edits], p_first=p_first[rows]
+        )
+        return None
+
+    def _current(self) -> Injection | None:
+        decision = self.routing().decisions.get(self.name)
+        return decision["injection"] if decision else None
+
+    # ----- persistence -----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"reps": self.reps, "prompts": self.prompts, "prefix_keys": self.prefix_keys, "prefix_values": self.prefix_values}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"row_ids": self.row_ids, "checkpoint_sha256": self.checkpoint_sha256}
+
+    def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        if extra.get("checkpoint_sha256") != self.checkpoint_sha256:
+            raise EditorError("recipe: the saved edits were made with another trained editor (checkpoint checksum differs)")
+        ids = list(extra.get("row_ids", []))
+        if sorted(ids) != sorted(r.edit_id for r in requests):
+            raise EditorError("recipe: saved rows do not match the saved edits")
+        loaded = {k: tensors[k].float() for k in ("reps", "prompts", "prefix_keys", "prefix_values")}
+        if any(t.shape[0] != len(ids) for t in loaded.values()) or loaded["prefix_keys"].shape[1:] != self.prefix_keys.shape[1:]:
+            raise EditorError("recipe: saved tensors do not match the saved rows / model")
+        self.reps, self.prompts = loaded["reps"], loaded["prompts"]
+        self.prefix_keys, self.prefix_values = loaded["prefix_keys"], loaded["prefix_values"]
+        self.row_ids = ids

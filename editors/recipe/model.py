@@ -1,0 +1,159 @@
+"""The trained part of RECIPE: MLPs on a frozen sentence encoder, and the Knowledge Sentinel.
+
+    statement "prompt target" --encoder--> e_k --knowledge MLP--> r_k --prompt MLP--> P (n_prompts, D)
+    query prompt              --encoder--> e_q --query MLP-->     r_q
+    retrieve row i when cos(r_q, r_k_i) > cos(r_q, sentinel)
+
+The encoder is the packaged all-MiniLM-L6-v2, kept frozen: only the MLPs and the sentinel
+train (`editors/recipe/train.py`), which fits a CPU and lets training cache the encoder's
+outputs. The paper fine-tunes a RoBERTa encoder instead.
+
+A trained editor is one safetensors file: the MLP weights and the sentinel, with JSON
+metadata naming the base model's identity (refused on any other model), the shapes and
+how it was trained. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kmd.editors.protocol import EditorError
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
+
+FORMAT = "kmd-recipe-editor/1"
+
+
+class CheckpointError(EditorError):
+    """A trained RECIPE editor is missing, unreadable, or belongs to another base model."""
+
+
+@dataclass(frozen=True)
+class RecipeShape:
+    """Sizes of the trained networks (stored in the checkpoint)."""
+
+    encoder_dim: int = 384  # all-MiniLM-L6-v2
+    hidden: int = 1024
+    rep_dim: int = 384
+    n_prompts: int = 3  # continuous prompt vectors per edit (the paper: 3)
+    d_model: int = 576
+    temperature: float = 0.05  # of the retrieval softmax over cosines
+
+
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+class RecipeNetworks(nn.Module):
+    def __init__(self, shape: RecipeShape, embed_rms: float) -> None:
+        super().__init__()
+        self.shape = shape
+        self.knowledge = mlp(shape.encoder_dim, shape.hidden, shape.rep_dim)
+        self.query = mlp(shape.encoder_dim, shape.hidden, shape.rep_dim)
+        self.prompts = mlp(shape.rep_dim, shape.hidden, shape.n_prompts * shape.d_model)
+        self.sentinel = nn.Parameter(torch.randn(shape.rep_dim) * 0.02)
+        # Prompt vectors are produced in units of the RMS of the model's token embeddings.
+        self.register_buffer("embed_rms", torch.tensor(float(embed_rms)))
+
+    def knowledge_reps(self, encoded: torch.Tensor) -> torch.Tensor:
+        """(N, encoder_dim) -> (N, rep_dim) unit vectors."""
+        return F.normalize(self.knowledge(encoded), dim=-1)
+
+    def query_reps(self, encoded: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.query(encoded), dim=-1)
+
+    def prompt_vectors(self, reps: torch.Tensor) -> torch.Tensor:
+        """(N, rep_dim) -> (N, n_prompts, d_model), to prepend to the token embeddings."""
+        out = self.prompts(reps).view(reps.shape[0], self.shape.n_prompts, self.shape.d_model)
+        return out * self.embed_rms
+
+    def retrieval_logits(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, R) query reps, (N, R) knowledge reps -> (B, 1 + N) cosines / T; column 0 is the sentinel."""
+        sentinel = F.normalize(self.sentinel, dim=-1)[None]
+        return torch.cat([queries @ sentinel.T, queries @ keys.T], dim=1) / self.shape.temperature
+
+
+@torch.no_grad()
+def encode_texts(texts: Sequence[str], device: torch.device | str, batch_size: int = 64) -> torch.Tensor:
+    """(N, 384) unit embeddings from the packaged all-MiniLM-L6-v2 (frozen)."""
+    from kmd.editors.encoder import load_sentence_encoder
+
+    encoder = load_sentence_encoder(str(device))
+    out = encoder.encode(
+        list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    )
+    return out.float().to(device)
+
+
+def statement(prompt: str, target: str) -> str:
+    return f"{prompt.strip()} {target.strip()}"
+
+
+def embed_rms(host: ModelHost) -> float:
+    from kmd.editors.hooks import resolve_module
+
+    weight = resolve_module(host.model, host.profile.layout.embed).weight
+    return float(weight.float().pow(2).mean().sqrt())
+
+
+def new_networks(host: ModelHost, **shape: Any) -> RecipeNetworks:
+    shape = RecipeShape(d_model=host.model.config.hidden_size, **shape)
+    return RecipeNetworks(shape, embed_rms(host)).to(host.device)
+
+
+def save_networks(networks: RecipeNetworks, host: ModelHost, path: Path, training: dict[str, Any]) -> Path:
+    """One safetensors file (written to a temporary name, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps(host.identity.to_dict(), sort_keys=True),
+        "shape": json.dumps(asdict(networks.shape), sort_keys=True),
+        "training": json.dumps(training, sort_keys=True),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in networks.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"recipe: no trained editor at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+        meta = {k: json.loads(v) if k != "format" else v for k, v in raw.items()}
+    except Exception as exc:
+        raise CheckpointError(f"recipe: {path} is not a readable trained editor ({exc})") from exc
+    if meta.get("format") != FORMAT or not {"model", "shape"} <= set(meta):
+        raise CheckpointError(f"recipe: {path} is not a {FORMAT} file")
+    return meta
+
+
+def load_networks(path: Path, host: ModelHost) -> tuple[RecipeNetworks, dict[str, Any]]:
+    """The trained networks for `host`; refuses a checkpoint trained for another base model."""
+    meta = read_metadata(path)
+    mismatches = host.identity.mismatches(meta["model"])
+    if mismatches:
+        raise CheckpointError(
+            f"recipe: {path} was trained for another base model ({meta['model'].get('name')}): " + "; ".join(mismatches)
+        )
+    networks = RecipeNetworks(RecipeShape(**meta["shape"]), 1.0)
+    try:
+        networks.load_state_dict(load_file(str(path)))
+    except Exception as exc:
+        raise CheckpointError(f"recipe: {path}: weights do not fit the stored shape ({exc})") from exc
+    return networks.to(host.device).eval().requires_grad_(False), meta
