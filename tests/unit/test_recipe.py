@@ -1,0 +1,114 @@
+"""RECIPE-specific behaviour on the tiny random Llama (a tiny editor is trained once per module)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from recipe_tiny import tiny_recipe_records, train_tiny_recipe
+
+from kmd.editors.model import ModelHost, ModelSettings
+from kmd.editors.protocol import Editor, EditorError, EditRequest
+from kmd.editors.recipe import RecipeEditor
+from kmd.editors.recipe.model import CheckpointError, load_networks
+from kmd.editors.recipe.train import PrependedLM, Trainer, TrainOptions
+from kmd.editors.scoring import score_targets
+
+EDIT = EditRequest(prompt="the capital of France is", target="Berlin", edit_id="e1")
+OTHER = EditRequest(prompt="Alice works for the company", target="banana", edit_id="e2")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory) -> dict:
+    return train_tiny_recipe(tiny_model_dir, tmp_path_factory.mktemp("recipe"))
+
+
+def make(host, trained, **overrides) -> RecipeEditor:
+    return RecipeEditor(host, RecipeEditor.default_config(host, checkpoint=trained["best"], **overrides))
+
+
+def test_training_reaches_the_tiny_facts_and_keeps_the_best(trained):
+    assert trained["last_validation"]["val_score"] == 1.0
+    assert Path(trained["best"]).is_file()
+    progress = json.loads((Path(trained["best"]).parent / "progress.json").read_text())
+    assert progress["best_step"] == trained["best_step"] and len(progress["history"]) == 4
+
+
+def test_no_checkpoint_is_a_clear_error(tiny_host):
+    with pytest.raises(CheckpointError, match="kmd recipe train"):
+        RecipeEditor(tiny_host)
+
+
+def test_checkpoint_refuses_another_base_model(trained, other_model_dir):
+    other = ModelHost.load(ModelSettings(model=str(other_model_dir), device="cpu"))
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_networks(Path(trained["best"]), other)
+    with pytest.raises(CheckpointError, match="another base model"):
+        RecipeEditor(other, RecipeEditor.default_config(other, checkpoint=trained["best"]))
+
+
+def test_served_prompts_equal_literal_prepending(tiny_host, trained):
+    """Per-row prefix keys/values at every layer == the vectors prepended to the embeddings."""
+    editor = make(tiny_host, trained)
+    editor.apply(EDIT)
+    pairs = [(EDIT.prompt, EDIT.target), ("the dog and the cat", "bird")]
+    served = score_targets(tiny_host, editor, pairs)
+    lm = PrependedLM(tiny_host)
+    with torch.no_grad():
+        literal, batch = lm.target_logits(pairs[:1], editor.prompts[:1])
+    assert served[0].argmax == tuple(literal.argmax(-1).tolist())
+    a, b = batch.spans[0]
+    nll = torch.nn.functional.cross_entropy(literal[a:b], batch.labels[a:b])
+    assert served[0].nll == pytest.approx(float(nll), abs=1e-4)
+    assert served[1] == score_targets(tiny_host, None, pairs[1:])[0]  # a miss row is the base model
+
+
+def test_retrieval_picks_the_right_row_and_the_sentinel_blocks_the_rest(tiny_host, trained):
+    editor = make(tiny_host, trained)
+    editor.apply(EDIT)
+    editor.apply(OTHER)
+    best, hit = editor.retrieve([EDIT.prompt, OTHER.prompt, "the dog and the cat", "who wrote the book ?"])
+    assert hit.tolist() == [True, True, False, False]
+    assert best[:2].tolist() == [0, 1]
+    strict = make(tiny_host, trained, margin=2.0)  # cosines are <= 1 above the sentinel's
+    strict.apply(EDIT)
+    assert not strict.retrieve([EDIT.prompt])[1].any()
+
+
+def test_state_refuses_another_trained_editor(tiny_host, tiny_model_dir, trained, tmp_path):
+    editor = make(tiny_host, trained)
+    editor.apply(EDIT)
+    state = editor.save(tmp_path / "state")
+    retrained = train_tiny_recipe(tiny_model_dir, tmp_path / "other", steps=2, val_every=1, seed=1)
+    manifest = json.loads((state / "manifest.json").read_text())
+    manifest["config"]["checkpoint"] = retrained["best"]
+    from kmd.editors.state import config_hash
+
+    manifest["config_hash"] = config_hash(manifest["config"])
+    (state / "manifest.json").write_text(json.dumps(manifest))
+    with editor.suspended(), pytest.raises(EditorError, match="checksum"):
+        Editor.load(state, tiny_host)
+
+
+def test_training_resumes_where_it_stopped(tiny_host, tmp_path):
+    records = tiny_recipe_records()
+    options = TrainOptions(steps=2, batch_size=4, llm_batch=2, val_every=1, hidden=32, rep_dim=16)
+    first = Trainer(tiny_host, records, records, tmp_path, options).run()
+    assert first["steps"] == 2
+    longer = TrainOptions(**{**options.__dict__, "steps": 3})
+    second = Trainer(tiny_host, records, records, tmp_path, longer).run()
+    assert second["steps"] == 3
+    history = json.loads((tmp_path / "progress.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    with pytest.raises(ValueError, match="other options"):
+        Trainer(tiny_host, records, records, tmp_path, TrainOptions(**{**longer.__dict__, "lr": 1.0})).run()
