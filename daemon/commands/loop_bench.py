@@ -90,7 +90,7 @@ def bench_loop(
     from kmd.daemon.service import Daemon
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
 
-    console = Console()
+    console = Console(width=120)
     work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-bench-loop-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     feed = _Feed()
@@ -121,7 +121,7 @@ def bench_loop(
             final = edits[-1] if edits else None
             probes = (final.probes or {}) if final else {}
             rows.append({"entry": i, "warm_up": i == 0, "fact": f"{subject} ceo -> {person}",
-                         "status": final.status if final else "no edit", "attempts": len(edits),
+                         "status": final.status if final else "skipped (already known)", "attempts": len(edits),
                          "entry_to_commit_s": seconds if summary.committed else None,
                          "apply_s": probes.get("apply_seconds"), "probe_s": probes.get("probe_seconds"),
                          "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc")})  # fmt: skip
