@@ -1,7 +1,9 @@
 """WISE on a decoder's `mlp.down_proj` (see ../shared/design/METHODS.md, "WISE").
 
-The edited down_proj gets a side memory W' = W + D: W (the base weight) is never written,
-D (d_model, d_ff) is the memory's difference from it. Edits are grouped into knowledge
+The edited down_proj gets a side memory: W (the base weight) is never written, D
+(d_model, d_ff) is the memory, and a routed row's output becomes W a + D (a - c), with c
+the background mean of the down_proj input (see `ensure_center`; WISE itself uses
+W' a = W a + D a, whose response is dominated by input features every text shares). Edits are grouped into knowledge
 shards of `shard_size` consecutive edits; shard s trains only a fixed random
 `mask_ratio` of D's elements (its mask is seeded by the shard's serial number), one edit
 after the other, starting from zero. The memory served is the TIES merge of the shards'
@@ -9,7 +11,7 @@ task vectors (one shard: itself).
 
 Training an edit: the target NLL on the bare prompt and prefixed copies of it, plus the
 activation-margin loss. A prompt's activation is the mean over its prompt tokens of
-|D a_t| (= |W' a_t - W a_t|, a_t the down_proj input); the margins make it large on the
+|D (a_t - c)| (a_t the down_proj input); the margins make it large on the
 edit's prompts and small on unrelated texts. Layers 0..layer run once per edit
 (`UpperStack`): D only adds `a @ D^T` to the stream leaving the edited layer.
 
@@ -43,6 +45,7 @@ from loguru import logger
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, resolve_module
 from kmd.editors.llp.editor import generate_prefixes, run_until, with_prefix
+from kmd.editors.memoir.editor import background_passages
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
@@ -101,6 +104,7 @@ class WiseEditor(Editor):
         self.next_serial = 0
         self.memory_t = torch.zeros(self.d_ff, self.d_model, device=host.device)  # merged D, transposed
         self.prefixes: list[str] = []  # generated once (lazily), persisted
+        self.center: torch.Tensor | None = None  # (d_ff,) background mean of the down_proj input, persisted
         self.acts: dict[str, float] = {}  # edit id -> activation of its bare prompt under the served memory
         self.meta: dict[str, dict[str, Any]] = {}  # per edit: shard, options, steps, losses
         self.last_revert: dict[str, Any] | None = None  # what the last revert cost
@@ -116,20 +120,38 @@ class WiseEditor(Editor):
         return self.config.act_ratio * min(self.acts.values())
 
     # ----- per-edit inputs ----------------------------------------------------------------
+    def ensure_center(self) -> torch.Tensor:
+        """The mean down_proj input over the packaged generic passages (first tokens excluded).
+
+        Trained decoders have a few massive input features shared by every token (on
+        SmolLM2-135M layer 25 one feature carries ~40 % of the norm), so raw inputs of any two
+        prompts have cosine ~0.65 and a memory reacts to all text alike; centred, ~0.2.
+        """
+        if self.center is None:
+            a, mask = self.layer_inputs(background_passages())
+            mask[:, 0] = False
+            self.center = a[mask].mean(0)
+        return self.center
+
     def ensure_prefixes(self) -> list[str]:
         cfg = self.config
-        if not self.prefixes and cfg.n_prefixes + cfg.n_unrelated > 0:
+        if not self.prefixes and cfg.n_prefixes > 0:
             self.prefixes = generate_prefixes(self.host, cfg.prefix_pool, cfg.prefix_tokens, cfg.seed)
         return self.prefixes
 
     def variants(self, edit_id: str, request: EditRequest, cfg: WiseConfig) -> tuple[list[str], list[str]]:
-        """(bare prompt + prefixed copies, unrelated texts), drawn from the pool by the edit's id."""
+        """(bare prompt + prefixed copies, unrelated texts), drawn by the edit's id.
+
+        Prefixes come from the model's own short texts; the unrelated texts of the margin loss
+        from the packaged generic passages (the request's locality prompts too, when given).
+        Generated snippets are too short and odd to stand for the prompts a memory must ignore.
+        """
+        rng = random.Random(f"{cfg.seed}/{edit_id}")
         pool = self.ensure_prefixes()
-        want = min(cfg.n_prefixes + cfg.n_unrelated, len(pool))
-        chosen = random.Random(f"{cfg.seed}/{edit_id}").sample(range(len(pool)), want)
-        prefixes = chosen[: cfg.n_prefixes]
-        unrelated = [pool[i] for i in chosen[cfg.n_prefixes :]] + list(request.locality)
-        return [request.prompt] + [with_prefix(pool[i], request.prompt) for i in prefixes], unrelated
+        prefixes = rng.sample(pool, min(cfg.n_prefixes, len(pool))) if cfg.n_prefixes else []
+        passages = background_passages()
+        unrelated = rng.sample(passages, min(cfg.n_unrelated, len(passages))) + list(request.locality)
+        return [request.prompt] + [with_prefix(p, request.prompt) for p in prefixes], unrelated
 
     def mask(self, serial: int) -> torch.Tensor:
         """(d_model, d_ff) bool: the elements shard `serial` trains (seeded, made on the CPU)."""
@@ -204,9 +226,11 @@ class WiseEditor(Editor):
 
         specs = [HookSpec(self.path, grab), HookSpec(host.profile.layout.final_norm, last_only)]
         stack = UpperStack(host, self.layer + 1, batch.input_ids, batch.attention_mask, extra_specs=specs)
-        a = seen["a"].float()  # (B, T, d_ff): rows are the bare prompt and its prefixed copies, + target
+        center = self.ensure_center()
+        a = seen["a"].float() - center  # (B, T, d_ff): rows are the bare prompt and its prefixed copies, + target
         if unrelated:
             a_unrelated, unrelated_mask = self.layer_inputs(unrelated)  # (U, T', d_ff), (U, T')
+            a_unrelated = a_unrelated - center
         hidden, dtype = stack.hidden.float(), stack.hidden.dtype
         weight = torch.nn.Parameter(start.clone())
         grad_mask = mask.to(weight.dtype)
@@ -285,7 +309,7 @@ class WiseEditor(Editor):
         if missing:  # after a load: one forward to the edited layer for the edits' prompts
             a, mask = self.layer_inputs([self.request(e).prompt for e in missing])
             for row, e in enumerate(missing):
-                self._prompt_inputs[e] = a[row, mask[row]]
+                self._prompt_inputs[e] = a[row, mask[row]] - self.center
         for e in edit_ids:
             inputs = self._prompt_inputs[e]  # (T_p, d_ff)
             self.acts[e] = float(activation((inputs @ self.memory_t)[None], torch.ones(1, inputs.shape[0], dtype=torch.bool, device=inputs.device))[0])
@@ -300,14 +324,14 @@ class WiseEditor(Editor):
         batch, seq, _ = a.shape
         decision = routing.decisions.get(self.name)
         if decision is None:  # prefill: decide per row from its prompt tokens only
-            extra = a.float() @ self.memory_t  # (B, T, d_model)
+            extra = (a.float() - self.center) @ self.memory_t  # (B, T, d_model)
             act = activation(extra, routing.mask_for(batch, seq, a.device))  # (B,)
             rows = (act >= self.threshold).nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "act": act}
             extra = extra[rows]
         else:  # decode step with the KV cache: the prefill decided
             rows = decision["rows"]
-            extra = a[rows].float() @ self.memory_t if rows.numel() else None
+            extra = (a[rows].float() - self.center) @ self.memory_t if rows.numel() else None
         if rows.numel() == 0:
             return None  # no row routed: the output is exactly the base model's
         out = output.clone()
@@ -317,7 +341,10 @@ class WiseEditor(Editor):
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         # Only each shard's masked elements: the masks are rebuilt from their seeds.
-        return {f"shard_{s.serial}": s.delta[self.mask(s.serial)] for s in self.shards}
+        tensors = {f"shard_{s.serial}": s.delta[self.mask(s.serial)] for s in self.shards}
+        if self.center is not None:
+            tensors["center"] = self.center
+        return tensors
 
     def extra_state(self) -> dict[str, Any]:
         return {
@@ -346,6 +373,9 @@ class WiseEditor(Editor):
             shards.append(Shard(serial=entry["serial"], edit_ids=list(entry["edit_ids"]), delta=delta))
         self.shards, self.next_serial = shards, int(extra.get("next_serial", len(shards)))
         self.prefixes = list(extra.get("prefixes") or [])
+        self.center = tensors["center"].float() if "center" in tensors else None
+        if shards and self.center is None:
+            raise EditorError("wise: saved shards without their background centre")
         self.acts = {k: float(v) for k, v in extra["acts"].items()}
         self.meta = dict(extra.get("meta") or {})
         self._prompt_inputs = {}
