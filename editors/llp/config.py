@@ -33,10 +33,15 @@ class LlpConfig:
     background_tokens: int = 24
 
     # Keys: start from the subject states (unit-normalised, the bare prompt weighing
-    # `bare_weight`, the prefixed copies the rest; the paper averages all equally), then
+    # `bare_weight`, the other queries the rest; the paper averages all equally), then
     # InfoNCE against the existing keys of each layer. A subject that opens the bare
     # prompt sits on the attention-sink position there, far from its prefixed states.
     bare_weight: float = 0.5
+    # Also key on the subject as it opens a text. In a causal model those states are
+    # context-free: a prompt that starts with the subject ("X's capital is") gives exactly
+    # them. Off by default: on ZsRE (paraphrases keep the subject in context) it costs more
+    # false retrievals than it gains (docs/editors.md); a policy turns it on per relation.
+    subject_query: bool = False
     key_lr: float = 5e-3
     key_steps: int = 32
     key_temperature: float = 0.2

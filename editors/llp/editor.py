@@ -238,10 +238,15 @@ class LlpEditor(Editor):
     def _subject_states(
         self, states: torch.Tensor, prompts: list[str], subject: str | None, prompt_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(|R|, P, D) last-subject-token states of the variants; (|R|, C, D) the bare prompt's other tokens."""
+        """(|R|, P, D) last-subject-token states of the variants (and of the subject alone, when
+        configured); (|R|, C, D) the bare prompt's other tokens."""
         device = states.device
         index = torch.tensor([last_subject_token(self.host, p, subject) for p in prompts], device=device)
         queries = states[:, torch.arange(len(prompts), device=device), index]
+        if self.config.subject_query and subject:  # appended last: row 0 stays the bare prompt
+            alone = self.standardize(self._retrieval_states([subject])["states"])  # (|R|, 1, T_s, D)
+            last = last_subject_token(self.host, subject, subject)
+            queries = torch.cat([queries, alone[:, :, last]], dim=1)
         own = int(prompt_mask[0].sum())
         context = [t for t in range(1, own) if t != int(index[0])]
         return queries, states[:, 0, context]
@@ -305,7 +310,7 @@ class LlpEditor(Editor):
         cfg = self.config
         unit_queries = F.normalize(queries, dim=-1)
         init = unit_queries.mean(1)  # (|R|, D)
-        if queries.shape[1] > 1:  # the bare prompt (row 0) weighs `bare_weight`, the prefixed copies the rest
+        if queries.shape[1] > 1:  # the bare prompt (row 0) weighs `bare_weight`, the other queries the rest
             init = cfg.bare_weight * unit_queries[:, 0] + (1 - cfg.bare_weight) * unit_queries[:, 1:].mean(1)
         negatives = []
         if len(self.row_ids) and cfg.key_negatives > 0:

@@ -225,6 +225,18 @@ def test_threshold_shift_is_per_edit_and_survives_reload(tiny_host, tmp_path):
     assert generate(tiny_host, editor, prompts, max_new_tokens=4) == base
 
 
+def test_subject_query_is_the_state_of_prompts_that_open_with_the_subject(tiny_host):
+    request = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
+    plain = fresh(tiny_host, n_prefixes=0)
+    assert plain.key_queries("e", request)[0].shape[1] == 1  # the bare prompt only
+    editor = fresh(tiny_host, n_prefixes=0, subject_query=True)
+    queries, _, _ = editor.key_queries("e", request)  # (|R|, 2, D): bare prompt, subject alone
+    opening = "France speaks the language of"
+    got = editor._retrieval_states([opening])
+    state = editor.standardize(got["states"])[:, 0, last_subject_token(tiny_host, opening, "France")]
+    torch.testing.assert_close(queries[:, 1], state)  # causal: nothing after the subject matters
+
+
 def test_stronger_retry_trains_longer_and_loosens_only_that_edit(tiny_host):
     editor = fresh(tiny_host)
     overrides = editor.stronger_overrides()
