@@ -27,7 +27,7 @@ class EditRecord:
     subject: str | None
     rephrases: tuple[str, ...]
     loc_prompt: str
-    loc_answer: str
+    loc_answer: str | None  # None: the record has no locality answer and no locality score
     long_form: bool = False  # hallucination/temporal: perplexity is the headline metric
 
 
@@ -53,6 +53,12 @@ def _text(record: dict[str, Any], field: str, where: str, optional: bool = False
     if not isinstance(value, str) or not value.strip():
         raise DatasetError(f"{where}: field {field!r} must be a non-empty string (got {value!r:.60})")
     return value
+
+
+def _blank_or_text(record: dict[str, Any], field: str, where: str) -> str | None:
+    """A few hallucination records have an empty locality answer: edited, not locality-scored."""
+    value = record.get(field)
+    return None if isinstance(value, str) and not value.strip() else _text(record, field, where)
 
 
 def _zsre(r: dict[str, Any], where: str) -> EditRecord:
@@ -87,7 +93,7 @@ def _long_form(r: dict[str, Any], where: str, rephrase_field: str | None) -> Edi
         subject=_text(r, "subject", where, optional=True),
         rephrases=(_text(r, rephrase_field, where),) if rephrase_field else (),
         loc_prompt=_text(r, "locality_prompt", where),
-        loc_answer=_text(r, "locality_ground_truth", where),
+        loc_answer=_blank_or_text(r, "locality_ground_truth", where),
         long_form=True,
     )
 

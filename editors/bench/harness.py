@@ -104,14 +104,15 @@ def run_lifelong(
     torch.manual_seed(seed)
     n = len(records)
     bs = options.batch_size
-    loc_pairs = [(r.loc_prompt, r.loc_answer) for r in records]
+    loc_records = [r for r in records if r.loc_answer]  # records without a locality answer are not locality-scored
+    loc_pairs = [(r.loc_prompt, r.loc_answer) for r in loc_records]
     loc_lengths = _target_lengths(host, loc_pairs)
 
     # 2. pre pass on the unedited model
     notify("pre pass", 0, 2)
     base_loc = score_targets(host, None, loc_pairs, bs)
     notify("pre pass", 1, 2)
-    base_loc_gen = generate(host, None, [r.loc_prompt for r in records], loc_lengths, bs)
+    base_loc_gen = generate(host, None, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("pre pass", 2, 2)
 
     # 3. sequential edits
@@ -141,7 +142,7 @@ def run_lifelong(
     notify("scoring", 4, steps)
     gen_tokens = generate(host, editor, [p for p, _ in gen_pairs], _target_lengths(host, gen_pairs), bs) if gen_pairs else []
     notify("scoring", 5, steps)
-    loc_gen = generate(host, editor, [r.loc_prompt for r in records], loc_lengths, bs)
+    loc_gen = generate(host, editor, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("scoring", 6, steps)
 
     def per_record(values: list[float], owners: list[int]) -> list[float]:
@@ -165,6 +166,7 @@ def run_lifelong(
         "model": host.identity.name,
         "dataset": None,  # filled in by the caller, which knows the path
         "n_edits": n,
+        "n_loc": len(loc_records),
         "rel": _mean([s.accuracy for s in rel]),
         "gen": _mean(per_record([s.accuracy for s in gen], gen_owner)) if gen else None,
         "loc": _mean([e.agreement(b) for e, b in zip(loc, base_loc, strict=True)]),

@@ -44,3 +44,13 @@ def test_limit_and_unknown_format(tmp_path):
     assert len(load_records(path, limit=3)[1]) == 3
     with pytest.raises(DatasetError, match="unknown format"):
         load_records(path, fmt="nope")
+
+
+def test_long_form_record_without_locality_answer_is_kept_unscored(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([HALLU, dict(HALLU, locality_ground_truth="")]))
+    _, records = load_records(path)
+    assert records[0].loc_answer == "M" and records[1].loc_answer is None
+    path.write_text(json.dumps([dict(HALLU, locality_ground_truth=5)]))
+    with pytest.raises(DatasetError, match="locality_ground_truth"):
+        load_records(path)
