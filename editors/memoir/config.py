@@ -21,12 +21,25 @@ class MemoirConfig:
     # Background statistics: "mean" subtracts the background mean of the down_proj input before
     # the top-k (as in the paper); "zscore" also divides by the background standard deviation.
     background: str = "mean"
+    # What the memory reads: False, M ⊙ a (the paper); True, M ⊙ (a - mu) with mu the background
+    # mean. The part every text shares then neither writes into nor reads from the memory, so
+    # edits that share columns disturb each other less.
+    center: bool = False
     seed: int = 0  # seeds the TopHash permutation and the augmentation prefixes
     # Augmentation: n_prefixes short texts generated once by the model itself (prefix_tokens
     # tokens each); every edit trains on the bare prompt plus these prefixed copies.
     # (The paper uses ~10; 4 is what fits the edit-time budget on a CPU.)
     n_prefixes: int = 4
     prefix_tokens: int = 8
+    # How an edit changes its columns (k x d_model). "direct": the optimised change itself (the
+    # paper). "min_norm": the optimised change is replaced, in closed form, by the change D of
+    # least tr(D^T K D) that gives the same memory output on the edit's own training tokens
+    # (A D = A delta, A: n_tokens x k masked inputs), K = I + protect * G / e, where G (k x k) is
+    # the Gram matrix of the masked inputs of the live earlier edits on these columns and e the
+    # mean squared norm of one row of A. D then lies in the span of A, and with protect > 0 it
+    # avoids the directions earlier edits read, so it changes their outputs much less.
+    update: str = "direct"
+    protect: float = 0.0
     # Optimisation of the edit's mask columns of the residual memory. The paper's SGD (lr 1.0,
     # gradient norm clipped to 1.0) moves the memory by at most 1.0 per step and needs 30+
     # steps on SmolLM2-135M; Adam at lr 0.05 reaches the stopping loss in ~3 steps.

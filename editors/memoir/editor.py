@@ -11,10 +11,18 @@ share many top features, so their masks overlap a lot; the permutation spreads t
 columns that different edits train over the whole memory.
 
 An edit trains only its mask's columns of `W_m` (the loss is the target NLL on the
-prompt and on prefixed copies of it). A query row computes its own mask from its prompt
-tokens, finds the stored edit mask with the largest overlap |m_q & m_e| / k and, when
-that is >= tau, adds `W_m` restricted to *that edit's* mask to every position of the row
-(prefill and KV-cache decode steps alike); otherwise the row's output is untouched.
+prompt and on prefixed copies of it). Two deviations from the paper, both options (see
+MemoirConfig): `center` feeds the memory M ⊙ (a - mu) instead of M ⊙ a, and `update:
+min_norm` replaces the optimised change of the columns by the smallest change (in a norm
+that, with `protect` > 0, weighs the directions that the live earlier edits read through
+these columns, from their Gram matrix) with the same memory output on the edit's own
+training tokens. Masks of 1000 ZsRE questions share most columns with each other, so
+without this every later edit rewrites what earlier edits read.
+
+A query row computes its own mask from its prompt tokens, finds the stored edit mask
+with the largest overlap |m_q & m_e| / k and, when that is >= tau, adds `W_m` restricted
+to *that edit's* mask to every position of the row (prefill and KV-cache decode steps
+alike); otherwise the row's output is untouched.
 
 Exact revert: every edit's change of its columns (`delta`, k x d_model) is recorded, and
 each column of `W_m` is kept equal to the left-to-right float sum, from +0, of the deltas
@@ -76,6 +84,10 @@ class MemoirEditor(Editor):
             raise EditorError(f"memoir: tau={cfg.tau} outside (0, 1]")
         if cfg.background not in ("mean", "zscore"):
             raise EditorError(f"memoir: background must be 'mean' or 'zscore', not {cfg.background!r}")
+        if cfg.update not in ("direct", "min_norm"):
+            raise EditorError(f"memoir: update must be 'direct' or 'min_norm', not {cfg.update!r}")
+        if cfg.protect < 0 or (cfg.protect > 0 and cfg.update != "min_norm"):
+            raise EditorError("memoir: protect must be >= 0, and > 0 only with update 'min_norm'")
         if cfg.optimizer not in ("sgd", "adam"):
             raise EditorError(f"memoir: optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
         device = host.device
@@ -91,6 +103,9 @@ class MemoirEditor(Editor):
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
+        # With protect > 0: (d_ff, d_ff) float64 sum over live edits of A^T A, A being an edit's
+        # masked memory inputs (n_tokens, d_ff, zero outside its mask). Made on the first edit.
+        self.gram: torch.Tensor | None = None
 
     # ----- per-model statistics ----------------------------------------------------------------
     def _ensure_statistics(self) -> None:
@@ -161,6 +176,11 @@ class MemoirEditor(Editor):
         top = centred.abs().topk(self.k, dim=-1).indices
         return self.permutation[top].sort(dim=-1).values
 
+    def memory_inputs(self, a: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """(..., k) what the memory reads from down_proj inputs `a` (..., d_ff) at `columns` (k,)."""
+        picked = a[..., columns].float()
+        return picked - self.bg_mean[columns] if self.config.center else picked
+
     def _one_hot(self, masks: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(masks.shape[0], self.d_ff, device=masks.device)
         return out.scatter_(1, masks, 1.0)
@@ -173,9 +193,7 @@ class MemoirEditor(Editor):
     def _apply(self, edit_id: str, request: EditRequest) -> None:
         cfg, host = self.config, self.host
         self._ensure_statistics()
-        pairs = [(request.prompt, request.target)]
-        pairs += [(f"{prefix} {request.prompt}", request.target) for prefix in self.prefixes or []]
-        batch = teacher_forced_batch(host, pairs)
+        batch = self._training_batch(request)
         seen: dict[str, torch.Tensor] = {}
 
         def grab(module, args, output):
@@ -190,7 +208,8 @@ class MemoirEditor(Editor):
         stack = UpperStack(host, self.layer + 1, batch.input_ids, batch.attention_mask, extra_specs=specs)
         a = seen["a"].float()  # (B, T, d_ff)
         mask = self.tophash(_pool(a[:1], batch.prompt_mask[:1]))[0]  # (k,) from the bare prompt's tokens
-        inputs = a[:, :, mask]  # (B, T, k): the masked features, fixed during training
+        inputs = self.memory_inputs(a, mask)  # (B, T, k): what the memory reads, fixed during training
+        keys = inputs[batch.attention_mask.bool()]  # (n_tokens, k)
         hidden = stack.hidden.float()
         before = self.memory[mask].clone()  # (k, d_model): what other edits stored there
         weight = torch.nn.Parameter(before.clone())
@@ -220,6 +239,8 @@ class MemoirEditor(Editor):
                     torch.nn.utils.clip_grad_norm_([weight], cfg.grad_clip)
                 optimiser.step()
         delta = (weight.detach() - before).contiguous()
+        if cfg.update == "min_norm":
+            delta = self._min_norm(keys, mask, delta)
         if not torch.isfinite(delta).all():
             raise EditorError("memoir: the optimisation diverged (non-finite update)")
         logger.bind(edit_id=edit_id).debug("memoir: {} steps, loss {:.4f} -> {:.4f}", len(losses) - 1, losses[0], losses[-1])
@@ -228,12 +249,65 @@ class MemoirEditor(Editor):
         self.masks = torch.cat([self.masks, mask[None]])
         self.owners = torch.cat([self.owners, self._one_hot(mask[None])])
         self.deltas.append(delta)
+        self._add_gram(keys, mask, +1.0)
         self.row_ids.append(edit_id)
         self.info.append({"steps": len(losses) - 1, "loss_first": losses[0], "loss_last": losses[-1]})
+
+    def _training_batch(self, request: EditRequest):
+        """The bare prompt and its prefixed copies, each followed by the target."""
+        pairs = [(request.prompt, request.target)]
+        pairs += [(f"{prefix} {request.prompt}", request.target) for prefix in self.prefixes or []]
+        return teacher_forced_batch(self.host, pairs)
+
+    def _span_basis(self, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(n, k) rows B = A (I + protect * G / e)^-1, scaled so that mean diag(A B^T) = 1 (see MemoirConfig.update)."""
+        if self.config.protect > 0 and self.gram is not None:
+            energy = keys.pow(2).sum(1).mean().clamp_min(1e-12)
+            gram = self.gram[mask][:, mask].float()  # (k, k): what earlier edits read on these columns
+            system = torch.eye(self.k, device=keys.device) + self.config.protect * gram / energy
+            basis = torch.linalg.solve(system, keys.T).T  # A (I + protect G / e)^-1, the system is symmetric
+        else:
+            basis = keys
+        gain = (keys * basis).sum(1).mean().clamp_min(1e-12)
+        return basis / gain
+
+    def _min_norm(self, keys: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """(k, d_model) the change D = B^T P (see `_span_basis`) whose output on this edit's own
+        tokens is that of `delta`: min tr(D^T K D) subject to A D = A delta, with K = I +
+        protect * G / e (a small ridge keeps the n x n system well posed)."""
+        basis = self._span_basis(keys, mask)  # (n, k), a rescaled A K^-1
+        system = keys @ basis.T  # (n, n)
+        ridge = 1e-4 * system.diagonal().mean() * torch.eye(system.shape[0], device=system.device)
+        coefficients = torch.linalg.solve(system + ridge, keys @ delta)  # (n, d_model)
+        return basis.T @ coefficients
+
+    def _add_gram(self, keys: torch.Tensor, mask: torch.Tensor, sign: float) -> None:
+        """Add (sign +1) or remove (-1) one edit's A^T A to the Gram matrix (protect > 0 only)."""
+        if self.config.protect <= 0:
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.d_ff, self.d_ff, dtype=torch.float64, device=keys.device)
+        block = keys.double().T @ keys.double()  # (k, k)
+        self.gram[mask[:, None], mask[None, :]] += sign * block
+
+    @torch.no_grad()
+    def _edit_keys(self, request: EditRequest, mask: torch.Tensor) -> torch.Tensor:
+        """(n_tokens, k) an applied edit's memory inputs, recomputed (layers <= L do not see the memory)."""
+        batch = self._training_batch(request)
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        with hooked(self.host.model, [HookSpec(self.path, grab)]):
+            self.host.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return self.memory_inputs(seen["a"].float(), mask)[batch.attention_mask.bool()]
 
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
         columns = self.masks[row]
+        if self.gram is not None:
+            self._add_gram(self._edit_keys(self.request(edit_id), columns), columns, -1.0)
         keep = [i for i in range(len(self.row_ids)) if i != row]
         self.masks, self.owners = self.masks[keep], self.owners[keep]
         del self.deltas[row], self.row_ids[row], self.info[row]
@@ -272,6 +346,8 @@ class MemoirEditor(Editor):
             return None  # no row matched: the output is exactly the base model's
         columns = self.masks[decision["edit"]]  # (H, k)
         picked = a[rows].gather(2, columns[:, None, :].expand(-1, seq, -1)).float()  # (H, T, k)
+        if self.config.center:
+            picked = picked - self.bg_mean[columns][:, None, :]
         added = torch.bmm(picked, self.memory[columns])  # (H, T, d_model)
         out = output.clone()
         out[rows] = output[rows] + added.to(output.dtype)
@@ -300,6 +376,8 @@ class MemoirEditor(Editor):
         }
         if self.permutation is not None:
             tensors |= {"permutation": self.permutation, "bg_mean": self.bg_mean, "bg_std": self.bg_std}
+        if self.gram is not None:
+            tensors["gram"] = self.gram
         return tensors
 
     def extra_state(self) -> dict[str, Any]:
@@ -332,6 +410,12 @@ class MemoirEditor(Editor):
         self.row_ids, self.info = list(ids), list(extra.get("info") or [{} for _ in ids])
         self.memory = torch.zeros(self.d_ff, self.d_model, device=self.memory.device)
         self._rebuild()
+        if self.config.protect > 0 and ids:
+            if "gram" in tensors:
+                self.gram = tensors["gram"].to(torch.float64)
+            else:  # saved without protection: recompute what the live edits read
+                for request, mask in zip(requests, self.masks, strict=True):
+                    self._add_gram(self._edit_keys(request, mask), mask, +1.0)
 
 
 def _pool(a: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:

@@ -206,3 +206,68 @@ def test_calibrate_returns_a_threshold(tiny_host):
     report = out["report"]
     assert report["n_records"] == 2 and report["k"] == round(0.29 * 128)
     assert {"tau", "gen_retrieved", "loc_fired"} <= set(report["at_choice"])
+
+
+# ----- centred inputs and protected minimum-norm updates (the SmolLM2 profile's setup) -----------
+PROTECTED = {"update": "min_norm", "center": True, "protect": 10.0}
+
+
+def test_update_options_are_validated(tiny_host):
+    with pytest.raises(EditorError, match="update"):
+        make(tiny_host, update="sideways")
+    with pytest.raises(EditorError, match="protect"):
+        make(tiny_host, update="direct", protect=1.0)
+
+
+@pytest.mark.parametrize("options", [{"update": "min_norm", "center": True}, PROTECTED])
+def test_span_updates_take_and_revert_to_the_base_model(tiny_host, options):
+    editor = make(tiny_host, **options)
+    ids, attention = left_padded(tiny_host, [EDIT.prompt, UNRELATED])
+    with torch.no_grad():
+        base = tiny_host.model(input_ids=ids, attention_mask=attention).logits
+    first, second = editor.apply(EDIT), editor.apply(OTHER)
+    assert accuracy(tiny_host, editor, EDIT) == accuracy(tiny_host, editor, OTHER) == 1.0
+    # Each change lies in the span of its own edit's memory inputs (n_tokens of them).
+    keys = editor._edit_keys(EDIT, editor.masks[0])  # (n, k)
+    residual = editor.deltas[0] - keys.T @ torch.linalg.lstsq(keys.T, editor.deltas[0]).solution
+    assert residual.norm() <= 1e-3 * editor.deltas[0].norm()
+    editor.revert(first)
+    editor.revert(second)
+    with torch.no_grad(), editor.query(attention.bool()):
+        assert torch.equal(tiny_host.model(input_ids=ids, attention_mask=attention).logits, base)
+
+
+def _output_change_on_first(host, **options) -> float:
+    """Relative change of the first edit's memory output on its own tokens caused by a second edit."""
+    editor = make(host, k=0.8, tau=0.99, **options)  # masks share >= 60 % of their columns
+    editor.apply(EDIT)
+    keys, mask = editor._edit_keys(EDIT, editor.masks[0]), editor.masks[0]
+    before = keys @ editor.memory[mask]
+    editor.apply(OTHER)
+    return float((keys @ editor.memory[mask] - before).norm() / before.norm())
+
+
+def test_protection_keeps_earlier_edits_outputs(tiny_host):
+    unprotected = _output_change_on_first(tiny_host, update="min_norm", center=True)
+    protected = _output_change_on_first(tiny_host, **PROTECTED)
+    assert protected < 0.5 * unprotected
+
+
+def test_gram_follows_the_live_edits_through_revert_and_load(tiny_host, tmp_path):
+    editor = make(tiny_host, **PROTECTED)
+    first = editor.apply(EDIT)
+    after_first = editor.gram.clone()
+    second = editor.apply(OTHER)
+    mask = editor.masks[1]
+    keys = editor._edit_keys(OTHER, mask).double()
+    expected = after_first.clone()
+    expected[mask[:, None], mask[None, :]] += keys.T @ keys
+    assert torch.allclose(editor.gram, expected)
+    path = editor.save(tmp_path / "state")
+    with editor.suspended():
+        loaded = Editor.load(path, tiny_host)
+        assert torch.equal(loaded.gram, editor.gram)
+    editor.revert(second)
+    assert torch.allclose(editor.gram, after_first, atol=1e-9 * float(after_first.abs().max()))
+    editor.revert(first)
+    assert float(editor.gram.abs().max()) <= 1e-9 * float(after_first.abs().max())
