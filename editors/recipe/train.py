@@ -20,6 +20,7 @@ stops after `steps` steps or `max_minutes`, and a rerun with the same --out resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -163,6 +164,18 @@ class Trainer:
         tmp.write_text(json.dumps(progress | {"options": asdict(self.options)}, indent=1))
         tmp.replace(self._progress_file())
 
+    def _encoded(self, name: str, records: Sequence[EditRecord]) -> Encoded:
+        """Encoder outputs for `records`, cached in --out (keyed by the texts) for resumed runs."""
+        texts = [(statement(r.prompt, r.target), r.prompt, rephrase(r), r.loc_prompt) for r in records]
+        key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+        cache = self.out / f"encoded-{name}-{key}.safetensors"
+        if cache.is_file():
+            return Encoded(**{k: v.to(self.host.device) for k, v in load_file(str(cache)).items()})
+        logger.info("recipe train: encoding {} {} records", len(records), name)
+        encoded = Encoded.of(records, self.host.device)
+        save_file({k: v.cpu().contiguous() for k, v in asdict(encoded).items()}, str(cache))
+        return encoded
+
     # ----- losses ------------------------------------------------------------------------------
     def retrieval_loss(self, networks: RecipeNetworks, enc: Encoded, idx: torch.Tensor) -> torch.Tensor:
         keys = networks.knowledge_reps(enc.statements[idx])  # (B, R)
@@ -244,9 +257,8 @@ class Trainer:
         networks = new_networks(host, hidden=opts.hidden, rep_dim=opts.rep_dim, n_prompts=opts.n_prompts, temperature=opts.temperature)
         optimiser = torch.optim.Adam(networks.parameters(), lr=opts.lr)
         state = self._resume(networks, optimiser)
-        started = time.perf_counter()
-        logger.info("recipe train: encoding {} training and {} validation records", len(self.train), len(self.val))
-        enc_train, enc_val = Encoded.of(self.train, host.device), Encoded.of(self.val, host.device)
+        started, before = time.perf_counter(), state["seconds"]  # wall time of earlier runs into this --out
+        enc_train, enc_val = self._encoded("train", self.train), self._encoded("val", self.val)
         networks.train()
         n = len(self.train)
         figures: dict[str, float] = {}
@@ -268,7 +280,7 @@ class Trainer:
                 optimiser.step()
             step += 1
             figures = {"loss": loss.item(), "retrieval": retrieval.item(), "edit": edit.item(), "kl": kl.item()}
-            elapsed = state["seconds"] + time.perf_counter() - started
+            elapsed = before + time.perf_counter() - started
             out_of_time = opts.max_minutes is not None and elapsed >= opts.max_minutes * 60
             if step % opts.val_every == 0 or step == opts.steps or out_of_time:
                 val = self.validate(networks, enc_val)

@@ -101,13 +101,18 @@ def test_state_refuses_another_trained_editor(tiny_host, tiny_model_dir, trained
 
 
 def test_training_resumes_where_it_stopped(tiny_host, tmp_path):
+    import time
+
     records = tiny_recipe_records()
     options = TrainOptions(steps=2, batch_size=4, llm_batch=2, val_every=1, hidden=32, rep_dim=16)
+    started = time.perf_counter()
     first = Trainer(tiny_host, records, records, tmp_path, options).run()
     assert first["steps"] == 2
+    assert len(list(tmp_path.glob("encoded-*.safetensors"))) == 2  # train and validation encodings, reused below
     longer = TrainOptions(**{**options.__dict__, "steps": 3})
     second = Trainer(tiny_host, records, records, tmp_path, longer).run()
     assert second["steps"] == 3
+    assert first["seconds"] <= second["seconds"] <= time.perf_counter() - started  # wall time counted once
     history = json.loads((tmp_path / "progress.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2, 3]
     with pytest.raises(ValueError, match="other options"):
