@@ -263,8 +263,8 @@ class MemoirEditor(Editor):
         """(n, k) rows B = A (I + protect * G / e)^-1, scaled so that mean diag(A B^T) = 1 (see MemoirConfig.update)."""
         if self.config.protect > 0 and self.gram is not None:
             energy = keys.pow(2).sum(1).mean().clamp_min(1e-12)
-            gram = self.gram[mask][:, mask].float()  # (k, k): what earlier edits read on these columns
-            system = torch.eye(self.k, device=keys.device) + self.config.protect * gram / energy
+            gram = self.gram[mask][:, mask].to(keys.dtype)  # (k, k): what earlier edits read on these columns
+            system = torch.eye(self.k, dtype=keys.dtype, device=keys.device) + self.config.protect * gram / energy
             basis = torch.linalg.solve(system, keys.T).T  # A (I + protect G / e)^-1, the system is symmetric
         else:
             basis = keys
@@ -275,11 +275,13 @@ class MemoirEditor(Editor):
         """(k, d_model) the change D = B^T P (see `_span_basis`) whose output on this edit's own
         tokens is that of `delta`: min tr(D^T K D) subject to A D = A delta, with K = I +
         protect * G / e (a small ridge keeps the n x n system well posed)."""
+        # float64: with long targets n exceeds k and the n x n system is singular but for the ridge.
+        keys = keys.double()
         basis = self._span_basis(keys, mask)  # (n, k), a rescaled A K^-1
         system = keys @ basis.T  # (n, n)
-        ridge = 1e-4 * system.diagonal().mean() * torch.eye(system.shape[0], device=system.device)
-        coefficients = torch.linalg.solve(system + ridge, keys @ delta)  # (n, d_model)
-        return basis.T @ coefficients
+        ridge = 1e-4 * system.diagonal().mean() * torch.eye(system.shape[0], dtype=system.dtype, device=system.device)
+        coefficients = torch.linalg.solve(system + ridge, keys @ delta.double())  # (n, d_model)
+        return (basis.T @ coefficients).float()
 
     def _add_gram(self, keys: torch.Tensor, mask: torch.Tensor, sign: float) -> None:
         """Add (sign +1) or remove (-1) one edit's A^T A to the Gram matrix (protect > 0 only)."""
