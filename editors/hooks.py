@@ -10,10 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    import torch
+
+    from kmd.editors.model import ModelHost
 
 
 class MissingModuleError(LookupError):
@@ -92,3 +97,20 @@ def hooked(model: nn.Module, specs: Sequence[HookSpec]) -> Iterator[HookHandle]:
         yield handle
     finally:
         handle.remove()
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_until(host: ModelHost, path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[HookSpec]) -> None:
+    """Run the model with `specs` installed, stopping after the module at `path`."""
+
+    def stop(module, args, output):
+        raise _Stop
+
+    try:
+        with hooked(host.model, [*specs, HookSpec(path, stop)]):
+            host.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass

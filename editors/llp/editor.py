@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
+from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
-from kmd.editors.hooks import HookSpec, hooked, resolve_module
+from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.llp.attention import (
     PrefixRunner,
     UnsupportedModelError,
@@ -52,7 +53,6 @@ from kmd.editors.upper import UpperStack
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
 
-PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "This")
 
 
 def default_layers(num_layers: int, config: LlpConfig) -> tuple[list[int], int]:
@@ -83,34 +83,6 @@ def last_subject_token(host: ModelHost, text: str, subject: str | None) -> int:
             if inside:
                 return inside[-1]
     return len(ids) - 1
-
-
-def generate_prefixes(host: ModelHost, count: int, tokens: int, seed: int) -> list[str]:
-    """Short texts sampled once from the model itself (seeded, one batched call)."""
-    if count <= 0:
-        return []
-    tokenizer, model = host.tokenizer, host.model
-    starts = [host.encode(PREFIX_STARTS[i % len(PREFIX_STARTS)]) for i in range(count)]
-    width = max(len(s) for s in starts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in starts], device=host.device)
-    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in starts], device=host.device)
-    devices = [host.device] if host.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        generated = model.generate(
-            input_ids=ids, attention_mask=attention, max_new_tokens=tokens, do_sample=True,
-            top_k=50, top_p=None, temperature=1.0, pad_token_id=pad, use_cache=True,
-        )
-    out = []
-    for index, row in enumerate(generated.tolist()):
-        text = " ".join(tokenizer.decode(row, skip_special_tokens=True).split())
-        out.append(text or PREFIX_STARTS[index % len(PREFIX_STARTS)])
-    return out
-
-
-def with_prefix(prefix: str, prompt: str) -> str:
-    return f"{prefix} {prompt}" if prefix[-1:] in ".!?;:" else f"{prefix}. {prompt}"
 
 
 @dataclass
@@ -605,20 +577,3 @@ class LlpEditor(Editor):
         from kmd.editors.llp.calibration import calibrate
 
         return calibrate(cls, host, records, **options)
-
-
-class _Stop(Exception):
-    pass
-
-
-def run_until(host: ModelHost, path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[HookSpec]) -> None:
-    """Run the model with `specs` installed, stopping after the module at `path`."""
-
-    def stop(module, args, output):
-        raise _Stop
-
-    try:
-        with hooked(host.model, [*specs, HookSpec(path, stop)]):
-            host.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop:
-        pass

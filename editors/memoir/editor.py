@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from loguru import logger
 
+from kmd.editors.augment import background_passages
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
@@ -53,13 +53,7 @@ from kmd.editors.upper import UpperStack
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
 
-BACKGROUND_FILE = "background.txt"
 START_WORDS = ("The", "In", "A", "I", "When", "It", "This", "We", "There", "My", "After", "One")
-
-
-def background_passages() -> list[str]:
-    text = (resources.files("kmd.editors.memoir") / BACKGROUND_FILE).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 class MemoirEditor(Editor):

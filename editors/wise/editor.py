@@ -43,9 +43,8 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.batching import teacher_forced_batch
-from kmd.editors.hooks import HookSpec, resolve_module
-from kmd.editors.llp.editor import generate_prefixes, run_until, with_prefix
-from kmd.editors.memoir.editor import background_passages
+from kmd.editors.hooks import HookSpec, resolve_module, run_until
+from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
@@ -139,14 +138,16 @@ class WiseEditor(Editor):
             self.prefixes = generate_prefixes(self.host, cfg.prefix_pool, cfg.prefix_tokens, cfg.seed)
         return self.prefixes
 
-    def variants(self, edit_id: str, request: EditRequest, cfg: WiseConfig) -> tuple[list[str], list[str]]:
-        """(bare prompt + prefixed copies, unrelated texts), drawn by the edit's id.
+    def variants(self, request: EditRequest, cfg: WiseConfig) -> tuple[list[str], list[str]]:
+        """(bare prompt + prefixed copies, unrelated texts), drawn by the edit's content.
 
         Prefixes come from the model's own short texts; the unrelated texts of the margin loss
         from the packaged generic passages (the request's locality prompts too, when given).
         Generated snippets are too short and odd to stand for the prompts a memory must ignore.
         """
-        rng = random.Random(f"{cfg.seed}/{edit_id}")
+        # Seeded by the request, not its random id: the same edit always trains the same way
+        # (reproducible runs, and a shard retrained on revert matches a fresh build).
+        rng = random.Random(f"{cfg.seed}/{request.prompt}\x00{request.target}")
         pool = self.ensure_prefixes()
         prefixes = rng.sample(pool, min(cfg.n_prefixes, len(pool))) if cfg.n_prefixes else []
         passages = background_passages()
@@ -214,7 +215,7 @@ class WiseEditor(Editor):
     ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         """Train one edit into a shard's task vector; returns (new delta, info, prompt input)."""
         host = self.host
-        prompts, unrelated = self.variants(edit_id, request, cfg)
+        prompts, unrelated = self.variants(request, cfg)
         batch = teacher_forced_batch(host, [(p, request.target) for p in prompts])
         seen: dict[str, torch.Tensor] = {}
 

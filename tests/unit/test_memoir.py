@@ -9,7 +9,7 @@ import torch
 
 from kmd.editors.batching import left_padded, teacher_forced_batch
 from kmd.editors.memoir import MemoirEditor
-from kmd.editors.memoir.editor import background_passages
+from kmd.editors.augment import background_passages
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.scoring import generate, score_targets
 
