@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
 
 
-
 def default_layers(num_layers: int, config: LlpConfig) -> tuple[list[int], int]:
     """(R, z) from the config, or from depth fractions when unset."""
     if config.retrieval_layers is not None:
