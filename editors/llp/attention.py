@@ -25,12 +25,17 @@ refuses anything else instead of computing something wrong.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from kmd.editors.hooks import HookSpec, hooked
+from kmd.editors.hooks import HookSpec, hooked, resolve_module
+
+if TYPE_CHECKING:
+    from kmd.editors.model import ModelHost
 
 
 class UnsupportedModelError(RuntimeError):
@@ -181,3 +186,111 @@ def cache_keys(cache: Any, layer_idx: int) -> torch.Tensor | None:
         return None
     keys = getattr(layers[layer_idx], "keys", None)
     return keys if isinstance(keys, torch.Tensor) and keys.numel() else None
+
+
+@dataclass
+class Injection:
+    """Which rows of the current batch get which prefix (keys pre-RoPE, per layer)."""
+
+    rows: torch.Tensor  # (Bh,)
+    keys: torch.Tensor  # (Bh, L, n, n_kv, hd)
+    values: torch.Tensor  # (Bh, L, n, n_kv, hd)
+    p_first: torch.Tensor  # (Bh,) position id of each row's first token
+    roped: torch.Tensor | None = None  # (Bh, L, n_kv, n, hd), computed once per context
+    stash: dict[str, Any] = field(default_factory=dict)
+
+
+class PrefixInjector:
+    """Prefix keys/values for every layer, and the hooks that merge them into routed rows."""
+
+    def __init__(self, host: ModelHost, layers: Sequence[int], owner: str) -> None:
+        model, layout = host.model, host.profile.layout
+        self.owner = owner  # the backend's name, for error messages
+        self.layer_paths = [layout.path("layer", i) for i in layers]
+        self.attn_paths = [f"{p}.self_attn" for p in self.layer_paths]
+        self.attentions = [resolve_module(model, p) for p in self.attn_paths]
+        check_supported(model, self.attentions[0])
+        parent = resolve_module(model, layout.layers.rsplit(".", 1)[0])
+        self.rotary = getattr(parent, "rotary_emb", None)
+        if self.rotary is None:
+            raise UnsupportedModelError(f"{owner}: {type(parent).__name__} has no rotary_emb module")
+        layers = [resolve_module(model, p) for p in self.layer_paths]
+        self.runner = PrefixRunner(model, layers, self.attentions, self.attn_paths, self.rotary)
+        attn = self.attentions[0]
+        self.kv_shape = (len(self.layer_paths), attn.k_proj.out_features // attn.head_dim, attn.head_dim)
+
+    @torch.no_grad()
+    def prefix_kv(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, n, D) vectors -> keys, values (E, L, n, n_kv, hd) at the injector's layers, keys before RoPE."""
+        return self.runner(vectors)
+
+    def specs(self, current: Callable[[], Injection | None]) -> list[HookSpec]:
+        specs = []
+        for j, path in enumerate(self.attn_paths):
+            specs += [
+                HookSpec(path, self._attn_pre(current), "forward_pre", with_kwargs=True),
+                HookSpec(f"{path}.q_proj", self._stash(current, "q")),
+                HookSpec(f"{path}.k_proj", self._stash(current, "k")),
+                HookSpec(f"{path}.o_proj", self._merge_hook(current, j), "forward_pre"),
+            ]
+        return specs
+
+    @staticmethod
+    def _attn_pre(current):
+        def hook(module, args, kwargs):
+            injection = current()
+            if injection is not None:
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                injection.stash = {
+                    "embeddings": kwargs.get("position_embeddings"),
+                    "mask": kwargs.get("attention_mask"),
+                    "cache": kwargs.get("past_key_values"),
+                    "shape": hidden.shape[:2],
+                }
+            return None
+
+        return hook
+
+    @staticmethod
+    def _stash(current, part: str):
+        def hook(module, args, output):
+            injection = current()
+            if injection is not None:
+                injection.stash[part] = output
+            return None
+
+        return hook
+
+    def _merge_hook(self, current, j: int):
+        attention = self.attentions[j]
+
+        def hook(module, args):
+            injection = current()
+            if injection is None:
+                return None
+            stash, rows = injection.stash, injection.rows
+            o_in = args[0]
+            bh, tq, hd = len(rows), o_in.shape[1], attention.head_dim
+            cos, sin = stash["embeddings"]
+            if cos.shape[0] > 1:
+                cos, sin = cos[rows], sin[rows]
+            q = rope(stash["q"][rows].view(bh, tq, -1, hd).transpose(1, 2), cos, sin)
+            if stash["cache"] is not None:
+                keys = cache_keys(stash["cache"], attention.layer_idx)
+                if keys is None:
+                    raise UnsupportedModelError(f"{self.owner}: cannot read keys from {type(stash['cache']).__name__}")
+                keys = keys[rows]
+            else:
+                keys = rope(stash["k"][rows].view(bh, tq, -1, hd).transpose(1, 2), cos, sin)
+            mask = stash["mask"]
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[rows]
+            if injection.roped is None:
+                injection.roped = rope_prefix(self.rotary, injection.keys, injection.p_first)
+            prefix_values = injection.values[:, j].transpose(1, 2)  # (Bh, n_kv, n, hd)
+            merged = merge_prefix(
+                o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling
+            )
+            return (o_in.index_copy(0, rows, merged),)
+
+        return hook

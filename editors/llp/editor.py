@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,16 +35,8 @@ from loguru import logger
 
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
-from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
-from kmd.editors.llp.attention import (
-    PrefixRunner,
-    UnsupportedModelError,
-    cache_keys,
-    check_supported,
-    merge_prefix,
-    rope,
-    rope_prefix,
-)
+from kmd.editors.hooks import HookSpec, hooked, run_until
+from kmd.editors.llp.attention import Injection, PrefixInjector
 from kmd.editors.llp.config import LlpConfig
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.upper import UpperStack
@@ -84,25 +75,13 @@ def last_subject_token(host: ModelHost, text: str, subject: str | None) -> int:
     return len(ids) - 1
 
 
-@dataclass
-class _Injection:
-    """Which rows of the current batch get which prefix (keys pre-RoPE, per upper layer)."""
-
-    rows: torch.Tensor  # (Bh,)
-    keys: torch.Tensor  # (Bh, Lz, b, n_kv, hd)
-    values: torch.Tensor  # (Bh, Lz, b, n_kv, hd)
-    p_first: torch.Tensor  # (Bh,) position id of each row's first prompt token
-    roped: torch.Tensor | None = None  # (Bh, Lz, n_kv, b, hd), computed once per context
-    stash: dict[str, Any] = field(default_factory=dict)
-
-
 class LlpEditor(Editor):
     name = "llp"
     config_class = LlpConfig
 
     def __init__(self, host: ModelHost, config: LlpConfig | None = None) -> None:
         super().__init__(host, config)
-        cfg, model, layout = self.config, host.model, host.profile.layout
+        cfg, layout = self.config, host.profile.layout
         self.retrieval, self.z = default_layers(host.num_layers, cfg)
         if cfg.n_values < 1 or cfg.top_k < 1 or not 0 < cfg.vote_fraction <= 1:
             raise EditorError("llp: n_values and top_k must be >= 1 and vote_fraction in (0, 1]")
@@ -111,17 +90,9 @@ class LlpEditor(Editor):
         self._structure = {k: getattr(cfg, k) for k in self.STRUCTURAL}
         self.upper = list(range(self.z, host.num_layers))
         self.layer_paths = [layout.path("layer", i) for i in range(host.num_layers)]
-        self.attn_paths = [f"{self.layer_paths[i]}.self_attn" for i in self.upper]
-        self.attentions = [resolve_module(model, p) for p in self.attn_paths]
-        check_supported(model, self.attentions[0])
-        parent = resolve_module(model, layout.layers.rsplit(".", 1)[0])
-        self.rotary = getattr(parent, "rotary_emb", None)
-        if self.rotary is None:
-            raise UnsupportedModelError(f"llp: {type(parent).__name__} has no rotary_emb module")
-        self.runner = PrefixRunner(
-            model, [resolve_module(model, self.layer_paths[i]) for i in self.upper], self.attentions, self.attn_paths, self.rotary
-        )
-        device, d = host.device, model.config.hidden_size
+        self.injector = PrefixInjector(host, self.upper, self.name)  # layers z.. merge the prefix
+        self.attentions, self.rotary, self.runner = self.injector.attentions, self.injector.rotary, self.injector.runner
+        device, d = host.device, host.model.config.hidden_size
         attn = self.attentions[0]
         n_kv = attn.k_proj.out_features // attn.head_dim
         nr, nz, b = len(self.retrieval), len(self.upper), cfg.n_values
@@ -139,7 +110,7 @@ class LlpEditor(Editor):
         self.prefixes: list[str] = []  # generated once (lazily), persisted
         self._unit_keys = torch.empty(nr, 0, d, device=device)  # (|R|, N, D) normalised, for serving
         self._shifts = torch.empty(0, device=device)  # (N,) per-edit threshold shifts
-        self._train_injection: _Injection | None = None
+        self._train_injection: Injection | None = None
         self._training = False
 
     # ----- augmentation ----------------------------------------------------------------
@@ -335,7 +306,7 @@ class LlpEditor(Editor):
                     self._train_injection = None  # the prefix run itself gets no prefix
                     value = init + scale * delta
                     pk, pv = self.runner(value[None].to(dtype))
-                    self._train_injection = _Injection(
+                    self._train_injection = Injection(
                         rows=torch.arange(rows, device=host.device),
                         keys=pk.expand(rows, *pk.shape[1:]),
                         values=pv.expand(rows, *pv.shape[1:]),
@@ -448,7 +419,7 @@ class LlpEditor(Editor):
         first = mask.int().argmax(dim=1)  # first prompt token of each row
         p_first = position_ids[torch.arange(batch, device=device), first]
         edits = best[rows]
-        decision["injection"] = _Injection(
+        decision["injection"] = Injection(
             rows=rows,
             keys=self.prefix_keys[edits],
             values=self.prefix_values[edits],
@@ -456,79 +427,14 @@ class LlpEditor(Editor):
         )
 
     # ----- serving: injection at layers >= z ---------------------------------------------------
-    def _current(self) -> _Injection | None:
+    def _current(self) -> Injection | None:
         if self._training:
             return self._train_injection
         decision = self.routing().decisions.get(self.name)
         return decision["injection"] if decision else None
 
     def _inject_specs(self) -> list[HookSpec]:
-        specs = []
-        for j, path in enumerate(self.attn_paths):
-            specs += [
-                HookSpec(path, self._attn_pre, "forward_pre", with_kwargs=True),
-                HookSpec(f"{path}.q_proj", self._stash("q")),
-                HookSpec(f"{path}.k_proj", self._stash("k")),
-                HookSpec(f"{path}.o_proj", self._merge_hook(j), "forward_pre"),
-            ]
-        return specs
-
-    def _attn_pre(self, module, args, kwargs):
-        injection = self._current()
-        if injection is not None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            injection.stash = {
-                "embeddings": kwargs.get("position_embeddings"),
-                "mask": kwargs.get("attention_mask"),
-                "cache": kwargs.get("past_key_values"),
-                "shape": hidden.shape[:2],
-            }
-        return None
-
-    def _stash(self, part: str):
-        def hook(module, args, output):
-            injection = self._current()
-            if injection is not None:
-                injection.stash[part] = output
-            return None
-
-        return hook
-
-    def _merge_hook(self, j: int):
-        attention = self.attentions[j]
-
-        def hook(module, args):
-            injection = self._current()
-            if injection is None:
-                return None
-            stash, rows = injection.stash, injection.rows
-            o_in = args[0]
-            bh, tq = len(rows), o_in.shape[1]
-            hd = attention.head_dim
-            cos, sin = stash["embeddings"]
-            if cos.shape[0] > 1:
-                cos, sin = cos[rows], sin[rows]
-            q = rope(stash["q"][rows].view(bh, tq, -1, hd).transpose(1, 2), cos, sin)
-            keys = None
-            if stash["cache"] is not None:
-                keys = cache_keys(stash["cache"], attention.layer_idx)
-                if keys is None:
-                    raise UnsupportedModelError(f"llp: cannot read keys from {type(stash['cache']).__name__}")
-                keys = keys[rows]
-            else:
-                keys = rope(stash["k"][rows].view(bh, tq, -1, hd).transpose(1, 2), cos, sin)
-            mask = stash["mask"]
-            if mask is not None and mask.shape[0] > 1:
-                mask = mask[rows]
-            if injection.roped is None:
-                injection.roped = rope_prefix(self.rotary, injection.keys, injection.p_first)
-            prefix_values = injection.values[:, j].transpose(1, 2)  # (Bh, n_kv, b, hd)
-            merged = merge_prefix(
-                o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling
-            )
-            return (o_in.index_copy(0, rows, merged),)
-
-        return hook
+        return self.injector.specs(self._current)
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from loguru import logger
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
-from kmd.editors.recipe.inject import Injection, PrefixInjector
+from kmd.editors.llp.attention import Injection, PrefixInjector  # served like LLP's prefix, at every layer
 from kmd.editors.recipe.model import CheckpointError, encode_texts, load_networks, statement
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class RecipeEditor(Editor):
         path = Path(self.config.checkpoint).expanduser()
         self.networks, meta = load_networks(path, host)
         self.checkpoint_sha256 = file_sha256(path)
-        self.injector = PrefixInjector(host)
+        self.injector = PrefixInjector(host, range(host.num_layers), self.name)
         shape, device = self.networks.shape, host.device
         n_layers, n_kv, hd = self.injector.kv_shape
         self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
