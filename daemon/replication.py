@@ -21,7 +21,6 @@ names a version it has not loaded yet, `/readyz` is 503.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from kmd.editors.state import MANIFEST, StateError, read_manifest
+from kmd.editors.state import MANIFEST, StateError, fsync_path, read_manifest
 
 if TYPE_CHECKING:
     from kmd.daemon.ledger import Ledger, PublishedState
@@ -46,14 +45,6 @@ __all__ = ["Replica", "adopt_state", "closest_state", "publish_state", "publishe
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def published_dir(publish_dir: Path, version: str) -> Path:
@@ -72,14 +63,14 @@ def publish_state(editor_dir: Path, publish_dir: Path, *, keep: int = 5) -> tupl
         try:
             for name in (MANIFEST, manifest["tensors"]["file"]):
                 shutil.copyfile(editor_dir / name, tmp / name)
-                _fsync(tmp / name)
+                fsync_path(tmp / name)
             os.chmod(tmp, 0o755)
             try:
                 os.rename(tmp, target)
             except OSError:
                 if not (target / MANIFEST).is_file():  # not simply "another writer was first"
                     raise
-            _fsync(publish_dir)
+            fsync_path(publish_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     os.utime(target)  # newest first for the clean-up below
@@ -121,9 +112,9 @@ def adopt_state(source: Path, editor_dir: Path) -> None:
     for name in (tensor_file, MANIFEST):
         tmp = editor_dir / f".{name}.adopt"
         shutil.copyfile(source / name, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, editor_dir / name)
-    _fsync(editor_dir)
+    fsync_path(editor_dir)
     for stale in editor_dir.glob("tensors-*.safetensors"):
         if stale.name != tensor_file:
             stale.unlink(missing_ok=True)

@@ -294,3 +294,16 @@ class Editor(ABC):
     @abstractmethod
     def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         """Rebuild from `state_tensors()` / `extra_state()` output."""
+
+
+def late_layer(backend: str, num_layers: int, layer: int | None) -> int:
+    """The layer whose down_proj a side-memory backend wraps: `layer`, else ~0.85 of depth.
+
+    The last layer is refused: its output goes straight to the final norm.
+    """
+    if num_layers < 2:
+        raise EditorError(f"{backend}: needs a model with at least 2 layers")
+    chosen = layer if layer is not None else min(int(0.85 * num_layers + 0.5), num_layers - 2)
+    if not 0 <= chosen <= num_layers - 2:
+        raise EditorError(f"{backend}: layer {chosen} outside 0..{num_layers - 2} (the last layer is not supported)")
+    return chosen

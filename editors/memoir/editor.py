@@ -47,7 +47,7 @@ from kmd.editors.augment import background_passages
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
-from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.upper import UpperStack
 
 if TYPE_CHECKING:
@@ -62,12 +62,8 @@ class MemoirEditor(Editor):
 
     def __init__(self, host: ModelHost, config: MemoirConfig | None = None) -> None:
         super().__init__(host, config)
-        cfg, n_layers = self.config, host.num_layers
-        if n_layers < 2:
-            raise EditorError("memoir: needs a model with at least 2 layers")
-        self.layer = cfg.layer if cfg.layer is not None else min(int(0.85 * n_layers + 0.5), n_layers - 2)
-        if not 0 <= self.layer <= n_layers - 2:
-            raise EditorError(f"memoir: layer {self.layer} outside 0..{n_layers - 2} (the last layer is not supported)")
+        cfg = self.config
+        self.layer = late_layer(self.name, host.num_layers, cfg.layer)
         self.path = host.profile.layout.path("mlp_down", self.layer)
         down = resolve_module(host.model, self.path)
         self.d_ff, self.d_model = down.in_features, down.out_features

@@ -45,7 +45,7 @@ from loguru import logger
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, resolve_module, run_until
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
-from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
 from kmd.editors.wise.merge import ties_merge
@@ -85,12 +85,8 @@ class WiseEditor(Editor):
 
     def __init__(self, host: ModelHost, config: WiseConfig | None = None) -> None:
         super().__init__(host, config)
-        cfg, n_layers = self.config, host.num_layers
-        if n_layers < 2:
-            raise EditorError("wise: needs a model with at least 2 layers")
-        self.layer = cfg.layer if cfg.layer is not None else min(int(0.85 * n_layers + 0.5), n_layers - 2)
-        if not 0 <= self.layer <= n_layers - 2:
-            raise EditorError(f"wise: layer {self.layer} outside 0..{n_layers - 2} (the last layer is not supported)")
+        cfg = self.config
+        self.layer = late_layer(self.name, host.num_layers, cfg.layer)
         if not 0 < cfg.mask_ratio <= 1 or not 0 < cfg.density <= 1 or cfg.shard_size < 1:
             raise EditorError("wise: mask_ratio and density must be in (0, 1], shard_size >= 1")
         if cfg.optimizer not in ("sgd", "adam"):
