@@ -47,6 +47,7 @@ from kmd.editors.augment import background_passages
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
+from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.upper import UpperStack
 
@@ -249,29 +250,11 @@ class MemoirEditor(Editor):
         pairs += [(f"{prefix} {request.prompt}", request.target) for prefix in self.prefixes or []]
         return teacher_forced_batch(self.host, pairs)
 
-    def _span_basis(self, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(n, k) rows B = A (I + protect * G / e)^-1, scaled so that mean diag(A B^T) = 1 (see MemoirConfig.update)."""
-        if self.config.protect > 0 and self.gram is not None:
-            energy = keys.pow(2).sum(1).mean().clamp_min(1e-12)
-            gram = self.gram[mask][:, mask].to(keys.dtype)  # (k, k): what earlier edits read on these columns
-            system = torch.eye(self.k, dtype=keys.dtype, device=keys.device) + self.config.protect * gram / energy
-            basis = torch.linalg.solve(system, keys.T).T  # A (I + protect G / e)^-1, the system is symmetric
-        else:
-            basis = keys
-        gain = (keys * basis).sum(1).mean().clamp_min(1e-12)
-        return basis / gain
-
     def _min_norm(self, keys: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """(k, d_model) the change D = B^T P (see `_span_basis`) whose output on this edit's own
-        tokens is that of `delta`: min tr(D^T K D) subject to A D = A delta, with K = I +
-        protect * G / e (a small ridge keeps the n x n system well posed)."""
-        # float64: with long targets n exceeds k and the n x n system is singular but for the ridge.
+        """(k, d_model) the protected minimum-norm change with this edit's output (editors/minnorm.py)."""
         keys = keys.double()
-        basis = self._span_basis(keys, mask)  # (n, k), a rescaled A K^-1
-        system = keys @ basis.T  # (n, n)
-        ridge = 1e-4 * system.diagonal().mean() * torch.eye(system.shape[0], dtype=system.dtype, device=system.device)
-        coefficients = torch.linalg.solve(system + ridge, keys @ delta.double())  # (n, d_model)
-        return (basis.T @ coefficients).float()
+        gram = self.gram[mask][:, mask] if self.config.protect > 0 and self.gram is not None else None  # (k, k)
+        return min_norm_change(keys, keys @ delta.double(), gram, self.config.protect)
 
     def _add_gram(self, keys: torch.Tensor, mask: torch.Tensor, sign: float) -> None:
         """Add (sign +1) or remove (-1) one edit's A^T A to the Gram matrix (protect > 0 only)."""

@@ -30,7 +30,7 @@ from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
 from kmd.editors.llp.attention import Injection, PrefixInjector  # served like LLP's prefix, at every layer
-from kmd.editors.recipe.model import CheckpointError, encode_texts, load_networks, statement
+from kmd.editors.recipe.model import CheckpointError, edit_prompts, encode_texts, load_networks, statement
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -70,7 +70,7 @@ class RecipeEditor(Editor):
     def _apply(self, edit_id: str, request: EditRequest) -> None:
         encoded = encode_texts([statement(request.prompt, request.target)], self.host.device)
         rep = self.networks.knowledge_reps(encoded)  # (1, R)
-        vectors = self.networks.prompt_vectors(rep)  # (1, n, D)
+        vectors = edit_prompts(self.networks, self.host, rep, [request.target])  # (1, n, D)
         keys, values = self.injector.prefix_kv(vectors.to(self.host.model.dtype))
         self.reps = torch.cat([self.reps, rep])
         self.prompts = torch.cat([self.prompts, vectors])

@@ -48,6 +48,11 @@ class RecipeShape:
     n_prompts: int = 3  # continuous prompt vectors per edit (the paper: 3)
     d_model: int = 576
     temperature: float = 0.05  # of the retrieval softmax over cosines
+    # Ours: the prompts are the base model's own embeddings of the target's first n_prompts
+    # tokens plus the prompt MLP's output (zero at initialisation), instead of the MLP's output
+    # alone. Training then starts from "the answer is in the context" rather than from noise
+    # (on SmolLM2-135M those embeddings alone lift teacher-forced ZsRE accuracy 0.13 -> 0.26).
+    target_tokens: bool = False
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -62,6 +67,9 @@ class RecipeNetworks(nn.Module):
         self.query = mlp(shape.encoder_dim, shape.hidden, shape.rep_dim)
         self.prompts = mlp(shape.rep_dim, shape.hidden, shape.n_prompts * shape.d_model)
         self.sentinel = nn.Parameter(torch.randn(shape.rep_dim) * 0.02)
+        if shape.target_tokens:  # start from the target's embeddings alone
+            nn.init.zeros_(self.prompts[-1].weight)
+            nn.init.zeros_(self.prompts[-1].bias)
         # Prompt vectors are produced in units of the RMS of the model's token embeddings.
         self.register_buffer("embed_rms", torch.tensor(float(embed_rms)))
 
@@ -72,10 +80,17 @@ class RecipeNetworks(nn.Module):
     def query_reps(self, encoded: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.query(encoded), dim=-1)
 
-    def prompt_vectors(self, reps: torch.Tensor) -> torch.Tensor:
-        """(N, rep_dim) -> (N, n_prompts, d_model), to prepend to the token embeddings."""
-        out = self.prompts(reps).view(reps.shape[0], self.shape.n_prompts, self.shape.d_model)
-        return out * self.embed_rms
+    def prompt_vectors(self, reps: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, rep_dim) -> (N, n_prompts, d_model), to prepend to the token embeddings.
+
+        base (N, n_prompts, d_model): the target's token embeddings, required with `target_tokens`.
+        """
+        out = self.prompts(reps).view(reps.shape[0], self.shape.n_prompts, self.shape.d_model) * self.embed_rms
+        if self.shape.target_tokens:
+            if base is None:
+                raise ValueError("recipe: this editor builds its prompts on the target's token embeddings")
+            out = out + base.to(out.dtype)
+        return out
 
     def retrieval_logits(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B, R) query reps, (N, R) knowledge reps -> (B, 1 + N) cosines / T; column 0 is the sentinel."""
@@ -93,6 +108,25 @@ def encode_texts(texts: Sequence[str], device: torch.device | str, batch_size: i
         list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
     )
     return out.float().to(device)
+
+
+def edit_prompts(networks: RecipeNetworks, host: ModelHost, reps: torch.Tensor, targets: Sequence[str]) -> torch.Tensor:
+    """(N, n_prompts, d_model) the continuous prompts of N edits from their knowledge reps and targets."""
+    base = target_embeddings(host, targets, networks.shape.n_prompts) if networks.shape.target_tokens else None
+    return networks.prompt_vectors(reps, base)
+
+
+@torch.no_grad()
+def target_embeddings(host: ModelHost, targets: Sequence[str], n: int) -> torch.Tensor:
+    """(N, n, d_model) the base model's embeddings of each target's first n tokens (the last repeated)."""
+    from kmd.editors.hooks import resolve_module
+
+    rows = []
+    for target in targets:
+        ids = host.encode(" " + target.strip(), special=False)[:n]
+        rows.append(ids + ids[-1:] * (n - len(ids)))
+    embed = resolve_module(host.model, host.profile.layout.embed)
+    return embed(torch.tensor(rows, dtype=torch.long, device=host.device)).float()
 
 
 def statement(prompt: str, target: str) -> str:

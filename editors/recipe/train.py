@@ -37,7 +37,15 @@ from safetensors.torch import load_file, save_file
 
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import resolve_module
-from kmd.editors.recipe.model import RecipeNetworks, encode_texts, load_networks, new_networks, save_networks, statement
+from kmd.editors.recipe.model import (
+    RecipeNetworks,
+    edit_prompts,
+    encode_texts,
+    load_networks,
+    new_networks,
+    save_networks,
+    statement,
+)
 
 if TYPE_CHECKING:
     from kmd.editors.bench.data import EditRecord
@@ -51,6 +59,10 @@ class TrainOptions:
     steps: int = 3000
     batch_size: int = 64  # records per retrieval step (no LLM involved)
     llm_batch: int = 4  # records per step that go through the LLM (edit and locality losses)
+    # Retrieval-only updates per step (each on its own `batch_size` records), the last one
+    # joined with the LLM losses: retrieval costs no LLM pass, so it can learn faster.
+    retrieval_updates: int = 8
+    target_tokens: bool = True  # prompts built on the target's token embeddings (RecipeShape)
     lr: float = 3e-4  # Adam (the paper: 1e-5 while fine-tuning RoBERTa; our MLPs start from scratch)
     edit_hinge: float = 0.05  # hinged NLL: no edit loss once a row's NLL is below this
     retrieval_weight: float = 1.0
@@ -176,6 +188,16 @@ class Trainer:
         save_file({k: v.cpu().contiguous() for k, v in asdict(encoded).items()}, str(cache))
         return encoded
 
+    def _batch(self, serial: int) -> torch.Tensor:
+        """The `serial`-th batch of `batch_size` training indices (seeded epochs, no repeats within one)."""
+        size, n = self.options.batch_size, len(self.train)
+        epoch, offset = divmod(serial * size, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.options.seed * 7919 + epoch))
+        idx = order[offset : offset + size]
+        if len(idx) < 2:
+            idx = order[:size]
+        return idx.to(self.host.device)
+
     # ----- losses ------------------------------------------------------------------------------
     def retrieval_loss(self, networks: RecipeNetworks, enc: Encoded, idx: torch.Tensor) -> torch.Tensor:
         keys = networks.knowledge_reps(enc.statements[idx])  # (B, R)
@@ -196,8 +218,8 @@ class Trainer:
 
     def edit_and_locality_loss(self, networks: RecipeNetworks, enc: Encoded, records: Sequence[EditRecord], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         opts = self.options
-        vectors = networks.prompt_vectors(networks.knowledge_reps(enc.statements[idx]))  # (b, n, D)
         chosen = [records[i] for i in idx.tolist()]
+        vectors = edit_prompts(networks, self.host, networks.knowledge_reps(enc.statements[idx]), [r.target for r in chosen])  # (b, n, D)
         pairs = [(r.prompt, r.target) for r in chosen] + [(rephrase(r), r.target) for r in chosen]
         logits, batch = self.lm.target_logits(pairs, torch.cat([vectors, vectors]))
         nll = F.cross_entropy(logits, batch.labels, reduction="none")
@@ -219,7 +241,7 @@ class Trainer:
         locality queries that retrieve nothing (loc_clear)."""
         networks.eval()
         keys = networks.knowledge_reps(enc.statements)
-        vectors = networks.prompt_vectors(keys)
+        vectors = edit_prompts(networks, self.host, keys, [r.target for r in self.val])
         figures: dict[str, float] = {}
         for name, queries, pairs in (
             ("rel", enc.prompts, [(r.prompt, r.target) for r in self.val]),
@@ -254,7 +276,10 @@ class Trainer:
     def run(self, progress: Progress | None = None) -> dict[str, Any]:
         opts, host = self.options, self.host
         torch.manual_seed(opts.seed)
-        networks = new_networks(host, hidden=opts.hidden, rep_dim=opts.rep_dim, n_prompts=opts.n_prompts, temperature=opts.temperature)
+        networks = new_networks(
+            host, hidden=opts.hidden, rep_dim=opts.rep_dim, n_prompts=opts.n_prompts,
+            temperature=opts.temperature, target_tokens=opts.target_tokens,
+        )
         optimiser = torch.optim.Adam(networks.parameters(), lr=opts.lr)
         state = self._resume(networks, optimiser)
         started, before = time.perf_counter(), state["seconds"]  # wall time of earlier runs into this --out
@@ -265,13 +290,12 @@ class Trainer:
         step = state["step"]
         stopped = "steps"
         while step < opts.steps:
-            epoch, offset = divmod(step * opts.batch_size, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))
-            idx = order[offset : offset + opts.batch_size]
-            if len(idx) < 2:
-                idx = order[: opts.batch_size]
-            idx = idx.to(host.device)
             with torch.enable_grad():
+                for extra in range(opts.retrieval_updates - 1):
+                    optimiser.zero_grad()
+                    self.retrieval_loss(networks, enc_train, self._batch(step * opts.retrieval_updates + extra + 1)).backward()
+                    optimiser.step()
+                idx = self._batch(step * opts.retrieval_updates)
                 retrieval = self.retrieval_loss(networks, enc_train, idx)
                 edit, kl = self.edit_and_locality_loss(networks, enc_train, self.train, idx[: opts.llm_batch])
                 loss = opts.retrieval_weight * retrieval + opts.edit_weight * edit + opts.locality_weight * kl

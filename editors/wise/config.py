@@ -36,6 +36,19 @@ class WiseConfig:
     # them (on the tiny test model and on SmolLM2-135M). Early stop when the target NLL is
     # below `stop_loss` and every margin holds.
     optimizer: str = "adam"  # "adam" or "sgd"
+    # How an edit changes its shard. "direct": the optimised change itself (the paper).
+    # "min_norm": replaced, in closed form and per output row over that row's masked elements,
+    # by the least change that gives the same memory output on the edit's own tokens, weighted
+    # with `protect` > 0 away from the inputs the shard's earlier edits read (editors/minnorm.py,
+    # as MEMOIR's `update`). Adam's change is dense; this one lies in the span of the edit's
+    # own inputs, so later edits of a shard overwrite earlier ones far less.
+    update: str = "direct"
+    protect: float = 0.0
+    # With min_norm: also protect the inputs of the packaged generic passages, with this weight
+    # on their Gram matrix (per token, as an earlier edit's). Generic text then barely moves
+    # the memory, which keeps the activation of unrelated prompts (routing) and their
+    # outputs (locality) low as a shard fills.
+    protect_background: float = 0.0
     lr: float = 0.05
     max_steps: int = 70
     stop_loss: float = 0.02

@@ -45,6 +45,7 @@ from loguru import logger
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, resolve_module, run_until
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
+from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
@@ -62,6 +63,9 @@ class Shard:
     serial: int  # seeds the mask; never reused, so a shard's mask survives other shards' removal
     edit_ids: list[str] = field(default_factory=list)  # in training order
     delta: torch.Tensor | None = None  # (d_model, d_ff) float32, zero outside the mask
+    # update min_norm with protect > 0: (d_ff, d_ff) float64 sum over the shard's edits of
+    # A^T A, A (n_tokens, d_ff) the centred down_proj inputs an edit trained on.
+    gram: torch.Tensor | None = None
 
 
 def activation(extra: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,6 +95,11 @@ class WiseEditor(Editor):
             raise EditorError("wise: mask_ratio and density must be in (0, 1], shard_size >= 1")
         if cfg.optimizer not in ("sgd", "adam"):
             raise EditorError(f"wise: optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
+        if cfg.update not in ("direct", "min_norm"):
+            raise EditorError(f"wise: update must be 'direct' or 'min_norm', not {cfg.update!r}")
+        weights = (cfg.protect, cfg.protect_background)
+        if min(weights) < 0 or (max(weights) > 0 and cfg.update != "min_norm"):
+            raise EditorError("wise: protect and protect_background must be >= 0, and > 0 only with update 'min_norm'")
         self._structure = {k: getattr(cfg, k) for k in STRUCTURAL}
         self.path = host.profile.layout.path("mlp_down", self.layer)
         down = resolve_module(host.model, self.path)
@@ -104,6 +113,7 @@ class WiseEditor(Editor):
         self.meta: dict[str, dict[str, Any]] = {}  # per edit: shard, options, steps, losses
         self.last_revert: dict[str, Any] | None = None  # what the last revert cost
         self._prompt_inputs: dict[str, torch.Tensor] = {}  # edit id -> (T, d_ff) down_proj input on its prompt
+        self._background_gram: torch.Tensor | None = None  # see background_gram()
 
     def stronger_overrides(self) -> dict[str, Any]:
         return {"max_steps": self.config.max_steps * 2, "stop_loss": self.config.stop_loss / 2}
@@ -127,6 +137,24 @@ class WiseEditor(Editor):
             mask[:, 0] = False
             self.center = a[mask].mean(0)
         return self.center
+
+    def _protected(self, gram: torch.Tensor | None, cfg: WiseConfig) -> torch.Tensor | None:
+        """(d_ff, d_ff) protect * (the shard's Gram) + protect_background * (the generic passages'), or None."""
+        total = cfg.protect * gram if cfg.protect > 0 and gram is not None else None
+        if cfg.protect_background > 0:
+            background = cfg.protect_background * self.background_gram()
+            total = background if total is None else total + background
+        return total
+
+    def background_gram(self) -> torch.Tensor:
+        """(d_ff, d_ff) float64 Gram matrix of the centred generic passages' down_proj inputs
+        (first tokens excluded). Recomputed from the model when needed, not persisted."""
+        if self._background_gram is None:
+            a, mask = self.layer_inputs(background_passages())
+            mask[:, 0] = False
+            keys = (a[mask] - self.ensure_center()).double()  # (n_tokens, d_ff)
+            self._background_gram = keys.T @ keys
+        return self._background_gram
 
     def ensure_prefixes(self) -> list[str]:
         cfg = self.config
@@ -187,9 +215,10 @@ class WiseEditor(Editor):
             shard, new = Shard(serial=self.next_serial), True
         mask = self.mask(shard.serial)
         start = shard.delta if shard.delta is not None else torch.zeros(self.d_model, self.d_ff, device=self.host.device)
-        delta, info, prompt_input = self._train(start, mask, edit_id, request, cfg)
+        delta, info, prompt_input, keys = self._train(start, shard.gram, mask, edit_id, request, cfg)
         # Commit (nothing above touched the editor's state).
         shard.delta = delta
+        shard.gram = self._grown_gram(shard.gram, keys)
         shard.edit_ids.append(edit_id)
         if new:
             self.shards.append(shard)
@@ -207,9 +236,12 @@ class WiseEditor(Editor):
         )
 
     def _train(
-        self, start: torch.Tensor, mask: torch.Tensor, edit_id: str, request: EditRequest, cfg: WiseConfig
-    ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
-        """Train one edit into a shard's task vector; returns (new delta, info, prompt input)."""
+        self, start: torch.Tensor, gram: torch.Tensor | None, mask: torch.Tensor, edit_id: str, request: EditRequest, cfg: WiseConfig
+    ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor]:
+        """Train one edit into a shard's task vector (`gram`: the shard's so far, or None).
+
+        Returns (new delta, info, the bare prompt's inputs (T_p, d_ff), all training inputs (n, d_ff)).
+        """
         host = self.host
         prompts, unrelated = self.variants(request, cfg)
         batch = teacher_forced_batch(host, [(p, request.target) for p in prompts])
@@ -254,26 +286,59 @@ class WiseEditor(Editor):
                 optimiser.step()
                 with torch.no_grad():
                     weight.clamp_(-cfg.clamp, cfg.clamp)  # W' within +-clamp of W
+        keys = a[batch.attention_mask.bool()]  # (n, d_ff): every token the edit trained on
         delta = weight.detach()
+        if cfg.update == "min_norm":
+            delta = (start + self._min_norm(keys, delta - start, mask, self._protected(gram, cfg))).clamp(-cfg.clamp, cfg.clamp)
         if not torch.isfinite(delta).all():
             raise EditorError("wise: the optimisation diverged (non-finite memory)")
         info = {"steps": step, "nll_first": round(nll_first, 5), "nll": round(nll.item(), 5), "margin": round(margin.item(), 5)}
         prompt_input = a[0, batch.prompt_mask[0]]  # (T_p, d_ff): the bare prompt's tokens
-        return delta, info, prompt_input
+        return delta, info, prompt_input, keys
+
+    def _min_norm(
+        self, keys: torch.Tensor, change: torch.Tensor, mask: torch.Tensor, protected: torch.Tensor | None, chunk: int = 64
+    ) -> torch.Tensor:
+        """(d_model, d_ff) the minimum-norm change with the same output as `change` on `keys`
+        (n, d_ff), weighted away from `protected` (d_ff, d_ff; see `_protected`), solved per
+        output row over that row's masked elements (mask (d_model, d_ff))."""
+        width = int(mask.sum(1).max())
+        columns = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # (d_model, width): masked first
+        valid = mask.gather(1, columns)  # (d_model, width): False on the padding of shorter rows
+        outputs = keys.double() @ change.double().T  # (n, d_model): what this edit's change adds on its tokens
+        result = torch.zeros_like(change)
+        for start in range(0, change.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            cols, ok = columns[rows], valid[rows]  # (r, width)
+            a = keys.double()[:, cols].permute(1, 0, 2) * ok[:, None, :]  # (r, n, width), padding zeroed
+            g = None
+            if protected is not None:
+                g = protected[cols[:, :, None], cols[:, None, :]] * (ok[:, :, None] & ok[:, None, :])  # (r, width, width)
+            d = min_norm_change(a, outputs[:, rows].T[..., None], g, 1.0)[..., 0]  # (r, width)
+            result[rows].scatter_(1, cols, d * ok)
+        return result
+
+    def _grown_gram(self, gram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor | None:
+        """A shard's Gram matrix after one more edit (only kept with update min_norm, protect > 0)."""
+        if self.config.update != "min_norm" or self.config.protect <= 0:
+            return None
+        keys = keys.double()
+        return (gram if gram is not None else 0) + keys.T @ keys
 
     def _revert(self, edit_id: str) -> None:
         started = time.perf_counter()
         shard = next(s for s in self.shards if edit_id in s.edit_ids)
         kept = [e for e in shard.edit_ids if e != edit_id]
         mask = self.mask(shard.serial)
-        delta = torch.zeros(self.d_model, self.d_ff, device=self.host.device)
+        delta, gram = torch.zeros(self.d_model, self.d_ff, device=self.host.device), None
         infos = {}
         for other in kept:  # replay the shard's history without the reverted edit
             options = self.meta[other]["options"]
             cfg = dataclasses.replace(self.config, **options)
-            delta, infos[other], self._prompt_inputs[other] = self._train(delta, mask, other, self.request(other), cfg)
+            delta, infos[other], self._prompt_inputs[other], keys = self._train(delta, gram, mask, other, self.request(other), cfg)
+            gram = self._grown_gram(gram, keys)
         # Commit.
-        shard.delta, shard.edit_ids = delta, kept
+        shard.delta, shard.edit_ids, shard.gram = delta, kept, gram
         if not kept:
             self.shards.remove(shard)
         for other, info in infos.items():
@@ -339,6 +404,7 @@ class WiseEditor(Editor):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         # Only each shard's masked elements: the masks are rebuilt from their seeds.
         tensors = {f"shard_{s.serial}": s.delta[self.mask(s.serial)] for s in self.shards}
+        tensors |= {f"gram_{s.serial}": s.gram for s in self.shards if s.gram is not None}
         if self.center is not None:
             tensors["center"] = self.center
         return tensors
@@ -367,7 +433,11 @@ class WiseEditor(Editor):
                 raise EditorError(f"wise: shard {entry['serial']} does not match its mask (seed or model changed?)")
             delta = torch.zeros(self.d_model, self.d_ff, device=self.host.device)
             delta[mask] = values.float()
-            shards.append(Shard(serial=entry["serial"], edit_ids=list(entry["edit_ids"]), delta=delta))
+            gram = tensors.get(f"gram_{entry['serial']}")
+            if gram is None and self.config.update == "min_norm" and self.config.protect > 0:
+                raise EditorError(f"wise: shard {entry['serial']} was saved without the Gram matrix that protect needs")
+            gram = gram.double() if gram is not None else None
+            shards.append(Shard(serial=entry["serial"], edit_ids=list(entry["edit_ids"]), delta=delta, gram=gram))
         self.shards, self.next_serial = shards, int(extra.get("next_serial", len(shards)))
         self.prefixes = list(extra.get("prefixes") or [])
         self.center = tensors["center"].float() if "center" in tensors else None

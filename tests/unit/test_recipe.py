@@ -117,3 +117,14 @@ def test_training_resumes_where_it_stopped(tiny_host, tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3]
     with pytest.raises(ValueError, match="other options"):
         Trainer(tiny_host, records, records, tmp_path, TrainOptions(**{**longer.__dict__, "lr": 1.0})).run()
+
+
+def test_untrained_prompts_are_the_targets_token_embeddings(tiny_host):
+    from kmd.editors.recipe.model import edit_prompts, new_networks, target_embeddings
+
+    networks = new_networks(tiny_host, n_prompts=3, target_tokens=True)
+    reps = networks.knowledge_reps(torch.randn(2, networks.shape.encoder_dim))
+    prompts = edit_prompts(networks, tiny_host, reps, ["Berlin", "banana split"])
+    assert torch.equal(prompts, target_embeddings(tiny_host, ["Berlin", "banana split"], 3))
+    with pytest.raises(ValueError, match="target"):
+        networks.prompt_vectors(reps)  # the base is required

@@ -136,3 +136,48 @@ def test_retried_edit_options_are_replayed_on_revert(tiny_host):
             fresh.apply(OTHER)
         fresh.apply(THIRD)
     assert torch.equal(editor.memory_t, fresh.memory_t)
+
+
+MIN_NORM = {"update": "min_norm", "protect": 10.0, "protect_background": 1.0}
+
+
+def test_min_norm_change_keeps_the_edits_output_within_each_rows_mask(tiny_host):
+    editor = make(tiny_host)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(6, editor.d_ff, generator=gen)
+    mask = editor.mask(0)
+    change = torch.randn(editor.d_model, editor.d_ff, generator=gen) * mask
+    earlier = torch.randn(9, editor.d_ff, generator=gen).double()
+    for protected in (None, 10.0 * earlier.T @ earlier):
+        result = editor._min_norm(keys, change, mask, protected)
+        assert ((result != 0) & ~mask).sum() == 0  # only the shard's elements
+        assert torch.allclose(keys @ result.T, keys @ change.T, atol=1e-3 * float((keys @ change.T).abs().max()))
+        assert result.norm() <= change.norm()
+
+
+def test_min_norm_edits_revert_and_reload_exactly(tiny_host, tmp_path):
+    editor = make(tiny_host, **MIN_NORM)
+    for request in (EDIT, OTHER, THIRD):
+        editor.apply(request)
+    assert editor.shards[0].gram is not None
+    path = editor.save(tmp_path / "state")
+    saved_gram = editor.shards[0].gram.clone()
+    editor.revert("e2")
+    with editor.suspended():
+        fresh = make(tiny_host, **MIN_NORM)
+        fresh.apply(EDIT)
+        fresh.apply(THIRD)
+        assert torch.equal(editor.memory_t, fresh.memory_t)  # replayed with the shard's Gram rebuilt
+        assert torch.equal(editor.shards[0].gram, fresh.shards[0].gram)
+    with editor.suspended(), fresh.suspended():  # one editor's hooks on the model at a time
+        reloaded = Editor.load(path, tiny_host)
+        assert torch.equal(reloaded.shards[0].gram, saved_gram)
+        reloaded.revert("e2")
+        assert torch.equal(reloaded.memory_t, editor.memory_t)
+
+
+def test_protect_needs_min_norm(tiny_host):
+    with pytest.raises(EditorError, match="protect"):
+        make(tiny_host, protect=1.0)
+    with pytest.raises(EditorError, match="update"):
+        make(tiny_host, update="sideways")
