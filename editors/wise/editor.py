@@ -3,17 +3,20 @@
 The edited down_proj gets a side memory: W (the base weight) is never written, D
 (d_model, d_ff) is the memory, and a routed row's output becomes W a + D (a - c), with c
 the background mean of the down_proj input (see `ensure_center`; WISE itself uses
-W' a = W a + D a, whose response is dominated by input features every text shares). Edits are grouped into knowledge
-shards of `shard_size` consecutive edits; shard s trains only a fixed random
-`mask_ratio` of D's elements (its mask is seeded by the shard's serial number), one edit
-after the other, starting from zero. The memory served is the TIES merge of the shards'
-task vectors (one shard: itself).
+W' a = W a + D a, whose response is dominated by input features every text shares).
+Edits are grouped into knowledge shards of `shard_size` consecutive edits; shard s trains
+only a fixed random `mask_ratio` of D's elements (its mask is seeded by the shard's serial
+number), one edit after the other, starting from zero. The memory served is the TIES
+merge of the shards' task vectors (one shard: itself).
 
 Training an edit: the target NLL on the bare prompt and prefixed copies of it, plus the
 activation-margin loss. A prompt's activation is the mean over its prompt tokens of
-|D (a_t - c)| (a_t the down_proj input); the margins make it large on the
-edit's prompts and small on unrelated texts. Layers 0..layer run once per edit
-(`UpperStack`): D only adds `a @ D^T` to the stream leaving the edited layer.
+|D (a_t - c)| (a_t the down_proj input); the margins make it large on the edit's prompts
+and small on unrelated texts. With `update: min_norm` the optimised change is then
+replaced by the least change with the same output on the edit's tokens
+(editors/minnorm.py), so the edits of a shard overwrite each other less. Layers 0..layer
+run once per edit (`UpperStack`): D only adds `a @ D^T` to the stream leaving the edited
+layer.
 
 Routing, per row and from prompt tokens only: a row uses the memory when its activation
 reaches `act_ratio` times the smallest activation of a kept edit's prompt (measured when
@@ -307,8 +310,8 @@ class WiseEditor(Editor):
         valid = mask.gather(1, columns)  # (d_model, width): False on the padding of shorter rows
         outputs = keys.double() @ change.double().T  # (n, d_model): what this edit's change adds on its tokens
         result = torch.zeros_like(change)
-        for start in range(0, change.shape[0], chunk):
-            rows = slice(start, start + chunk)
+        for first in range(0, change.shape[0], chunk):
+            rows = slice(first, first + chunk)
             cols, ok = columns[rows], valid[rows]  # (r, width)
             a = keys.double()[:, cols].permute(1, 0, 2) * ok[:, None, :]  # (r, n, width), padding zeroed
             g = None
