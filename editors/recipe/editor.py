@@ -4,7 +4,9 @@ Editing is a forward pass, no optimisation: the edit's statement ("prompt target
 through the frozen sentence encoder and the trained knowledge MLP (r_k, one repository
 row) and the prompt MLP (n_prompts continuous vectors, prepended to the token embeddings
 of the rows that retrieve this edit). The vectors' per-layer keys/values are computed
-once here (`PrefixInjector`), so serving only merges them into routed rows.
+once per edit, when a row first retrieves it (`PrefixInjector`; one pass of n_prompts
+tokens through every layer, ~0.1 s on a CPU, which is most of what an edit would
+otherwise cost), and kept; serving only merges them into routed rows.
 
 Serving, per row of a batch and from prompt tokens only: on the prefill, each row's
 prompt tokens are decoded to text, encoded, and mapped by the query MLP to r_q; the row
@@ -57,12 +59,12 @@ class RecipeEditor(Editor):
         self.checkpoint_sha256 = file_sha256(path)
         self.injector = PrefixInjector(host, range(host.num_layers), self.name)
         shape, device = self.networks.shape, host.device
-        n_layers, n_kv, hd = self.injector.kv_shape
         self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
-        self.prefix_keys = torch.empty(0, n_layers, shape.n_prompts, n_kv, hd, device=device)  # pre-RoPE
-        self.prefix_values = torch.empty(0, n_layers, shape.n_prompts, n_kv, hd, device=device)
         self.row_ids: list[str] = []
+        # edit id -> its prompts' keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
+        # first retrieval (`_prefix_kv`); derived from `prompts`, so not saved.
+        self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         logger.info("recipe: trained editor {} ({})", path, meta.get("training", {}).get("summary", "no summary"))
 
     # ----- editing: one encoder forward ----------------------------------------------------
@@ -71,18 +73,25 @@ class RecipeEditor(Editor):
         encoded = encode_texts([statement(request.prompt, request.target)], self.host.device)
         rep = self.networks.knowledge_reps(encoded)  # (1, R)
         vectors = edit_prompts(self.networks, self.host, rep, [request.target])  # (1, n, D)
-        keys, values = self.injector.prefix_kv(vectors.to(self.host.model.dtype))
         self.reps = torch.cat([self.reps, rep])
         self.prompts = torch.cat([self.prompts, vectors])
-        self.prefix_keys = torch.cat([self.prefix_keys, keys.float()])
-        self.prefix_values = torch.cat([self.prefix_values, values.float()])
         self.row_ids.append(edit_id)
+
+    @torch.no_grad()
+    def _prefix_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (L, n, n_kv, hd) of row `row`'s prompts, computed once, one edit at a
+        time (so they do not depend on which other edits a batch retrieves)."""
+        edit_id = self.row_ids[row]
+        if edit_id not in self._kv:
+            keys, values = self.injector.prefix_kv(self.prompts[row : row + 1].to(self.host.model.dtype))
+            self._kv[edit_id] = (keys[0].float(), values[0].float())
+        return self._kv[edit_id]
 
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
         keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
         self.reps, self.prompts = self.reps[keep], self.prompts[keep]
-        self.prefix_keys, self.prefix_values = self.prefix_keys[keep], self.prefix_values[keep]
+        self._kv.pop(edit_id, None)
         del self.row_ids[row]
 
     # ----- serving -------------------------------------------------------------------------
@@ -130,9 +139,9 @@ class RecipeEditor(Editor):
         position_ids = position_ids.expand(batch, seq)
         first = mask.int().argmax(dim=1)  # first prompt token of each row
         p_first = position_ids[torch.arange(batch, device=ids.device), first]
-        edits = best[rows]
+        keys, values = zip(*(self._prefix_kv(row) for row in best[rows].tolist()))
         decision["injection"] = Injection(
-            rows=rows, keys=self.prefix_keys[edits], values=self.prefix_values[edits], p_first=p_first[rows]
+            rows=rows, keys=torch.stack(keys), values=torch.stack(values), p_first=p_first[rows]
         )
         return None
 
@@ -142,7 +151,7 @@ class RecipeEditor(Editor):
 
     # ----- persistence -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"reps": self.reps, "prompts": self.prompts, "prefix_keys": self.prefix_keys, "prefix_values": self.prefix_values}
+        return {"reps": self.reps, "prompts": self.prompts}
 
     def extra_state(self) -> dict[str, Any]:
         return {"row_ids": self.row_ids, "checkpoint_sha256": self.checkpoint_sha256}
@@ -153,9 +162,8 @@ class RecipeEditor(Editor):
         ids = list(extra.get("row_ids", []))
         if sorted(ids) != sorted(r.edit_id for r in requests):
             raise EditorError("recipe: saved rows do not match the saved edits")
-        loaded = {k: tensors[k].float() for k in ("reps", "prompts", "prefix_keys", "prefix_values")}
-        if any(t.shape[0] != len(ids) for t in loaded.values()) or loaded["prefix_keys"].shape[1:] != self.prefix_keys.shape[1:]:
+        loaded = {k: tensors[k].float() for k in ("reps", "prompts")}
+        if any(t.shape[0] != len(ids) for t in loaded.values()) or loaded["prompts"].shape[1:] != self.prompts.shape[1:]:
             raise EditorError("recipe: saved tensors do not match the saved rows / model")
         self.reps, self.prompts = loaded["reps"], loaded["prompts"]
-        self.prefix_keys, self.prefix_values = loaded["prefix_keys"], loaded["prefix_values"]
-        self.row_ids = ids
+        self.row_ids, self._kv = ids, {}
