@@ -285,7 +285,6 @@ class Trainer:
         started, before = time.perf_counter(), state["seconds"]  # wall time of earlier runs into this --out
         enc_train, enc_val = self._encoded("train", self.train), self._encoded("val", self.val)
         networks.train()
-        n = len(self.train)
         figures: dict[str, float] = {}
         step = state["step"]
         stopped = "steps"
