@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kmd.editors.hooks import resolve_module
 from kmd.editors.protocol import EditorError
 
 if TYPE_CHECKING:
@@ -119,14 +120,15 @@ def edit_prompts(networks: RecipeNetworks, host: ModelHost, reps: torch.Tensor, 
 @torch.no_grad()
 def target_embeddings(host: ModelHost, targets: Sequence[str], n: int) -> torch.Tensor:
     """(N, n, d_model) the base model's embeddings of each target's first n tokens (the last repeated)."""
-    from kmd.editors.hooks import resolve_module
-
     rows = []
     for target in targets:
         ids = host.encode(" " + target.strip(), special=False)[:n]
         rows.append(ids + ids[-1:] * (n - len(ids)))
-    embed = resolve_module(host.model, host.profile.layout.embed)
-    return embed(torch.tensor(rows, dtype=torch.long, device=host.device)).float()
+    return token_embedding(host)(torch.tensor(rows, dtype=torch.long, device=host.device)).float()
+
+
+def token_embedding(host: ModelHost) -> nn.Embedding:
+    return resolve_module(host.model, host.profile.layout.embed)
 
 
 def statement(prompt: str, target: str) -> str:
@@ -134,9 +136,7 @@ def statement(prompt: str, target: str) -> str:
 
 
 def embed_rms(host: ModelHost) -> float:
-    from kmd.editors.hooks import resolve_module
-
-    weight = resolve_module(host.model, host.profile.layout.embed).weight
+    weight = token_embedding(host).weight
     return float(weight.float().pow(2).mean().sqrt())
 
 

@@ -136,10 +136,14 @@ class WiseEditor(Editor):
         prompts have cosine ~0.65 and a memory reacts to all text alike; centred, ~0.2.
         """
         if self.center is None:
-            a, mask = self.layer_inputs(background_passages())
-            mask[:, 0] = False
-            self.center = a[mask].mean(0)
+            self.center = self._background_inputs().mean(0)
         return self.center
+
+    def _background_inputs(self) -> torch.Tensor:
+        """(n_tokens, d_ff) down_proj inputs of the packaged generic passages, first tokens excluded."""
+        a, mask = self.layer_inputs(background_passages())
+        mask[:, 0] = False
+        return a[mask]
 
     def _protected(self, gram: torch.Tensor | None, cfg: WiseConfig) -> torch.Tensor | None:
         """(d_ff, d_ff) protect * (the shard's Gram) + protect_background * (the generic passages'), or None."""
@@ -153,9 +157,7 @@ class WiseEditor(Editor):
         """(d_ff, d_ff) float64 Gram matrix of the centred generic passages' down_proj inputs
         (first tokens excluded). Recomputed from the model when needed, not persisted."""
         if self._background_gram is None:
-            a, mask = self.layer_inputs(background_passages())
-            mask[:, 0] = False
-            keys = (a[mask] - self.ensure_center()).double()  # (n_tokens, d_ff)
+            keys = (self._background_inputs() - self.ensure_center()).double()  # (n_tokens, d_ff)
             self._background_gram = keys.T @ keys
         return self._background_gram
 
@@ -221,7 +223,7 @@ class WiseEditor(Editor):
         delta, info, prompt_input, keys = self._train(start, shard.gram, mask, edit_id, request, cfg)
         # Commit (nothing above touched the editor's state).
         shard.delta = delta
-        shard.gram = self._grown_gram(shard.gram, keys)
+        shard.gram = self._grown_gram(shard.gram, keys, cfg)
         shard.edit_ids.append(edit_id)
         if new:
             self.shards.append(shard)
@@ -308,12 +310,13 @@ class WiseEditor(Editor):
         width = int(mask.sum(1).max())
         columns = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # (d_model, width): masked first
         valid = mask.gather(1, columns)  # (d_model, width): False on the padding of shorter rows
-        outputs = keys.double() @ change.double().T  # (n, d_model): what this edit's change adds on its tokens
+        keys = keys.double()
+        outputs = keys @ change.double().T  # (n, d_model): what this edit's change adds on its tokens
         result = torch.zeros_like(change)
         for first in range(0, change.shape[0], chunk):
             rows = slice(first, first + chunk)
             cols, ok = columns[rows], valid[rows]  # (r, width)
-            a = keys.double()[:, cols].permute(1, 0, 2) * ok[:, None, :]  # (r, n, width), padding zeroed
+            a = keys[:, cols].permute(1, 0, 2) * ok[:, None, :]  # (r, n, width), padding zeroed
             g = None
             if protected is not None:
                 g = protected[cols[:, :, None], cols[:, None, :]] * (ok[:, :, None] & ok[:, None, :])  # (r, width, width)
@@ -321,9 +324,9 @@ class WiseEditor(Editor):
             result[rows].scatter_(1, cols, d * ok)
         return result
 
-    def _grown_gram(self, gram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor | None:
+    def _grown_gram(self, gram: torch.Tensor | None, keys: torch.Tensor, cfg: WiseConfig) -> torch.Tensor | None:
         """A shard's Gram matrix after one more edit (only kept with update min_norm, protect > 0)."""
-        if self.config.update != "min_norm" or self.config.protect <= 0:
+        if cfg.update != "min_norm" or cfg.protect <= 0:
             return None
         keys = keys.double()
         return (gram if gram is not None else 0) + keys.T @ keys
@@ -339,7 +342,7 @@ class WiseEditor(Editor):
             options = self.meta[other]["options"]
             cfg = dataclasses.replace(self.config, **options)
             delta, infos[other], self._prompt_inputs[other], keys = self._train(delta, gram, mask, other, self.request(other), cfg)
-            gram = self._grown_gram(gram, keys)
+            gram = self._grown_gram(gram, keys, cfg)
         # Commit.
         shard.delta, shard.edit_ids, shard.gram = delta, kept, gram
         if not kept:
