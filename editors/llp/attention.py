@@ -100,6 +100,7 @@ def merge_prefix(
     prefix_keys: torch.Tensor,  # (Bh, n_kv, b, hd) roped
     prefix_values: torch.Tensor,  # (Bh, n_kv, b, hd)
     scaling: float,
+    prefix_mask: torch.Tensor | None = None,  # (Bh, b) bool, False at left padding
 ) -> torch.Tensor:
     """The attention output with the prefix positions added to the softmax (float32)."""
     bh, tq, width = o_in.shape
@@ -109,6 +110,8 @@ def merge_prefix(
     scores = torch.matmul(q, repeat_kv(keys.float(), groups).transpose(-1, -2)) * scaling
     lse_tokens = torch.logsumexp(causal_scores_mask(scores, mask), dim=-1)  # (Bh, H, Tq)
     p_scores = torch.matmul(q, repeat_kv(prefix_keys.float(), groups).transpose(-1, -2)) * scaling  # (Bh, H, Tq, b)
+    if prefix_mask is not None:
+        p_scores = p_scores.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
     lse_prefix = torch.logsumexp(p_scores, dim=-1)
     o_prefix = torch.matmul(torch.softmax(p_scores, dim=-1), repeat_kv(prefix_values.float(), groups))
     alpha = torch.sigmoid(lse_tokens - lse_prefix)[..., None]  # (Bh, H, Tq, 1); 0 where no token is visible
@@ -188,6 +191,27 @@ def cache_keys(cache: Any, layer_idx: int) -> torch.Tensor | None:
     return keys if isinstance(keys, torch.Tensor) and keys.numel() else None
 
 
+def stack_left_padded(rows: Sequence[torch.Tensor], dim: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tensors whose lengths along `dim` differ -> one tensor with a new leading batch axis,
+    each zero-padded on the left along `dim` to the longest, and the (B, n) bool mask of real
+    positions (None when all have the same length).
+
+    Left padding keeps each row's real positions just before its first token, where an
+    unpadded prefix would be; masked out, the padding changes nothing."""
+    lengths = [row.shape[dim] for row in rows]
+    width = max(lengths)
+    if all(length == width for length in lengths):
+        return torch.stack(list(rows)), None
+    shape = list(rows[0].shape)
+    shape[dim] = width
+    out = rows[0].new_zeros((len(rows), *shape))
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=rows[0].device)
+    for index, (row, length) in enumerate(zip(rows, lengths)):
+        out[index].narrow(dim, width - length, length).copy_(row)
+        mask[index, width - length :] = True
+    return out, mask
+
+
 @dataclass
 class Injection:
     """Which rows of the current batch get which prefix (keys pre-RoPE, per layer)."""
@@ -196,6 +220,9 @@ class Injection:
     keys: torch.Tensor  # (Bh, L, n, n_kv, hd)
     values: torch.Tensor  # (Bh, L, n, n_kv, hd)
     p_first: torch.Tensor  # (Bh,) position id of each row's first token
+    # (Bh, n) bool: False at the left padding of rows whose prefix is shorter than n (RECIPE's
+    # prefixes differ in length); None when every row's prefix has all n positions.
+    prefix_mask: torch.Tensor | None = None
     roped: torch.Tensor | None = None  # (Bh, L, n_kv, n, hd), computed once per context
     stash: dict[str, Any] = field(default_factory=dict)
 
@@ -289,7 +316,8 @@ class PrefixInjector:
                 injection.roped = rope_prefix(self.rotary, injection.keys, injection.p_first)
             prefix_values = injection.values[:, j].transpose(1, 2)  # (Bh, n_kv, n, hd)
             merged = merge_prefix(
-                o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling
+                o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling,
+                injection.prefix_mask,
             )
             return (o_in.index_copy(0, rows, merged),)
 

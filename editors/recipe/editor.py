@@ -3,10 +3,12 @@
 Editing is a forward pass, no optimisation: the edit's statement ("prompt target") goes
 through the frozen sentence encoder and the trained knowledge MLP (r_k, one repository
 row) and the prompt MLP (n_prompts continuous vectors, prepended to the token embeddings
-of the rows that retrieve this edit). The vectors' per-layer keys/values are computed
-once per edit, when a row first retrieves it (`PrefixInjector`; one pass of n_prompts
-tokens through every layer, ~0.1 s on a CPU, which is most of what an edit would
-otherwise cost), and kept; serving only merges them into routed rows.
+of the rows that retrieve this edit; with an editor trained with `context_repeats` (ours),
+followed by the statement's own token embeddings, repeated). The prefix's per-layer
+keys/values are computed once per edit, when a row first retrieves it (`PrefixInjector`;
+one pass of the prefix positions through every layer, ~0.1 s on a CPU for 3 of them,
+most of what an edit would otherwise cost), and kept; serving only merges them into
+routed rows.
 
 Serving, per row of a batch and from prompt tokens only: on the prefill, each row's
 prompt tokens are decoded to text, encoded, and mapped by the query MLP to r_q; the row
@@ -31,8 +33,16 @@ from loguru import logger
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
-from kmd.editors.llp.attention import Injection, PrefixInjector  # served like LLP's prefix, at every layer
-from kmd.editors.recipe.model import CheckpointError, edit_prompts, encode_texts, load_networks, statement
+from kmd.editors.llp.attention import Injection, PrefixInjector, stack_left_padded  # served like LLP's prefix
+from kmd.editors.recipe.model import (
+    CheckpointError,
+    context_ids,
+    edit_prompts,
+    encode_texts,
+    full_prefix,
+    load_networks,
+    statement,
+)
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -62,6 +72,9 @@ class RecipeEditor(Editor):
         self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
         self.row_ids: list[str] = []
+        # edit id -> token ids of its statement context (editors trained with `context_repeats`;
+        # derived from the edit's request, so not saved)
+        self._context: dict[str, list[int]] = {}
         # edit id -> its prompts' keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
         # first retrieval (`_prefix_kv`); derived from `prompts`, so not saved.
         self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -76,14 +89,17 @@ class RecipeEditor(Editor):
         self.reps = torch.cat([self.reps, rep])
         self.prompts = torch.cat([self.prompts, vectors])
         self.row_ids.append(edit_id)
+        self._context[edit_id] = context_ids(self.host, self.networks.shape, request.prompt, request.target)
 
     @torch.no_grad()
     def _prefix_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (L, n, n_kv, hd) of row `row`'s prompts, computed once, one edit at a
-        time (so they do not depend on which other edits a batch retrieves)."""
+        """Keys and values (L, n, n_kv, hd) of row `row`'s prefix (its prompts, then its statement
+        context; n differs per edit with a context), computed once, one edit at a time (so they
+        do not depend on which other edits a batch retrieves)."""
         edit_id = self.row_ids[row]
         if edit_id not in self._kv:
-            keys, values = self.injector.prefix_kv(self.prompts[row : row + 1].to(self.host.model.dtype))
+            prefix = full_prefix(self.host, self.prompts[row], self._context[edit_id])  # (n, D)
+            keys, values = self.injector.prefix_kv(prefix[None].to(self.host.model.dtype))
             self._kv[edit_id] = (keys[0].float(), values[0].float())
         return self._kv[edit_id]
 
@@ -92,6 +108,7 @@ class RecipeEditor(Editor):
         keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
         self.reps, self.prompts = self.reps[keep], self.prompts[keep]
         self._kv.pop(edit_id, None)
+        self._context.pop(edit_id, None)
         del self.row_ids[row]
 
     # ----- serving -------------------------------------------------------------------------
@@ -140,9 +157,9 @@ class RecipeEditor(Editor):
         first = mask.int().argmax(dim=1)  # first prompt token of each row
         p_first = position_ids[torch.arange(batch, device=ids.device), first]
         keys, values = zip(*(self._prefix_kv(row) for row in best[rows].tolist()))
-        decision["injection"] = Injection(
-            rows=rows, keys=torch.stack(keys), values=torch.stack(values), p_first=p_first[rows]
-        )
+        keys, real = stack_left_padded(keys, dim=1)  # (Bh, L, n, n_kv, hd), (Bh, n) or None
+        values, _ = stack_left_padded(values, dim=1)
+        decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
         return None
 
     def _current(self) -> Injection | None:
@@ -167,3 +184,6 @@ class RecipeEditor(Editor):
             raise EditorError("recipe: saved tensors do not match the saved rows / model")
         self.reps, self.prompts = loaded["reps"], loaded["prompts"]
         self.row_ids, self._kv = ids, {}
+        by_id = {r.edit_id: r for r in requests}
+        shape = self.networks.shape
+        self._context = {i: context_ids(self.host, shape, by_id[i].prompt, by_id[i].target) for i in ids}

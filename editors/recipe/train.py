@@ -37,9 +37,12 @@ from safetensors.torch import load_file, save_file
 
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import resolve_module
+from kmd.editors.llp.attention import stack_left_padded
 from kmd.editors.recipe.model import (
     RecipeNetworks,
+    context_ids,
     edit_prompts,
+    full_prefix,
     encode_texts,
     load_networks,
     new_networks,
@@ -63,6 +66,7 @@ class TrainOptions:
     # joined with the LLM losses: retrieval costs no LLM pass, so it can learn faster.
     retrieval_updates: int = 8
     target_tokens: bool = True  # prompts built on the target's token embeddings (RecipeShape)
+    context_repeats: int = 3  # the statement's tokens, repeated, after the prompts (RecipeShape); 0: the paper
     lr: float = 3e-4  # Adam (the paper: 1e-5 while fine-tuning RoBERTa; our MLPs start from scratch)
     edit_hinge: float = 0.05  # hinged NLL: no edit loss once a row's NLL is below this
     retrieval_weight: float = 1.0
@@ -109,15 +113,18 @@ class PrependedLM:
         self.embed = resolve_module(host.model, host.profile.layout.embed)
         self.lm_head = resolve_module(host.model, host.profile.layout.lm_head)
 
-    def target_logits(self, pairs: Sequence[tuple[str, str]], vectors: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        """(K, V) logits at the target positions of `prompt + " " + target` rows; vectors (B, n, D) or None."""
+    def target_logits(self, pairs: Sequence[tuple[str, str]], prefixes: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, Any]:
+        """(K, V) logits at the target positions of `prompt + " " + target` rows; one prefix
+        (n_i, D) per row, left-padded and masked to the longest, or None."""
         batch = teacher_forced_batch(self.host, pairs)
         embeds = self.embed(batch.input_ids)  # (B, T, D)
         attention, shift = batch.attention_mask, 0
-        if vectors is not None:
+        if prefixes is not None:
+            vectors, real = stack_left_padded(prefixes)  # (B, n, D), (B, n) or None
             shift = vectors.shape[1]
+            pad = attention.new_ones(attention.shape[0], shift) if real is None else real.to(attention.dtype)
             embeds = torch.cat([vectors.to(embeds.dtype), embeds], dim=1)
-            attention = torch.cat([torch.ones_like(attention[:, :shift]), attention], dim=1)
+            attention = torch.cat([pad, attention], dim=1)
         hidden = self.host.model.model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
         return self.lm_head(hidden[batch.rows, batch.positions + shift]).float(), batch
 
@@ -141,7 +148,8 @@ class Trainer:
         saved = json.loads(self._progress_file().read_text())
         free = ("steps", "max_minutes", "val_every")  # a resumed run may go on longer
         mine = {k: v for k, v in asdict(self.options).items() if k not in free}
-        if {k: v for k, v in saved.get("options", {}).items() if k not in free} != mine:
+        theirs = {"context_repeats": 0} | saved.get("options", {})  # runs from before the option had none
+        if {k: v for k, v in theirs.items() if k not in free} != mine:
             raise ValueError(f"{self.out}: a run with other options is there; use another --out or the same options")
         loaded, _ = load_networks(self.out / "last.safetensors", self.host)
         networks.load_state_dict(loaded.state_dict())
@@ -199,6 +207,10 @@ class Trainer:
         return idx.to(self.host.device)
 
     # ----- losses ------------------------------------------------------------------------------
+    def _prefix(self, networks: RecipeNetworks, prompts: torch.Tensor, record: EditRecord) -> torch.Tensor:
+        """(n_prompts + context, D) the prefix `record`'s edit is served with."""
+        return full_prefix(self.host, prompts, context_ids(self.host, networks.shape, record.prompt, record.target))
+
     def retrieval_loss(self, networks: RecipeNetworks, enc: Encoded, idx: torch.Tensor) -> torch.Tensor:
         keys = networks.knowledge_reps(enc.statements[idx])  # (B, R)
         b = len(idx)
@@ -220,8 +232,9 @@ class Trainer:
         opts = self.options
         chosen = [records[i] for i in idx.tolist()]
         vectors = edit_prompts(networks, self.host, networks.knowledge_reps(enc.statements[idx]), [r.target for r in chosen])  # (b, n, D)
+        prefixes = [self._prefix(networks, v, r) for v, r in zip(vectors, chosen)]
         pairs = [(r.prompt, r.target) for r in chosen] + [(rephrase(r), r.target) for r in chosen]
-        logits, batch = self.lm.target_logits(pairs, torch.cat([vectors, vectors]))
+        logits, batch = self.lm.target_logits(pairs, prefixes + prefixes)
         nll = F.cross_entropy(logits, batch.labels, reduction="none")
         rows = torch.stack([nll[a:b].mean() for a, b in batch.spans])
         edit = F.relu(rows - opts.edit_hinge).mean()
@@ -229,7 +242,7 @@ class Trainer:
         loc_pairs = [(records[j].loc_prompt, records[j].loc_answer) for j in idx.roll(1).tolist()]
         with torch.no_grad():
             base, _ = self.lm.target_logits(loc_pairs, None)
-        edited, _ = self.lm.target_logits(loc_pairs, vectors)
+        edited, _ = self.lm.target_logits(loc_pairs, prefixes)
         kl = F.kl_div(edited.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean")
         return edit, kl
 
@@ -242,6 +255,7 @@ class Trainer:
         networks.eval()
         keys = networks.knowledge_reps(enc.statements)
         vectors = edit_prompts(networks, self.host, keys, [r.target for r in self.val])
+        prefixes = [self._prefix(networks, v, r) for v, r in zip(vectors, self.val)]
         figures: dict[str, float] = {}
         for name, queries, pairs in (
             ("rel", enc.prompts, [(r.prompt, r.target) for r in self.val]),
@@ -254,13 +268,13 @@ class Trainer:
             for start in range(0, len(pairs), 16):
                 chunk = slice(start, start + 16)
                 hit = pick[chunk] > 0
-                rows_vectors = vectors[(pick[chunk] - 1).clamp_min(0)]
-                # rows without a hit run bare: give them zero-length prefixes by scoring separately
+                # rows without a hit run bare: scored separately, without prefixes
                 scored = torch.zeros(len(pairs[chunk]), device=pick.device)
-                for mask, vec in ((hit, rows_vectors), (~hit, None)):
+                for mask, with_prefix in ((hit, True), (~hit, False)):
                     if mask.any():
                         sub = [p for p, m in zip(pairs[chunk], mask.tolist()) if m]
-                        lg, batch = self.lm.target_logits(sub, vec[mask] if vec is not None else None)
+                        picked = [prefixes[i - 1] for i in pick[chunk][mask].tolist()] if with_prefix else None
+                        lg, batch = self.lm.target_logits(sub, picked)
                         correct = (lg.argmax(-1) == batch.labels).float()
                         scored[mask] = torch.stack([correct[a:b].mean() for a, b in batch.spans])
                 accuracy.append(scored)
@@ -278,7 +292,7 @@ class Trainer:
         torch.manual_seed(opts.seed)
         networks = new_networks(
             host, hidden=opts.hidden, rep_dim=opts.rep_dim, n_prompts=opts.n_prompts,
-            temperature=opts.temperature, target_tokens=opts.target_tokens,
+            temperature=opts.temperature, target_tokens=opts.target_tokens, context_repeats=opts.context_repeats,
         )
         optimiser = torch.optim.Adam(networks.parameters(), lr=opts.lr)
         state = self._resume(networks, optimiser)

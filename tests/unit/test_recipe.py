@@ -12,7 +12,7 @@ from recipe_tiny import tiny_recipe_records, train_tiny_recipe
 from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import Editor, EditorError, EditRequest
 from kmd.editors.recipe import RecipeEditor
-from kmd.editors.recipe.model import CheckpointError, load_networks
+from kmd.editors.recipe.model import CheckpointError, context_ids, full_prefix, load_networks
 from kmd.editors.recipe.train import PrependedLM, Trainer, TrainOptions
 from kmd.editors.scoring import score_targets
 
@@ -64,13 +64,31 @@ def test_served_prompts_equal_literal_prepending(tiny_host, trained):
     pairs = [(EDIT.prompt, EDIT.target), ("the dog and the cat", "bird")]
     served = score_targets(tiny_host, editor, pairs)
     lm = PrependedLM(tiny_host)
+    context = context_ids(tiny_host, editor.networks.shape, EDIT.prompt, EDIT.target)
+    assert len(context) > 0  # the tiny editor is trained with the statement context (the default)
     with torch.no_grad():
-        literal, batch = lm.target_logits(pairs[:1], editor.prompts[:1])
+        literal, batch = lm.target_logits(pairs[:1], [full_prefix(tiny_host, editor.prompts[0], context)])
     assert served[0].argmax == tuple(literal.argmax(-1).tolist())
     a, b = batch.spans[0]
     nll = torch.nn.functional.cross_entropy(literal[a:b], batch.labels[a:b])
     assert served[0].nll == pytest.approx(float(nll), abs=1e-4)
     assert served[1] == score_targets(tiny_host, None, pairs[1:])[0]  # a miss row is the base model
+
+
+def test_prefixes_of_different_lengths_in_one_batch_serve_as_alone(tiny_host, trained):
+    """Rows retrieving edits whose statement contexts differ in length are left-padded and
+    masked: each scores as when served alone."""
+    editor = make(tiny_host, trained)
+    longer = EditRequest(prompt="Dave was born in the city", target="Rome", edit_id="e3")
+    editor.apply(EDIT)
+    editor.apply(longer)
+    assert len(editor._context["e1"]) < len(editor._context["e3"])
+    assert editor.retrieve([EDIT.prompt, longer.prompt])[1].all()  # both rows get a prefix
+    pairs = [(EDIT.prompt, EDIT.target), (longer.prompt, longer.target), ("the dog and the cat", "bird")]
+    together = score_targets(tiny_host, editor, pairs)
+    alone = [score_targets(tiny_host, editor, [pair])[0] for pair in pairs]
+    for a, b in zip(together, alone):
+        assert a.argmax == b.argmax and a.nll == pytest.approx(b.nll, abs=1e-4)
 
 
 def test_retrieval_picks_the_right_row_and_the_sentinel_blocks_the_rest(tiny_host, trained):
