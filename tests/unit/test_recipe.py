@@ -135,6 +135,12 @@ def test_training_resumes_where_it_stopped(tiny_host, tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3]
     with pytest.raises(ValueError, match="other options"):
         Trainer(tiny_host, records, records, tmp_path, TrainOptions(**{**longer.__dict__, "lr": 1.0})).run()
+    # A run saved before `context_repeats` existed had no statement context: not this run's 3.
+    saved = json.loads((tmp_path / "progress.json").read_text())
+    del saved["options"]["context_repeats"]
+    (tmp_path / "progress.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other options"):
+        Trainer(tiny_host, records, records, tmp_path, longer).run()
 
 
 def test_untrained_prompts_are_the_targets_token_embeddings(tiny_host):
