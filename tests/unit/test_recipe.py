@@ -152,3 +152,16 @@ def test_untrained_prompts_are_the_targets_token_embeddings(tiny_host):
     assert torch.equal(prompts, target_embeddings(tiny_host, ["Berlin", "banana split"], 3))
     with pytest.raises(ValueError, match="target"):
         networks.prompt_vectors(reps)  # the base is required
+
+
+def test_statement_context_is_repeated_and_bounded(tiny_host):
+    from kmd.editors.recipe.model import MAX_STATEMENT_TOKENS, RecipeShape
+
+    shape = RecipeShape(context_repeats=3)
+    once = tiny_host.encode("the capital of France is Berlin\n", special=False)
+    assert context_ids(tiny_host, shape, "the capital of France is", "Berlin") == once * 3
+    assert context_ids(tiny_host, RecipeShape(), "the capital of France is", "Berlin") == []  # the paper: none
+    long = context_ids(tiny_host, shape, "the dog and the cat " * 100, "Berlin")
+    whole = tiny_host.encode("the dog and the cat " * 99 + "the dog and the cat Berlin\n", special=False)
+    assert len(whole) > MAX_STATEMENT_TOKENS
+    assert long == whole[-MAX_STATEMENT_TOKENS:] * 3  # each repeat keeps the statement's end (target, newline)
