@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from kmd.editors.augment import background_passages
+from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
@@ -53,9 +53,6 @@ from kmd.editors.upper import UpperStack
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
-
-START_WORDS = ("The", "In", "A", "I", "When", "It", "This", "We", "There", "My", "After", "One")
-
 
 class MemoirEditor(Editor):
     name = "memoir"
@@ -107,33 +104,9 @@ class MemoirEditor(Editor):
         feats = self.prompt_features(background_passages())
         self.bg_mean = feats.mean(0)
         self.bg_std = feats.std(0).clamp_min(1e-6)
-        self.prefixes = self._generate_prefixes()
+        # augmentation texts sampled once from the base model (seeded), persisted with the state
+        self.prefixes = generate_prefixes(self.host, self.config.n_prefixes, self.config.prefix_tokens, self.config.seed + 1)
         self.permutation = permutation
-
-    @torch.no_grad()
-    def _generate_prefixes(self) -> list[str]:
-        """Short texts sampled from the base model (seeded, top-k 40), generated once and persisted."""
-        cfg, host = self.config, self.host
-        if cfg.n_prefixes == 0:
-            return []
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        rows = [host.encode(START_WORDS[i % len(START_WORDS)], special=False) for i in range(cfg.n_prefixes)]
-        for _ in range(cfg.prefix_tokens):
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), host.tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for i, r in enumerate(rows):  # left-padded: the next token is predicted at the end
-                ids[i, width - len(r) :], attention[i, width - len(r) :] = torch.tensor(r), 1
-            logits = host.model(input_ids=ids.to(host.device), attention_mask=attention.to(host.device)).logits
-            top = logits[:, -1].float().cpu().topk(40, dim=-1)
-            picks = torch.multinomial(top.values.softmax(-1), 1, generator=gen)[:, 0]
-            for i, r in enumerate(rows):
-                r.append(int(top.indices[i, picks[i]]))
-        texts = []
-        for r in rows:
-            text = " ".join(host.tokenizer.decode(r, skip_special_tokens=True).split())
-            texts.append(text.rstrip(" .") + ".")
-        return texts
 
     @torch.no_grad()
     def prompt_features(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
@@ -247,7 +220,7 @@ class MemoirEditor(Editor):
     def _training_batch(self, request: EditRequest):
         """The bare prompt and its prefixed copies, each followed by the target."""
         pairs = [(request.prompt, request.target)]
-        pairs += [(f"{prefix} {request.prompt}", request.target) for prefix in self.prefixes or []]
+        pairs += [(with_prefix(prefix, request.prompt), request.target) for prefix in self.prefixes or []]
         return teacher_forced_batch(self.host, pairs)
 
     def _min_norm(self, keys: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

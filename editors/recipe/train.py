@@ -270,10 +270,10 @@ class Trainer:
                 hit = pick[chunk] > 0
                 # rows without a hit run bare: scored separately, without prefixes
                 scored = torch.zeros(len(pairs[chunk]), device=pick.device)
-                for mask, with_prefix in ((hit, True), (~hit, False)):
+                for mask, has_prefix in ((hit, True), (~hit, False)):
                     if mask.any():
                         sub = [p for p, m in zip(pairs[chunk], mask.tolist()) if m]
-                        picked = [prefixes[i - 1] for i in pick[chunk][mask].tolist()] if with_prefix else None
+                        picked = [prefixes[i - 1] for i in pick[chunk][mask].tolist()] if has_prefix else None
                         lg, batch = self.lm.target_logits(sub, picked)
                         correct = (lg.argmax(-1) == batch.labels).float()
                         scored[mask] = torch.stack([correct[a:b].mean() for a, b in batch.spans])
