@@ -17,3 +17,8 @@ class RecipeConfig:
     # A query retrieves its nearest edit when that edit's cosine exceeds the sentinel's by
     # more than this (0: the Knowledge Sentinel alone decides, as in the paper).
     margin: float = 0.0
+    # Memory for the prefixes' per-layer keys/values, computed when an edit is first
+    # retrieved (~2 MB per edit on SmolLM2-135M with the statement context); past this the
+    # least recently retrieved are dropped and recomputed when needed again (one pass of
+    # the prefix through the model).
+    kv_cache_mb: float = 1024.0

@@ -7,8 +7,8 @@ of the rows that retrieve this edit; with an editor trained with `context_repeat
 followed by the statement's own token embeddings, repeated). The prefix's per-layer
 keys/values are computed once per edit, when a row first retrieves it (`PrefixInjector`;
 one pass of the prefix positions through every layer, ~0.1 s on a CPU for 3 of them,
-most of what an edit would otherwise cost), and kept; serving only merges them into
-routed rows.
+most of what an edit would otherwise cost), and kept (up to `kv_cache_mb`, the least
+recently retrieved dropped first); serving only merges them into routed rows.
 
 Serving, per row of a batch and from prompt tokens only: on the prefill, each row's
 prompt tokens are decoded to text, encoded, and mapped by the query MLP to r_q; the row
@@ -23,6 +23,7 @@ state. Revert deletes the edit's row: exact.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,10 @@ from kmd.editors.recipe.model import (
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
+
+
+def kv_bytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)
 
 
 def file_sha256(path: Path) -> str:
@@ -75,9 +80,13 @@ class RecipeEditor(Editor):
         # edit id -> token ids of its statement context (editors trained with `context_repeats`;
         # derived from the edit's request, so not saved)
         self._context: dict[str, list[int]] = {}
-        # edit id -> its prompts' keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
-        # first retrieval (`_prefix_kv`); derived from `prompts`, so not saved.
-        self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not self.config.kv_cache_mb > 0:
+            raise EditorError("recipe: kv_cache_mb must be > 0")
+        # edit id -> its prefix's keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
+        # first retrieval (`_prefix_kv`), least recently used first; derived from `prompts`
+        # and the context, so not saved.
+        self._kv: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._kv_bytes = 0
         logger.info("recipe: trained editor {} ({})", path, meta.get("training", {}).get("summary", "no summary"))
 
     # ----- editing: one encoder forward ----------------------------------------------------
@@ -97,17 +106,28 @@ class RecipeEditor(Editor):
         context; n differs per edit with a context), computed once, one edit at a time (so they
         do not depend on which other edits a batch retrieves)."""
         edit_id = self.row_ids[row]
-        if edit_id not in self._kv:
-            prefix = full_prefix(self.host, self.prompts[row], self._context[edit_id])  # (n, D)
-            keys, values = self.injector.prefix_kv(prefix[None].to(self.host.model.dtype))
-            self._kv[edit_id] = (keys[0].float(), values[0].float())
-        return self._kv[edit_id]
+        if edit_id in self._kv:
+            self._kv.move_to_end(edit_id)
+            return self._kv[edit_id]
+        prefix = full_prefix(self.host, self.prompts[row], self._context[edit_id])  # (n, D)
+        keys, values = self.injector.prefix_kv(prefix[None].to(self.host.model.dtype))
+        entry = (keys[0].float(), values[0].float())
+        self._kv[edit_id] = entry
+        self._kv_bytes += kv_bytes(entry)
+        while self._kv_bytes > self.config.kv_cache_mb * 2**20 and len(self._kv) > 1:
+            self._drop_kv(next(iter(self._kv)))
+        return entry
+
+    def _drop_kv(self, edit_id: str) -> None:
+        entry = self._kv.pop(edit_id, None)
+        if entry is not None:
+            self._kv_bytes -= kv_bytes(entry)
 
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
         keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
         self.reps, self.prompts = self.reps[keep], self.prompts[keep]
-        self._kv.pop(edit_id, None)
+        self._drop_kv(edit_id)
         self._context.pop(edit_id, None)
         del self.row_ids[row]
 
@@ -183,7 +203,7 @@ class RecipeEditor(Editor):
         if any(t.shape[0] != len(ids) for t in loaded.values()) or loaded["prompts"].shape[1:] != self.prompts.shape[1:]:
             raise EditorError("recipe: saved tensors do not match the saved rows / model")
         self.reps, self.prompts = loaded["reps"], loaded["prompts"]
-        self.row_ids, self._kv = ids, {}
+        self.row_ids, self._kv, self._kv_bytes = ids, OrderedDict(), 0
         by_id = {r.edit_id: r for r in requests}
         shape = self.networks.shape
         self._context = {i: context_ids(self.host, shape, by_id[i].prompt, by_id[i].target) for i in ids}

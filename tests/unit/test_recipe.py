@@ -91,6 +91,27 @@ def test_prefixes_of_different_lengths_in_one_batch_serve_as_alone(tiny_host, tr
         assert a.argmax == b.argmax and a.nll == pytest.approx(b.nll, abs=1e-4)
 
 
+def test_prefix_cache_is_bounded_and_recomputes_what_it_dropped(tiny_host, trained):
+    requests = [EDIT, EditRequest(prompt="Dave was born in the city", target="Rome", edit_id="e3")]
+    pairs = [(r.prompt, r.target) for r in requests]
+    roomy = make(tiny_host, trained)
+    for request in requests:
+        roomy.apply(request)
+    expected = score_targets(tiny_host, roomy, pairs)
+    assert len(roomy._kv) == 2
+    with roomy.suspended():  # one editor's hooks on the model at a time
+        tight = make(tiny_host, trained, kv_cache_mb=1e-6)  # room for one edit's keys/values
+        for request in requests:
+            tight.apply(request)
+        for _ in range(2):  # each edit evicts the other and is rebuilt on its next retrieval
+            for pair, want in zip(pairs, expected):
+                got = score_targets(tiny_host, tight, [pair])[0]
+                assert got.argmax == want.argmax and got.nll == pytest.approx(want.nll, abs=1e-4)
+                assert len(tight._kv) == 1
+    with pytest.raises(EditorError, match="kv_cache_mb"):
+        make(tiny_host, trained, kv_cache_mb=0)
+
+
 def test_retrieval_picks_the_right_row_and_the_sentinel_blocks_the_rest(tiny_host, trained):
     editor = make(tiny_host, trained)
     editor.apply(EDIT)
