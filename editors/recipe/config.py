@@ -21,4 +21,4 @@ class RecipeConfig:
     # retrieved (~2 MB per edit on SmolLM2-135M with the statement context); past this the
     # least recently retrieved are dropped and recomputed when needed again (one pass of
     # the prefix through the model).
-    kv_cache_mb: float = 1024.0
+    kv_cache_mb: float = 4096.0
