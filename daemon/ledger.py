@@ -357,8 +357,9 @@ class FactRecord:
     supersedes_fact_id: int | None
     status: str
     status_reason: str
-    # The committed edit the maintenance loop must revert (`supersede_edit`) before applying
-    # this fact; filled in by the reading methods, None when there is nothing to supersede.
+    # The committed edit this fact replaces (the maintenance loop reverts it, applies this
+    # fact, and records both at commit); filled in by the reading methods, None when there
+    # is nothing to supersede.
     supersedes_edit_id: int | None = None
 
     @property
@@ -719,10 +720,10 @@ class Ledger:
     Methods the maintenance loop uses, in the order it uses them:
       `ready_facts()`            verified facts waiting for an edit (approved if sensitive)
       `skip_fact(id, ...)`       the model already answers correctly; nothing to edit
-      `supersede_edit(old, ...)` before applying a fact whose `supersedes_edit_id` is set:
-                                 record that the old edit was reverted for the newer fact
       `record_edit_applied(...)` an edit was applied (not yet persisted)
-      `commit_edit(id, probes)`  the probes passed and the edit state was persisted
+      `commit_edit(id, probes)`  the probes passed and the edit state was persisted; for a
+                                 fact whose `supersedes_edit_id` is set, pass it: the old
+                                 edit is recorded as reverted for it in the same transaction
       `revert_edit(id, ...)`     the probes failed; writes the revert log and blocks the fact
       `block_fact(id, ...)`      do not retry this fact blindly
       `committed_edits()`        on restart: what the saved editor state must contain
@@ -983,8 +984,9 @@ class Ledger:
     def ready_facts(self, limit: int | None = None) -> list[FactRecord]:
         """Verified facts waiting for an edit, oldest first.
 
-        A fact with `supersedes_edit_id` set replaces a committed edit: revert that edit in
-        the backend and call `supersede_edit` first, then apply this one.
+        A fact with `supersedes_edit_id` set replaces that committed edit: revert it in the
+        backend, apply this one, and commit with `supersedes_edit_id` (or put the old edit
+        back if the new one fails).
         """
         return self.facts(status="ready", limit=limit, newest_first=False)
 
@@ -1026,11 +1028,19 @@ class Ledger:
             return edit
 
     def commit_edit(self, edit_id: int, *, probes: Mapping[str, Any], actor: str = "daemon",
-                    reason: str = "probes passed; state persisted") -> EditRecord:  # fmt: skip
-        """The edit passed its probes and the editor state was persisted."""
+                    reason: str = "probes passed; state persisted", supersedes_edit_id: int | None = None,
+                    superseded_probes: Mapping[str, Any] | None = None) -> EditRecord:  # fmt: skip
+        """The edit passed its probes and the editor state was persisted.
+
+        With `supersedes_edit_id`, in the same transaction: that older committed edit, which
+        the persisted state no longer holds, is recorded as reverted for this edit's fact
+        (its fact becomes `superseded`). One transaction, so a crash cannot leave the ledger
+        with both facts committed or with neither."""
         with self.transaction(actor) as tx:
             edit = tx.set_edit_status(edit_id, "committed", reason=reason, probes=probes)
             tx.set_fact_status(edit.fact_id, "committed", reason=f"edit {edit_id} committed")
+            if supersedes_edit_id is not None:
+                self._mark_superseded(tx, supersedes_edit_id, edit.fact_id, None, superseded_probes)
         logger.bind(edit_id=edit_id).info("edit {}: committed", edit_id)
         return edit
 
@@ -1068,23 +1078,30 @@ class Ledger:
     ) -> RevertRecord:
         """A committed edit was reverted because a newer verified fact replaces it.
 
-        Call after removing the old edit from the model and before applying `by_fact_id`;
-        the old fact becomes `superseded` and the revert log names the newer fact.
+        The old fact becomes `superseded` and the revert log names the newer fact. (The
+        maintenance loop records this with `commit_edit(..., supersedes_edit_id=...)`, once
+        the newer fact's edit is committed, so that a failed replacement loses nothing.)
         """
         with self.transaction(actor) as tx:
-            new = tx._s.get(FactRow, by_fact_id)
-            old = tx._s.get(EditRow, old_edit_id)
-            if new is None or old is None:
-                raise LedgerError(f"no fact {by_fact_id} or no edit {old_edit_id}")
-            if new.supersedes_fact_id != old.fact_id:
-                raise LedgerError(f"fact {by_fact_id} does not supersede fact {old.fact_id} (edit {old_edit_id})")
-            if old.status != "committed":
-                raise LedgerError(f"edit {old_edit_id} is {old.status}, not committed")
-            reason = f"superseded by fact {by_fact_id}"
-            tx.set_edit_status(old_edit_id, "reverted", reason=reason)
-            revert = tx.add_revert(old_edit_id, reason=reason, probes_before=probes_before,
-                                   probes_after=probes_after, superseded_by_fact_id=by_fact_id)  # fmt: skip
-            tx.set_fact_status(old.fact_id, "superseded", reason=reason)
+            revert = self._mark_superseded(tx, old_edit_id, by_fact_id, probes_before, probes_after)
+        return revert
+
+    @staticmethod
+    def _mark_superseded(tx: Any, old_edit_id: int, by_fact_id: int, probes_before: Mapping[str, Any] | None,
+                         probes_after: Mapping[str, Any] | None) -> RevertRecord:  # fmt: skip
+        new = tx._s.get(FactRow, by_fact_id)
+        old = tx._s.get(EditRow, old_edit_id)
+        if new is None or old is None:
+            raise LedgerError(f"no fact {by_fact_id} or no edit {old_edit_id}")
+        if new.supersedes_fact_id != old.fact_id:
+            raise LedgerError(f"fact {by_fact_id} does not supersede fact {old.fact_id} (edit {old_edit_id})")
+        if old.status != "committed":
+            raise LedgerError(f"edit {old_edit_id} is {old.status}, not committed")
+        reason = f"superseded by fact {by_fact_id}"
+        tx.set_edit_status(old_edit_id, "reverted", reason=reason)
+        revert = tx.add_revert(old_edit_id, reason=reason, probes_before=probes_before,
+                               probes_after=probes_after, superseded_by_fact_id=by_fact_id)  # fmt: skip
+        tx.set_fact_status(old.fact_id, "superseded", reason=reason)
         logger.bind(edit_id=old_edit_id).info("edit {}: reverted, superseded by fact {}", old_edit_id, by_fact_id)
         return revert
 

@@ -13,6 +13,10 @@ the state holds but the ledger never committed is removed (its fact is retried);
 the ledger applied but never committed is marked reverted (its fact is retried); a
 committed edit missing from the state is re-applied from its recorded request.
 
+A fact that supersedes a committed edit runs the same steps with the old edit reverted
+in memory first; the commit records both in one ledger transaction. If the new edit is
+not committed, the editor is reloaded from the saved state, which still holds the old one.
+
 With serving replicas, `publish` (set by the daemon) copies the saved state where they
 can load it; it runs when an operation that saved the state has also recorded it in the
 ledger, so replicas only ever see committed states.
@@ -35,7 +39,7 @@ from kmd.daemon.probes import LocalityBaseline, Prober, ProbeReport, Thresholds,
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets
-from kmd.editors.state import MANIFEST, StateError
+from kmd.editors.state import MANIFEST, StateError, reload_editor
 
 if TYPE_CHECKING:
     from kmd.daemon.ledger import EditRecord, FactRecord, Ledger
@@ -187,8 +191,8 @@ class Maintainer:
         request = EditRequest.from_dict(build_edit_request(fact, self.policy))
         with self._busy():
             if fact.supersedes_edit_id is not None:
-                self._supersede(fact)
-            elif self._already_known(request):
+                return self._replace(fact, request)
+            if self._already_known(request):
                 self.ledger.skip_fact(fact.id, actor=self.actor)
                 self.stats.facts_skipped += 1
                 return "skipped", None
@@ -197,17 +201,24 @@ class Maintainer:
     def _already_known(self, request: EditRequest) -> bool:
         return score_targets(self.host, self.editor, [(request.prompt, request.target)])[0].accuracy == 1.0
 
-    def _supersede(self, fact: FactRecord) -> None:
-        old = str(fact.supersedes_edit_id)
-        before = self._current_locality()
-        if old in self.editor.edit_ids:
-            self.editor.revert(old)
-            self.save()
-        after = self.stats.last_locality = self.prober.locality(self.editor)
-        self.ledger.supersede_edit(int(old), by_fact_id=fact.id, actor=self.actor,
-                                   probes_before={"loc": before}, probes_after={"loc": after})  # fmt: skip
+    def _replace(self, fact: FactRecord, request: EditRequest) -> tuple[str, int]:
+        """Revert the committed edit `fact` supersedes, then edit `fact`. The ledger records
+        the replacement only when the new edit commits; if it does not, the editor goes back
+        to its saved state, which still holds the old edit: a failed update loses nothing."""
+        old = fact.supersedes_edit_id
+        assert old is not None
+        held = str(old) in self.editor.edit_ids
+        if held:
+            self.editor.revert(str(old))  # in memory only: the saved state keeps it until the commit
+            self.stats.last_locality = None
+        outcome, edit_id = self._edit(fact, request, supersedes=old)
+        if outcome != "committed" and held:
+            reload_editor(self.editor, self.editor_dir)
+            self.stats.last_locality = None  # the model changed back; measure again when needed
+            logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
+        return outcome, edit_id
 
-    def _edit(self, fact: FactRecord, request: EditRequest) -> tuple[str, int]:
+    def _edit(self, fact: FactRecord, request: EditRequest, supersedes: int | None = None) -> tuple[str, int]:
         assert self.prober is not None
         attempts = [{}]
         retry = self.editor.stronger_overrides()
@@ -219,7 +230,7 @@ class Maintainer:
             config = self.editor.config_dict() | self._relation_options(fact) | overrides
             record = self.ledger.record_edit_applied(
                 fact.id, request=request.to_dict(), backend=self.editor.name, backend_config=config,
-                policy_version=self.policy.version_tag, actor=self.actor,
+                policy_version=self.policy.version_tag, actor=self.actor, supersedes_edit_id=supersedes,
                 reason="edit applied" if number == 1 else f"retry {number - 1} with {overrides}",
             )  # fmt: skip
             edit_id = str(record.id)
@@ -249,7 +260,8 @@ class Maintainer:
             timings = {"apply_seconds": round(started - apply_started, 3), "probe_seconds": round(self.stats.last_probe_seconds, 3)}
             if report.passed:
                 self.save()
-                self.ledger.commit_edit(record.id, probes=report.figures() | timings, actor=self.actor)
+                self.ledger.commit_edit(record.id, probes=report.figures() | timings, actor=self.actor,
+                                        supersedes_edit_id=supersedes, superseded_probes={"loc": report.loc})  # fmt: skip
                 self.stats.edits_committed += 1
                 log.info("edit {} committed: rel {:.2f} gen {} loc {:.4f}", edit_id, report.rel, report.gen, report.loc)
                 return "committed", record.id

@@ -29,6 +29,8 @@ from kmd.editors.protocol import EditRequest, EditorError
 from kmd.editors.registry import UnknownBackendError, get_backend
 
 if TYPE_CHECKING:
+    import torch
+
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import Editor
 
@@ -111,18 +113,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_editor(path: Path, host: ModelHost) -> Editor:
+def read_state(path: Path, host: ModelHost) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[EditRequest]]:
+    """A saved state's manifest, tensors (on the host's device) and edit requests, checked."""
     manifest = read_manifest(path)
     mismatches = host.identity.mismatches(manifest["model"])
     if mismatches:
         raise StateError(
             f"{path}: saved for another base model ({manifest['model'].get('name')}): " + "; ".join(mismatches)
         )
-    try:
-        cls = get_backend(manifest["backend"])
-        config = build_config(cls.config_class, manifest["config"], f"{path}/{MANIFEST}")
-    except (UnknownBackendError, ProfileError, TypeError) as exc:
-        raise StateError(f"{path}: {exc}") from exc
     info = manifest["tensors"]
     tensor_path = path / info["file"]
     if not tensor_path.is_file():
@@ -135,7 +133,25 @@ def load_editor(path: Path, host: ModelHost) -> Editor:
         requests = [EditRequest.from_dict(r) for r in manifest["edits"]]
     except Exception as exc:
         raise StateError(f"{path}: unreadable state ({exc})") from exc
-    device = host.device
+    return manifest, {k: v.to(host.device) for k, v in tensors.items()}, requests
+
+
+def load_editor(path: Path, host: ModelHost) -> Editor:
+    manifest, tensors, requests = read_state(path, host)
+    try:
+        cls = get_backend(manifest["backend"])
+        config = build_config(cls.config_class, manifest["config"], f"{path}/{MANIFEST}")
+    except (UnknownBackendError, ProfileError, TypeError) as exc:
+        raise StateError(f"{path}: {exc}") from exc
     editor = cls(host, config)
-    editor.restore(requests, {k: v.to(device) for k, v in tensors.items()}, manifest["extra"])
+    editor.restore(requests, tensors, manifest["extra"])
     return editor
+
+
+def reload_editor(editor: Editor, path: Path) -> None:
+    """Put `editor` back to the state it saved at `path`, in place: undoes everything
+    applied or reverted since that save, exactly. (Its options stay as they are.)"""
+    manifest, tensors, requests = read_state(path, editor.host)
+    if manifest["backend"] != editor.name:
+        raise StateError(f"{path}: saved by the {manifest['backend']} backend, not {editor.name}")
+    editor.restore(requests, tensors, manifest["extra"])

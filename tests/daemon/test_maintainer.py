@@ -93,3 +93,22 @@ def test_interrupted_edit_is_rolled_back_on_restart(tmp_path, tiny_host):
     summary = again.cycle()
     assert len(summary.committed) == 1
     again.close()
+
+
+def test_failed_superseding_edit_keeps_the_old_one(tmp_path, tiny_host):
+    """A newer fact whose edit fails its probes must not cost the older committed fact."""
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")], min_loc=0.999)
+    daemon.load()
+    first = daemon.cycle().committed
+    m = daemon.maintainer
+    before = logits(tiny_host, m.editor)
+    write_curated(tmp / "facts.jsonl", 2, [("France", "capital", "Rome")])
+    with m.editor.configured(radius=1e9, split_conflicts=False):  # fires on every prompt: locality fails
+        summary = daemon.cycle()
+    assert summary.reverted and not summary.committed, summary
+    assert m.editor.edit_ids == [str(first[0])]
+    assert torch.equal(logits(tiny_host, m.editor), before)
+    old = daemon.ledger.edit(first[0])
+    assert old.status == "committed" and daemon.ledger.fact(old.fact_id).status == "committed"
+    assert all(r.superseded_by_fact_id is None for r in daemon.ledger.reverts())
+    daemon.close()
