@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kmd.daemon.service import Daemon
@@ -112,3 +113,33 @@ def test_failed_superseding_edit_keeps_the_old_one(tmp_path, tiny_host):
     assert old.status == "committed" and daemon.ledger.fact(old.fact_id).status == "committed"
     assert all(r.superseded_by_fact_id is None for r in daemon.ledger.reverts())
     daemon.close()
+
+
+def test_crash_before_a_superseding_commit_keeps_the_old_edit_and_retries(tmp_path, tiny_host, monkeypatch):
+    """A crash after the new state was saved but before the ledger committed the replacement:
+    on restart the old edit is back (the ledger still commits it) and the new fact is retried."""
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    daemon.load()
+    first = daemon.cycle().committed
+    m = daemon.maintainer
+    before = logits(tiny_host, m.editor)
+    write_curated(tmp / "facts.jsonl", 2, [("France", "capital", "Rome")])
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(daemon.ledger, "commit_edit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        daemon.cycle()
+    monkeypatch.undo()
+    assert m.editor.edit_ids != [str(first[0])]  # the saved state holds the new edit only
+    with m.editor.suspended():  # the crashed process's hooks off the shared model
+        again = Daemon(load_settings(tmp / "kmd.yaml"), host=tiny_host)
+        again.load()
+        assert again.maintainer.editor.edit_ids == [str(first[0])]
+        assert torch.equal(logits(tiny_host, again.maintainer.editor), before)
+        summary = again.cycle()  # the newer fact, retried, now replaces it
+        assert len(summary.committed) == 1
+        assert again.maintainer.editor.request(again.maintainer.editor.edit_ids[0]).target == "Rome"
+        assert again.ledger.edit(first[0]).status == "reverted"
+        again.close()
