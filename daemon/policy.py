@@ -270,6 +270,10 @@ class VerificationPolicy(_Strict):
     single_source_trust: Literal["medium", "high"] | None = "high"
     similarity_threshold: float = Field(default=0.85, gt=0.0, le=1.0)  # cosine, MiniLM
     sensitive_relations: tuple[str, ...] = ()  # quarantined until a person approves
+    # A claim still short of quorum this many days after it was ingested is rejected as
+    # expired: a lone stale claim must not complete a quorum with one from months later,
+    # and the pending set stays bounded. null: claims wait for ever.
+    pending_max_age_days: float | None = Field(default=90.0, gt=0)
 
 
 class ProbePolicy(_Strict):

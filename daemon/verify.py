@@ -21,7 +21,9 @@ in one ledger transaction:
    newer than the existing fact is rejected as stale.
 5. **Quarantine.** Facts of sensitive relations start `quarantined` and wait for a person.
 
-Claims short of quorum stay `pending` and count again when more claims arrive.
+Claims short of quorum stay `pending` and count again when more claims arrive, until
+they are `pending_max_age_days` old (policy; 90 by default): then they are rejected as
+expired.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class VerifyReport:
     superseded: tuple[int, ...]  # facts marked superseded (before they were edited)
     stale: int  # claims rejected as older than the fact they contradict
     waiting: int  # claims still pending (short of quorum)
+    expired: int  # pending claims rejected as older than the policy's pending_max_age_days
     seconds: float
 
 
@@ -117,13 +120,15 @@ class Verifier:
             new = tx.claims(status="new")
             decisions: dict[int, ClaimUpdate] = {}
             counters: Counter = Counter()
+            self._expire(tx, now, decisions, counters)
             admitted = self._admit(tx, new, now, decisions, counters)
             keys = {c.key for c in admitted}
             if full:
                 keys |= {c.key for c in tx.claims(status="pending")}
             pending_by_key: dict[tuple[str, str], list[ClaimRecord]] = defaultdict(list)
             for c in tx.claims_for_keys(keys, status=["pending"]) + admitted:
-                pending_by_key[c.key].append(c)
+                if c.id not in decisions or decisions[c.id].status == "pending":  # not just expired
+                    pending_by_key[c.key].append(c)
             facts_by_key = tx.active_facts(keys)
             # One encoder batch for the objects that need it: keys whose objects still differ
             # after exact normalisation (most keys need no model at all).
@@ -152,16 +157,29 @@ class Verifier:
             quarantined=tuple(f.id for f in new_facts if f.status == "quarantined"),
             superseded=tuple(superseded),
             stale=counters["stale"],
+            expired=counters["expired"],
             waiting=waiting,
             seconds=time.perf_counter() - started,
         )
-        if new:
+        if new or report.expired:
             logger.info(
-                "verified {} claims: {} admitted, {} new facts ({} quarantined), {} superseded, {} waiting for quorum",
+                "verified {} claims: {} admitted, {} new facts ({} quarantined), {} superseded, {} waiting for quorum, "
+                "{} expired",
                 report.claims_seen, report.admitted, len(report.new_facts), len(report.quarantined),
-                len(report.superseded), report.waiting,
+                len(report.superseded), report.waiting, report.expired,
             )  # fmt: skip
         return report
+
+    def _expire(self, tx: LedgerTransaction, now: datetime, decisions: dict[int, ClaimUpdate], counters: Counter) -> None:
+        """Reject the pending claims older than the policy's `pending_max_age_days`."""
+        days = self.policy.verification.pending_max_age_days
+        if days is None:
+            return
+        cutoff = now - timedelta(days=days)
+        for c in tx.claims(status="pending"):
+            if c.ingested_at < cutoff:
+                decisions[c.id] = ClaimUpdate(c.id, "rejected", f"expired: short of quorum for more than {days:g} days")
+                counters["expired"] += 1
 
     def _admit(
         self,

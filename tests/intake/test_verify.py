@@ -267,3 +267,27 @@ def test_full_run_re_examines_pending_claims_after_a_policy_change(world, clock)
     )
     assert world.run().new_facts == ()  # nothing new arrived
     assert len(world.verifier.run(full=True).new_facts) == 1
+
+
+def test_pending_claims_expire_and_cannot_complete_a_later_quorum(world, clock):
+    world.claim("a", "Paris")
+    assert world.run().waiting == 1
+    clock.advance(hours=24 * 89)
+    assert world.run().expired == 0  # 89 days: still waiting
+    clock.advance(hours=24 * 2)
+    world.claim("b", "Paris")  # would have made a quorum with the 91-day-old claim
+    report = world.run()
+    assert report.expired == 1 and report.new_facts == () and report.waiting == 1
+    (old,) = world.ledger.claims(status="rejected")
+    assert old.status_reason.startswith("expired") and old.source_id == "a"
+
+
+def test_pending_claims_wait_for_ever_when_the_policy_says_so(clock):
+    policy = make_policy(SOURCES)
+    forever = policy.model_copy(update={"verification": policy.verification.model_copy(update={"pending_max_age_days": None})})
+    world = World(clock, forever)
+    world.claim("a", "Paris")
+    clock.advance(hours=24 * 1000)
+    world.claim("b", "Paris")
+    report = world.run()
+    assert report.expired == 0 and len(report.new_facts) == 1
