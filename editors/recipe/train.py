@@ -8,8 +8,9 @@ The LLM and the sentence encoder stay frozen. Per step, on records of the traini
   statement; the same query with its statement left out, and every locality query, pick
   the sentinel;
 - edit (on the first `llm_batch` records): hinged NLL of the target after the prompt
-  and after the rephrase, with the statement's continuous prompts prepended;
-- locality: KL from the unedited model to the model with those prompts prepended to an
+  and after the rephrase, with the edit's prefix prepended (its continuous prompts, then
+  its statement context when `context_repeats` > 0);
+- locality: KL from the unedited model to the model with that prefix prepended to an
   unrelated locality prompt, on its answer tokens.
 
 Every `val_every` steps: validation (retrieval and teacher-forced accuracy with
@@ -42,8 +43,8 @@ from kmd.editors.recipe.model import (
     RecipeNetworks,
     context_ids,
     edit_prompts,
-    full_prefix,
     encode_texts,
+    full_prefix,
     load_networks,
     new_networks,
     save_networks,
