@@ -55,7 +55,7 @@ class WiseConfig:
     # Augmentation: `n_prefixes` prefixed copies of the prompt (the paper ~10) drawn per edit
     # from `prefix_pool` short texts the model generates once (`prefix_tokens` tokens each).
     # The margin loss's unrelated prompts: `n_unrelated` packaged generic passages per edit
-    # (editors/memoir/background.txt), plus the request's locality prompts.
+    # (editors/background.txt), plus the request's locality prompts.
     n_prefixes: int = 4
     n_unrelated: int = 4
     prefix_pool: int = 12
