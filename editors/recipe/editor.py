@@ -37,10 +37,9 @@ from kmd.editors.recipe.config import RecipeConfig
 from kmd.editors.llp.attention import Injection, PrefixInjector, stack_left_padded  # served like LLP's prefix
 from kmd.editors.recipe.model import (
     CheckpointError,
-    context_ids,
+    edit_prefix,
     edit_prompts,
     encode_texts,
-    full_prefix,
     load_networks,
     statement,
 )
@@ -77,14 +76,11 @@ class RecipeEditor(Editor):
         self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
         self.row_ids: list[str] = []
-        # edit id -> token ids of its statement context (editors trained with `context_repeats`;
-        # derived from the edit's request, so not saved)
-        self._context: dict[str, list[int]] = {}
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
         # edit id -> its prefix's keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
         # first retrieval (`_prefix_kv`), least recently used first; derived from `prompts`
-        # and the context, so not saved.
+        # and the edit's request, so not saved.
         self._kv: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._kv_bytes = 0
         logger.info("recipe: trained editor {} ({})", path, meta.get("training", {}).get("summary", "no summary"))
@@ -98,7 +94,6 @@ class RecipeEditor(Editor):
         self.reps = torch.cat([self.reps, rep])
         self.prompts = torch.cat([self.prompts, vectors])
         self.row_ids.append(edit_id)
-        self._context[edit_id] = context_ids(self.host, self.networks.shape, request.prompt, request.target)
 
     @torch.no_grad()
     def _prefix_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +104,8 @@ class RecipeEditor(Editor):
         if edit_id in self._kv:
             self._kv.move_to_end(edit_id)
             return self._kv[edit_id]
-        prefix = full_prefix(self.host, self.prompts[row], self._context[edit_id])  # (n, D)
+        request = self.request(edit_id)
+        prefix = edit_prefix(self.host, self.networks.shape, self.prompts[row], request.prompt, request.target)  # (n, D)
         keys, values = self.injector.prefix_kv(prefix[None].to(self.host.model.dtype))
         entry = (keys[0].float(), values[0].float())
         self._kv[edit_id] = entry
@@ -128,7 +124,6 @@ class RecipeEditor(Editor):
         keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
         self.reps, self.prompts = self.reps[keep], self.prompts[keep]
         self._drop_kv(edit_id)
-        self._context.pop(edit_id, None)
         del self.row_ids[row]
 
     # ----- serving -------------------------------------------------------------------------
@@ -204,6 +199,3 @@ class RecipeEditor(Editor):
             raise EditorError("recipe: saved tensors do not match the saved rows / model")
         self.reps, self.prompts = loaded["reps"], loaded["prompts"]
         self.row_ids, self._kv, self._kv_bytes = ids, OrderedDict(), 0
-        by_id = {r.edit_id: r for r in requests}
-        shape = self.networks.shape
-        self._context = {i: context_ids(self.host, shape, by_id[i].prompt, by_id[i].target) for i in ids}

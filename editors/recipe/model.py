@@ -133,12 +133,13 @@ def context_ids(host: ModelHost, shape: RecipeShape, prompt: str, target: str) -
     return once * shape.context_repeats
 
 
-def full_prefix(host: ModelHost, prompts: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
-    """One edit's prefix (n_prompts + len(context), d_model): its continuous prompts, then the
-    token embeddings of its statement context."""
+def edit_prefix(host: ModelHost, shape: RecipeShape, prompts: torch.Tensor, prompt: str, target: str) -> torch.Tensor:
+    """The prefix one edit is served and trained with, (n_prompts + len(context), d_model): its
+    continuous prompts (n_prompts, d_model), then the token embeddings of its statement context."""
+    context = context_ids(host, shape, prompt, target)
     if not context:
         return prompts
-    ids = torch.tensor(list(context), dtype=torch.long, device=prompts.device)
+    ids = torch.tensor(context, dtype=torch.long, device=prompts.device)
     return torch.cat([prompts, token_embedding(host)(ids).to(prompts.dtype)])
 
 

@@ -41,10 +41,9 @@ from kmd.editors.hooks import resolve_module
 from kmd.editors.llp.attention import stack_left_padded
 from kmd.editors.recipe.model import (
     RecipeNetworks,
-    context_ids,
+    edit_prefix,
     edit_prompts,
     encode_texts,
-    full_prefix,
     load_networks,
     new_networks,
     save_networks,
@@ -208,10 +207,6 @@ class Trainer:
         return idx.to(self.host.device)
 
     # ----- losses ------------------------------------------------------------------------------
-    def _prefix(self, networks: RecipeNetworks, prompts: torch.Tensor, record: EditRecord) -> torch.Tensor:
-        """(n_prompts + context, D) the prefix `record`'s edit is served with."""
-        return full_prefix(self.host, prompts, context_ids(self.host, networks.shape, record.prompt, record.target))
-
     def retrieval_loss(self, networks: RecipeNetworks, enc: Encoded, idx: torch.Tensor) -> torch.Tensor:
         keys = networks.knowledge_reps(enc.statements[idx])  # (B, R)
         b = len(idx)
@@ -233,7 +228,7 @@ class Trainer:
         opts = self.options
         chosen = [records[i] for i in idx.tolist()]
         vectors = edit_prompts(networks, self.host, networks.knowledge_reps(enc.statements[idx]), [r.target for r in chosen])  # (b, n, D)
-        prefixes = [self._prefix(networks, v, r) for v, r in zip(vectors, chosen)]
+        prefixes = [edit_prefix(self.host, networks.shape, v, r.prompt, r.target) for v, r in zip(vectors, chosen)]
         pairs = [(r.prompt, r.target) for r in chosen] + [(rephrase(r), r.target) for r in chosen]
         logits, batch = self.lm.target_logits(pairs, prefixes + prefixes)
         nll = F.cross_entropy(logits, batch.labels, reduction="none")
@@ -256,7 +251,7 @@ class Trainer:
         networks.eval()
         keys = networks.knowledge_reps(enc.statements)
         vectors = edit_prompts(networks, self.host, keys, [r.target for r in self.val])
-        prefixes = [self._prefix(networks, v, r) for v, r in zip(vectors, self.val)]
+        prefixes = [edit_prefix(self.host, networks.shape, v, r.prompt, r.target) for v, r in zip(vectors, self.val)]
         figures: dict[str, float] = {}
         for name, queries, pairs in (
             ("rel", enc.prompts, [(r.prompt, r.target) for r in self.val]),

@@ -12,7 +12,7 @@ from recipe_tiny import tiny_recipe_records, train_tiny_recipe
 from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import Editor, EditorError, EditRequest
 from kmd.editors.recipe import RecipeEditor
-from kmd.editors.recipe.model import CheckpointError, context_ids, full_prefix, load_networks
+from kmd.editors.recipe.model import CheckpointError, context_ids, edit_prefix, load_networks
 from kmd.editors.recipe.train import PrependedLM, Trainer, TrainOptions
 from kmd.editors.scoring import score_targets
 
@@ -67,7 +67,7 @@ def test_served_prompts_equal_literal_prepending(tiny_host, trained):
     context = context_ids(tiny_host, editor.networks.shape, EDIT.prompt, EDIT.target)
     assert len(context) > 0  # the tiny editor is trained with the statement context (the default)
     with torch.no_grad():
-        literal, batch = lm.target_logits(pairs[:1], [full_prefix(tiny_host, editor.prompts[0], context)])
+        literal, batch = lm.target_logits(pairs[:1], [edit_prefix(tiny_host, editor.networks.shape, editor.prompts[0], EDIT.prompt, EDIT.target)])
     assert served[0].argmax == tuple(literal.argmax(-1).tolist())
     a, b = batch.spans[0]
     nll = torch.nn.functional.cross_entropy(literal[a:b], batch.labels[a:b])
@@ -82,7 +82,8 @@ def test_prefixes_of_different_lengths_in_one_batch_serve_as_alone(tiny_host, tr
     longer = EditRequest(prompt="Dave was born in the city", target="Rome", edit_id="e3")
     editor.apply(EDIT)
     editor.apply(longer)
-    assert len(editor._context["e1"]) < len(editor._context["e3"])
+    shape = editor.networks.shape
+    assert len(context_ids(tiny_host, shape, EDIT.prompt, EDIT.target)) < len(context_ids(tiny_host, shape, longer.prompt, longer.target))
     assert editor.retrieve([EDIT.prompt, longer.prompt])[1].all()  # both rows get a prefix
     pairs = [(EDIT.prompt, EDIT.target), (longer.prompt, longer.target), ("the dog and the cat", "bird")]
     together = score_targets(tiny_host, editor, pairs)
