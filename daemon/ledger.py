@@ -517,10 +517,12 @@ class LedgerTransaction:
         self._events.clear()
 
     # -- reads inside the transaction (consistent with its writes) -----------------------
-    def claims(self, *, status: str | Sequence[str] = "new") -> list[ClaimRecord]:
+    def claims(self, *, status: str | Sequence[str] = "new", ingested_before: datetime | None = None) -> list[ClaimRecord]:
         statuses = [status] if isinstance(status, str) else list(status)
         table = ClaimRow.__table__
         q = sa_select(table).where(table.c.status.in_(statuses)).order_by(table.c.id)
+        if ingested_before is not None:
+            q = q.where(table.c.ingested_at < iso(ingested_before))
         return [ClaimRecord.of(r) for r in self._s.connection().execute(q)]
 
     def claims_for_keys(self, keys: Iterable[tuple[str, str]], *, status: Sequence[str] | None = None) -> list[ClaimRecord]:

@@ -175,11 +175,9 @@ class Verifier:
         days = self.policy.verification.pending_max_age_days
         if days is None:
             return
-        cutoff = now - timedelta(days=days)
-        for c in tx.claims(status="pending"):
-            if c.ingested_at < cutoff:
-                decisions[c.id] = ClaimUpdate(c.id, "rejected", f"expired: short of quorum for more than {days:g} days")
-                counters["expired"] += 1
+        for c in tx.claims(status="pending", ingested_before=now - timedelta(days=days)):
+            decisions[c.id] = ClaimUpdate(c.id, "rejected", f"expired: short of quorum for more than {days:g} days")
+            counters["expired"] += 1
 
     def _admit(
         self,
