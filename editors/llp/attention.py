@@ -161,7 +161,7 @@ class PrefixRunner:
             for layer in self.layers:  # the last layer's output is dropped; only its keys/values matter
                 out = layer(
                     h, attention_mask=mask, position_ids=positions, position_embeddings=embeddings,
-                    past_key_values=None, use_cache=False,
+                    use_cache=False,
                 )
                 h = out[0] if isinstance(out, tuple) else out
         hd = self.attentions[0].head_dim
@@ -180,6 +180,20 @@ def rope_prefix(
     k = keys.permute(0, 1, 3, 2, 4)  # (Bh, Lz, n_kv, b, hd)
     cos, sin = cos[:, None, None].to(k.dtype), sin[:, None, None].to(k.dtype)
     return k * cos + rotate_half(k) * sin
+
+
+def find_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache an attention module was called with, whatever the keyword is called.
+
+    transformers renamed it (`past_key_values` up to 5.23, `cache` from 5.24); looking it up
+    by type keeps the merge from silently attending to the new tokens only (which is what
+    a missed cache looks like: decode steps then disagree with a full forward)."""
+    from transformers.cache_utils import Cache
+
+    found = [value for value in kwargs.values() if isinstance(value, Cache)]
+    if len(found) > 1:
+        raise UnsupportedModelError(f"attention called with {len(found)} caches; cannot tell which one is the KV cache")
+    return found[0] if found else None
 
 
 def cache_keys(cache: Any, layer_idx: int) -> torch.Tensor | None:
@@ -271,7 +285,7 @@ class PrefixInjector:
                 injection.stash = {
                     "embeddings": kwargs.get("position_embeddings"),
                     "mask": kwargs.get("attention_mask"),
-                    "cache": kwargs.get("past_key_values"),
+                    "cache": find_cache(kwargs),
                     "shape": hidden.shape[:2],
                 }
             return None
