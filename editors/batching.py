@@ -77,11 +77,15 @@ def teacher_forced_batch_ids(host: ModelHost, encoded: Sequence[tuple[list[int],
 
 def left_padded(host: ModelHost, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and attention mask, left-padded so every row's prompt ends at T - 1."""
-    encoded = [host.encode(host.format_prompt(p)) for p in prompts]
+    return left_padded_ids(host, [host.encode(host.format_prompt(p)) for p in prompts])
+
+
+def left_padded_ids(host: ModelHost, encoded: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from token ids."""
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, tokens in enumerate(encoded):
-        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        ids[row, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
         attention[row, width - len(tokens) :] = 1
     return ids.to(host.device), attention.to(host.device)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kmd.editors.batching import TeacherForcedBatch, chunks, left_padded, teacher_forced_batch, teacher_forced_batch_ids
+from kmd.editors.batching import TeacherForcedBatch, chunks, left_padded_ids, teacher_forced_batch, teacher_forced_batch_ids
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -88,7 +88,6 @@ def _score(batches: Sequence[TeacherForcedBatch], host: ModelHost, editor: Edito
     return out
 
 
-@torch.no_grad()
 def generate(
     host: ModelHost,
     editor: Editor | None,
@@ -96,17 +95,32 @@ def generate(
     max_new_tokens: int | Sequence[int] = 16,
     batch_size: int = 16,
 ) -> list[list[int]]:
-    """Greedy continuations (new token ids only), KV cache on.
+    """Greedy continuations (new token ids only) of prompts as the host formats them."""
+    encoded = [host.encode(host.format_prompt(p)) for p in prompts]
+    return generate_ids(host, editor, encoded, max_new_tokens, batch_size)
 
-    `max_new_tokens` may be one number or one per prompt (rows are cut to their own length).
+
+@torch.no_grad()
+def generate_ids(
+    host: ModelHost,
+    editor: Editor | None,
+    encoded: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int] = 16,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, KV cache on, left-padded batches.
+
+    `max_new_tokens` may be one number or one per prompt (rows are cut to their own
+    length); a row ends with its EOS when it produced one.
     """
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    limits = [max_new_tokens] * len(encoded) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad = host.tokenizer.pad_token_id
+    eos = host.tokenizer.eos_token_id
     out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
         chunk_limits = limits[start : start + batch_size]
-        ids, attention = left_padded(host, chunk)
+        ids, attention = left_padded_ids(host, chunk)
         with _routed(editor, attention.bool()):
             generated = host.model.generate(
                 input_ids=ids,
@@ -121,7 +135,6 @@ def generate(
             )
         for row, limit in zip(generated[:, ids.shape[1] :].tolist(), chunk_limits, strict=True):
             row = row[:limit]
-            eos = host.tokenizer.eos_token_id
             if eos in row:  # after EOS the rest is padding
                 row = row[: row.index(eos) + 1]
             out.append(row)
