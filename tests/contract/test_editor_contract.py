@@ -157,3 +157,48 @@ def test_saving_again_replaces_state_atomically(tiny_host, editor, tmp_path):
         reloaded = type(editor).load(path, tiny_host)
         assert reloaded.edit_ids == editor.edit_ids
         assert torch.equal(logits(tiny_host, reloaded), expected)
+
+
+THIRD = EditRequest(prompt="Bob speaks the language of", target="Italy", subject="Bob")
+# Rows that hit different edits and rows that hit none, of different lengths (left padding).
+SERVED = [
+    "the capital of France is",
+    "who wrote the book ?",
+    "Alice works for the company",
+    "the dog and the cat",
+    "Bob speaks the language of",
+    "the sky is blue and the sun is",
+]
+NEW_TOKENS = 10
+
+
+def greedy_full_forward(host, editor, prompt: str, steps: int) -> list[int]:
+    """One row, the whole sequence recomputed at every step (no KV cache); only the
+    prompt's tokens are marked as prompt, as the served path marks them."""
+    ids = torch.tensor([host.encode(prompt)])
+    prompt_mask = torch.ones_like(ids, dtype=torch.bool)
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad(), editor.query(prompt_mask):
+            logits = host.model(input_ids=ids, use_cache=False).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token == host.tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        prompt_mask = torch.cat([prompt_mask, torch.tensor([[False]])], dim=1)
+    return out
+
+
+def test_generation_is_the_same_batched_alone_cached_or_recomputed(tiny_host, editor):
+    """Batching (left padding) and the KV cache never change a generated token."""
+    for request in (EDIT, OTHER, THIRD):
+        editor.apply(request)
+    batched = generate(tiny_host, editor, SERVED, NEW_TOKENS)
+    alone = [generate(tiny_host, editor, [p], NEW_TOKENS)[0] for p in SERVED]
+    recomputed = [greedy_full_forward(tiny_host, editor, p, NEW_TOKENS) for p in SERVED]
+    assert batched == alone, "a row's tokens depend on the batch it is in"
+    assert alone == recomputed, "KV-cache decoding differs from a full forward at every step"
+    with editor.suspended():
+        base = generate(tiny_host, None, SERVED, NEW_TOKENS)
+    assert batched[0] != base[0], "the edit must act on its own prompt for this check to mean anything"

@@ -121,7 +121,7 @@ def test_dockerfiles_parse_and_pin_what_they_install(name):
     torch_pin = re.search(r'"torch==([\d.]+)"', pyproject).group(1)
     runs = " ".join(i["value"] for i in instructions if i["instruction"] == "RUN")
     assert f'"torch=={torch_pin}"' in runs
-    assert "-c /opt/kmd/constraints.txt" in runs
+    assert "-c /opt/kmd/requirements.lock" in runs
     # every COPY source exists and is in the build context (.dockerignore allows it)
     allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
     for copy in (i["value"].split() for i in instructions if i["instruction"] == "COPY"):
@@ -133,20 +133,42 @@ def test_dockerfiles_parse_and_pin_what_they_install(name):
     assert parser.cmd == '["run", "--config", "/etc/kmd/kmd.yaml"]'
 
 
-def test_constraints_pin_every_dependency():
+def _locked() -> dict[str, str]:
+    """requirements.lock as {normalised name: version} (markers and comments dropped)."""
+    pinned = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if line:
+            pkg, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[\w.+!-]+", version.strip()), f"not an exact pin: {line!r}"
+            pinned[re.sub(r"[-_.]+", "-", pkg.strip().lower())] = version.strip()
+    return pinned
+
+
+def test_lock_pins_every_dependency():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["postgres"]
-    names = {re.split(r"[<>=!\[ ;]", req, maxsplit=1)[0].lower().replace("_", "-") for req in wanted}
-    pinned = {}
-    for line in (CONTAINER / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            pkg, _, version = line.partition("==")
-            pinned[pkg.lower().replace("_", "-")] = version
-    assert all(re.fullmatch(r"[\w.+!-]+", v) for v in pinned.values())
-    assert names - {"torch"} <= set(pinned), names - {"torch"} - set(pinned)
-    assert "torch" not in pinned  # each image installs its own build of the pinned torch
+    wanted = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower()) for req in wanted}
+    locked = _locked()
+    assert names <= set(locked), f"not in requirements.lock (run scripts/lock.sh): {sorted(names - set(locked))}"
+    # the lock agrees with the ranges pyproject.toml declares
+    from packaging.requirements import Requirement
+
+    for req in map(Requirement, wanted):
+        name = re.sub(r"[-_.]+", "-", req.name.lower())
+        assert req.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} outside {req.specifier}"
+
+
+def test_every_install_path_uses_the_lock():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    installs = [line for line in setup.splitlines() if "pip install" in line and "--upgrade pip" not in line and "--no-deps" not in line]
+    assert installs and all("-c requirements.lock" in line for line in installs), installs
+    assert "./scripts/setup.sh" in (ROOT / ".ci" / "run").read_text()
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (CONTAINER / name).read_text()
+        assert "COPY requirements.lock /opt/kmd/requirements.lock" in text
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
