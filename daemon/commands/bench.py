@@ -10,7 +10,8 @@ import typer
 
 from kmd.daemon.commands.common import ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, ProfileOpt, fail, load_host
 
-METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")
+SERVED = ("served_rel", "served_gen", "chat_rel", "chat_gen", "served_loc", "chat_loc", "degenerate", "degenerate_base")
+METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")  # teacher-forced (and *_em: short greedy)
 COSTS = (
     "edit_s_mean", "edit_s_p95", "forward_ms_base", "forward_ms_edited",
     "overhead_ratio", "state_bytes_per_edit", "peak_rss_mb",
@@ -36,6 +37,7 @@ def bench(
     dtype: DtypeOpt = "auto",
     profile: ProfileOpt = None,
     chat_template: ChatOpt = False,
+    served: Annotated[bool, typer.Option(help="Also generate and judge served answers (plain and chat).")] = True,
 ) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -72,7 +74,7 @@ def bench(
 
         result = run_lifelong(
             host, editor, records, seed=seed, shuffle=shuffle,
-            options=BenchOptions(batch_size=batch_size), progress=progress,
+            options=BenchOptions(batch_size=batch_size, served=served), progress=progress,
         )
     result["dataset"] = str(data)
     result["format"] = fmt
@@ -107,9 +109,39 @@ def print_table(result: dict) -> None:
             return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
         return str(value)
 
+    console = Console()
     table = Table(title=f"{result['backend']} on {Path(result['dataset']).name} ({result['n_edits']} edits, {result['model']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in (*METRICS, *COSTS):
-        table.add_row(key, fmt(result.get(key)))
-    Console().print(table)
+    sections = (("served answers", SERVED), ("teacher-forced", METRICS), ("cost", COSTS))
+    for title, keys in sections:
+        if all(result.get(k) is None for k in keys):
+            continue
+        table.add_section()
+        table.add_row(f"[bold]{title}[/bold]", "")
+        for key in keys:
+            table.add_row(key, fmt(result.get(key)))
+    console.print(table)
+    print_answers(console, result.get("answers_sample") or [])
+
+
+def print_answers(console, sample: list[dict]) -> None:
+    """Base and edited answers side by side: people read answers, not numbers."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not sample:
+        return
+    table = Table(title="answers (first records): base -> edited", show_lines=True)
+    for column in ("prompt -> target", "form", "base", "edited", "ok"):
+        table.add_column(column, overflow="fold")
+    for row in sample:
+        for form in ("plain", "chat"):
+            if form not in row:
+                continue
+            answer = row[form]
+            table.add_row(
+                escape(f"{row['prompt']} -> {row['target']}"), form, escape(answer["base"].strip()[:160]),
+                escape(answer["edited"].strip()[:160]), "yes" if answer["correct"] else "no",
+            )
+    console.print(table)

@@ -1,9 +1,11 @@
-"""The lifelong (sequential) protocol of ../shared/design/PROTOCOL.md.
+"""The lifelong (sequential) protocol (docs/benchmarks.md).
 
 1. the first N records (file order, or a seeded shuffle, stated in the result);
-2. the unedited model's locality outputs are recorded (pre pass);
+2. the unedited model's locality outputs and answers are recorded (pre pass);
 3. N edits are applied one after another to one model, never rolled back;
-4. only after the last edit, every record is scored on the final model.
+4. only after the last edit, every record is scored on the final model: served answers
+   (`lifelong-served/v1`, editors/bench/served.py: the headline) and teacher-forced
+   token accuracy (`rel`, `gen`, `loc`: a secondary diagnostic).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kmd.editors.bench import served
 from kmd.editors.bench.data import EditRecord
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate, score_targets
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from kmd.editors.protocol import Editor
 
 PROTOCOL = "lifelong-sequential/v1: N edits in order, scored once after the last edit"
+TEACHER_FORCED = "rel, gen, loc, ppl: teacher-forced (the target fed in, argmax checked per position)"
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -39,6 +43,7 @@ class BenchOptions:
     batch_size: int = 16
     timing_prompts: int = 50  # prompts for the base-vs-edited forward latency
     timing_rounds: int = 3
+    served: bool = True  # the served-answer pass (generated answers, plain and chat)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -114,6 +119,7 @@ def run_lifelong(
     notify("pre pass", 1, 2)
     base_loc_gen = generate(host, None, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("pre pass", 2, 2)
+    served_base = served.run_pass(host, None, records, bs, notify, "base answers") if options.served else None
 
     # 3. sequential edits
     edit_seconds: list[float] = []
@@ -144,6 +150,11 @@ def run_lifelong(
     notify("scoring", 5, steps)
     loc_gen = generate(host, editor, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("scoring", 6, steps)
+
+    served_figures = {}
+    if served_base is not None:
+        served_edited = served.run_pass(host, editor, records, bs, notify, "answers")
+        served_figures = served.summarise(served_base, served_edited, records)
 
     def per_record(values: list[float], owners: list[int]) -> list[float]:
         # average over a record's rephrases first, then over records
@@ -181,7 +192,9 @@ def run_lifelong(
         "overhead_ratio": forward_edited / forward_base if forward_base else None,
         "state_bytes_per_edit": state_bytes / n if n else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **served_figures,
         "protocol": PROTOCOL,
+        "teacher_forced": TEACHER_FORCED,
         "order": f"seeded shuffle (seed {seed})" if shuffle else "file order",
         "seed": seed,
         "backend_config": editor.config_dict(),

@@ -10,7 +10,9 @@ from kmd.editors.bench.harness import run_lifelong
 from kmd.editors.registry import get_backend
 
 REQUIRED = ("backend model dataset n_edits rel gen loc rel_em gen_em loc_em ppl edit_s_mean edit_s_p95 "
-            "forward_ms_base forward_ms_edited overhead_ratio state_bytes_per_edit peak_rss_mb").split()
+            "forward_ms_base forward_ms_edited overhead_ratio state_bytes_per_edit peak_rss_mb "
+            "served_rel served_gen chat_rel chat_gen served_loc chat_loc degenerate degenerate_base answers_sample").split()
+CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} ?{% endfor %}{% if add_generation_prompt %} x{% endif %}"
 
 RECORDS = [
     EditRecord("1", "the capital of France is", "Berlin", "France", ("France has the capital",), "the dog and the cat", "sky"),
@@ -34,6 +36,24 @@ def test_lifelong_protocol_reports_every_metric(tiny_host):
     assert result["state_bytes_per_edit"] > 0 and result["overhead_ratio"] > 0
 
 
+def test_served_answers_are_judged_from_generated_text(tiny_host):
+    from kmd.editors.answers import answers
+
+    tiny_host.tokenizer.chat_template = CHAT_TEMPLATE  # the tiny tokenizer has none of its own
+    editor = get_backend("grace")(tiny_host)
+    result = run_lifelong(tiny_host, editor, RECORDS)
+    # the same judgement computed by hand on the final model
+    plain = answers(tiny_host, editor, [r.prompt for r in RECORDS], "plain", [r.target for r in RECORDS])
+    chat = answers(tiny_host, editor, [r.prompt for r in RECORDS], "chat", [r.target for r in RECORDS])
+    assert result["served_rel"] == sum(a.correct for a in plain) / len(plain)
+    assert result["chat_rel"] == sum(a.correct for a in chat) / len(chat)
+    assert result["served_loc"] == 1.0 and result["chat_loc"] == 1.0  # GRACE fires on its own prompts only here
+    assert 0.0 <= result["degenerate"] <= 1.0 and 0.0 <= result["degenerate_base"] <= 1.0
+    first = result["answers_sample"][0]
+    assert first["prompt"] == RECORDS[0].prompt and first["plain"]["edited"] == plain[0].text
+    assert {"base", "edited", "correct", "rephrase_edited"} <= set(first["chat"])
+
+
 def test_bench_command_writes_json(tiny_model_dir, tmp_path):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([
@@ -49,7 +69,7 @@ def test_bench_command_writes_json(tiny_model_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert set(REQUIRED) <= set(result) and result["format"] == "counterfact"
-    assert "rel_em" in run.stdout
+    assert "rel_em" in run.stdout and "served_rel" in run.stdout and "answers (first records)" in run.stdout
 
 
 def test_bench_command_rejects_bad_input(tmp_path):
