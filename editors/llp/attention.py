@@ -239,6 +239,11 @@ class Injection:
     prefix_mask: torch.Tensor | None = None
     roped: torch.Tensor | None = None  # (Bh, L, n_kv, n, hd), computed once per context
     stash: dict[str, Any] = field(default_factory=dict)
+    # (Bh, Tq) bool for the forward in progress: the query positions the prefix acts on
+    # (editors/answer_stop.py: not past the point where the row's answer stated its target);
+    # None: every position.
+    answering: torch.Tensor | None = None
+    tracker: Any = None  # the AnswerTracker that keeps `answering` up to date across decode steps
 
 
 class PrefixInjector:
@@ -333,6 +338,8 @@ class PrefixInjector:
                 o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling,
                 injection.prefix_mask,
             )
+            if injection.answering is not None:  # positions past the stated answer run as the base model
+                merged = torch.where(injection.answering[:, -tq:, None], merged, o_in[rows])
             return (o_in.index_copy(0, rows, merged),)
 
         return hook

@@ -54,6 +54,10 @@ class LlpConfig:
     value_stop_loss: float = 0.05
     value_weight_decay: float = 0.1
 
+    # Serving: a routed row gets its edit up to the token that completes the target's words,
+    # then runs as the base model (editors/answer_stop.py); False: on every later position too.
+    stop_after_answer: bool = True
+
     # Augmentation: short texts generated once by the model itself.
     n_prefixes: int = 2  # prefixed copies of the prompt per edit (besides the bare prompt)
     prefix_pool: int = 10  # texts generated once per editor; each edit draws n_prefixes of them

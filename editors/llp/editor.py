@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
+from kmd.editors.answer_stop import AnswerTracker
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
@@ -383,14 +384,33 @@ class LlpEditor(Editor):
             HookSpec(self.layer_paths[layer], self._retrieval_hook(i, i == last), "forward", with_kwargs=True)
             for i, layer in enumerate(self.retrieval)
         ]
+        if self.config.stop_after_answer:
+            specs.insert(0, HookSpec("", self._ids_hook, "forward_pre", with_kwargs=True))
         return specs + self._inject_specs()
+
+    def _decision(self) -> dict[str, Any]:
+        routing = self.routing()
+        decision = routing.decisions.get(self.name)
+        if decision is None:
+            decision = routing.decisions[self.name] = {"states": {}, "injection": None, "done": False, "ids": None}
+        return decision
+
+    def _ids_hook(self, module, args, kwargs):
+        """The token ids of each forward: what a routed row has written so far decides
+        where its edit stops acting (editors/answer_stop.py)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        decision = self._decision()
+        if not decision["done"]:
+            decision["ids"] = ids  # the prefill (or a full forward): read in _decide
+        elif decision["injection"] is not None and decision["injection"].tracker is not None and ids is not None:
+            injection = decision["injection"]
+            injection.answering = injection.tracker.step(ids[injection.rows])
+        return None
 
     def _retrieval_hook(self, index: int, last: bool):
         def hook(module, args, kwargs, output):
             routing = self.routing()
-            decision = routing.decisions.get(self.name)
-            if decision is None:
-                decision = routing.decisions[self.name] = {"states": {}, "injection": None, "done": False}
+            decision = self._decision()
             if decision["done"]:
                 return None  # a decode step: the prefill decided
             hidden = output[0] if isinstance(output, tuple) else output
@@ -419,12 +439,19 @@ class LlpEditor(Editor):
         first = mask.int().argmax(dim=1)  # first prompt token of each row
         p_first = position_ids[torch.arange(batch, device=device), first]
         edits = best[rows]
-        decision["injection"] = Injection(
+        injection = decision["injection"] = Injection(
             rows=rows,
             keys=self.prefix_keys[edits],
             values=self.prefix_values[edits],
             p_first=p_first[rows],
         )
+        ids = decision.pop("ids", None)
+        if self.config.stop_after_answer and ids is not None:
+            targets = [self._requests[self.row_ids[int(e)]].target if self.row_ids[int(e)] in self._requests else ""
+                       for e in edits]
+            injection.tracker = AnswerTracker(self.host.tokenizer, targets)
+            last = routing.last_prompt_index(batch, seq, device)[rows]
+            injection.answering = injection.tracker.full(ids[rows], last)
 
     # ----- serving: injection at layers >= z ---------------------------------------------------
     def _current(self) -> Injection | None:
