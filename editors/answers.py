@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from kmd.editors.scoring import generate_ids
 
 if TYPE_CHECKING:
@@ -132,3 +134,40 @@ def answers(
         Answer(prompt=p, form=form, text=host.tokenizer.decode(t, skip_special_tokens=True), tokens=tuple(t), target=target)
         for p, t, target in zip(prompts, tokens, targets, strict=True)
     ]
+
+
+ChatFrame = tuple[list[int], list[int]]  # token ids the chat template puts before / after a user message
+
+
+def chat_frame(host: ModelHost) -> ChatFrame | None:
+    """The chat template's fixed text around one user message, as token ids (None: no
+    template, or one whose text does not tokenise apart from the message)."""
+    if not has_chat_template(host):
+        return None
+    sentinel = "kmd-user-message"
+    head, found, tail = format_as(host, sentinel, "chat").partition(sentinel)
+    if not found:
+        return None
+    frame = (host.encode(head, special=False), host.encode(tail, special=False))
+    probe = encode_as(host, "The capital of France is", "chat")
+    if probe[: len(frame[0])] != frame[0] or probe[len(probe) - len(frame[1]) :] != frame[1]:
+        return None
+    return frame
+
+
+def user_tokens(ids: torch.Tensor, prompt_mask: torch.Tensor, frame: ChatFrame | None) -> torch.Tensor:
+    """ids, prompt_mask (B, T) -> (B, T) bool: the prompt tokens a user wrote. Rows whose prompt
+    is a chat-template turn lose the template's fixed text (system prompt, role markers), so
+    retrieval keys on the question, not on text every chat prompt shares; other rows keep
+    their whole prompt."""
+    out = prompt_mask.clone()
+    if frame is None:
+        return out
+    head, tail = frame
+    for row in range(ids.shape[0]):
+        positions = prompt_mask[row].nonzero().flatten()
+        tokens = ids[row, positions].tolist()
+        if len(tokens) > len(head) + len(tail) and tokens[: len(head)] == head and tokens[len(tokens) - len(tail) :] == tail:
+            out[row] = False
+            out[row, positions[len(head) : len(tokens) - len(tail)]] = True
+    return out

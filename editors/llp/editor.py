@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import AnswerTracker
+from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
@@ -113,6 +114,7 @@ class LlpEditor(Editor):
         self._shifts = torch.empty(0, device=device)  # (N,) per-edit threshold shifts
         self._train_injection: Injection | None = None
         self._training = False
+        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
 
     # ----- augmentation ----------------------------------------------------------------
     def ensure_prefixes(self) -> list[str]:
@@ -384,9 +386,7 @@ class LlpEditor(Editor):
             HookSpec(self.layer_paths[layer], self._retrieval_hook(i, i == last), "forward", with_kwargs=True)
             for i, layer in enumerate(self.retrieval)
         ]
-        if self.config.stop_after_answer:
-            specs.insert(0, HookSpec("", self._ids_hook, "forward_pre", with_kwargs=True))
-        return specs + self._inject_specs()
+        return [HookSpec("", self._ids_hook, "forward_pre", with_kwargs=True), *specs, *self._inject_specs()]
 
     def _decision(self) -> dict[str, Any]:
         routing = self.routing()
@@ -396,8 +396,8 @@ class LlpEditor(Editor):
         return decision
 
     def _ids_hook(self, module, args, kwargs):
-        """The token ids of each forward: what a routed row has written so far decides
-        where its edit stops acting (editors/answer_stop.py)."""
+        """The token ids of each forward: retrieval reads a chat turn's user tokens only, and
+        what a routed row has written so far decides where its edit stops acting."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         decision = self._decision()
         if not decision["done"]:
@@ -428,7 +428,11 @@ class LlpEditor(Editor):
         _, batch, seq, _ = states.shape
         device = states.device
         mask = routing.mask_for(batch, seq, device)
-        best, _, hit = self.vote(self.layer_similarities(states, mask))
+        ids = decision.pop("ids", None)
+        if self._chat_frame is None:
+            self._chat_frame = chat_frame(self.host) or ()
+        retrieval_mask = user_tokens(ids, mask, self._chat_frame or None) if ids is not None else mask
+        best, _, hit = self.vote(self.layer_similarities(states, retrieval_mask))
         decision["done"] = True
         rows = hit.nonzero().squeeze(1)
         if not len(rows):
@@ -445,7 +449,6 @@ class LlpEditor(Editor):
             values=self.prefix_values[edits],
             p_first=p_first[rows],
         )
-        ids = decision.pop("ids", None)
         if self.config.stop_after_answer and ids is not None:
             targets = [self._requests[self.row_ids[int(e)]].target if self.row_ids[int(e)] in self._requests else ""
                        for e in edits]

@@ -22,3 +22,6 @@ class RecipeConfig:
     # least recently retrieved are dropped and recomputed when needed again (one pass of
     # the prefix through the model).
     kv_cache_mb: float = 4096.0
+    # A routed row gets its prefix up to the token that completes the target's words, then
+    # runs as the base model (editors/answer_stop.py); False: on every later position too.
+    stop_after_answer: bool = True

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from loguru import logger
 
+from kmd.editors.answer_stop import AnswerTracker
+from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
@@ -83,6 +85,7 @@ class RecipeEditor(Editor):
         # and the edit's request, so not saved.
         self._kv: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._kv_bytes = 0
+        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
         logger.info("recipe: trained editor {} ({})", path, meta.get("training", {}).get("summary", "no summary"))
 
     # ----- editing: one encoder forward ----------------------------------------------------
@@ -146,8 +149,12 @@ class RecipeEditor(Editor):
 
     def _grab_ids(self, module, args, output):
         decisions = self.routing().decisions
-        if self.name not in decisions:  # the prefill: the prompt's token ids
+        decision = decisions.get(self.name)
+        if decision is None:  # the prefill: the prompt's token ids
             decisions[self.name] = {"ids": args[0], "injection": None, "done": False}
+        elif decision["done"] and decision["injection"] is not None and decision["injection"].tracker is not None:
+            injection = decision["injection"]  # a decode step: has the answer been written yet?
+            injection.answering = injection.tracker.step(args[0][injection.rows])
         return None
 
     def _decide(self, module, args, kwargs):
@@ -160,7 +167,10 @@ class RecipeEditor(Editor):
         batch, seq = ids.shape
         mask = routing.mask_for(batch, seq, ids.device)
         tokenizer = self.host.tokenizer
-        texts = [tokenizer.decode(ids[row][mask[row]].tolist(), skip_special_tokens=True).strip() for row in range(batch)]
+        if self._chat_frame is None:
+            self._chat_frame = chat_frame(self.host) or ()
+        user = user_tokens(ids, mask, self._chat_frame or None)  # a chat turn's question, not the template
+        texts = [tokenizer.decode(ids[row][user[row]].tolist(), skip_special_tokens=True).strip() for row in range(batch)]
         best, hit = self.retrieve([t or " " for t in texts])
         rows = hit.nonzero().flatten()
         if rows.numel() == 0:
@@ -174,7 +184,10 @@ class RecipeEditor(Editor):
         keys, values = zip(*(self._prefix_kv(row) for row in best[rows].tolist()))
         keys, real = stack_left_padded(keys, dim=1)  # (Bh, L, n, n_kv, hd), (Bh, n) or None
         values, _ = stack_left_padded(values, dim=1)
-        decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
+        injection = decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
+        if self.config.stop_after_answer:
+            injection.tracker = AnswerTracker(tokenizer, [self.request(self.row_ids[r]).target for r in best[rows].tolist()])
+            injection.answering = injection.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
         return None
 
     def _current(self) -> Injection | None:
