@@ -71,7 +71,7 @@ def demo(
 
     from kmd.daemon.service import Daemon
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
-    from kmd.editors.scoring import generate_text
+    from kmd.editors.answers import answers as served_answers
 
     console = Console()
     work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-demo-"))).resolve()
@@ -94,8 +94,14 @@ def demo(
         host = maintainer.host
 
         def answers(edited: bool) -> list[str]:
-            texts = generate_text(host, maintainer.editor if edited else None, list(SHOWN), 10)
-            return [t.strip().split("\n")[0] for t in texts]
+            # What a user reads: greedy, KV cache, batched, up to 32 tokens; the first line
+            # (and a warning when the continuation repeats itself).
+            if edited:
+                got = served_answers(host, maintainer.editor, list(SHOWN), "plain")
+            else:
+                with maintainer.editor.suspended():  # the unedited model, even over a restored state
+                    got = served_answers(host, None, list(SHOWN), "plain")
+            return [a.line + (" [repeats itself]" if a.degenerate else "") for a in got]
 
         before = answers(False)
         with console.status("one maintenance cycle: poll, verify, edit, probe, commit or revert..."):
