@@ -49,6 +49,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from kmd.daemon.admission import via_flag
 from kmd.daemon.db import default_db_url, make_engine, writer
 from kmd.sources.claims import Claim, canonical_json, iso, parse_time, utcnow
 
@@ -544,8 +545,13 @@ class LedgerTransaction:
         self._s.add(row)
 
     # -- claims --------------------------------------------------------------------------
-    def record_claims(self, claims: Iterable[Claim], *, policy_version: str) -> RecordResult:
-        """Store new claims (status `new`); claims whose content hash is known are dropped."""
+    def record_claims(self, claims: Iterable[Claim], *, policy_version: str, channel: str) -> RecordResult:
+        """Store new claims (status `new`); claims whose content hash is known are dropped.
+
+        `channel` is the door they came through (`feed`, `jsonl`, `api`: see
+        `kmd.daemon.admission`); it is stamped on each claim as the flag `via:<channel>`,
+        and the verifier admits a claim only from a source of that kind."""
+        via = via_flag(channel)
         batch: dict[str, Claim] = {}
         for claim in claims:
             batch.setdefault(claim.content_hash, claim)
@@ -560,7 +566,8 @@ class LedgerTransaction:
                 "content_hash": c.content_hash, "source_id": c.source_id, "subject": c.subject,
                 "relation": c.relation, "object": c.object, "subject_key": c.subject_key, "url": c.url,
                 "ref": c.ref, "observed_at": iso(c.observed_at), "ingested_at": self.now,
-                "flags": canonical_json(list(c.flags)), "policy_version": policy_version, "status": "new",
+                "flags": canonical_json([f for f in c.flags if not f.startswith("via:")] + [via]),
+                "policy_version": policy_version, "status": "new",
                 "status_reason": "", "fact_id": None,
             }
             for c in batch.values()
@@ -833,9 +840,10 @@ class Ledger:
             yield session
 
     # -- intake --------------------------------------------------------------------------
-    def record_claims(self, claims: Iterable[Claim], *, policy_version: str, actor: str = "intake") -> RecordResult:
+    def record_claims(self, claims: Iterable[Claim], *, policy_version: str, channel: str,
+                      actor: str = "intake") -> RecordResult:  # fmt: skip
         with self.transaction(actor) as tx:
-            return tx.record_claims(claims, policy_version=policy_version)
+            return tx.record_claims(claims, policy_version=policy_version, channel=channel)
 
     def load_cursor(self, source_id: str) -> dict[str, Any]:
         with self._read() as s:

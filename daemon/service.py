@@ -218,19 +218,21 @@ class Daemon:
         with source.lock:
             return generate_text(source.host, source.editor, [prompt], max_new_tokens)[0]
 
-    def submit_fact(self, subject: str, relation: str, obj: str, source_id: str, url: str) -> dict[str, Any]:
-        """Record a curated fact as a claim from a policy source; verified in the next cycle."""
-        try:
-            source = self.policy.source(source_id)
-        except KeyError:
-            raise ValueError(f"source {source_id!r} is not in the policy") from None
+    def submit_fact(self, subject: str, relation: str, obj: str, source_id: str | None, url: str) -> dict[str, Any]:
+        """Record a fact submitted through the API as a claim of the policy's `api` source;
+        verified in the next cycle (and, by default, held for a person's approval).
+
+        Raises PermissionError when the policy has no such source or `source_id` names a
+        source of another kind; ValueError when the source may not assert the relation."""
+        source = self.policy.api_source(source_id)
         if relation not in source.relations:
-            raise ValueError(f"source {source_id!r} may not assert relation {relation!r} (allowed: {list(source.relations)})")
-        claim = Claim(subject=subject, relation=relation, object=obj, source_id=source_id,
+            raise ValueError(f"source {source.id!r} may not assert relation {relation!r} (allowed: {list(source.relations)})")
+        claim = Claim(subject=subject, relation=relation, object=obj, source_id=source.id,
                       url=url or "api:", observed_at=utcnow(), ref=f"api:{uuid.uuid4().hex}")  # fmt: skip
-        result = self.ledger.record_claims([claim], policy_version=self.policy.version_tag, actor="api")
-        return {"claim_ids": list(result.new_ids), "duplicates": result.duplicates,
-                "note": "recorded; verified and applied by the next edit cycle"}  # fmt: skip
+        result = self.ledger.record_claims([claim], policy_version=self.policy.version_tag, channel="api", actor="api")
+        note = "recorded; verified by the next edit cycle"
+        note += ", then held for a person's approval (kmd approve)" if source.requires_approval else ", then applied"
+        return {"claim_ids": list(result.new_ids), "duplicates": result.duplicates, "source_id": source.id, "note": note}
 
     # ----- scheduled jobs -------------------------------------------------------------------------
     def _guarded(self, name: str, fn, *args) -> None:
@@ -268,6 +270,8 @@ class Daemon:
         )
         now = utcnow()
         for source in self.policy.sources:
+            if source.kind == "api":  # nothing to poll: submissions arrive through the API
+                continue
             scheduler.add_job(self._guarded, "interval", seconds=source.poll_interval, id=f"poll:{source.id}",
                               args=[f"poll:{source.id}", self._poll_job, source.id], next_run_time=now)  # fmt: skip
         scheduler.add_job(self._guarded, "interval", seconds=sched.edit_interval, id="edit",
