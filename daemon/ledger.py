@@ -20,6 +20,7 @@ Lifecycle (statuses):
             committed --superseded by a newer fact--> superseded
             quarantined|ready|blocked -> rejected (by a person) | superseded (by a newer fact)
     edit    applied -> committed -> reverted;  applied -> reverted
+            committed -> reverting (a revert requested, written ahead) -> reverted
 
 Writes that belong together go through `Ledger.transaction()`; the other write methods each
 run one transaction. Everything returned is an immutable record, never an ORM object.
@@ -88,7 +89,10 @@ FACT_TRANSITIONS = {
     "superseded": set(),
     "skipped": set(),
 }
-EDIT_TRANSITIONS = {"applied": {"committed", "reverted"}, "committed": {"reverted"}, "reverted": set()}
+# `reverting`: a revert was requested (by a person, the API or the regression check) and
+# is recorded before the model changes; the daemon finishes it, after a crash too.
+EDIT_TRANSITIONS = {"applied": {"committed", "reverted"}, "committed": {"reverted", "reverting"},
+                    "reverting": {"reverted"}, "reverted": set()}  # fmt: skip
 # Facts that still speak for their (subject, relation): new claims are compared with them.
 ACTIVE_FACT_STATUSES = ("quarantined", "ready", "applied", "committed", "blocked")
 
@@ -1076,6 +1080,35 @@ class Ledger:
                                reason=f"edit {edit_id} reverted: {reason}", kind="fact.retry" if retry else None)  # fmt: skip
         logger.bind(edit_id=edit_id).warning("edit {}: reverted ({})", edit_id, reason)
         return revert
+
+    def request_revert(self, edit_id: int, *, reason: str, actor: str) -> EditRecord:
+        """Write ahead: a committed edit is to be reverted (status `reverting`), before the
+        model changes. The maintainer then reverts it, saves the state and records the
+        revert (`revert_edit`); after a crash, restart finishes it (`revert_requests`).
+        Asking again for an edit already being reverted returns it unchanged."""
+        with self.transaction(actor) as tx:
+            row = tx._s.get(EditRow, edit_id)
+            if row is None:
+                raise LedgerError(f"no edit {edit_id}")
+            if row.status == "reverting":
+                return EditRecord.of(row)
+            if row.status != "committed":
+                raise LedgerError(f"edit {edit_id} is {row.status}; only committed edits are reverted")
+            edit = tx.set_edit_status(edit_id, "reverting", reason=reason)
+        logger.bind(edit_id=edit_id).info("edit {}: revert requested by {} ({})", edit_id, actor, reason)
+        return edit
+
+    def revert_requests(self) -> list[tuple[EditRecord, str]]:
+        """Reverts requested and not yet finished, oldest first, with who asked."""
+        out = []
+        with self._read() as s:
+            for row in s.exec(select(EditRow).where(EditRow.status == "reverting").order_by(col(EditRow.id))):
+                actor = s.exec(
+                    select(EventRow.actor).where(EventRow.entity == "edit").where(EventRow.entity_id == row.id)
+                    .where(EventRow.kind == "edit.reverting").order_by(col(EventRow.seq).desc())
+                ).first()  # fmt: skip
+                out.append((EditRecord.of(row), actor or "daemon"))
+        return out
 
     def supersede_edit(
         self,

@@ -22,6 +22,7 @@ state (`kmd.daemon.replication`) and reloads it when the ledger names a new one.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -52,6 +53,34 @@ class NotServingError(RuntimeError):
     """No model and state are loaded yet (or this process is a standby)."""
 
 
+class InsecureConfigError(RuntimeError):
+    """The API would listen beyond loopback with no token (and `--insecure` was not given)."""
+
+
+def check_api_exposure(settings: DaemonSettings, token: str | None, *, insecure: bool = False) -> None:
+    """Refuse an API reachable from other machines without a token; warn whenever there is none."""
+    api = settings.api
+    if not api.enabled or token:
+        return
+    where = f"{api.host}:{api.port}"
+    if not _is_loopback(api.host) and not insecure:
+        raise InsecureConfigError(
+            f"the API would listen on {where} with no token configured: anyone who can reach it could generate "
+            f"and read the ledger. Set ${api.token_env} (or api.token_file), listen on 127.0.0.1, or pass --insecure"
+        )
+    logger.warning("no API token is configured (${} or api.token_file): writes are refused and reads and generation "
+                   "are open to anyone who can reach {}", api.token_env, where)  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard address: assume it is reachable from elsewhere
+
+
 @dataclass(frozen=True)
 class CycleSummary:
     polled: int
@@ -65,14 +94,15 @@ class CycleSummary:
 
 
 class Daemon:
-    def __init__(self, settings: DaemonSettings, *, host: ModelHost | None = None) -> None:
+    def __init__(self, settings: DaemonSettings, *, host: ModelHost | None = None, insecure: bool = False) -> None:
         from kmd.editors.registry import get_backend
 
         self.settings = settings
+        self.api_token = settings.api_token()
+        check_api_exposure(settings, self.api_token, insecure=insecure)
         self.policy = load_policy(settings.policy_path)
         get_backend(self.policy.backend)  # fail now, with a suggestion, on an unknown backend
         self.ledger = Ledger(settings.database_url)
-        self.api_token = settings.api_token()
         self.maintainer: Maintainer | None = None
         self.replica: Replica | None = None
         self.holder = holder_name()
