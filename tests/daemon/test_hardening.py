@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kmd.daemon.api import create_app
-from kmd.daemon.service import Daemon, InsecureConfigError
+from kmd.daemon.service import Daemon
 from kmd.daemon.settings import load_settings
-from kmd.editors.state import StateError, edit_checksum
+from kmd.editors.state import StateError
 
 from .helpers import write_setup
 
@@ -106,6 +106,8 @@ def test_hand_edited_edit_request_in_the_manifest_is_refused(tmp_path, tiny_host
             restart(tmp_path, tiny_host)
 
         # The same change with the checksum recomputed: the ledger's record gives it away.
+        from kmd.editors.state import edit_checksum
+
         def forge(m):
             m["edit_checksums"][0] = edit_checksum(m["edits"][0])
 
@@ -150,6 +152,8 @@ def test_non_ascii_token_and_huge_ids_are_client_errors(api):
 
 def test_token_less_api_beyond_loopback_needs_insecure(tmp_path, monkeypatch):
     from loguru import logger
+
+    from kmd.daemon.service import InsecureConfigError
 
     config = write_setup(tmp_path, [("France", "capital", "Berlin")])
     config.write_text(config.read_text().replace("host: 127.0.0.1", "host: 0.0.0.0"))
