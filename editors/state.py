@@ -127,7 +127,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise StateError(f"{file}: corrupted manifest ({exc})") from exc
     required = {"format", "backend", "config", "config_hash", "model", "tensors", "edits", "edit_checksums", "extra"}
     if not isinstance(manifest, dict) or not required <= set(manifest):
-        raise StateError(f"{file}: manifest lacks {sorted(required - set(manifest or {}))}")
+        missing = sorted(required - set(manifest if isinstance(manifest, dict) else {}))
+        if missing == ["edit_checksums"]:
+            raise StateError(f"{file}: no edit checksums (saved by an older kmd). Move {path} away: the daemon then "
+                             "re-applies the ledger's committed edits, each with its probes, and saves a new state")  # fmt: skip
+        raise StateError(f"{file}: manifest lacks {missing}")
     if manifest["format"] != FORMAT:
         raise StateError(f"{file}: format {manifest['format']!r}, expected {FORMAT!r}")
     if config_hash(manifest["config"]) != manifest["config_hash"]:
