@@ -219,7 +219,12 @@ class Maintainer:
         key, log = str(edit.id), logger.bind(edit_id=str(edit.id))
         log.error("committed edit {} is missing from the saved state; re-applying it with its probes", edit.id)
         try:
-            self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": key}))
+            try:  # the relation's backend options, as when it was first applied
+                options = dict(self.policy.relation(self.ledger.fact(edit.fact_id).relation).editor_options)
+            except KeyError:
+                options = {}
+            with self.editor.configured(**options):
+                self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": key}))
             report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the edit stays out
             if key in self.editor.edit_ids:

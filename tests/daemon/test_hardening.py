@@ -88,6 +88,32 @@ def test_revert_requested_from_the_cli_is_carried_out_by_the_daemon(tmp_path, ti
     daemon.close()
 
 
+def test_a_lost_state_is_rebuilt_only_through_the_probes(tmp_path, tiny_host):
+    """Committed edits missing from the saved state go back only if their probes pass."""
+    import shutil
+
+    daemon = loaded(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    (edit_id,) = daemon.cycle().committed
+    daemon.close()
+    with daemon.maintainer.editor.suspended():
+        shutil.rmtree(tmp_path / "state" / "editor")  # the state directory is lost
+        again = restart(tmp_path, tiny_host)
+        assert again.maintainer.editor.edit_ids == [str(edit_id)]  # re-applied: its probes passed
+        assert again.ledger.edit(edit_id).status == "committed"
+        again.close()
+        with again.maintainer.editor.suspended():
+            shutil.rmtree(tmp_path / "state" / "editor")
+            policy = tmp_path / "policy.yaml"  # now the paraphrase must hold too: it does not
+            policy.write_text(policy.read_text().replace("min_gen: 0.0", "min_gen: 1.0"))
+            third = restart(tmp_path, tiny_host)
+            assert third.maintainer.editor.edit_ids == []
+            edit = third.ledger.edit(edit_id)
+            assert edit.status == "reverted" and "re-applied but probes failed" in edit.status_reason
+            assert third.ledger.fact(edit.fact_id).status == "blocked"
+            assert third.ledger.verify_chain().ok
+            third.close()
+
+
 def _tamper(tmp_path, change):
     path = tmp_path / "state" / "editor" / "manifest.json"
     manifest = json.loads(path.read_text())
