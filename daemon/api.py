@@ -6,21 +6,28 @@
     GET  /metrics                 Prometheus text, `kmd_` prefix, no per-edit labels
     POST /v1/generate             greedy generation through the edited model
     GET  /v1/edits[/{id}]         the edit ledger;  GET /v1/reverts  the revert log
-    POST /v1/facts                submit a curated fact (a claim from a policy source)
+    POST /v1/facts                submit a fact (a claim of the policy's `api` source)
     POST /v1/edits/{id}/revert    revert one edit now (the writer only: 409 on a replica)
 
 Writes need `Authorization: Bearer <token>` (the token from the daemon config; with no
 token configured, writes are refused). Reads are open unless `protect_reads` is set.
+
+Limits that hold before anything else runs: a request body over `api.max_body_bytes` is
+refused with 413 by `BodyLimit` (before routing and auth); `/healthz` and `/readyz` run on
+the event loop, never in the worker threads generation occupies; generation has a
+concurrency budget per kind of caller (with and without a token; 429 when it is spent)
+and callers without a token a smaller `max_new_tokens`.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,6 +41,64 @@ if TYPE_CHECKING:
     from kmd.daemon.service import Daemon
 
 MAX_NEW_TOKENS = 256
+# Ledger ids are 64-bit signed integers: larger ones cannot exist (and would overflow the query).
+EditId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+class BodyLimit:
+    """Pure ASGI middleware: request bodies over `limit` bytes get 413 before any route,
+    auth check or body parser sees them. A declared Content-Length over the limit is refused
+    without reading; a body without one (chunked) is counted as it streams in and refused
+    as soon as it passes the limit. What is kept is at most `limit` bytes, replayed to the app."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await self._refuse(send, 400, "invalid Content-Length")
+                return
+            if size > self.limit:
+                await self._refuse(send, 413, f"request body over {self.limit} bytes")
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(send, 413, f"request body over {self.limit} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # only a disconnect can follow
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Any, status: int, message: str) -> None:
+        payload = ('{"error": "' + message + '"}').encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": payload})
 
 
 class _Body(BaseModel):
@@ -49,7 +114,8 @@ class FactBody(_Body):
     subject: str = Field(min_length=1, max_length=500)
     relation: str = Field(min_length=1, max_length=64)
     object: str = Field(min_length=1, max_length=500)
-    source_id: str = Field(default="api", min_length=1, max_length=64)
+    # An `api` source of the policy (default: its only one); never a feed's or a file's id.
+    source_id: str | None = Field(default=None, min_length=1, max_length=64)
     url: str = Field(default="", max_length=2000)
 
 
@@ -116,7 +182,11 @@ class _StatsCollector:
 def _token_ok(request: Request) -> bool:
     token = request.app.state.daemon.api_token
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+    if not token or scheme.lower() != "bearer":
+        return False
+    # Compare bytes: compare_digest refuses non-ASCII str (a 500 before). Header text is
+    # the raw bytes decoded as latin-1, so this gets the bytes the client sent back.
+    return hmac.compare_digest(given.strip().encode("latin-1", "replace"), token.encode("utf-8"))
 
 
 def _writer(request: Request) -> None:
@@ -139,6 +209,12 @@ Write = Annotated[None, Depends(_writer)]
 def create_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(title="kmd", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.daemon = daemon
+    limits = daemon.settings.api
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    # Generation budgets: threads that may generate at once, for callers with the token
+    # and for the others (non-blocking: a full budget answers 429 at once).
+    slots = {True: threading.BoundedSemaphore(limits.generate_concurrency),
+             False: threading.BoundedSemaphore(limits.anonymous_generate_concurrency)}  # fmt: skip
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatsCollector(daemon))  # type: ignore[arg-type]
 
@@ -154,12 +230,14 @@ def create_app(daemon: Daemon) -> FastAPI:
             raise HTTPException(503, "starting: model and state are not loaded yet")
         return daemon.maintainer
 
+    # async: these run on the event loop, so they answer even while every worker thread
+    # is busy generating (neither touches the model, the lock or the database).
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         ready, why = daemon.readiness()
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "reason": why})
 
@@ -168,18 +246,26 @@ def create_app(daemon: Daemon) -> FastAPI:
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/generate")
-    def generate(body: GenerateBody, _: Read) -> dict[str, Any]:
+    def generate(body: GenerateBody, request: Request, _: Read) -> dict[str, Any]:
+        authenticated = _token_ok(request)
+        if not authenticated and body.max_new_tokens > limits.anonymous_max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens: at most {limits.anonymous_max_new_tokens} without the API token")
+        slot = slots[authenticated]
+        if not slot.acquire(blocking=False):
+            raise HTTPException(429, "too many generations in flight; retry shortly", headers={"Retry-After": "1"})
         try:
             return {"prompt": body.prompt, "text": daemon.generate(body.prompt, body.max_new_tokens)}
         except NotServingError as exc:
             raise HTTPException(503, str(exc)) from exc
+        finally:
+            slot.release()
 
     @app.get("/v1/edits")
     def edits(_: Read, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:
         return _plain(daemon.ledger.edits(status=status, limit=limit))
 
     @app.get("/v1/edits/{edit_id}")
-    def edit(edit_id: int, _: Read) -> Any:
+    def edit(edit_id: EditId, _: Read) -> Any:
         try:
             return _plain(daemon.ledger.edit(edit_id))
         except LedgerError as exc:
@@ -193,11 +279,13 @@ def create_app(daemon: Daemon) -> FastAPI:
     def submit_fact(body: FactBody, _: Write) -> dict[str, Any]:
         try:
             return daemon.submit_fact(body.subject, body.relation, body.object, body.source_id, body.url)
+        except PermissionError as exc:  # another kind of source's id, or no api source
+            raise HTTPException(403, str(exc)) from exc
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from exc
 
     @app.post("/v1/edits/{edit_id}/revert")
-    def revert(edit_id: int, body: RevertBody, _: Write) -> dict[str, Any]:
+    def revert(edit_id: EditId, body: RevertBody, _: Write) -> dict[str, Any]:
         m = maintainer()
         try:
             return m.revert(edit_id, reason=body.reason, actor="api")

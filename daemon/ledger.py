@@ -20,6 +20,7 @@ Lifecycle (statuses):
             committed --superseded by a newer fact--> superseded
             quarantined|ready|blocked -> rejected (by a person) | superseded (by a newer fact)
     edit    applied -> committed -> reverted;  applied -> reverted
+            committed -> reverting (a revert requested, written ahead) -> reverted
 
 Writes that belong together go through `Ledger.transaction()`; the other write methods each
 run one transaction. Everything returned is an immutable record, never an ORM object.
@@ -49,6 +50,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from kmd.daemon.admission import via_flag
 from kmd.daemon.db import default_db_url, make_engine, writer
 from kmd.sources.claims import Claim, canonical_json, iso, parse_time, utcnow
 
@@ -87,7 +89,10 @@ FACT_TRANSITIONS = {
     "superseded": set(),
     "skipped": set(),
 }
-EDIT_TRANSITIONS = {"applied": {"committed", "reverted"}, "committed": {"reverted"}, "reverted": set()}
+# `reverting`: a revert was requested (by a person, the API or the regression check) and
+# is recorded before the model changes; the daemon finishes it, after a crash too.
+EDIT_TRANSITIONS = {"applied": {"committed", "reverted"}, "committed": {"reverted", "reverting"},
+                    "reverting": {"reverted"}, "reverted": set()}  # fmt: skip
 # Facts that still speak for their (subject, relation): new claims are compared with them.
 ACTIVE_FACT_STATUSES = ("quarantined", "ready", "applied", "committed", "blocked")
 
@@ -544,8 +549,13 @@ class LedgerTransaction:
         self._s.add(row)
 
     # -- claims --------------------------------------------------------------------------
-    def record_claims(self, claims: Iterable[Claim], *, policy_version: str) -> RecordResult:
-        """Store new claims (status `new`); claims whose content hash is known are dropped."""
+    def record_claims(self, claims: Iterable[Claim], *, policy_version: str, channel: str) -> RecordResult:
+        """Store new claims (status `new`); claims whose content hash is known are dropped.
+
+        `channel` is the door they came through (`feed`, `jsonl`, `api`: see
+        `kmd.daemon.admission`); it is stamped on each claim as the flag `via:<channel>`,
+        and the verifier admits a claim only from a source of that kind."""
+        via = via_flag(channel)
         batch: dict[str, Claim] = {}
         for claim in claims:
             batch.setdefault(claim.content_hash, claim)
@@ -560,7 +570,8 @@ class LedgerTransaction:
                 "content_hash": c.content_hash, "source_id": c.source_id, "subject": c.subject,
                 "relation": c.relation, "object": c.object, "subject_key": c.subject_key, "url": c.url,
                 "ref": c.ref, "observed_at": iso(c.observed_at), "ingested_at": self.now,
-                "flags": canonical_json(list(c.flags)), "policy_version": policy_version, "status": "new",
+                "flags": canonical_json([f for f in c.flags if not f.startswith("via:")] + [via]),
+                "policy_version": policy_version, "status": "new",
                 "status_reason": "", "fact_id": None,
             }
             for c in batch.values()
@@ -833,9 +844,10 @@ class Ledger:
             yield session
 
     # -- intake --------------------------------------------------------------------------
-    def record_claims(self, claims: Iterable[Claim], *, policy_version: str, actor: str = "intake") -> RecordResult:
+    def record_claims(self, claims: Iterable[Claim], *, policy_version: str, channel: str,
+                      actor: str = "intake") -> RecordResult:  # fmt: skip
         with self.transaction(actor) as tx:
-            return tx.record_claims(claims, policy_version=policy_version)
+            return tx.record_claims(claims, policy_version=policy_version, channel=channel)
 
     def load_cursor(self, source_id: str) -> dict[str, Any]:
         with self._read() as s:
@@ -1068,6 +1080,35 @@ class Ledger:
                                reason=f"edit {edit_id} reverted: {reason}", kind="fact.retry" if retry else None)  # fmt: skip
         logger.bind(edit_id=edit_id).warning("edit {}: reverted ({})", edit_id, reason)
         return revert
+
+    def request_revert(self, edit_id: int, *, reason: str, actor: str) -> EditRecord:
+        """Write ahead: a committed edit is to be reverted (status `reverting`), before the
+        model changes. The maintainer then reverts it, saves the state and records the
+        revert (`revert_edit`); after a crash, restart finishes it (`revert_requests`).
+        Asking again for an edit already being reverted returns it unchanged."""
+        with self.transaction(actor) as tx:
+            row = tx._s.get(EditRow, edit_id)
+            if row is None:
+                raise LedgerError(f"no edit {edit_id}")
+            if row.status == "reverting":
+                return EditRecord.of(row)
+            if row.status != "committed":
+                raise LedgerError(f"edit {edit_id} is {row.status}; only committed edits are reverted")
+            edit = tx.set_edit_status(edit_id, "reverting", reason=reason)
+        logger.bind(edit_id=edit_id).info("edit {}: revert requested by {} ({})", edit_id, actor, reason)
+        return edit
+
+    def revert_requests(self) -> list[tuple[EditRecord, str]]:
+        """Reverts requested and not yet finished, oldest first, with who asked."""
+        out = []
+        with self._read() as s:
+            for row in s.exec(select(EditRow).where(EditRow.status == "reverting").order_by(col(EditRow.id))):
+                actor = s.exec(
+                    select(EventRow.actor).where(EventRow.entity == "edit").where(EventRow.entity_id == row.id)
+                    .where(EventRow.kind == "edit.reverting").order_by(col(EventRow.seq).desc())
+                ).first()  # fmt: skip
+                out.append((EditRecord.of(row), actor or "daemon"))
+        return out
 
     def supersede_edit(
         self,

@@ -8,10 +8,21 @@ of each edit makes a crash at any moment recoverable:
         pass: editor state saved atomically  ->  ledger: edit `committed`
         fail: editor.revert                  ->  ledger: revert log (fact blocked)
 
-On start, `restore()` loads the saved state and reconciles it with the ledger: an edit
-the state holds but the ledger never committed is removed (its fact is retried); an edit
-the ledger applied but never committed is marked reverted (its fact is retried); a
-committed edit missing from the state is re-applied from its recorded request.
+A revert (a person through the API or `kmd revert`, or the regression check) is written
+ahead the same way:
+
+    ledger: edit `reverting` (who, why)  ->  editor.revert  ->  state saved  ->  ledger: `reverted`
+
+On start, `restore()` loads the saved state and reconciles it with the ledger, finishing
+or rolling back every operation in flight (docs/crash-safety.md has the whole matrix):
+a requested revert is finished; an edit the ledger applied but the saved state lacks
+(crash before the save) is marked reverted and its fact retried; an edit the saved state
+holds but the ledger never committed (crash between the save and the commit, so after
+its probes passed) is probed again and committed, or reverted if the probes now fail; an
+edit the state holds that the ledger does not know is removed. No edit is ever put back
+into the model without its probes: a committed edit missing from the state (a lost or
+replaced state directory) is re-applied and probed, and reverted if the probes fail.
+Every step boundary has a `crash_point` (inert unless `KMD_CRASH_AT` is set).
 
 A fact that supersedes a committed edit runs the same steps with the old edit reverted
 in memory first; the commit records both in one ledger transaction. If the new edit is
@@ -34,7 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from kmd.daemon.crashpoints import crash_point
 from kmd.daemon.edit_request import build_edit_request
+from kmd.daemon.ledger import LedgerError
 from kmd.daemon.probes import LocalityBaseline, Prober, ProbeReport, Thresholds, read_suite
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
@@ -127,26 +140,106 @@ class Maintainer:
             self._reconcile()
 
     def _reconcile(self) -> None:
-        committed = {str(e.id): e for e in self.ledger.committed_edits()}
-        held = set(self.editor.edit_ids)
+        """Finish or roll back every operation the ledger shows in flight (see the module doc)."""
+        assert self.prober is not None
+        self._check_requests()
+        # 1. Reverts someone asked for: the request is durable, so finish it.
+        self.finish_requested_reverts()
+        committed = {str(e.id) for e in self.ledger.committed_edits()}
+        applied = {str(e.id): e for e in self.ledger.uncommitted_edits()}
         changed = False
-        for edit_id in sorted(held - set(committed), key=int):
-            logger.bind(edit_id=edit_id).warning("edit {} is in the saved state but was never committed; removing", edit_id)
+        # 2. Edits the state holds that the ledger never applied (or already reverted): remove.
+        for edit_id in sorted(set(self.editor.edit_ids) - set(committed) - set(applied), key=int):
+            logger.bind(edit_id=edit_id).warning("edit {} is in the saved state but not in the ledger; removing", edit_id)
             self.editor.revert(edit_id)
             changed = True
-        for edit in self.ledger.uncommitted_edits():
-            if str(edit.id) in self.editor.edit_ids:
-                continue
-            self.ledger.revert_edit(edit.id, reason="interrupted before commit (crash or shutdown); will retry",
-                                    probes_before=None, probes_after=None, actor=self.actor, retry=True)  # fmt: skip
-        for edit_id, edit in committed.items():
-            if edit_id not in held:
-                logger.bind(edit_id=edit_id).error("committed edit {} missing from the saved state; re-applying", edit_id)
-                self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": edit_id}))
-                changed = True
         if changed:
             self.save()
+        # 3. Edits applied but never committed: before the save, roll back (the fact is
+        #    retried); after the save (the probes had passed), probe again and commit.
+        for edit_id, edit in sorted(applied.items(), key=lambda kv: int(kv[0])):
+            if edit_id in self.editor.edit_ids:
+                self._roll_forward(edit)
+            else:
+                self.ledger.revert_edit(edit.id, reason="interrupted before commit (crash or shutdown); will retry",
+                                        probes_before=None, probes_after=None, actor=self.actor, retry=True)  # fmt: skip
+        # 4. Committed edits the state lacks (a lost or replaced state): re-apply, with probes.
+        for edit in self.ledger.committed_edits():  # again: step 3 may have superseded some
+            edit_id = str(edit.id)
+            if edit_id not in self.editor.edit_ids:
+                self._reapply(edit)
         logger.info("editor restored: {} committed edits ({} backend)", len(self.editor.edit_ids), self.editor.name)
+
+    def _check_requests(self) -> None:
+        """The saved state's edit requests must be the ones the (hash-chained) ledger
+        recorded: the manifest's checksums catch a careless change, this catches one whose
+        checksum was recomputed too."""
+        for edit_id in self.editor.edit_ids:
+            try:
+                recorded = self.ledger.edit(int(edit_id)).request
+            except (LedgerError, ValueError):
+                continue  # not in the ledger: removed by the reconciliation
+            held = self.editor.request(edit_id)
+            for name in ("prompt", "target", "subject"):
+                if recorded.get(name) != getattr(held, name):
+                    raise StateError(
+                        f"{self.editor_dir}: edit {edit_id}'s {name} is {getattr(held, name)!r} in the saved state but "
+                        f"{recorded.get(name)!r} in the ledger; refusing the state (restore it or move it away)"
+                    )
+
+    def _earlier(self, edit_id: str) -> list[EditRequest]:
+        return [self.editor.request(i) for i in self.editor.edit_ids if i != edit_id]
+
+    def _roll_forward(self, edit: EditRecord) -> None:
+        """The state was saved with `edit` after its probes passed; the ledger commit was lost."""
+        assert self.prober is not None
+        key, log = str(edit.id), logger.bind(edit_id=str(edit.id))
+        old = edit.supersedes_edit_id
+        if old is not None and str(old) in self.editor.edit_ids:  # never saved that way; be safe anyway
+            self.editor.revert(str(old))
+            self.save()
+        report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
+        self.stats.last_locality = report.loc
+        if report.passed:
+            supersedes = old if old is not None and self.ledger.edit(old).status == "committed" else None
+            self.ledger.commit_edit(edit.id, probes=report.figures() | {"reconciled": True}, actor=self.actor,
+                                    reason="saved before a crash; probes passed again at restart",
+                                    supersedes_edit_id=supersedes, superseded_probes={"loc": report.loc})  # fmt: skip
+            log.warning("edit {} was saved but not committed before a crash: probed again and committed", edit.id)
+            return
+        self.editor.revert(key)
+        self.save()
+        self.ledger.revert_edit(edit.id, reason="saved before a crash, probes failed at restart: " + "; ".join(report.failures),
+                                probes_before=report.figures(), probes_after=None, actor=self.actor)  # fmt: skip
+        log.warning("edit {} was saved but not committed before a crash; its probes now fail: reverted", edit.id)
+
+    def _reapply(self, edit: EditRecord) -> None:
+        """A committed edit missing from the saved state goes back only if its probes pass."""
+        assert self.prober is not None
+        key, log = str(edit.id), logger.bind(edit_id=str(edit.id))
+        log.error("committed edit {} is missing from the saved state; re-applying it with its probes", edit.id)
+        try:
+            try:  # the relation's backend options, as when it was first applied
+                options = dict(self.policy.relation(self.ledger.fact(edit.fact_id).relation).editor_options)
+            except KeyError:
+                options = {}
+            with self.editor.configured(**options):
+                self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": key}))
+            report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the edit stays out
+            if key in self.editor.edit_ids:
+                self.editor.revert(key)
+            reason, figures = f"missing from the saved state; re-applying failed: {type(exc).__name__}: {exc}", None
+        else:
+            self.stats.last_locality = report.loc
+            if report.passed:
+                self.save()
+                return
+            self.editor.revert(key)
+            reason, figures = "missing from the saved state; re-applied but probes failed: " + "; ".join(report.failures), report.figures()
+        self.save()
+        self.ledger.revert_edit(edit.id, reason=reason, probes_before=figures, probes_after=None, actor=self.actor)
+        log.error("edit {}: {}", edit.id, reason)
 
     def save(self) -> None:
         self.editor.save(self.editor_dir)
@@ -179,6 +272,7 @@ class Maintainer:
         """Turn verified facts into probed, committed edits (or reverted ones)."""
         started = time.perf_counter()
         committed, reverted, skipped = [], [], []
+        self.finish_requested_reverts()  # e.g. from `kmd revert`: before any new edit
         for fact in self.ledger.ready_facts(limit=limit):
             if self._stop.is_set():
                 break
@@ -211,6 +305,7 @@ class Maintainer:
         if held:
             self.editor.revert(str(old))  # in memory only: the saved state keeps it until the commit
             self.stats.last_locality = None
+        crash_point("supersede.old_reverted")
         outcome, edit_id = self._edit(fact, request, supersedes=old)
         if outcome != "committed" and held:
             reload_editor(self.editor, self.editor_dir)
@@ -235,10 +330,13 @@ class Maintainer:
             )  # fmt: skip
             edit_id = str(record.id)
             log = logger.bind(edit_id=edit_id)
+            op = "apply" if supersedes is None else "supersede"
+            crash_point(f"{op}.recorded")
             apply_started = time.perf_counter()
             try:
                 with self.editor.configured(**(self._relation_options(fact) | overrides)):
                     self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
+                crash_point(f"{op}.applied")
             except Exception as exc:  # the editor keeps nothing from a failed apply
                 log.exception("edit {} could not be applied", edit_id)
                 self.ledger.revert_edit(record.id, reason=f"apply failed: {type(exc).__name__}: {exc}",
@@ -259,9 +357,12 @@ class Maintainer:
             self.stats.last_locality = report.loc
             timings = {"apply_seconds": round(started - apply_started, 3), "probe_seconds": round(self.stats.last_probe_seconds, 3)}
             if report.passed:
+                crash_point(f"{op}.probed")
                 self.save()
+                crash_point("commit.saved" if supersedes is None else "supersede.saved")
                 self.ledger.commit_edit(record.id, probes=report.figures() | timings, actor=self.actor,
                                         supersedes_edit_id=supersedes, superseded_probes={"loc": report.loc})  # fmt: skip
+                crash_point("commit.recorded" if supersedes is None else "supersede.committed")
                 self.stats.edits_committed += 1
                 log.info("edit {} committed: rel {:.2f} gen {} loc {:.4f}", edit_id, report.rel, report.gen, report.loc)
                 return "committed", record.id
@@ -296,19 +397,49 @@ class Maintainer:
 
     # ----- people and the API -----------------------------------------------------------------
     def revert(self, edit_id: int, *, reason: str, actor: str) -> dict[str, Any]:
+        """Revert one committed edit now (a person, through the API): the request is in the
+        ledger before the model changes, so a crash half-way is finished at restart."""
         assert self.prober is not None
         with self._busy():
-            key = str(edit_id)
-            if key not in self.editor.edit_ids:
-                raise KeyError(f"edit {edit_id} is not applied")
-            before = {"loc": self._current_locality()}
+            try:
+                edit = self.ledger.edit(edit_id)
+            except LedgerError:
+                raise KeyError(f"no edit {edit_id}") from None
+            if edit.status not in ("committed", "reverting"):
+                raise KeyError(f"edit {edit_id} is not applied (it is {edit.status})")
+            self.ledger.request_revert(edit_id, reason=reason, actor=actor)
+            crash_point("revert.requested")
+            return self._finish_revert(edit_id, reason=reason, actor=actor)
+
+    def finish_requested_reverts(self) -> list[int]:
+        """Carry out the reverts the ledger says were requested (`kmd revert`, or a crash
+        after an API revert was recorded). Returns the edit ids reverted."""
+        done = []
+        requests = self.ledger.revert_requests()
+        if not requests:
+            return done
+        with self._busy():
+            for edit, actor in requests:
+                self._finish_revert(edit.id, reason=edit.status_reason, actor=actor)
+                done.append(edit.id)
+        return done
+
+    def _finish_revert(self, edit_id: int, *, reason: str, actor: str) -> dict[str, Any]:
+        """The steps after the request: model, saved state, then the ledger's revert log."""
+        assert self.prober is not None
+        key = str(edit_id)
+        before = {"loc": self._current_locality()}
+        if key in self.editor.edit_ids:
             self.editor.revert(key)
+            crash_point("revert.applied")
             self.save()
-            after = {"loc": self.prober.locality(self.editor)}
-            self.stats.last_locality = after["loc"]
-            revert = self.ledger.revert_edit(edit_id, reason=reason, probes_before=before, probes_after=after, actor=actor)
-            self.stats.edits_reverted += 1
-            return {"edit_id": edit_id, "revert_id": revert.id, "before": before, "after": after}
+            crash_point("revert.saved")
+        after = {"loc": self.prober.locality(self.editor)}
+        self.stats.last_locality = after["loc"]
+        revert = self.ledger.revert_edit(edit_id, reason=reason, probes_before=before, probes_after=after, actor=actor)
+        crash_point("revert.recorded")
+        self.stats.edits_reverted += 1
+        return {"edit_id": edit_id, "revert_id": revert.id, "before": before, "after": after}
 
     # ----- periodic regression ------------------------------------------------------------------
     def regression_check(self) -> list[int]:
@@ -320,15 +451,13 @@ class Maintainer:
             loc = self.prober.locality(self.editor)
             self.stats.last_locality = loc
             while loc < threshold and self.editor.edit_ids:
-                newest = self.editor.edit_ids[-1]
-                self.editor.revert(newest)
-                self.save()
-                after = self.prober.locality(self.editor)
-                self.ledger.revert_edit(int(newest), reason=f"periodic regression: loc {loc:.4f} < {threshold}",
-                                        probes_before={"loc": loc}, probes_after={"loc": after}, actor=self.actor)  # fmt: skip
+                newest = int(self.editor.edit_ids[-1])
+                reason = f"periodic regression: loc {loc:.4f} < {threshold}"
+                self.ledger.request_revert(newest, reason=reason, actor=self.actor)  # written ahead, like a person's
+                self._finish_revert(newest, reason=reason, actor=self.actor)
                 self.stats.regression_reverts += 1
-                reverted.append(int(newest))
-                loc = after
+                reverted.append(newest)
+                loc = self.stats.last_locality
             self.stats.last_locality = loc
         if reverted:
             logger.warning("regression check reverted edits {}", reverted)

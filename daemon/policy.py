@@ -181,15 +181,26 @@ def _decode_public_key(value: str) -> bytes:
 
 
 class SourcePolicy(_Strict):
-    """One trusted source of facts."""
+    """One trusted source of facts.
+
+    Kinds: `feed` (RSS/Atom), `jsonl` (a curated file), `api` (facts people or programs
+    submit through `POST /v1/facts`: not polled, no location; its facts wait for a person's
+    approval unless `needs_approval: false`).
+    """
 
     id: str
-    kind: Literal["feed", "jsonl"]
-    location: str  # feed: http(s) URL; jsonl: a local path or an http(s) URL
+    kind: Literal["feed", "jsonl", "api"]
+    location: str = ""  # feed: http(s) URL; jsonl: a local path or an http(s) URL; api: none
     trust: Trust
     # Sources in the same group count once towards a quorum (two feeds of one publisher
-    # are not independent). Defaults to the source id.
+    # are not independent). Defaults to the source id. Sources on one registrable domain
+    # or host, or delivering byte-identical entries, also count once unless each lists the
+    # other under `independent_of`.
     group: str | None = None
+    independent_of: tuple[str, ...] = ()
+    # Facts backed by this source wait (`quarantined`) until a person approves them.
+    # Default: yes for `api` sources, no for the others.
+    needs_approval: bool | None = None
     relations: tuple[str, ...] = Field(min_length=1)  # relations this source may assert
     poll_interval: Duration = 900.0
     rate_limit: RateLimit = RateLimit(max_claims=1000, per=3600.0)
@@ -215,6 +226,14 @@ class SourcePolicy(_Strict):
 
     @model_validator(mode="after")
     def _kind_rules(self) -> SourcePolicy:
+        if self.kind == "api":
+            if self.location:
+                raise _located("location", "an api source has no location (facts arrive through POST /v1/facts)")
+            if self.signing_keys or self.require_signature or self.signature_location or self.extract:
+                raise _located("kind", "signatures and extraction patterns do not apply to api sources")
+            return self
+        if not self.location:
+            raise _located("location", f"a {self.kind} source needs a location")
         if self.kind == "feed":
             if not self.location.startswith(("http://", "https://")):
                 raise _located("location", "a feed location must be an http:// or https:// URL")
@@ -230,6 +249,10 @@ class SourcePolicy(_Strict):
     @property
     def independence_group(self) -> str:
         return self.group or self.id
+
+    @property
+    def requires_approval(self) -> bool:
+        return self.needs_approval if self.needs_approval is not None else self.kind == "api"
 
     @property
     def public_keys(self) -> tuple[bytes, ...]:
@@ -322,6 +345,9 @@ class Policy(_Strict):
             for j, rel in enumerate(src.relations):
                 if rel not in self.relations:
                     raise _located(("sources", i, "relations", j), f"unknown relation {rel!r}; define it under relations:")
+            for j, other in enumerate(src.independent_of):
+                if other != "*" and (other == src.id or other not in {s.id for s in self.sources}):
+                    raise _located(("sources", i, "independent_of", j), f"{other!r} is not another source of this policy")
             for j, pat in enumerate(src.extract):
                 if pat.relation not in src.relations:
                     raise _located(
@@ -368,6 +394,38 @@ class Policy(_Strict):
 
     def is_sensitive(self, relation: str) -> bool:
         return relation in self.verification.sensitive_relations
+
+    def declared_independent(self, a: str, b: str) -> bool:
+        """The policy marks the two sources independent: either lists the other under
+        `independent_of`, or lists "*" (independent of every other source, e.g. several
+        publishers' feeds behind one aggregator host)."""
+        try:
+            sa, sb = self.source(a), self.source(b)
+        except KeyError:
+            return False
+        return bool({b, "*"} & set(sa.independent_of) or {a, "*"} & set(sb.independent_of))
+
+    def api_source(self, source_id: str | None = None) -> SourcePolicy:
+        """The `api` source a submission through the API is recorded under.
+
+        Raises `PermissionError` when the policy declares none, when `source_id` names a
+        source of another kind (a submission never borrows a feed's or a signed file's
+        identity), or when several api sources exist and none is named."""
+        api = [s for s in self.sources if s.kind == "api"]
+        if source_id is not None:
+            try:
+                source = self.source(source_id)
+            except KeyError:
+                raise PermissionError(f"source {source_id!r} is not in the policy") from None
+            if source.kind != "api":
+                raise PermissionError(f"source {source_id!r} is a {source.kind} source; facts submitted through the "
+                                      "API are recorded under an api source of the policy")  # fmt: skip
+            return source
+        if not api:
+            raise PermissionError("the policy declares no api source: fact submissions through the API are disabled")
+        if len(api) > 1:
+            raise PermissionError(f"the policy has several api sources ({', '.join(s.id for s in api)}): name one in source_id")
+        return api[0]
 
     def limits_for(self, source: SourcePolicy) -> FetchLimits:
         return source.limits or self.fetch
@@ -421,7 +479,7 @@ def load_policy(path: str | Path) -> Policy:
 
 def parse_policy(text: str | bytes, name: str = "<policy>") -> Policy:
     """Validate policy YAML text. `name` is used in error messages."""
-    raw = text if isinstance(text, bytes) else text.encode()
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
     policy = parse_yaml_model(raw, Policy, name=name, what="policy")
     policy._path = name
     policy._digest = hashlib.sha256(raw).hexdigest()
@@ -438,21 +496,59 @@ def load_yaml_model(path: str | Path, model: type[M]) -> M:
     return parse_yaml_model(_read(path, "configuration"), model, name=str(path))
 
 
+# A policy or settings file is a few kilobytes; these caps stop a hostile file from
+# costing minutes of CPU or gigabytes of memory before it is even validated.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_DEPTH = 64  # nested mappings and lists
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:  # read one byte past the cap to know it was exceeded
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise PolicyError([PolicyProblem(str(path), None, "", f"cannot read: {exc.strerror}")], what) from None
+    _check_size(data, str(path), what)
+    return data
+
+
+def _check_size(raw: bytes, name: str, what: str) -> None:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise PolicyError([PolicyProblem(name, None, "", f"larger than the {MAX_CONFIG_BYTES}-byte cap for a {what} file")],
+                          what)  # fmt: skip
+
+
+def _check_events(source: str, name: str, what: str) -> None:
+    """Refuse YAML aliases and deep nesting before anything is built from the text.
+
+    An alias (`*name`) lets a few hundred bytes expand to billions of nodes (the "billion
+    laughs"); a policy never needs one, so it is refused outright rather than capped.
+    """
+    depth = 0
+    for event in yaml.parse(source, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1 if event.start_mark else None
+            raise PolicyError([PolicyProblem(name, line, "", f"YAML aliases are not allowed (*{event.anchor}); "
+                                             "write the value out in full")], what)  # fmt: skip
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else None
+                raise PolicyError([PolicyProblem(name, line, "", f"nested deeper than {MAX_CONFIG_DEPTH} levels")], what)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def parse_yaml_model(text: str | bytes, model: type[M], name: str = "<yaml>", what: str = "configuration") -> M:
     """Validate YAML text against a pydantic model; every problem is reported with its line."""
-    raw = text if isinstance(text, bytes) else text.encode()
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    _check_size(raw, name, what)
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError([PolicyProblem(name, None, "", f"not UTF-8: {exc}")], what) from None
     try:
+        _check_events(source, name, what)
         root = yaml.compose(source, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -464,7 +560,12 @@ def parse_yaml_model(text: str | bytes, model: type[M], name: str = "<yaml>", wh
     duplicates = list(_duplicate_keys(root, ()))
     if duplicates:
         raise PolicyError([PolicyProblem(name, ln, _dotted(loc), "duplicate key") for loc, ln in duplicates], what)
-    data = yaml.SafeLoader(source).get_single_data()
+    try:
+        data = yaml.SafeLoader(source).get_single_data()
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # e.g. a bad !!timestamp or an unhashable key
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([PolicyProblem(name, mark.line + 1 if mark else None, "", f"YAML value: {problem}")], what) from None
     if not isinstance(data, Mapping):
         raise PolicyError([PolicyProblem(name, 1, "", "the top level must be a mapping")], what)
     try:
@@ -537,6 +638,8 @@ def _duplicate_keys(node: yaml.Node, loc: tuple[Any, ...]):
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: refused when the values are built
             key = key_node.value
             if key in seen:
                 yield loc + (key,), key_node.start_mark.line + 1

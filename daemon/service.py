@@ -22,6 +22,7 @@ state (`kmd.daemon.replication`) and reloads it when the ledger names a new one.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -52,6 +53,34 @@ class NotServingError(RuntimeError):
     """No model and state are loaded yet (or this process is a standby)."""
 
 
+class InsecureConfigError(RuntimeError):
+    """The API would listen beyond loopback with no token (and `--insecure` was not given)."""
+
+
+def check_api_exposure(settings: DaemonSettings, token: str | None, *, insecure: bool = False) -> None:
+    """Refuse an API reachable from other machines without a token; warn whenever there is none."""
+    api = settings.api
+    if not api.enabled or token:
+        return
+    where = f"{api.host}:{api.port}"
+    if not _is_loopback(api.host) and not insecure:
+        raise InsecureConfigError(
+            f"the API would listen on {where} with no token configured: anyone who can reach it could generate "
+            f"and read the ledger. Set ${api.token_env} (or api.token_file), listen on 127.0.0.1, or pass --insecure"
+        )
+    logger.warning("no API token is configured (${} or api.token_file): writes are refused and reads and generation "
+                   "are open to anyone who can reach {}", api.token_env, where)  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard address: assume it is reachable from elsewhere
+
+
 @dataclass(frozen=True)
 class CycleSummary:
     polled: int
@@ -65,14 +94,15 @@ class CycleSummary:
 
 
 class Daemon:
-    def __init__(self, settings: DaemonSettings, *, host: ModelHost | None = None) -> None:
+    def __init__(self, settings: DaemonSettings, *, host: ModelHost | None = None, insecure: bool = False) -> None:
         from kmd.editors.registry import get_backend
 
         self.settings = settings
+        self.api_token = settings.api_token()
+        check_api_exposure(settings, self.api_token, insecure=insecure)
         self.policy = load_policy(settings.policy_path)
         get_backend(self.policy.backend)  # fail now, with a suggestion, on an unknown backend
         self.ledger = Ledger(settings.database_url)
-        self.api_token = settings.api_token()
         self.maintainer: Maintainer | None = None
         self.replica: Replica | None = None
         self.holder = holder_name()
@@ -218,19 +248,21 @@ class Daemon:
         with source.lock:
             return generate_text(source.host, source.editor, [prompt], max_new_tokens)[0]
 
-    def submit_fact(self, subject: str, relation: str, obj: str, source_id: str, url: str) -> dict[str, Any]:
-        """Record a curated fact as a claim from a policy source; verified in the next cycle."""
-        try:
-            source = self.policy.source(source_id)
-        except KeyError:
-            raise ValueError(f"source {source_id!r} is not in the policy") from None
+    def submit_fact(self, subject: str, relation: str, obj: str, source_id: str | None, url: str) -> dict[str, Any]:
+        """Record a fact submitted through the API as a claim of the policy's `api` source;
+        verified in the next cycle (and, by default, held for a person's approval).
+
+        Raises PermissionError when the policy has no such source or `source_id` names a
+        source of another kind; ValueError when the source may not assert the relation."""
+        source = self.policy.api_source(source_id)
         if relation not in source.relations:
-            raise ValueError(f"source {source_id!r} may not assert relation {relation!r} (allowed: {list(source.relations)})")
-        claim = Claim(subject=subject, relation=relation, object=obj, source_id=source_id,
+            raise ValueError(f"source {source.id!r} may not assert relation {relation!r} (allowed: {list(source.relations)})")
+        claim = Claim(subject=subject, relation=relation, object=obj, source_id=source.id,
                       url=url or "api:", observed_at=utcnow(), ref=f"api:{uuid.uuid4().hex}")  # fmt: skip
-        result = self.ledger.record_claims([claim], policy_version=self.policy.version_tag, actor="api")
-        return {"claim_ids": list(result.new_ids), "duplicates": result.duplicates,
-                "note": "recorded; verified and applied by the next edit cycle"}  # fmt: skip
+        result = self.ledger.record_claims([claim], policy_version=self.policy.version_tag, channel="api", actor="api")
+        note = "recorded; verified by the next edit cycle"
+        note += ", then held for a person's approval (kmd approve)" if source.requires_approval else ", then applied"
+        return {"claim_ids": list(result.new_ids), "duplicates": result.duplicates, "source_id": source.id, "note": note}
 
     # ----- scheduled jobs -------------------------------------------------------------------------
     def _guarded(self, name: str, fn, *args) -> None:
@@ -268,6 +300,8 @@ class Daemon:
         )
         now = utcnow()
         for source in self.policy.sources:
+            if source.kind == "api":  # nothing to poll: submissions arrive through the API
+                continue
             scheduler.add_job(self._guarded, "interval", seconds=source.poll_interval, id=f"poll:{source.id}",
                               args=[f"poll:{source.id}", self._poll_job, source.id], next_run_time=now)  # fmt: skip
         scheduler.add_job(self._guarded, "interval", seconds=sched.edit_interval, id="edit",

@@ -37,6 +37,10 @@ class ApiSettings(StrictModel):
     token_env: str = "KMD_API_TOKEN"  # bearer token for write endpoints, from this variable
     token_file: str | None = None  # ... or from this file (first line)
     protect_reads: bool = False  # reads need the token too
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies: 413, before auth
+    generate_concurrency: int = Field(default=2, ge=1)  # generations at once for token holders
+    anonymous_generate_concurrency: int = Field(default=1, ge=0)  # ... and for callers without it
+    anonymous_max_new_tokens: int = Field(default=64, ge=1, le=256)  # cap without the token
 
 
 class ScheduleSettings(StrictModel):

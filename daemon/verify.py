@@ -36,6 +36,8 @@ from datetime import datetime, timedelta
 
 from loguru import logger
 
+from kmd.daemon.admission import channel_of, origin_problem
+from kmd.daemon.independence import Independence
 from kmd.daemon.ledger import ClaimRecord, ClaimUpdate, FactRecord, Ledger, LedgerTransaction
 from kmd.daemon.matching import ObjectMatcher
 from kmd.daemon.policy import TRUST_LEVELS, Policy
@@ -79,6 +81,7 @@ class Verifier:
         self.matcher = matcher
         self._clock = clock
         self.actor = actor
+        self._independence = Independence(policy)
 
     # -- trust -----------------------------------------------------------------------------
     def _trust(self, claim: ClaimRecord) -> int | None:
@@ -93,23 +96,24 @@ class Verifier:
         return level
 
     def _groups(self, claims: Sequence[ClaimRecord]) -> int:
-        """Independent source groups among the claims (sources still in the policy)."""
-        return len({self.policy.source(c.source_id).independence_group for c in claims if self._trust(c) is not None})
+        """Independent source groups among the claims (see `kmd.daemon.independence`)."""
+        return len(self._independence.count(claims, self._trust))
 
-    def _qualifies(self, claims: Sequence[ClaimRecord]) -> bool:
-        groups: dict[str, int] = {}
-        for c in claims:
-            trust = self._trust(c)
-            if trust is None or trust < 0:  # unknown source, or low trust down-weighted away
-                continue
-            group = self.policy.source(c.source_id).independence_group
-            groups[group] = max(groups.get(group, -1), trust)
+    def _qualifies(self, claims: Sequence[ClaimRecord]) -> tuple[bool, str]:
+        """Whether the claims make a fact, and why (for the log)."""
+        count = self._independence.count(claims, self._trust)
+        groups = count.trust
         rules = self.policy.verification
+        why = f"{count.describe()}; quorum {rules.quorum}"
+        if not groups:
+            return False, "no admissible source"
         if len(groups) >= rules.quorum and not (len(groups) == 1 and max(groups.values()) == 0):
-            return True  # a lone low-trust group never qualifies, even with quorum 1
+            return True, why  # a lone low-trust group never qualifies, even with quorum 1
         if len(groups) == 1 and rules.single_source_trust is not None:
-            return max(groups.values()) >= TRUST_LEVELS.index(rules.single_source_trust)
-        return False
+            trust = TRUST_LEVELS[max(groups.values())] if max(groups.values()) >= 0 else "none"
+            ok = max(groups.values()) >= TRUST_LEVELS.index(rules.single_source_trust)
+            return ok, f"{why}; single source trust {trust} (policy: {rules.single_source_trust} suffices)"
+        return False, why
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, *, full: bool = False) -> VerifyReport:
@@ -190,15 +194,12 @@ class Verifier:
         admitted: list[ClaimRecord] = []
         used: dict[str, int] = {}  # admitted per source in its current window, this run included
         for c in new:
-            try:
-                source = self.policy.source(c.source_id)
-            except KeyError:
-                decisions[c.id] = ClaimUpdate(c.id, "rejected", f"source {c.source_id!r} is not in the policy")
+            # The one check every door into the ledger passes (kmd.daemon.admission).
+            problem = origin_problem(self.policy, c.source_id, c.relation, channel_of(c.flags, c.ref))
+            if problem is not None:
+                decisions[c.id] = ClaimUpdate(c.id, "rejected", problem)
                 continue
-            if c.relation not in source.relations:
-                decisions[c.id] = ClaimUpdate(c.id, "rejected", f"source {c.source_id} may not assert {c.relation!r}")
-                continue
-            limit = source.rate_limit
+            limit = self.policy.source(c.source_id).rate_limit
             if c.source_id not in used:
                 used[c.source_id] = tx.count_claims(c.source_id, status=_ADMITTED,
                                                     since=now - timedelta(seconds=limit.per))  # fmt: skip
@@ -240,7 +241,15 @@ class Verifier:
         clusters: dict[int, list[ClaimRecord]] = defaultdict(list)
         for c, label in zip(remaining, labels, strict=True):
             clusters[label].append(c)
-        qualifying = [cs for cs in clusters.values() if self._qualifies(cs)]
+        qualifying = []
+        for cs in clusters.values():
+            ok, why = self._qualifies(cs)
+            what = f"{cs[0].subject} {key[1]} -> {cs[0].object}"
+            # Why a quorum was or was not met is worth a line whenever sources were merged.
+            level = "INFO" if ok or "count as one" in why or "are in group" in why else "DEBUG"
+            logger.log(level, "quorum {} for {}: {}", "met" if ok else "not met", what, why)
+            if ok:
+                qualifying.append(cs)
         if not qualifying:
             return  # wait for more sources
         # The best-supported cluster wins; among equals, the most recent.
@@ -265,14 +274,16 @@ class Verifier:
 
         obj = self._surface(winner, lambda c: c.object)
         subject = self._surface(winner, lambda c: c.subject)
-        sensitive = self.policy.is_sensitive(key[1])
+        approvers = sorted({c.source_id for c in winner if self._needs_approval(c.source_id)})
+        sensitive = self.policy.is_sensitive(key[1]) or bool(approvers)
         replaced = [f.id for f in (committed, unedited) if f is not None]
         fact = tx.add_fact(
             subject=subject, relation=key[1], object=obj, subject_key=key[0], observed_at=newest,
             claim_ids=[c.id for c in winner], sensitive=sensitive, policy_version=self.policy.version_tag,
             supersedes_fact_id=committed.id if committed else None,
             reason=(f"quorum of {len(winner)} claims" + (f"; supersedes fact {', '.join(map(str, replaced))}" if replaced else "")
-                    + ("; sensitive relation: awaiting approval" if sensitive else "")),
+                    + ("; sensitive relation: awaiting approval" if self.policy.is_sensitive(key[1]) else "")
+                    + (f"; source {', '.join(approvers)} needs approval" if approvers else "")),
         )  # fmt: skip
         new_facts.append(fact)
         if unedited is not None:
@@ -284,6 +295,12 @@ class Verifier:
             if c.id not in {w.id for w in winner} and c.observed_at <= newest:
                 decisions[c.id] = ClaimUpdate(c.id, "rejected", f"outvoted by fact {fact.id}")
         logger.info("fact {}: {} {} -> {} ({})", fact.id, subject, key[1], obj, fact.status)
+
+    def _needs_approval(self, source_id: str) -> bool:
+        try:
+            return self.policy.source(source_id).requires_approval
+        except KeyError:
+            return True
 
     def _surface(self, claims: Sequence[ClaimRecord], field: Callable[[ClaimRecord], str]) -> str:
         """The most common spelling among the claims; ties go to the most trusted source, then

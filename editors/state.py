@@ -8,8 +8,9 @@ Layout of a state directory:
 A save writes the new tensor file (fsync), then atomically replaces the manifest, then
 deletes tensor files the manifest no longer names. A crash at any point leaves either
 the old or the new state, never a mix. Nothing is pickled. Loading checks the format,
-the base model's identity, the backend, the config and the tensors' checksum, and
-refuses any mismatch with a message saying what differs.
+the base model's identity, the backend, the config, the tensors' checksum and each edit
+request's checksum, and refuses any mismatch with a message saying what differs (the
+daemon also checks each edit request against the ledger's record of it at start).
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def edit_checksum(request: dict[str, Any]) -> str:
+    """sha256 of one edit request's canonical JSON (the manifest keeps one per edit)."""
+    text = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _check_edits(manifest: dict[str, Any], file: Path) -> None:
+    """Every edit request must match its checksum: a hand-edited target or prompt is
+    refused, naming the edit, instead of being served or re-saved."""
+    edits, sums = manifest["edits"], manifest["edit_checksums"]
+    if not isinstance(edits, list) or not isinstance(sums, list) or len(edits) != len(sums):
+        raise StateError(f"{file}: edits and edit_checksums do not correspond (edited by hand or corrupted)")
+    for index, (request, expected) in enumerate(zip(edits, sums, strict=True)):
+        name = request.get("edit_id") if isinstance(request, dict) else None
+        if not isinstance(request, dict) or edit_checksum(request) != expected:
+            raise StateError(f"{file}: edit {name if name is not None else f'#{index}'} does not match its checksum "
+                             "(its request was changed after it was saved); refusing this state")  # fmt: skip
+
+
 def save_editor(editor: Editor, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in editor.state_tensors().items()}
@@ -78,14 +98,16 @@ def save_editor(editor: Editor, path: Path) -> Path:
     if not (path / tensor_file).exists():
         _write_atomic(path / tensor_file, blob)
     config = editor.config_dict()
+    edits = [editor.request(edit_id).to_dict() for edit_id in editor.edit_ids]
     manifest = {
+        "edit_checksums": [edit_checksum(e) for e in edits],
         "format": FORMAT,
         "backend": editor.name,
         "config": config,
         "config_hash": config_hash(config),
         "model": editor.host.identity.to_dict(),
         "tensors": {"file": tensor_file, "sha256": digest, "bytes": len(blob)},
-        "edits": [editor.request(edit_id).to_dict() for edit_id in editor.edit_ids],
+        "edits": edits,
         "extra": editor.extra_state(),
     }
     _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -103,13 +125,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StateError(f"{file}: corrupted manifest ({exc})") from exc
-    required = {"format", "backend", "config", "config_hash", "model", "tensors", "edits", "extra"}
+    required = {"format", "backend", "config", "config_hash", "model", "tensors", "edits", "edit_checksums", "extra"}
     if not isinstance(manifest, dict) or not required <= set(manifest):
-        raise StateError(f"{file}: manifest lacks {sorted(required - set(manifest or {}))}")
+        missing = sorted(required - set(manifest if isinstance(manifest, dict) else {}))
+        if missing == ["edit_checksums"]:
+            raise StateError(f"{file}: no edit checksums (saved by an older kmd). Move {path} away: the daemon then "
+                             "re-applies the ledger's committed edits, each with its probes, and saves a new state")  # fmt: skip
+        raise StateError(f"{file}: manifest lacks {missing}")
     if manifest["format"] != FORMAT:
         raise StateError(f"{file}: format {manifest['format']!r}, expected {FORMAT!r}")
     if config_hash(manifest["config"]) != manifest["config_hash"]:
         raise StateError(f"{file}: config does not match its hash (edited by hand or corrupted)")
+    _check_edits(manifest, file)
     return manifest
 
 

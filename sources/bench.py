@@ -110,6 +110,7 @@ def _policy_text(feeds: int, port: int) -> str:
     poll_interval: 1s
     rate_limit: {{max_claims: 1000000, per: 1h}}
     network: {{allow_networks: ["127.0.0.0/8"]}}
+    independent_of: ["*"]   # 100 publishers simulated on one loopback host
 """
         for i in range(feeds)
     )

@@ -21,7 +21,9 @@ refused, not truncated, so a fact is never silently changed) and never interpret
 from __future__ import annotations
 
 import calendar
+import hashlib
 import html
+import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -30,6 +32,7 @@ from typing import Any
 import feedparser
 from loguru import logger
 
+from kmd.daemon.independence import entry_flag
 from kmd.daemon.policy import FetchLimits, SourcePolicy
 from kmd.sources.base import PollResult
 from kmd.sources.claims import Claim, clean_text, parse_time
@@ -99,6 +102,11 @@ def _entry_time(entry: Mapping[str, Any], observed: str | None, fetched_at: date
     return when
 
 
+def _entry_digest(entry: Mapping[str, Any]) -> str:
+    """sha256 of everything the feed said in one entry (feedparser's parsed form)."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode("utf-8", "replace")).hexdigest()
+
+
 def parse_feed(
     body: bytes,
     source: SourcePolicy,
@@ -136,6 +144,8 @@ def parse_feed(
         ref = ref if isinstance(ref, str) else f"#{index}"
         link = entry.get("link") if isinstance(entry.get("link"), str) else url
         where = f"entry {ref[:80]!r}"
+        # The same entry delivered by two sources makes them one for quorum (kmd.daemon.independence).
+        entry_flags = flags + (entry_flag(_entry_digest(entry)),)
         for prefix in prefixes:
             fields = {name: entry.get(f"{prefix}_{name}") for name in ("subject", "relation", "object")}
             present = [k for k, v in fields.items() if v is not None]
@@ -159,7 +169,7 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, observed if isinstance(observed, str) else None, fetched_at),
                     ref=ref[: limits.max_field_chars],
-                    flags=flags,
+                    flags=entry_flags,
                 )
             )
         for pattern in source.extract:
@@ -184,7 +194,7 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, None, fetched_at),
                     ref=f"{ref[: limits.max_field_chars]}#{pattern.field}:{pattern.relation}",
-                    flags=flags,
+                    flags=entry_flags,
                 )
             )
     return ParsedFeed(claims, problems, malformed, len(entries))

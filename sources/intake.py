@@ -20,7 +20,7 @@ from loguru import logger
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.policy import Policy
 from kmd.sources.base import PollResult, Source
-from kmd.sources.claims import iso, parse_time, utcnow
+from kmd.sources.claims import Claim, iso, parse_time, utcnow
 from kmd.sources.feeds import FeedSource
 from kmd.sources.jsonl import JsonlSource
 from kmd.sources.net import Fetcher, SafeFetcher
@@ -43,6 +43,8 @@ def build_sources(policy: Policy, fetcher: Fetcher) -> dict[str, Source]:
     """One `Source` per policy entry, by kind."""
     sources: dict[str, Source] = {}
     for sp in policy.sources:
+        if sp.kind == "api":  # fed through POST /v1/facts, never polled
+            continue
         limits = policy.limits_for(sp)
         sources[sp.id] = FeedSource(sp, limits, fetcher) if sp.kind == "feed" else JsonlSource(sp, limits, fetcher)
     return sources
@@ -118,15 +120,38 @@ class Intake:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ids) or 1))) as pool:
             for result, seconds in pool.map(fetch, ids):
                 cursor = {**result.cursor, "last_poll": iso(now), "last_problems": len(result.problems)}
+                claims, refused = self._admissible(result)
                 # One transaction: the cursor (ETag, sequence) advances only with the claims stored.
                 with self.ledger.transaction("intake") as tx:
-                    recorded = tx.record_claims(result.claims, policy_version=self.policy.version_tag)
+                    recorded = tx.record_claims(claims, policy_version=self.policy.version_tag,
+                                                channel=self._channel(result.source_id))  # fmt: skip
                     tx.save_cursor(result.source_id, cursor)
                 reports.append(
-                    IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems,
+                    IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems + refused,
                                  result.not_modified, result.refused, seconds)  # fmt: skip
                 )
                 if recorded.new_ids:
                     logger.info("source {}: {} new claims ({} duplicates)", result.source_id, len(recorded.new_ids),
                                 recorded.duplicates)  # fmt: skip
         return reports
+
+    def _channel(self, source_id: str) -> str:
+        try:
+            return self.policy.source(source_id).kind
+        except KeyError:  # a source given in code, not in the policy: the verifier rejects its claims
+            return "feed"
+
+    def _admissible(self, result: PollResult) -> tuple[list[Claim], tuple[str, ...]]:
+        """A source records claims under its own id only, and an `api` source is never polled."""
+        channel = self._channel(result.source_id)
+        if channel == "api":
+            return [], (f"source {result.source_id} is an api source: it is never polled",)
+        kept, problems = [], []
+        for claim in result.claims:
+            if claim.source_id != result.source_id:
+                problems.append(f"claim for source {claim.source_id!r} from source {result.source_id!r} dropped")
+            else:
+                kept.append(claim)
+        for problem in problems[:5]:
+            logger.warning("source {}: {}", result.source_id, problem)
+        return kept, tuple(problems)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from kmd.daemon.independence import entry_flag
 from kmd.daemon.policy import FetchLimits, SourcePolicy
 from kmd.sources.base import PollResult
 from kmd.sources.claims import Claim, clean_text
@@ -128,6 +129,8 @@ def parse_jsonl(data: bytes, source: SourcePolicy, limits: FetchLimits, *, locat
                 url=(fact.url or f"{location}#L{number}")[: limits.max_field_chars],
                 observed_at=min(observed, now),  # a file cannot post-date its facts
                 ref=fact.id or f"seq{header.sequence}:L{number}",
+                # the same line in two files makes their sources one for quorum
+                flags=(entry_flag(hashlib.sha256(line.strip().encode("utf-8", "surrogatepass")).hexdigest()),),
             )
         )
     return ParsedJsonl(header, tuple(claims), tuple(problems))

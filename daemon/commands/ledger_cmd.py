@@ -4,6 +4,7 @@
     kmd ledger show ID                                          one fact (12, f12), edit (e3), claim (c5)
     kmd reverts                                                 the revert log
     kmd approve ID / kmd reject ID                              decide a quarantined fact
+    kmd revert ID                                               ask for a committed edit to be reverted
     kmd verify-chain [--expect-head HASH]                       check the ledger for tampering
 
 Every command takes `--db URL` (default `$KMD_DB_URL`, else the SQLite file under
@@ -259,6 +260,33 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Reject a fact: it never becomes an edit."""
         _decide(ref, False, reason, actor, db, as_json)
+
+    @app.command("revert")
+    def revert_cmd(
+        ref: str = typer.Argument(..., metavar="ID", help="A committed edit id (3 or e3)."),
+        reason: str | None = typer.Option(None, "--reason", "-m", help="Why; recorded in the ledger and the revert log."),
+        actor: str | None = typer.Option(None, "--as", help="Who asks (default: your user name)."),
+        db: str | None = DbOption,
+        as_json: bool = JsonOption,
+    ) -> None:
+        """Ask for a committed edit to be reverted: recorded in the ledger now, carried out by
+        the daemon at its next edit cycle (or at its next start). `POST /v1/edits/ID/revert`
+        does it at once."""
+        from kmd.daemon.ledger import LedgerError
+
+        kind, number = _parse_id(ref if ref[:1].isalpha() else f"e{ref}")
+        if kind != "edit":
+            _fail("revert takes an edit id (3 or e3)", 2)
+        who = actor or getpass.getuser()
+        try:
+            with _open(db) as ledger:
+                edit = ledger.request_revert(number, reason=reason or f"reverted by {who}", actor=who)
+        except LedgerError as exc:
+            _fail(str(exc))
+        if as_json:
+            _print_json(edit)
+        else:
+            typer.echo(f"edit e{edit.id} is now {edit.status}: the daemon reverts it at its next edit cycle [by {who}]")
 
     @app.command("verify-chain")
     def verify_chain_cmd(

@@ -20,12 +20,13 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Daemon settings YAML (see deploy/kmd.yaml).")],
     once: Annotated[bool, typer.Option(help="Run one full cycle (all sources) and exit; no API server.")] = False,
     role: Annotated[str | None, typer.Option(help="writer | replica: overrides cluster.role in the settings.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow the API on a non-loopback address with no token.")] = False,
 ) -> None:
     from pydantic import ValidationError
     from rich.console import Console
 
     from kmd.daemon.policy import PolicyError
-    from kmd.daemon.service import Daemon
+    from kmd.daemon.service import Daemon, InsecureConfigError
     from kmd.daemon.settings import ClusterSettings, load_settings
     from kmd.editors.model import ModelNotFoundError
     from kmd.editors.registry import UnknownBackendError
@@ -36,8 +37,8 @@ def run(
         if role is not None:
             cluster = ClusterSettings.model_validate(settings.cluster.model_dump() | {"role": role})
             settings = settings.model_copy(update={"cluster": cluster})
-        daemon = Daemon(settings)
-    except (PolicyError, UnknownBackendError, OSError, ValidationError) as exc:
+        daemon = Daemon(settings, insecure=insecure)
+    except (PolicyError, UnknownBackendError, OSError, ValidationError, InsecureConfigError) as exc:
         raise fail(str(exc)) from exc
     try:
         if once:

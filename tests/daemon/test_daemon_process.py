@@ -46,11 +46,10 @@ sources:
     poll_interval: 1s
     network: {allow_networks: ["127.0.0.0/8"]}
   - id: api
-    kind: jsonl
-    location: UNUSED_JSONL
+    kind: api
     trust: high
     relations: [slogan, slow, capital]
-    poll_interval: 1h
+    needs_approval: false  # the test injects facts through the API and wants them applied
 verification:
   quorum: 2
   single_source_trust: high
@@ -81,8 +80,7 @@ def setup(tmp_path, tiny_model_dir):
         ])
     )  # fmt: skip
     server.thread.start()
-    (tmp_path / "facts.jsonl").write_text(json.dumps({"kmd_jsonl": 1, "source": "api", "sequence": 1}) + "\n")
-    policy = POLICY.replace("FEED_URL", server.url("/feed.atom")).replace("UNUSED_JSONL", str(tmp_path / "facts.jsonl"))
+    policy = POLICY.replace("FEED_URL", server.url("/feed.atom"))
     (tmp_path / "policy.yaml").write_text(policy)
     (tmp_path / "locality.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in LOCALITY))
     port = free_port()

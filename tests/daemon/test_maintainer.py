@@ -115,14 +115,14 @@ def test_failed_superseding_edit_keeps_the_old_one(tmp_path, tiny_host):
     daemon.close()
 
 
-def test_crash_before_a_superseding_commit_keeps_the_old_edit_and_retries(tmp_path, tiny_host, monkeypatch):
+def test_crash_before_a_superseding_commit_is_finished_at_restart(tmp_path, tiny_host, monkeypatch):
     """A crash after the new state was saved but before the ledger committed the replacement:
-    on restart the old edit is back (the ledger still commits it) and the new fact is retried."""
+    the saved state is the one whose probes passed, so restart probes it again and commits
+    the replacement (the old edit recorded as superseded), never re-applying the old edit."""
     daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
     daemon.load()
     first = daemon.cycle().committed
     m = daemon.maintainer
-    before = logits(tiny_host, m.editor)
     write_curated(tmp / "facts.jsonl", 2, [("France", "capital", "Rome")])
 
     def crash(*args, **kwargs):
@@ -133,13 +133,18 @@ def test_crash_before_a_superseding_commit_keeps_the_old_edit_and_retries(tmp_pa
         daemon.cycle()
     monkeypatch.undo()
     assert m.editor.edit_ids != [str(first[0])]  # the saved state holds the new edit only
+    expected = logits(tiny_host, m.editor)
+    (new_id,) = m.editor.edit_ids
     with m.editor.suspended():  # the crashed process's hooks off the shared model
         again = Daemon(load_settings(tmp / "kmd.yaml"), host=tiny_host)
         again.load()
-        assert again.maintainer.editor.edit_ids == [str(first[0])]
-        assert torch.equal(logits(tiny_host, again.maintainer.editor), before)
-        summary = again.cycle()  # the newer fact, retried, now replaces it
-        assert len(summary.committed) == 1
-        assert again.maintainer.editor.request(again.maintainer.editor.edit_ids[0]).target == "Rome"
+        assert again.maintainer.editor.edit_ids == [new_id]
+        assert torch.equal(logits(tiny_host, again.maintainer.editor), expected)
+        new = again.ledger.edit(int(new_id))
+        assert new.status == "committed" and new.probes["reconciled"] is True
         assert again.ledger.edit(first[0]).status == "reverted"
+        (revert,) = again.ledger.reverts()
+        assert revert.edit_id == first[0] and revert.superseded_by_fact_id == new.fact_id
+        assert again.ledger.verify_chain().ok
+        assert not again.cycle().committed  # nothing left to redo
         again.close()

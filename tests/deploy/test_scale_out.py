@@ -38,11 +38,10 @@ relations:
     editor_options: {max_steps: 400, stop_loss: 0.0}
 sources:
   - id: api
-    kind: jsonl
-    location: FACTS
+    kind: api
     trust: high
     relations: [capital, slow]
-    poll_interval: 1h
+    needs_approval: false  # the test submits facts through the API and wants them applied
 verification:
   quorum: 2
   single_source_trust: high
@@ -105,8 +104,7 @@ class Node:
 
 @pytest.fixture
 def cluster(tmp_path, tiny_model_dir, pg_url):
-    (tmp_path / "facts.jsonl").write_text(json.dumps({"kmd_jsonl": 1, "source": "api", "sequence": 1}) + "\n")
-    (tmp_path / "policy.yaml").write_text(POLICY.replace("FACTS", str(tmp_path / "facts.jsonl")))
+    (tmp_path / "policy.yaml").write_text(POLICY)
     (tmp_path / "locality.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in LOCALITY))
     nodes = {name: Node(tmp_path, name, role, pg_url, tiny_model_dir)
              for name, role in (("w1", "writer"), ("w2", "writer"), ("r1", "replica"))}  # fmt: skip

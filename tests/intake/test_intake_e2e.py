@@ -22,6 +22,7 @@ def feed_source(name, server, trust, extra=""):
     relations: [capital, head_of_state]
     poll_interval: 10m
     network: {{allow_networks: ["127.0.0.0/8"]}}
+    independent_of: ["*"]  # separate publishers, all simulated on one loopback host
 {extra}"""
 
 
@@ -157,6 +158,7 @@ def test_supersession_and_signed_files_over_http(server, clock, tmp_path):
     require_signature: true
     signing_keys: ["{public}"]
     network: {{allow_networks: ["127.0.0.0/8"]}}
+    independent_of: ["*"]
 """)  # fmt: skip
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}", clock=clock)
     verifier = Verifier(policy, ledger, ObjectMatcher(SynonymEncoder(), 0.85), clock=clock)

@@ -19,7 +19,7 @@ def seed(ledger: Ledger, *, sensitive: bool = False) -> int:
     """Two claims and a verified fact built from them; returns the fact id."""
     t = datetime(2024, 12, 1, tzinfo=UTC)
     claims = [Claim("France", "capital", "Paris", src, f"https://{src}.example/1", t, ref="1") for src in ("a", "b")]
-    ids = ledger.record_claims(claims, policy_version="test@abc").new_ids
+    ids = ledger.record_claims(claims, policy_version="test@abc", channel="feed").new_ids
     with ledger.transaction("verifier") as tx:
         fact = tx.add_fact(subject="France", relation="capital", object="Paris", subject_key="france", observed_at=t,
                            claim_ids=ids, sensitive=sensitive, policy_version="test@abc", reason="quorum")  # fmt: skip
@@ -169,7 +169,7 @@ def test_concurrent_writers_keep_one_valid_chain(db, clock):
     def write(n: int, target: Ledger) -> None:
         for i in range(20):
             c = Claim(f"S{n}-{i}", "capital", "X", f"src{n}", "u", clock(), ref=str(i))
-            target.record_claims([c], policy_version="v")
+            target.record_claims([c], policy_version="v", channel="feed")
 
     threads = [threading.Thread(target=write, args=(n, t)) for n, t in enumerate([ledger, *others])]
     for t in threads:

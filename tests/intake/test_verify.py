@@ -43,7 +43,7 @@ class World:
         self.n += 1
         c = Claim(subject, relation, obj, source, f"https://{source}.example/e{self.n}",
                   self.clock() - timedelta(days=days_ago), ref=f"e{self.n}", flags=flags)  # fmt: skip
-        self.ledger.record_claims([c], policy_version=self.policy.version_tag)
+        self.ledger.record_claims([c], policy_version=self.policy.version_tag, channel="feed")
         return c
 
     def run(self):
@@ -152,7 +152,7 @@ def test_rate_limit_per_source(world, clock):
 
 def test_duplicates_are_dropped_by_hash(world):
     c = world.claim("a", "Paris")
-    again = world.ledger.record_claims([c, c], policy_version="x")
+    again = world.ledger.record_claims([c, c], policy_version="x", channel="feed")
     assert again.new_ids == () and again.duplicates == 1
     assert len(world.ledger.claims()) == 1
 
