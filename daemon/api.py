@@ -204,6 +204,12 @@ def create_app(daemon: Daemon) -> FastAPI:
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from exc
 
+    # The OpenAI-compatible endpoints and the review console (their own modules).
+    from kmd.daemon.console import console_router
+    from kmd.daemon.openai_api import openai_router
+
+    app.include_router(openai_router(daemon))
+    app.include_router(console_router(daemon))
     return app
 
 
