@@ -205,9 +205,9 @@ def test_stop_text_holds_back_what_may_start_a_stop(eco):
     tok = eco.maintainer.host.tokenizer
     ids = tok("Berlin capital speaks two", add_special_tokens=False).input_ids
     text = StopText(tok, ["speaks two"])
-    out = [text.push(i) for i in ids]
-    assert out[0] == "Berlin" and out[1] == " capital"
-    assert out[2] == " " and text.stopped is False  # "speaks" may be the start of the stop: held back
-    assert out[3] == "" and text.stopped  # it was: dropped, and nothing follows
+    assert text.push(ids[0]) == "Berlin" and text.push(ids[1]) == " capital"
+    assert text.push(ids[2]) == " " and not text.stopped  # "speaks" may start the stop: held back
+    assert text.push(ids[3]) == "" and text.stopped  # it did: dropped, and nothing follows
+    assert text.finish() == ""
     plain = StopText(tok, [])
     assert "".join(plain.push(i) for i in ids) + plain.finish() == tok.decode(ids)
