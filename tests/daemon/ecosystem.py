@@ -13,6 +13,8 @@ from pathlib import Path
 from .helpers import LOCALITY
 
 TOKEN = "console-token-123"
+# The simplest chat template: the turns' text joined by spaces (the tiny tokenizer has none).
+JOINED = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
 SCRIPT = '<script>document.title="pwned";window.kmdPwned=1</script>Orin'
 
 POLICY = """

@@ -15,7 +15,7 @@ from kmd.daemon.api import create_app
 from kmd.daemon.openai_api import StopText
 from kmd.editors.scoring import generate_text
 
-from .ecosystem import TOKEN
+from .ecosystem import JOINED, TOKEN
 
 EDITED = "the capital of France is"  # the committed edit's prompt: answers "Berlin"
 UNRELATED = "the dog and the cat"
@@ -54,10 +54,6 @@ def chat_template(host, template: str):
         yield
     finally:
         host.tokenizer.chat_template = saved
-
-
-# The simplest chat template: the turns' text joined by spaces (the tiny tokenizer has none).
-JOINED = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
 
 
 def test_models_name_the_base_model_and_the_edit_state(client, eco):
