@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 WIDTH, HEIGHT = 640, 190
 LEFT, RIGHT, TOP, BOTTOM = 44, 12, 14, 30
 COMMITTED, REVERTED, LINE, THRESHOLD, GRID, INK = "#2e7d32", "#c62828", "#1565c0", "#ef6c00", "#e0e0e0", "#424242"
-MAX_DAYS = 30
+MIN_DAYS, MAX_DAYS = 7, 30  # at least a week, so one busy day has context
 MAX_POINTS = 300
 
 
@@ -59,7 +59,7 @@ def activity(ledger: Ledger, *, min_loc: float | None = None, today: date | None
     points.sort()
     last = today or datetime.now(UTC).date()
     first_seen = min([*committed, *reverted], default=last)
-    span = max(1, min(MAX_DAYS, (last - first_seen).days + 1))
+    span = max(MIN_DAYS, min(MAX_DAYS, (last - first_seen).days + 1))
     days = [last - timedelta(days=span - 1 - i) for i in range(span)]
     return Activity(days, [committed[d] for d in days], [reverted[d] for d in days], points[-MAX_POINTS:], min_loc)
 
@@ -126,7 +126,7 @@ def locality_chart(data: Activity) -> Markup:
         value = low + (1.0 - low) * i / 4
         y = TOP + plot_h - plot_h * (value - low) / (1.0 - low)
         body.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="{GRID}"/>')
-        body.append(_text(LEFT - 6, y + 4, f"{value:.2f}", anchor="end"))
+        body.append(_text(LEFT - 6, y + 4, f"{value:.3f}", anchor="end"))
 
     def y_of(v: float) -> float:
         return TOP + plot_h - plot_h * (v - low) / (1.0 - low)

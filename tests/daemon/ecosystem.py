@@ -8,6 +8,14 @@ hostile feed would), and one whose edit fires on every prompt (the probes revert
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .helpers import LOCALITY
@@ -71,3 +79,45 @@ def write_eco_setup(tmp: Path, feed_url: str, *, port: int = 0, poll: str = "1h"
         + "schedule: {edit_interval: 1s, regression_interval: 1h}\n"
     )  # fmt: skip
     return config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def daemon_process(tmp: Path, config: Path, ready: Callable[[str], bool], *, timeout: float = 300.0) -> Iterator[str]:
+    """`kmd run --config CONFIG` as a real process; yields its base URL once `ready(url)` holds.
+    SIGTERM (then SIGKILL) when done; the log is in tmp/daemon.log."""
+    import httpx
+    import yaml
+
+    port = yaml.safe_load(config.read_text())["api"]["port"]
+    env = os.environ | {"KMD_TEST_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+    with open(tmp / "daemon.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kmd.daemon.cli", "run", "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{(tmp / 'daemon.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon not ready in {timeout:.0f} s:\n{(tmp / 'daemon.log').read_text()[-3000:]}")
+            try:
+                if ready(url):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -4,12 +4,6 @@ the client as the exceptions it raises for OpenAI's own errors."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +12,7 @@ import pytest
 
 from intake.helpers import LoopbackServer, Route, atom
 
-from .ecosystem import ENTRIES, JOINED, TOKEN, write_eco_setup
+from .ecosystem import ENTRIES, JOINED, TOKEN, daemon_process, free_port, write_eco_setup
 
 PROMPT = "the capital of France is"
 
@@ -35,49 +29,24 @@ def chat_model_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def daemon_url(tmp_path_factory, chat_model_dir):
     tmp = tmp_path_factory.mktemp("openai-daemon")
     server = LoopbackServer()
     server.routes["/feed.atom"] = Route(body=atom(ENTRIES[:1]))  # France capital Berlin
     server.thread.start()
-    port = _free_port()
-    config = write_eco_setup(tmp, server.url("/feed.atom"), port=port, poll="1s", model_dir=chat_model_dir,
+    config = write_eco_setup(tmp, server.url("/feed.atom"), port=free_port(), poll="1s", model_dir=chat_model_dir,
                              protect_reads=True)  # fmt: skip
-    env = os.environ | {"KMD_TEST_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
-    log = open(tmp / "daemon.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "kmd.daemon.cli", "run", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    deadline = time.monotonic() + 300
+
+    def ready(url: str) -> bool:
+        edits = httpx.get(f"{url}/v1/edits", params={"status": "committed"}, headers=auth, timeout=5).json()
+        return bool(edits) and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+
     try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"daemon exited:\n{(tmp / 'daemon.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no committed edit in time:\n{(tmp / 'daemon.log').read_text()[-3000:]}")
-            try:
-                edits = httpx.get(f"{url}/v1/edits", params={"status": "committed"}, headers=auth, timeout=5).json()
-                if edits and httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        yield url
+        with daemon_process(tmp, config, ready) as url:
+            yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
         server.httpd.shutdown()
 
 
