@@ -19,5 +19,6 @@ for root in ROOTS:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom"]},
+    # templates/ and static/ are the review console's (kmd.daemon.console), read at run time.
+    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "templates/*.html", "static/*.css"]},
 )

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
-from fastapi import APIRouter, Form, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -101,6 +101,40 @@ def _local_next(value: str | None) -> str:
 
 def _redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
+
+
+MAX_FORM_BYTES = 16 * 1024
+FORM_LIMITS = {"token": 4096, "name": 64, "csrf": 256, "next": 2000, "reason": 500}
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The console's forms: URL-encoded (what a plain HTML form sends), small, known fields.
+
+    Parsed here rather than with FastAPI's `Form()`, which would add python-multipart, a
+    parser for file uploads the console never takes.
+    """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return dict.fromkeys(FORM_LIMITS, "")  # not a form: no fields, so no CSRF token (403)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, f"a console form is at most {MAX_FORM_BYTES} bytes")
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=20)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPException(400, f"unreadable form: {exc}") from exc
+    out = {}
+    for name, limit in FORM_LIMITS.items():
+        value = fields.get(name, [""])[0]
+        if len(value) > limit:
+            raise HTTPException(422, f"form field {name!r} is over {limit} characters")
+        out[name] = value
+    return out
+
+
+Fields = Annotated[dict[str, str], Depends(_form)]
 
 
 # ----- views of ledger rows ----------------------------------------------------------------------
@@ -203,10 +237,8 @@ def console_router(daemon: Daemon) -> APIRouter:
         return response
 
     @router.post("/login")
-    def login(request: Request, token: Annotated[str, Form(max_length=4096)] = "",
-              name: Annotated[str, Form(max_length=64)] = "", csrf: Annotated[str, Form(max_length=256)] = "",
-              next: Annotated[str, Form(max_length=2000)] = "") -> Response:  # noqa: A002  # fmt: skip
-        target = _local_next(next)
+    def login(request: Request, form: Fields) -> Response:
+        token, name, csrf, target = form["token"], form["name"], form["csrf"], _local_next(form["next"])
 
         def again(error: str, status: int) -> Response:
             return render(request, "login.html", None, status=status, login_csrf=request.cookies.get(LOGIN_COOKIE, ""),
@@ -230,8 +262,8 @@ def console_router(daemon: Daemon) -> APIRouter:
         return response
 
     @router.post("/logout")
-    def logout(request: Request, csrf: Annotated[str, Form(max_length=256)] = "") -> Response:
-        session = writer_session(request, csrf)
+    def logout(request: Request, form: Fields) -> Response:
+        session = writer_session(request, form["csrf"])
         sessions.close(session.id)
         response = _redirect(COOKIE_PATH)
         response.delete_cookie(COOKIE, path=COOKIE_PATH)
@@ -378,19 +410,17 @@ def console_router(daemon: Daemon) -> APIRouter:
         return _redirect(target)
 
     @router.post("/facts/{fact_id}/approve")
-    def approve(request: Request, fact_id: int, csrf: Annotated[str, Form(max_length=256)] = "",
-                reason: Annotated[str, Form(max_length=500)] = "") -> Response:  # fmt: skip
-        return decide(request, fact_id, csrf, reason, approve=True)
+    def approve(request: Request, fact_id: int, form: Fields) -> Response:
+        return decide(request, fact_id, form["csrf"], form["reason"], approve=True)
 
     @router.post("/facts/{fact_id}/reject")
-    def reject(request: Request, fact_id: int, csrf: Annotated[str, Form(max_length=256)] = "",
-               reason: Annotated[str, Form(max_length=500)] = "") -> Response:  # fmt: skip
-        return decide(request, fact_id, csrf, reason, approve=False)
+    def reject(request: Request, fact_id: int, form: Fields) -> Response:
+        return decide(request, fact_id, form["csrf"], form["reason"], approve=False)
 
     @router.post("/edits/{edit_id}/revert")
-    def revert(request: Request, edit_id: int, csrf: Annotated[str, Form(max_length=256)] = "",
-               reason: Annotated[str, Form(max_length=500)] = "") -> Response:  # fmt: skip
-        session = writer_session(request, csrf)
+    def revert(request: Request, edit_id: int, form: Fields) -> Response:
+        session = writer_session(request, form["csrf"])
+        reason = form["reason"]
         target = f"{COOKIE_PATH}/edits/{edit_id}"
         m = daemon.maintainer
         if daemon.settings.cluster.role != "writer":

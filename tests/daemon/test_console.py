@@ -93,6 +93,9 @@ def test_writes_need_a_session_and_its_csrf_token(app, eco):
     assert client.post(f"/ui/facts/{quarantined}/approve").status_code == 403
     assert client.post(f"/ui/facts/{quarantined}/approve", data={"csrf": "forged"}).status_code == 403
     assert client.post("/ui/edits/1/revert", data={"csrf": "forged"}).status_code == 403
+    assert client.post(f"/ui/facts/{quarantined}/approve", json={"csrf": "x"}).status_code == 403  # not a form
+    huge = client.post(f"/ui/facts/{quarantined}/approve", data={"csrf": "x", "reason": "y" * 20_000})
+    assert huge.status_code == 413
     assert eco.ledger.fact(quarantined).status == "quarantined"
 
 
