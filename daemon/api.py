@@ -11,6 +11,9 @@
 
 Writes need `Authorization: Bearer <token>` (the token from the daemon config; with no
 token configured, writes are refused). Reads are open unless `protect_reads` is set.
+
+The same app serves the OpenAI-compatible endpoints (`kmd.daemon.openai_api`) and the
+review console at /ui (`kmd.daemon.console`), each from its own module.
 """
 
 from __future__ import annotations

@@ -207,3 +207,25 @@ def test_stop_text_holds_back_what_may_start_a_stop(eco):
     assert text.finish() == ""
     plain = StopText(tok, [])
     assert "".join(plain.push(i) for i in ids) + plain.finish() == tok.decode(ids)
+
+
+def test_a_consumer_that_stops_reading_stops_the_generation(eco, monkeypatch):
+    import threading
+
+    from kmd.daemon import openai_api
+    from kmd.daemon.openai_api import token_stream
+
+    produced = []
+    real_put = openai_api._QueueStreamer.put
+    monkeypatch.setattr(openai_api._QueueStreamer, "put", lambda self, value: produced.append(1) or real_put(self, value))
+    m = eco.maintainer
+    cancel = threading.Event()
+    tokens = token_stream(eco, m.host.encode(UNRELATED), max_tokens=200, cancel=cancel)
+    first = next(tokens)
+    assert isinstance(first, int) and not cancel.is_set()
+    tokens.close()  # what a disconnected client's stream does
+    assert cancel.is_set()
+    # the generating thread gives the serving lock back at its next step, not after 200 tokens
+    assert m.lock.acquire(timeout=30)
+    m.lock.release()
+    assert len(produced) < 100  # the prompt, then a few steps: far from the 200 asked for
