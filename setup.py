@@ -19,6 +19,6 @@ for root in ROOTS:
 setup(
     packages=packages,
     package_dir=package_dir,
-    # templates/ and static/ are the review console's (kmd.daemon.console), read at run time.
-    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "templates/*.html", "static/*.css"]},
+    # *.html and *.css: the review console's templates and stylesheet (kmd.daemon.console).
+    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "*.html", "*.css"]},
 )
