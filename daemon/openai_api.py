@@ -37,6 +37,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -108,6 +109,9 @@ class OpenAIRoute(APIRoute):
                 return openai_error(400, message, param=param)
             except HTTPException as exc:
                 return openai_error(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+            except Exception as exc:  # a bug: logged with its traceback, answered in the shape clients parse
+                logger.exception("{} {} failed", request.method, request.url.path)
+                return openai_error(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
         return route
 
@@ -568,8 +572,6 @@ def _stream_response(events: Iterator[dict[str, Any]], cancel: threading.Event) 
 
 
 def openai_router(daemon: Daemon) -> APIRouter:
-    from loguru import logger
-
     router = APIRouter(route_class=OpenAIRoute)
     created = int(time.time())
 

@@ -229,3 +229,24 @@ def test_a_consumer_that_stops_reading_stops_the_generation(eco, monkeypatch):
     assert m.lock.acquire(timeout=30)
     m.lock.release()
     assert len(produced) < 100  # the prompt, then a few steps: far from the 200 asked for
+
+
+def test_before_the_model_loads_models_answer_and_generation_is_503(tmp_path, monkeypatch):
+    from kmd.daemon.service import Daemon
+    from kmd.daemon.settings import load_settings
+
+    from .ecosystem import write_eco_setup
+
+    monkeypatch.setenv("KMD_TEST_TOKEN", TOKEN)
+    starting = Daemon(load_settings(write_eco_setup(tmp_path, "http://127.0.0.1:9/feed.atom")))
+    try:
+        client = TestClient(create_app(starting))
+        card = client.get("/v1/models").json()["data"][0]
+        assert card["id"] == "SmolLM2-135M-Instruct" and card["kmd"]["edits"] is None and card["kmd"]["ready"] is False
+        for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            response = client.post(path, json={"model": "embedded"} | body)
+            assert response.status_code == 503 and response.json()["error"]["type"] == "service_unavailable_error"
+        overview = client.get("/ui")  # the console reads the ledger meanwhile
+        assert overview.status_code == 200 and "starting: loading the model" in overview.text
+    finally:
+        starting.close()
