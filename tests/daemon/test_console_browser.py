@@ -152,6 +152,8 @@ def test_approving_a_quarantined_fact_makes_an_edit(console, browser):
 
     edit = wait_until(committed_row, what="the approved fact to become a committed edit")
     assert edit.startswith("edit-")
+    browser.get(f"{console}/ui/edits")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#edits tbody tr[id^=edit-]")) == 3
     shot(browser, "edits")
 
 
