@@ -214,11 +214,6 @@ def console_router(daemon: Daemon) -> APIRouter:
                 "can_write": daemon.settings.cluster.role == "writer" and bool(daemon.api_token)}  # fmt: skip
         return templates.TemplateResponse(request, name, base | context, status_code=status, headers=SECURITY_HEADERS)
 
-    def back(request: Request, fallback: str) -> str:
-        referer = request.headers.get("referer")
-        path = urlsplit(referer).path if referer else ""
-        return path if path.startswith(COOKIE_PATH) and not path.startswith("//") else fallback
-
     # ----- static and login ------------------------------------------------------------------
     @router.get("/static/console.css")
     def css() -> Response:
@@ -392,7 +387,7 @@ def console_router(daemon: Daemon) -> APIRouter:
     # ----- writes ----------------------------------------------------------------------------
     def decide(request: Request, fact_id: int, csrf: str, reason: str, approve: bool) -> Response:
         session = writer_session(request, csrf)
-        target = back(request, f"{COOKIE_PATH}/pending")
+        target = f"{COOKIE_PATH}/pending"
         if daemon.settings.cluster.role != "writer":
             session.say("error", "This is a serving replica: approve and reject in the writer's console.")
             return _redirect(target)
