@@ -119,11 +119,12 @@ def locality_chart(data: Activity) -> Markup:
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     points = data.locality
     values = [v for _, v in points] + ([data.min_loc] if data.min_loc is not None else [])
-    low = min(values, default=0.9)
-    low = max(0.0, min(low - 0.02, 0.95))
+    need = 1.0 - min(values, default=0.9) + 0.005  # room below the lowest value
+    step = next((s for s in (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25) if 4 * s >= need), 0.25)  # round ticks
+    low = 1.0 - 4 * step
     body: list[str] = []
     for i in range(5):
-        value = low + (1.0 - low) * i / 4
+        value = low + step * i
         y = TOP + plot_h - plot_h * (value - low) / (1.0 - low)
         body.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="{GRID}"/>')
         body.append(_text(LEFT - 6, y + 4, f"{value:.3f}", anchor="end"))
