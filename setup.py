@@ -19,5 +19,6 @@ for root in ROOTS:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom"]},
+    # *.html and *.css: the review console's templates and stylesheet (kmd.daemon.console).
+    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "*.html", "*.css"]},
 )

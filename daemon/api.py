@@ -17,6 +17,8 @@ refused with 413 by `BodyLimit` (before routing and auth); `/healthz` and `/read
 the event loop, never in the worker threads generation occupies; generation has a
 concurrency budget per kind of caller (with and without a token; 429 when it is spent)
 and callers without a token a smaller `max_new_tokens`.
+The same app serves the OpenAI-compatible endpoints (`kmd.daemon.openai_api`) and the
+review console at /ui (`kmd.daemon.console`), each from its own module.
 """
 
 from __future__ import annotations
@@ -292,6 +294,12 @@ def create_app(daemon: Daemon) -> FastAPI:
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from exc
 
+    # The OpenAI-compatible endpoints and the review console (their own modules).
+    from kmd.daemon.console import console_router
+    from kmd.daemon.openai_api import openai_router
+
+    app.include_router(openai_router(daemon))
+    app.include_router(console_router(daemon))
     return app
 
 

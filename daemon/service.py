@@ -332,6 +332,22 @@ class Daemon:
             raise RuntimeError(f"the API could not listen on {api.host}:{api.port}")
         logger.info("API listening on http://{}:{}", api.host, api.port)
 
+    @property
+    def api_url(self) -> str | None:
+        """The API's base URL once it listens (the real port when the settings say 0)."""
+        if self._server is None or not self._server.started:
+            return None
+        sockets = [s for server in self._server.servers for s in server.sockets]
+        host, port = sockets[0].getsockname()[:2] if sockets else (self.settings.api.host, self.settings.api.port)
+        return f"http://{host}:{port}"
+
+    def stop_api(self) -> None:
+        """Stop the API server started by `start_api` (a no-op when none runs)."""
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=10)
+
     # ----- lifetimes ------------------------------------------------------------------------------
     def run_once(self) -> CycleSummary:
         if self.settings.cluster.role != "writer":

@@ -4,6 +4,9 @@ A bundled policy, a feed served on loopback and a curated JSONL file go through 
 pipeline: intake, verification, edits, probes, commit or revert, the ledger. One fact is
 deliberately harmful (its edit fires on every prompt); the probes catch it and the loop
 reverts it. `kmd edit-demo` is the smaller protocol demo: edit, revert, compare.
+
+`kmd demo --serve` then keeps the API up: the review console at /ui (log in with the token
+it prints where to find) and the OpenAI-compatible endpoints, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ def demo(
     workdir: Annotated[Path | None, typer.Option(help="Where to keep the demo's state and ledger (default: a new temp dir).")] = None,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
+    serve: Annotated[bool, typer.Option("--serve", help="After the cycle, keep serving the API, the review console (/ui) "
+                                        "and the OpenAI-compatible endpoints until Ctrl-C.")] = False,
+    host: Annotated[str, typer.Option(help="With --serve: the address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="With --serve: the port (0: any free port).")] = 8080,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -84,7 +91,7 @@ def demo(
     policy.write_text(data.joinpath("demo-policy.yaml").read_text().replace("FEED_URL", feed_url).replace("FACTS_PATH", str(facts)))
     settings = DaemonSettings(
         policy=str(policy), state_dir=str(work / "state"), model=ModelConfig(model=model, device=device),
-        api=ApiSettings(enabled=False),
+        api=_serve_settings(work, host, port) if serve else ApiSettings(enabled=False),
     )  # fmt: skip
     console.print(f"[bold]kmd demo[/] in {work}: feed {feed_url}, curated file {facts.name}, policy {policy.name}")
     daemon = Daemon(settings)
@@ -140,9 +147,53 @@ def demo(
             f"Review it yourself: kmd ledger list --db {settings.database_url}   |   "
             f"kmd verify-chain --db {settings.database_url}"
         )
+        if serve:
+            _serve(daemon, console)
     finally:
+        daemon.stop_api()
         daemon.close()
         server.shutdown()
+
+
+def _serve_settings(work: Path, host: str, port: int):  # noqa: ANN202 - ApiSettings, imported late
+    """The API for `--serve`: writes need a token; $KMD_API_TOKEN, else one made for this workdir."""
+    import os
+    import secrets
+
+    from kmd.daemon.settings import ApiSettings
+
+    if os.environ.get("KMD_API_TOKEN"):
+        return ApiSettings(enabled=True, host=host, port=port)
+    token_file = work / "api-token"
+    if not token_file.is_file():
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+    return ApiSettings(enabled=True, host=host, port=port, token_file=str(token_file))
+
+
+def _serve(daemon, console) -> None:  # noqa: ANN001 - Daemon, rich Console
+    """Serve the API and the console until Ctrl-C (or SIGTERM); apply facts approved meanwhile."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    daemon.start_api()
+    url = daemon.api_url
+    token_file = daemon.settings.api.token_file
+    where = f"the token in {token_file}" if token_file else "$KMD_API_TOKEN"
+    console.print(f"\n[bold]Review console:[/] {url}/ui   (log in with {where} to approve, reject or revert)\n"
+                  f"[bold]OpenAI-compatible API:[/] {url}/v1   (e.g. openai.OpenAI(base_url=\"{url}/v1\", api_key=\"-\"))\n"
+                  "Serving until Ctrl-C; facts approved in the console are applied every few seconds.",
+                  soft_wrap=True)  # fmt: skip
+    try:
+        while not stop.wait(3.0):
+            try:
+                daemon.cycle(all_sources=False, regression=False)
+            except Exception as exc:  # keep serving: the console shows the ledger as it is
+                console.print(f"[red]edit cycle failed:[/] {type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        pass
+    console.print("stopped serving")
 
 
 def edit_demo(

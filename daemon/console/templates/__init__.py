@@ -1,0 +1,1 @@
+"""Jinja2 templates of the review console (package data, like probes_data)."""
