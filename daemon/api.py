@@ -1,10 +1,11 @@
 """The HTTP API: health, readiness, metrics, generation, the ledger, and two writes.
 
     GET  /healthz                 cheap liveness (the process answers)
-    GET  /readyz                  200 once model and state are loaded; 503 while an edit
-                                  or revert is in flight (or before start-up finished)
+    GET  /readyz                  200 once model and state are loaded (edits in flight do
+                                  not change that); 503 before start-up finished
     GET  /metrics                 Prometheus text, `kmd_` prefix, no per-edit labels
-    POST /v1/generate             greedy generation through the edited model
+    POST /v1/generate             greedy generation through the committed edits, batched
+                                  with concurrent requests; 429 + Retry-After when saturated
     GET  /v1/edits[/{id}]         the edit ledger;  GET /v1/reverts  the revert log
     POST /v1/facts                submit a curated fact (a claim from a policy source)
     POST /v1/edits/{id}/revert    revert one edit now (the writer only: 409 on a replica)
@@ -28,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmd.daemon.ledger import LedgerError
+from kmd.daemon.serving import QueueFull
 from kmd.daemon.service import NotServingError
 
 if TYPE_CHECKING:
@@ -170,9 +172,13 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/generate")
     def generate(body: GenerateBody, _: Read) -> dict[str, Any]:
         try:
-            return {"prompt": body.prompt, "text": daemon.generate(body.prompt, body.max_new_tokens)}
+            text, got = daemon.generate_result(body.prompt, body.max_new_tokens)
         except NotServingError as exc:
             raise HTTPException(503, str(exc)) from exc
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
+        # `edits`: committed edits in the state that answered (lets clients see which state they read)
+        return {"prompt": body.prompt, "text": text, "edits": got.edits}
 
     @app.get("/v1/edits")
     def edits(_: Read, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:

@@ -37,6 +37,11 @@ class ApiSettings(StrictModel):
     token_env: str = "KMD_API_TOKEN"  # bearer token for write endpoints, from this variable
     token_file: str | None = None  # ... or from this file (first line)
     protect_reads: bool = False  # reads need the token too
+    # /v1/generate: requests arriving within `batch_window_ms` of each other share one batched
+    # forward (at most `max_batch`); past `max_queue` waiting requests the API answers 429.
+    max_batch: int = Field(default=16, ge=1, le=256)
+    max_queue: int = Field(default=64, ge=1)
+    batch_window_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
 
 
 class ScheduleSettings(StrictModel):
