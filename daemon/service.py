@@ -276,6 +276,7 @@ class Daemon:
 
     def _edit_job(self) -> None:
         assert self._verifier is not None and self.maintainer is not None
+        _yield_to_serving()
         self._verifier.run()
         self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
         self.maintainer.publish_pending()  # retries a publish that failed after an earlier change
@@ -283,6 +284,7 @@ class Daemon:
 
     def _regression_job(self) -> None:
         assert self.maintainer is not None
+        _yield_to_serving()
         self.maintainer.regression_check()
 
     def _schedule(self) -> None:
@@ -416,6 +418,20 @@ class Daemon:
         if self._intake is not None:
             self._intake.close()
         self.ledger.close()
+
+
+WRITER_NICE = 10  # scheduler threads that edit run at this niceness: requests come first
+
+
+def _yield_to_serving() -> None:
+    """Lower this thread's CPU priority (Linux: per thread) so generation requests are not
+    slowed by an edit computed at the same time. Best effort; a thread keeps it."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < WRITER_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, WRITER_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class _SystemdNotifier:

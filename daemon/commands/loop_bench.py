@@ -5,7 +5,8 @@ backend): a feed served on loopback gains one new entry at a time, and each time
 `Daemon.cycle()` polls it, verifies it, applies the edit, runs every probe (the edit and
 its paraphrases, the whole locality suite, a sample of earlier edits) and commits. The
 first entry is a warm-up: it pays the backend's one-off costs (LLP generates its
-background statistics on the first edit) and is reported apart. Under the scheduler the
+background statistics on the first edit) and is reported apart. The probes are the
+daemon's: served answers, routing-aware locality (`loc rows run`: suite prompts generated). Under the scheduler the
 source's poll interval adds up to that interval on top of these figures.
 """
 
@@ -124,7 +125,9 @@ def bench_loop(
                          "status": final.status if final else "skipped (already known)", "attempts": len(edits),
                          "entry_to_commit_s": seconds if summary.committed else None,
                          "apply_s": probes.get("apply_seconds"), "probe_s": probes.get("probe_seconds"),
-                         "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc")})  # fmt: skip
+                         "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc"),
+                         "served_rel": probes.get("served_rel"), "served_gen": probes.get("served_gen"),
+                         "loc_rows_run": probes.get("loc_rows_run")})  # fmt: skip
             console.print(f"entry {i}: {rows[-1]['status']} in {seconds:.1f} s")
     finally:
         daemon.close()
@@ -144,13 +147,15 @@ def bench_loop(
         "apply_s_mean": mean("apply_s"), "probe_s_mean": mean("probe_s"),
     }  # fmt: skip
     table = Table(title=f"feed entry -> committed edit ({result['backend']}, {result['model']})")
-    for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "rel", "gen", "loc"):
+    for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "served rel", "served gen",
+                   "rel", "gen", "loc", "loc rows run"):
         table.add_column(column)
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         table.add_row(f"{r['entry']}{' (warm-up)' if r['warm_up'] else ''}", r["status"], str(r["attempts"]),
-                      fmt(r["entry_to_commit_s"]), fmt(r["apply_s"]), fmt(r["probe_s"]), fmt(r["rel"]), fmt(r["gen"]),
-                      fmt(r["loc"]))  # fmt: skip
+                      fmt(r["entry_to_commit_s"]), fmt(r["apply_s"]), fmt(r["probe_s"]), fmt(r["served_rel"]),
+                      fmt(r["served_gen"]), fmt(r["rel"]), fmt(r["gen"]), fmt(r["loc"]),
+                      "-" if r["loc_rows_run"] is None else str(r["loc_rows_run"]))  # fmt: skip
     console.print(table)
     console.print(f"load + locality baseline {load_s:.1f} s; mean over {len(timed)} committed entries: "
                   f"entry->commit {fmt(result['entry_to_commit_s_mean'])} s, apply {fmt(result['apply_s_mean'])} s, "

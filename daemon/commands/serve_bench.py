@@ -107,7 +107,7 @@ def bench_serve(
     from rich.console import Console
     from rich.table import Table
 
-    from kmd.daemon.service import Daemon
+    from kmd.daemon.service import Daemon, _yield_to_serving
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
     from kmd.editors.answers import hits
 
@@ -146,6 +146,7 @@ def bench_serve(
         done = threading.Event()
 
         def edit_loop() -> None:
+            _yield_to_serving()  # as the daemon's edit job does
             i = 1
             while not done.is_set() and i <= len(fact_prompts):
                 feed.add(i, *_fact(i))
