@@ -320,7 +320,8 @@ class Editor(ABC):
         with self._lock:
             clone = copy.copy(self)
             for name, value in vars(self).items():
-                setattr(clone, name, _copy_containers(value))
+                if name not in ("host", "config"):  # the model host and the frozen config are shared
+                    setattr(clone, name, _copy_containers(value))
             clone._handle, clone._suspended, clone._users = None, 0, 0
             clone._lock, clone._retired, clone._raw_calls = threading.RLock(), False, False
             clone._forked()
