@@ -109,7 +109,7 @@ def bench_serve(
 
     from kmd.daemon.service import Daemon, _yield_to_serving
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
-    from kmd.editors.answers import hits
+    from kmd.editors.answers import answer_line, hits
 
     console = Console(width=120)
     work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-bench-serve-"))).resolve()
@@ -171,7 +171,7 @@ def bench_serve(
             subject = r["prompt"][len("The CEO of ") : -len(" is")]
             position = next((k for k, (s, _) in enumerate(order) if s == subject), None)
             visible = position is not None and position < r["edits"]
-            hit = position is not None and hits(r["text"].split("\n")[0], order[position][1])
+            hit = position is not None and hits(answer_line(r["text"]), order[position][1])
             stale += hit and not visible  # an answer from an edit not committed in the state that answered
             missed += visible and not hit
         phases["during_edits"] |= {"stale_answers": stale, "committed_but_not_answered": missed}
