@@ -121,6 +121,9 @@ def bench_loop(
             edits = [e for e in daemon.ledger.edits() if e.request.get("subject") == subject]
             final = edits[-1] if edits else None
             probes = (final.probes or {}) if final else {}
+            if final is not None and final.status == "reverted":  # its probe figures are in the revert log
+                revert = next((r for r in daemon.ledger.reverts(limit=50) if r.edit_id == final.id), None)
+                probes = (revert.probes_before or {}) if revert else {}
             rows.append({"entry": i, "warm_up": i == 0, "fact": f"{subject} ceo -> {person}",
                          "status": final.status if final else "skipped (already known)", "attempts": len(edits),
                          "entry_to_commit_s": seconds if summary.committed else None,
