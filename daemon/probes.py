@@ -171,6 +171,7 @@ class ProbeReport:
     answers: tuple[dict[str, Any], ...] = ()  # per prompt and form: the answer line and its verdicts
     loc_rows_run: int = 0  # locality prompts generated for this probe (the rest provably unchanged)
     loc_changed: tuple[dict[str, str], ...] = ()  # up to 5 locality prompts whose continuation changed
+    seconds: dict[str, float] = field(default_factory=dict)  # where the probe's time went
     locality: LocalityState | None = None  # not a figure: the state the prober keeps on commit
 
     @property
@@ -334,8 +335,9 @@ class Prober:
         failures = []
         served_rel = served_gen = None
         figures: tuple[dict[str, Any], ...] = ()
+        clock = _Clock()
         if t.served_answers:
-            got = self.served(editor, request)
+            got = clock("served", self.served, editor, request)
             figures = tuple(_answer_figure(a) for a in got)
             own = [a for a in got if a.prompt == request.prompt]
             para = [a for a in got if a.prompt != request.prompt]
@@ -348,9 +350,9 @@ class Prober:
                 failures.append(f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), served_gen "
                                 f"{'-' if served_gen is None else f'{served_gen:.2f}'} (min {t.min_served_gen}); "
                                 f"{a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})")  # fmt: skip
-        rel, gen = self.edit_scores(editor, request)
-        state = self.locality(editor)
-        earlier_rel, checked = self.earlier(editor, earlier)
+        rel, gen = clock("teacher_forced", self.edit_scores, editor, request)
+        state = clock("locality", self.locality, editor)
+        earlier_rel, checked = clock("earlier", self.earlier, editor, earlier)
         if rel < t.min_rel:
             failures.append(f"edit did not take: rel {rel:.3f} < {t.min_rel}")
         if gen is not None and gen < t.min_gen:
@@ -364,7 +366,19 @@ class Prober:
             failures.append(f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} over {checked}")
         took = not any(f.startswith(("answers wrong", "edit did not take", "paraphrases")) for f in failures)
         return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), took, served_rel, served_gen,
-                           figures, state.rows_run, examples, state)  # fmt: skip
+                           figures, state.rows_run, examples, clock.seconds, state)  # fmt: skip
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 3)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
