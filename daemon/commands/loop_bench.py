@@ -76,11 +76,24 @@ class _Feed:
         ).encode()
 
 
+def _with_probes(text: str, settings: list[str]) -> str:
+    import yaml
+
+    data = yaml.safe_load(text)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--probe {item!r}: expected KEY=VALUE")
+        data.setdefault("probes", {})[key.strip()] = yaml.safe_load(value)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def bench_loop(
     entries: Annotated[int, typer.Option(min=1, max=100, help="Timed entries (after one warm-up entry).")] = 5,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     backend: Annotated[str | None, typer.Option(help="Override the demo policy's backend.")] = None,
+    probe: Annotated[list[str] | None, typer.Option(help="Override a probes setting of the demo policy: KEY=VALUE (YAML value); repeatable.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="State and ledger directory (default: a new temp dir).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
 ) -> None:
@@ -101,6 +114,8 @@ def bench_loop(
     text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
     if backend:
         text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
+    if probe:
+        text = _with_probes(text, probe)
     policy = work / "policy.yaml"
     policy.write_text(text)
     settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"),

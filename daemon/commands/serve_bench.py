@@ -26,7 +26,7 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands.common import DeviceOpt, ModelOpt
-from kmd.daemon.commands.loop_bench import COMPANY, FIRST, LAST, _Feed
+from kmd.daemon.commands.loop_bench import COMPANY, FIRST, LAST, _Feed, _with_probes
 
 GENERIC = ("The weather today is", "My favourite book is", "The best way to learn a language is",
            "Water boils at", "The largest ocean on Earth is", "A good breakfast includes",
@@ -100,6 +100,7 @@ def bench_serve(
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     backend: Annotated[str | None, typer.Option(help="Override the demo policy's backend.")] = None,
+    probe: Annotated[list[str] | None, typer.Option(help="Override a probes setting of the demo policy: KEY=VALUE (YAML value); repeatable.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="State and ledger directory (default: a new temp dir).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
 ) -> None:
@@ -121,6 +122,8 @@ def bench_serve(
     text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
     if backend:
         text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
+    if probe:
+        text = _with_probes(text, probe)
     (work / "policy.yaml").write_text(text)
     port = _free_port()
     settings = DaemonSettings(policy=str(work / "policy.yaml"), state_dir=str(work / "state"),
