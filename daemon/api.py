@@ -1,10 +1,11 @@
 """The HTTP API: health, readiness, metrics, generation, the ledger, and two writes.
 
     GET  /healthz                 cheap liveness (the process answers)
-    GET  /readyz                  200 once model and state are loaded; 503 while an edit
-                                  or revert is in flight (or before start-up finished)
+    GET  /readyz                  200 once model and state are loaded (edits in flight do
+                                  not change that); 503 before start-up finished
     GET  /metrics                 Prometheus text, `kmd_` prefix, no per-edit labels
-    POST /v1/generate             greedy generation through the edited model
+    POST /v1/generate             greedy generation through the committed edits, batched
+                                  with concurrent requests; 429 + Retry-After when saturated
     GET  /v1/edits[/{id}]         the edit ledger;  GET /v1/reverts  the revert log
     POST /v1/facts                submit a fact (a claim of the policy's `api` source)
     POST /v1/edits/{id}/revert    revert one edit now (the writer only: 409 on a replica)
@@ -37,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from kmd.daemon.ledger import LedgerError
+from kmd.daemon.serving import QueueFull
 from kmd.daemon.service import NotServingError
 
 if TYPE_CHECKING:
@@ -256,11 +258,15 @@ def create_app(daemon: Daemon) -> FastAPI:
         if not slot.acquire(blocking=False):
             raise HTTPException(429, "too many generations in flight; retry shortly", headers={"Retry-After": "1"})
         try:
-            return {"prompt": body.prompt, "text": daemon.generate(body.prompt, body.max_new_tokens)}
+            text, got = daemon.generate_result(body.prompt, body.max_new_tokens)
         except NotServingError as exc:
             raise HTTPException(503, str(exc)) from exc
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
         finally:
             slot.release()
+        # `edits`: committed edits in the state that answered (lets clients see which state they read)
+        return {"prompt": body.prompt, "text": text, "edits": got.edits}
 
     @app.get("/v1/edits")
     def edits(_: Read, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:

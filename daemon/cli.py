@@ -16,7 +16,7 @@ from kmd.daemon.commands import ledger_cmd
 from kmd.daemon.commands import calibrate
 from kmd.daemon.commands import run_cmd
 from kmd.daemon.commands import recipe
-from kmd.daemon.commands import loop_bench
+from kmd.daemon.commands import loop_bench, serve_bench
 from kmd.daemon.logs import configure_logging
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ calibrate.register(app)
 run_cmd.register(app)
 recipe.register(app)
 loop_bench.register(app)
+serve_bench.register(app)
 
 
 def main() -> None:

@@ -1,8 +1,11 @@
 """The maintenance loop's one writer: facts in, probed edits out, reverts when they hurt.
 
 Every change to the model goes through `Maintainer` under one lock, so two edits never
-run at once and nothing serves from a model that is half-way through an edit. The order
-of each edit makes a crash at any moment recoverable:
+run at once. Serving never waits for it: requests are answered by `serving`, a fork of
+the editor taken whenever it holds exactly the committed edits (after each operation),
+so a candidate edit is invisible until committed and a reverted edit disappears at once
+(the next snapshot replaces the old one atomically; requests in flight finish on the old
+one). The order of each edit makes a crash at any moment recoverable:
 
     ledger: edit `applied`  ->  editor.apply  ->  probes
         pass: editor state saved atomically  ->  ledger: edit `committed`
@@ -48,7 +51,7 @@ from loguru import logger
 from kmd.daemon.crashpoints import crash_point
 from kmd.daemon.edit_request import build_edit_request
 from kmd.daemon.ledger import LedgerError
-from kmd.daemon.probes import LocalityBaseline, Prober, ProbeReport, Thresholds, read_suite
+from kmd.daemon.probes import LocalityBaseline, LocalityState, Prober, ProbeReport, Thresholds, read_suite
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets
@@ -102,9 +105,10 @@ class Maintainer:
         self.state_dir = Path(state_dir)
         self.editor_dir = self.state_dir / "editor"
         self.actor = actor
-        self.lock = threading.RLock()  # the one writer; also held while serving generation
+        self.lock = threading.RLock()  # the one writer (serving does not take it: see `serving`)
         self.stats = Stats()
-        self.editor = editor or get_backend(policy.backend)(host)
+        self.editor = editor or get_backend(policy.backend)(host)  # the writer's working editor
+        self.serving: Editor | None = None  # what requests are answered with: the committed edits
         self._suite = suite if suite is not None else self._suite_prompts()
         self.prober: Prober | None = None
         self.publish: Callable[[], None] | None = None  # publish the saved state for replicas
@@ -127,7 +131,7 @@ class Maintainer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # The baseline must be the unedited model's answers: record before loading edits.
         baseline = LocalityBaseline.load_or_record(self.state_dir / "locality-baseline.json", self.host, self._suite)
-        self.prober = Prober(self.host, baseline, Thresholds.of(self.policy.probes))
+        prober = Prober(self.host, baseline, Thresholds.of(self.policy.probes))
         with self.lock:
             if (self.editor_dir / MANIFEST).is_file():
                 loaded = Editor.load(self.editor_dir, self.host)
@@ -138,6 +142,11 @@ class Maintainer:
                     )
                 self.editor = loaded
             self._reconcile()
+            if prober.use_routing(self.editor, self.state_dir):  # cheap with features: only reached chunks run
+                prober.committed = prober.locality(self.editor)
+                self.stats.last_locality = prober.committed.loc
+            self.prober = prober
+            self._serve_committed()
 
     def _reconcile(self) -> None:
         """Finish or roll back every operation the ledger shows in flight (see the module doc)."""
@@ -255,7 +264,15 @@ class Maintainer:
     # ----- serving ----------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.prober is not None and not self.stats.busy
+        return self.prober is not None and self.serving is not None
+
+    def _serve_committed(self) -> None:
+        """Serve what the working editor holds now (call only when that is the committed state)."""
+        if self.serving is not None and self.serving.edit_ids == self.editor.edit_ids:
+            return  # the same edits (a reverted candidate, a failed update reloaded)
+        old, self.serving = self.serving, self.editor.fork()
+        if old is not None:
+            old.retire()  # its hooks go when the requests still running on it end
 
     @contextmanager
     def _busy(self) -> Iterator[None]:
@@ -263,6 +280,7 @@ class Maintainer:
             self.stats.busy = True
             try:
                 yield
+                self._serve_committed()  # the operation finished: the editor holds committed edits
                 self.publish_pending()  # the ledger now records what the saved state holds
             finally:
                 self.stats.busy = False
@@ -363,11 +381,14 @@ class Maintainer:
                 self.ledger.commit_edit(record.id, probes=report.figures() | timings, actor=self.actor,
                                         supersedes_edit_id=supersedes, superseded_probes={"loc": report.loc})  # fmt: skip
                 crash_point("commit.recorded" if supersedes is None else "supersede.committed")
+                self.prober.committed = report.locality
                 self.stats.edits_committed += 1
-                log.info("edit {} committed: rel {:.2f} gen {} loc {:.4f}", edit_id, report.rel, report.gen, report.loc)
+                log.info("edit {} committed: served rel {} gen {}, rel {:.2f} gen {} loc {:.4f} ({} locality prompts run)",
+                         edit_id, report.served_rel, report.served_gen, report.rel, report.gen, report.loc,
+                         report.loc_rows_run)  # fmt: skip
                 return "committed", record.id
             self.editor.revert(edit_id)
-            after = {"loc": self.prober.locality(self.editor)}
+            after = {"loc": self.prober.locality(self.editor).loc}  # the committed state's, unless superseding
             self.stats.last_locality = after["loc"]
             retry_next = not report.took and number < len(attempts) and not self._harmful(report)
             self.ledger.revert_edit(
@@ -384,8 +405,14 @@ class Maintainer:
     def _current_locality(self) -> float:
         """Locality of the model as it is now (cached from the last probe that measured it)."""
         if self.stats.last_locality is None:
-            self.stats.last_locality = self.prober.locality(self.editor)
+            self.stats.last_locality = self.prober.locality(self.editor).loc
         return self.stats.last_locality
+
+    def _measured(self, state: LocalityState) -> float:
+        """Keep `state` as the committed edits' locality (the editor holds them now)."""
+        self.prober.committed = state
+        self.stats.last_locality = state.loc
+        return state.loc
 
     def _relation_options(self, fact: FactRecord) -> dict[str, Any]:
         return dict(self.policy.relation(fact.relation).editor_options)
@@ -434,8 +461,7 @@ class Maintainer:
             crash_point("revert.applied")
             self.save()
             crash_point("revert.saved")
-        after = {"loc": self.prober.locality(self.editor)}
-        self.stats.last_locality = after["loc"]
+        after = {"loc": self._measured(self.prober.locality(self.editor))}
         revert = self.ledger.revert_edit(edit_id, reason=reason, probes_before=before, probes_after=after, actor=actor)
         crash_point("revert.recorded")
         self.stats.edits_reverted += 1
@@ -448,8 +474,7 @@ class Maintainer:
         reverted: list[int] = []
         with self._busy():
             threshold = self.prober.thresholds.min_loc
-            loc = self.prober.locality(self.editor)
-            self.stats.last_locality = loc
+            loc = self._measured(self.prober.locality(self.editor, full=True))  # the safety net: every chunk
             while loc < threshold and self.editor.edit_ids:
                 newest = int(self.editor.edit_ids[-1])
                 reason = f"periodic regression: loc {loc:.4f} < {threshold}"

@@ -302,9 +302,15 @@ class VerificationPolicy(_Strict):
 class ProbePolicy(_Strict):
     """Thresholds the maintenance loop applies after each edit (names follow PROTOCOL.md)."""
 
-    min_rel: float = Field(default=0.9, ge=0.0, le=1.0)  # the edit's own prompt
-    min_gen: float = Field(default=0.5, ge=0.0, le=1.0)  # its paraphrases
-    min_loc: float = Field(default=0.98, ge=0.0, le=1.0)  # held-out prompts unchanged
+    # Served answers (what users read, editors/answers.py): greedy answers to the edit prompt
+    # and its paraphrases, plain and (with a chat template) as a chat turn; an answer is
+    # correct when its first line holds the target and the continuation is not degenerate.
+    served_answers: bool = True  # false: judge the edit by teacher-forced accuracy only
+    min_served_rel: float = Field(default=1.0, ge=0.0, le=1.0)  # edit prompt: fraction of forms correct
+    min_served_gen: float = Field(default=0.5, ge=0.0, le=1.0)  # paraphrases: fraction of answers correct
+    min_rel: float = Field(default=0.9, ge=0.0, le=1.0)  # teacher-forced, the edit's own prompt
+    min_gen: float = Field(default=0.5, ge=0.0, le=1.0)  # teacher-forced, its paraphrases
+    min_loc: float = Field(default=0.98, ge=0.0, le=1.0)  # locality prompts whose greedy continuation is unchanged
     earlier_edits_sample: int = Field(default=20, ge=0)  # earlier edits re-checked per edit
     min_earlier_rel: float = Field(default=0.9, ge=0.0, le=1.0)
     # Locality prompts: kmd's shipped suite (several hundred varied prompts) plus your own

@@ -1,12 +1,19 @@
 """Regression probes run after every edit, and the locality baseline they compare against.
 
 Three probes (thresholds come from the policy's `probes:` section):
-1. the edit itself: teacher-forced accuracy of the target after the edit prompt (`rel`)
-   and after each paraphrase (`gen`): did it take?
-2. locality: held-out prompts whose greedy continuations by the *unedited* model were
-   recorded when the baseline was created; `loc` is the fraction of those tokens the
-   edited model still predicts (teacher-forced, one batched pass);
-3. earlier edits: a sample of committed edits re-scored: are they still held?
+1. the edit itself, as users read it (`lifelong-served/v1`, editors/answers.py): greedy
+   answers (KV cache, batched, at most 32 new tokens) to the edit prompt and each
+   paraphrase, as plain text and, when the model is served with a chat template, as a
+   chat turn. An answer is correct when its first line holds the target and the
+   continuation is not degenerate; `served_rel` / `served_gen` are the fractions
+   correct. The teacher-forced accuracies (`rel`, `gen`) are kept as secondary figures;
+2. locality: held-out prompts whose greedy continuations (8 tokens) by the *unedited*
+   model were recorded when the baseline was created, in fixed chunks of the suite;
+   `loc` is the fraction of prompts the edited model still continues token for token
+   the same way. Routing-aware: a backend that implements `routing_features`/`routes`
+   says from cached features which rows each edit reaches; only the chunks whose rows
+   route differently from the committed state are generated again (see `Prober`);
+3. earlier edits: a sample of committed edits re-scored (teacher-forced): still held?
 """
 
 from __future__ import annotations
@@ -16,17 +23,22 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from kmd.editors.scoring import generate, score_targets, score_token_targets
+from kmd.editors.answers import Answer, answers, has_chat_template
+from kmd.editors.batching import left_padded_ids
+from kmd.editors.scoring import generate, generate_ids, score_targets
 
 if TYPE_CHECKING:
+    import torch
+
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import EditRequest, Editor
 
@@ -63,36 +75,39 @@ def read_suite(path: str | Path | None = None) -> list[str]:
     return prompts
 
 
+LOCALITY_TOKENS = 8  # recorded greedy tokens per locality prompt
+LOCALITY_CHUNK = 16  # prompts generated together; a chunk is the unit of re-generation
+
+
 @dataclass(frozen=True)
 class LocalityBaseline:
-    """The unedited model's greedy continuations of the locality prompts."""
+    """The unedited model's greedy continuations of the locality prompts.
+
+    Recorded in chunks of `chunk` consecutive prompts (left-padded batches), exactly as the
+    probes generate them, so a chunk no edit reaches gives the recorded tokens bit for bit.
+    """
 
     model_fingerprint: str
     prompts: tuple[str, ...]
     continuations: tuple[tuple[int, ...], ...]
+    chunk: int = LOCALITY_CHUNK
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()
 
     @classmethod
-    def record(cls, host: ModelHost, prompts: Sequence[str], tokens: int = 8, batch_size: int = 32) -> LocalityBaseline:
+    def record(cls, host: ModelHost, prompts: Sequence[str], tokens: int = LOCALITY_TOKENS, chunk: int = LOCALITY_CHUNK) -> LocalityBaseline:
         logger.info("recording the unedited model's answers to {} locality prompts", len(prompts))
-        continuations = generate(host, None, list(prompts), tokens, batch_size)
-        return cls(host.identity.fingerprint, tuple(prompts), tuple(tuple(c) for c in continuations))
+        continuations = generate(host, None, list(prompts), tokens, chunk)
+        return cls(host.identity.fingerprint, tuple(prompts), tuple(tuple(c) for c in continuations), chunk)
 
     def save(self, path: Path) -> None:
-        data = json.dumps(asdict(self)).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _write_atomically(path, json.dumps(asdict(self)).encode())
 
     @classmethod
     def load_or_record(cls, path: Path, host: ModelHost, prompts: Sequence[str]) -> LocalityBaseline:
-        """Reuse a recorded baseline for the same model and prompts, else record a new one.
+        """Reuse a recorded baseline for the same model, prompts and chunking, else record a new one.
 
         The baseline must come from the *unedited* model: call this before any edit is
         attached (the daemon does it at start, before restoring the editor state).
@@ -100,10 +115,11 @@ class LocalityBaseline:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-                found = cls(data["model_fingerprint"], tuple(data["prompts"]), tuple(tuple(c) for c in data["continuations"]))
-                if found.model_fingerprint == host.identity.fingerprint and found.prompts == tuple(prompts):
+                found = cls(data["model_fingerprint"], tuple(data["prompts"]),
+                            tuple(tuple(c) for c in data["continuations"]), int(data.get("chunk", 0)))  # fmt: skip
+                if (found.model_fingerprint, found.prompts, found.chunk) == (host.identity.fingerprint, tuple(prompts), LOCALITY_CHUNK):
                     return found
-                logger.warning("locality baseline {} is for another model or suite; recording anew", path)
+                logger.warning("locality baseline {} is for another model, suite or chunking; recording anew", path)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("locality baseline {} unreadable ({}); recording anew", path, exc)
         baseline = cls.record(host, prompts)
@@ -112,22 +128,59 @@ class LocalityBaseline:
         return baseline
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class LocalityState:
+    """What one state of an editor does on the locality suite.
+
+    `routes[c]` are the route tokens (`Editor.routes`) of chunk c's rows in that state
+    (None: not known, the chunk must be generated to compare); `verdicts[i]` says whether
+    prompt i still continues token for token as the baseline recorded.
+    """
+
+    routes: tuple[tuple[Hashable | None, ...] | None, ...]
+    verdicts: tuple[bool, ...]
+    changed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # prompt index -> its new tokens
+    rows_run: int = 0  # prompts generated to get this state
+    full: bool = False  # every chunk was generated
+
+    @property
+    def loc(self) -> float:
+        return sum(self.verdicts) / max(len(self.verdicts), 1)
+
+
 @dataclass(frozen=True)
 class ProbeReport:
-    rel: float
-    gen: float | None
-    loc: float
+    rel: float  # teacher-forced accuracy of the target after the edit prompt (secondary)
+    gen: float | None  # the same over the paraphrases (secondary)
+    loc: float  # fraction of locality prompts whose greedy continuation is unchanged
     earlier_rel: float | None
     earlier_checked: int
     failures: tuple[str, ...]  # human-readable reasons; empty means pass
-    took: bool  # the edit itself took (rel and gen thresholds met)
+    took: bool  # the edit itself took (served and teacher-forced thresholds met)
+    served_rel: float | None = None  # fraction of forms whose answer to the edit prompt is correct
+    served_gen: float | None = None  # fraction of (paraphrase, form) answers that are correct
+    answers: tuple[dict[str, Any], ...] = ()  # per prompt and form: the answer line and its verdicts
+    loc_rows_run: int = 0  # locality prompts generated for this probe (the rest provably unchanged)
+    loc_changed: tuple[dict[str, str], ...] = ()  # up to 5 locality prompts whose continuation changed
+    seconds: dict[str, float] = field(default_factory=dict)  # where the probe's time went
+    locality: LocalityState | None = None  # not a figure: the state the prober keeps on commit
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
     def figures(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "failures"} | {"failures": list(self.failures)}
+        plain = {k: v for k, v in asdict(self).items() if k not in ("failures", "locality")}
+        return plain | {"failures": list(self.failures)}
 
 
 @dataclass(frozen=True)
@@ -137,28 +190,137 @@ class Thresholds:
     min_loc: float = 0.98
     earlier_edits_sample: int = 20
     min_earlier_rel: float = 0.9
+    min_served_rel: float = 1.0
+    min_served_gen: float = 0.5
+    served_answers: bool = True
 
     @classmethod
     def of(cls, policy_probes: Any) -> Thresholds:
-        return cls(**{name: getattr(policy_probes, name) for name in cls.__dataclass_fields__})
+        return cls(**{name: getattr(policy_probes, name) for name in cls.__dataclass_fields__ if hasattr(policy_probes, name)})
+
+
+def _answer_figure(answer: Answer) -> dict[str, Any]:
+    return {"prompt": answer.prompt, "form": answer.form, "answer": answer.line[:200],
+            "hit": answer.hit, "degenerate": answer.degenerate}  # fmt: skip
 
 
 class Prober:
+    """Runs the probes; keeps the locality state of the committed edits between edits.
+
+    Routing-aware locality: `use_routing(editor)` computes the backend's routing features
+    once per locality chunk (cached on disk next to the baseline, keyed by the model, the
+    suite, the backend and its config). A probe then asks the editor for every row's route
+    token; a chunk whose tokens all equal those of the committed state computes exactly
+    what it computed then (same rows, same padding, same edits acting on them), so its
+    verdicts are reused; a chunk no edit reaches is the base model's, i.e. the baseline.
+    Only the other chunks are generated. Without features (a backend without the method)
+    every chunk is generated. `locality(editor, full=True)` generates every chunk: the
+    safety net the regression job runs on its schedule.
+    """
+
     def __init__(self, host: ModelHost, baseline: LocalityBaseline, thresholds: Thresholds, batch_size: int = 32) -> None:
         self.host, self.baseline, self.thresholds, self.batch_size = host, baseline, thresholds, batch_size
-        self._encoded = [
-            (host.encode(host.format_prompt(p)), list(c)) for p, c in zip(baseline.prompts, baseline.continuations, strict=True) if c
-        ]
+        encoded = [host.encode(host.format_prompt(p)) for p in baseline.prompts]
+        n, size = len(encoded), baseline.chunk
+        self.chunks: list[list[int]] = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+        self._encoded = encoded
+        self.features: list[dict[str, torch.Tensor]] | None = None
+        self.committed: LocalityState | None = None  # the committed edits' state (None: not measured)
+        self.chat = bool(host.settings.use_chat_template) and has_chat_template(host)
 
-    def locality(self, editor: Editor | None) -> float:
-        scores = score_token_targets(self.host, editor, self._encoded, self.batch_size)
-        return sum(s.accuracy for s in scores) / max(len(scores), 1)
+    # ----- routing features ------------------------------------------------------------------
+    def use_routing(self, editor: Editor, cache_dir: Path | None = None) -> bool:
+        """Compute (or load) `editor`'s routing features for every chunk; False when the
+        backend has none (every probe then generates the whole suite)."""
+        key = hashlib.sha256(json.dumps([self.host.identity.fingerprint, self.baseline.digest, self.baseline.chunk,
+                                         editor.name, editor.config_dict()], sort_keys=True, default=str).encode())  # fmt: skip
+        path = cache_dir / f"locality-routing-{editor.name}-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
+        if path is not None and path.is_file():
+            try:
+                self.features = _unflatten(_load_tensors(path), len(self.chunks))
+                return True
+            except Exception as exc:  # recompute: the cache is only a cache
+                logger.warning("routing features {} unreadable ({}); computing them again", path, exc)
+        started = time.perf_counter()
+        features = []
+        for chunk in self.chunks:
+            ids, attention = left_padded_ids(self.host, [self._encoded[i] for i in chunk])
+            got = editor.routing_features(ids, attention)
+            if got is None:
+                self.features = None
+                return False
+            features.append({k: v.detach() for k, v in got.items()})
+        self.features = features
+        logger.info("routing features of {} locality prompts ({}) in {:.1f} s", len(self._encoded), editor.name,
+                    time.perf_counter() - started)  # fmt: skip
+        if path is not None:
+            from safetensors.torch import save_file
 
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({f"{c}.{k}": v.contiguous() for c, f in enumerate(features) for k, v in f.items()}, str(tmp))
+            os.replace(tmp, path)
+        return True
+
+    def routes(self, editor: Editor | None) -> list[tuple[Hashable | None, ...]] | None:
+        if self.features is None:
+            return None
+        if editor is None or not editor.edit_ids:
+            return [(None,) * len(chunk) for chunk in self.chunks]
+        return [tuple(editor.routes(f)) for f in self.features]
+
+    # ----- locality ----------------------------------------------------------------------------
+    def locality(self, editor: Editor | None, *, full: bool = False) -> LocalityState:
+        """The suite's verdicts under `editor` (see the class docstring for what is generated)."""
+        routes = self.routes(editor)
+        previous = self.committed
+        run: list[int] = []
+        verdicts: list[bool] = [True] * len(self._encoded)
+        changed: dict[int, tuple[int, ...]] = {}
+        for c, chunk in enumerate(self.chunks):
+            if not full and routes is not None:
+                if all(r is None for r in routes[c]):
+                    continue  # no edit reaches these rows: the base model's answers, as recorded
+                if previous is not None and previous.routes[c] == routes[c]:
+                    for i in chunk:  # the same computation as in the committed state
+                        verdicts[i] = previous.verdicts[i]
+                        if i in previous.changed:
+                            changed[i] = previous.changed[i]
+                    continue
+            run.append(c)
+        for c in run:
+            chunk = self.chunks[c]
+            tokens = generate_ids(self.host, editor, [self._encoded[i] for i in chunk], LOCALITY_TOKENS, len(chunk))
+            for i, got in zip(chunk, tokens, strict=True):
+                verdicts[i] = tuple(got) == self.baseline.continuations[i]
+                if not verdicts[i]:
+                    changed[i] = tuple(got)
+        state_routes = tuple(routes) if routes is not None else (None,) * len(self.chunks)
+        return LocalityState(state_routes, tuple(verdicts), changed, sum(len(self.chunks[c]) for c in run),
+                             full=len(run) == len(self.chunks))  # fmt: skip
+
+    def changed_examples(self, state: LocalityState, limit: int = 5) -> tuple[dict[str, str], ...]:
+        decode = self.host.tokenizer.decode
+        return tuple(
+            {"prompt": self.baseline.prompts[i], "answer": decode(list(tokens), skip_special_tokens=True),
+             "recorded": decode(list(self.baseline.continuations[i]), skip_special_tokens=True)}  # fmt: skip
+            for i, tokens in sorted(state.changed.items())[:limit]
+        )
+
+    # ----- the edit itself ---------------------------------------------------------------------
     def edit_scores(self, editor: Editor, request: EditRequest) -> tuple[float, float | None]:
+        """Teacher-forced accuracy of the target after the prompt and after each paraphrase."""
         pairs = [(request.prompt, request.target)] + [(p, request.target) for p in request.rephrases]
         scores = score_targets(self.host, editor, pairs, self.batch_size)
         gen = [s.accuracy for s in scores[1:]]
         return scores[0].accuracy, (sum(gen) / len(gen) if gen else None)
+
+    def served(self, editor: Editor, request: EditRequest) -> list[Answer]:
+        """Greedy answers to the edit prompt and its paraphrases, plain (and chat when served so)."""
+        prompts = [request.prompt, *request.rephrases]
+        out: list[Answer] = []
+        for form in ("plain", "chat") if self.chat else ("plain",):
+            out += answers(self.host, editor, prompts, form, [request.target] * len(prompts))
+        return out
 
     def earlier(self, editor: Editor, requests: Sequence[EditRequest], seed: int = 0) -> tuple[float | None, int]:
         k = min(self.thresholds.earlier_edits_sample, len(requests))
@@ -170,17 +332,66 @@ class Prober:
 
     def check(self, editor: Editor, request: EditRequest, earlier: Sequence[EditRequest] = ()) -> ProbeReport:
         t = self.thresholds
-        rel, gen = self.edit_scores(editor, request)
-        loc = self.locality(editor)
-        earlier_rel, checked = self.earlier(editor, earlier)
         failures = []
+        served_rel = served_gen = None
+        figures: tuple[dict[str, Any], ...] = ()
+        clock = _Clock()
+        if t.served_answers:
+            got = clock("served", self.served, editor, request)
+            figures = tuple(_answer_figure(a) for a in got)
+            own = [a for a in got if a.prompt == request.prompt]
+            para = [a for a in got if a.prompt != request.prompt]
+            served_rel = sum(a.correct for a in own) / len(own)
+            served_gen = sum(a.correct for a in para) / len(para) if para else None
+            wrong = [a for a in own + para if not a.correct]
+            if served_rel < t.min_served_rel or (served_gen is not None and served_gen < t.min_served_gen):
+                a = wrong[0]
+                why = "degenerate" if a.degenerate else "misses the target"
+                failures.append(f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), served_gen "
+                                f"{'-' if served_gen is None else f'{served_gen:.2f}'} (min {t.min_served_gen}); "
+                                f"{a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})")  # fmt: skip
+        rel, gen = clock("teacher_forced", self.edit_scores, editor, request)
+        state = clock("locality", self.locality, editor)
+        earlier_rel, checked = clock("earlier", self.earlier, editor, earlier)
         if rel < t.min_rel:
             failures.append(f"edit did not take: rel {rel:.3f} < {t.min_rel}")
         if gen is not None and gen < t.min_gen:
             failures.append(f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}")
-        if loc < t.min_loc:
-            failures.append(f"locality degraded: loc {loc:.4f} < {t.min_loc}")
+        examples = self.changed_examples(state)
+        if state.loc < t.min_loc:
+            first = examples[0]
+            failures.append(f"locality degraded: loc {state.loc:.4f} < {t.min_loc} ({len(state.changed)} prompts "
+                            f"changed, e.g. {first['prompt']!r} -> {first['answer']!r}, was {first['recorded']!r})")  # fmt: skip
         if earlier_rel is not None and earlier_rel < t.min_earlier_rel:
             failures.append(f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} over {checked}")
-        took = rel >= t.min_rel and (gen is None or gen >= t.min_gen)
-        return ProbeReport(rel, gen, loc, earlier_rel, checked, tuple(failures), took)
+        took = not any(f.startswith(("answers wrong", "edit did not take", "paraphrases")) for f in failures)
+        return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), took, served_rel, served_gen,
+                           figures, state.rows_run, examples, clock.seconds, state)  # fmt: skip
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 3)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _unflatten(flat: dict[str, torch.Tensor], chunks: int) -> list[dict[str, torch.Tensor]]:
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(chunks)]
+    for name, tensor in flat.items():
+        chunk, key = name.split(".", 1)
+        out[int(chunk)][key] = tensor
+    if any(not f for f in out):
+        raise ValueError("a chunk has no features")
+    return out

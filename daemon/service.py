@@ -6,7 +6,9 @@ ledger; only then is the service ready (and systemd told READY=1). APScheduler 3
 one poll job per source at its own interval, one edit job (verify, then apply verified
 facts) and a periodic regression probe. Every job has `max_instances=1` and
 `coalesce=True`, so after downtime missed runs collapse into one instead of a burst.
-Model changes all go through the `Maintainer` lock: never two edits at once.
+Model changes all go through the `Maintainer` lock: never two edits at once. Generation
+does not take that lock: it runs in batches (`kmd.daemon.serving`) on the committed
+edits' snapshot, so the service stays ready and answering while an edit is computed.
 
 SIGTERM/SIGINT: stop taking new work, let the edit in flight finish (commit or revert),
 stop the API, exit 0. A SIGKILL at any moment is recovered at the next start.
@@ -29,6 +31,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +48,9 @@ from kmd.sources.claims import Claim, utcnow
 if TYPE_CHECKING:
     from kmd.daemon.maintainer import Maintainer
     from kmd.daemon.replication import Replica
+    from kmd.daemon.serving import BatchingEngine, Generated
     from kmd.editors.model import ModelHost
+    from kmd.editors.protocol import Editor
 
 EXIT_NOT_WRITER = 3  # the writer role was lost: exit at once and restart as a standby
 
@@ -115,6 +121,8 @@ class Daemon:
         self._server_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._started_at = time.monotonic()
+        self._engine: BatchingEngine | None = None
+        self._engine_lock = threading.Lock()
 
     # ----- readiness ----------------------------------------------------------------------------
     @property
@@ -128,10 +136,10 @@ class Daemon:
             return self.replica.readiness() if self.replica else (False, "starting: loading the model")
         if self._leadership is not None and self.ledger.writer_term is None:
             return False, "standby: another process is the writer"
-        if self.maintainer is None or self.maintainer.prober is None:
+        if self.maintainer is None or not self.maintainer.ready:
             return False, "starting: loading the model and restoring state"
-        if self.maintainer.stats.busy:
-            return False, "an edit or revert is in flight"
+        # An edit in flight does not make the service unready: requests are answered by
+        # the committed edits' snapshot meanwhile.
         return True, "ok"
 
     # ----- start-up -----------------------------------------------------------------------------
@@ -238,15 +246,34 @@ class Daemon:
                             tuple(regressed), time.perf_counter() - started)  # fmt: skip
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
-        """Greedy text through the edited model (the writer's, or the replica's loaded state)."""
-        from kmd.editors.scoring import generate_text
+        """Greedy text through the edited model (the writer's committed edits, or the replica's loaded state)."""
+        return self.generate_result(prompt, max_new_tokens)[0]
 
-        source = self.replica or self.maintainer
-        # The lock: never serve from a model half-way through an edit or a state swap.
-        if source is None or source.editor is None:
+    def generate_result(self, prompt: str, max_new_tokens: int) -> tuple[str, Generated]:
+        """The same, with how it was answered; raises `serving.QueueFull` when saturated."""
+        return self.engine().generate(prompt, max_new_tokens)
+
+    def engine(self) -> BatchingEngine:
+        """The batching generation engine (made on first use)."""
+        from kmd.daemon.serving import BatchingEngine
+
+        if self.replica is None and (self.maintainer is None or self.maintainer.serving is None):
             raise NotServingError("starting: model and state are not loaded yet")
-        with source.lock:
-            return generate_text(source.host, source.editor, [prompt], max_new_tokens)[0]
+        with self._engine_lock:
+            if self._engine is None:
+                api = self.settings.api
+                host = self.replica.host if self.replica is not None else self.maintainer.host
+                self._engine = BatchingEngine(host, self._serving_snapshot, max_batch=api.max_batch,
+                                              max_queue=api.max_queue, window_s=api.batch_window_ms / 1000)  # fmt: skip
+            return self._engine
+
+    @contextmanager
+    def _serving_snapshot(self) -> Iterator[Editor | None]:
+        if self.replica is not None:
+            with self.replica.lock:  # a replica swaps its loaded state under this lock
+                yield self.replica.editor
+        else:
+            yield self.maintainer.serving  # the committed edits: no lock, never a candidate
 
     def submit_fact(self, subject: str, relation: str, obj: str, source_id: str | None, url: str) -> dict[str, Any]:
         """Record a fact submitted through the API as a claim of the policy's `api` source;
@@ -281,6 +308,7 @@ class Daemon:
 
     def _edit_job(self) -> None:
         assert self._verifier is not None and self.maintainer is not None
+        _yield_to_serving()
         self._verifier.run()
         self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
         self.maintainer.publish_pending()  # retries a publish that failed after an earlier change
@@ -288,6 +316,7 @@ class Daemon:
 
     def _regression_job(self) -> None:
         assert self.maintainer is not None
+        _yield_to_serving()
         self.maintainer.regression_check()
 
     def _schedule(self) -> None:
@@ -434,9 +463,25 @@ class Daemon:
         logger.info("kmd stopped cleanly")
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
         if self._intake is not None:
             self._intake.close()
         self.ledger.close()
+
+
+WRITER_NICE = 10  # scheduler threads that edit run at this niceness: requests come first
+
+
+def _yield_to_serving() -> None:
+    """Lower this thread's CPU priority (Linux: per thread) so generation requests are not
+    slowed by an edit computed at the same time. Best effort; a thread keeps it."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < WRITER_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, WRITER_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class _SystemdNotifier:

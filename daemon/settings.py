@@ -38,9 +38,14 @@ class ApiSettings(StrictModel):
     token_file: str | None = None  # ... or from this file (first line)
     protect_reads: bool = False  # reads need the token too
     max_body_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies: 413, before auth
-    generate_concurrency: int = Field(default=2, ge=1)  # generations at once for token holders
-    anonymous_generate_concurrency: int = Field(default=1, ge=0)  # ... and for callers without it
+    generate_concurrency: int = Field(default=32, ge=1)  # requests in flight (batched) for token holders
+    anonymous_generate_concurrency: int = Field(default=16, ge=0)  # ... and for callers without it
     anonymous_max_new_tokens: int = Field(default=64, ge=1, le=256)  # cap without the token
+    # /v1/generate: requests arriving within `batch_window_ms` of each other share one batched
+    # forward (at most `max_batch`); past `max_queue` waiting requests the API answers 429.
+    max_batch: int = Field(default=16, ge=1, le=256)
+    max_queue: int = Field(default=64, ge=1)
+    batch_window_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
 
 
 class ScheduleSettings(StrictModel):

@@ -2,11 +2,15 @@
 
 Every module path is resolved before any hook goes in, so a wrong path fails loudly and
 leaves the model untouched. `hooked(...)` removes its own hooks in `finally` (nesting
-composes); long-lived edits hold a `HookHandle` and remove it explicitly.
+composes) and they act only on forwards run by the thread that installed them: the
+writer computes an edit with capture and training hooks while other threads serve from
+the same model. Long-lived edits hold a `HookHandle` (every thread) and remove it explicitly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,10 +93,20 @@ def install_hooks(model: nn.Module, specs: Sequence[HookSpec]) -> HookHandle:
     return HookHandle(handles)
 
 
+def _this_thread_only(fn: Callable) -> Callable:
+    owner = threading.get_ident()
+
+    def hook(*args):
+        return fn(*args) if threading.get_ident() == owner else None
+
+    return hook
+
+
 @contextmanager
 def hooked(model: nn.Module, specs: Sequence[HookSpec]) -> Iterator[HookHandle]:
-    """Hooks for the duration of a block; removed in `finally` whatever happens."""
-    handle = install_hooks(model, specs)
+    """Hooks for the duration of a block, acting on this thread's forwards only; removed
+    in `finally` whatever happens."""
+    handle = install_hooks(model, [dataclasses.replace(spec, fn=_this_thread_only(spec.fn)) for spec in specs])
     try:
         yield handle
     finally:

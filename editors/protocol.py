@@ -10,15 +10,26 @@ Backends subclass `Editor` and implement five small methods (`_apply`, `_revert`
 must be the same everywhere: ids, validation, when hooks are attached, routing context,
 persistence. Base weights are never written: an editor with no edits has no hooks
 installed, so the model is exactly the base model.
+
+Concurrency: the routing context of a forward lives in a context variable (one per
+thread), not on the editor, and names the editor whose edits act on that forward. So
+several editors may have hooks on one model (a serving snapshot made with `fork()` and
+the writer's working editor), and concurrent forwards in other threads never see each
+other's routing. Two optional methods, `routing_features` and `routes`, let callers
+(the daemon's locality probes) tell from prompt tokens alone which rows an edit reaches.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -108,11 +119,14 @@ class Routing:
 
     Retrieval decisions are made from prompt tokens only (never answer tokens) on the
     first forward of the context (the prefill), and reused by later forwards (decode
-    steps with the KV cache), whose new tokens all come after the prompt.
+    steps with the KV cache), whose new tokens all come after the prompt. `owner` is
+    the editor whose edits act on the forwards of this context (None: no editor does).
     """
 
     prompt_mask: torch.Tensor | None  # (B, T) bool; None: every token of the first forward
     decisions: dict[str, Any] = field(default_factory=dict)
+    owner: Editor | None = None
+    implicit: bool = False  # made by a raw model call outside any `query`
 
     def mask_for(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
         if self.prompt_mask is None:
@@ -126,6 +140,45 @@ class Routing:
         return torch.where(mask, positions, -1).amax(dim=1)
 
 
+# The routing context of the forward in progress, per thread (and per asyncio task).
+_ROUTING: ContextVar[Routing | None] = ContextVar("kmd_routing", default=None)
+
+
+@contextmanager
+def base_model() -> Iterator[None]:
+    """Forwards in this block (in this thread only) run as the base model: no editor acts,
+    whatever hooks are installed. Other threads are not affected."""
+    token = _ROUTING.set(Routing(None, owner=None))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+def _copy_containers(value: Any) -> Any:
+    """Copy lists, dicts, sets and mutable dataclasses recursively; share everything else
+    (tensors, modules, frozen configs). Backends replace tensors rather than write into
+    them, except where `_forked` says otherwise, so shared tensors stay private to each."""
+    if isinstance(value, list):
+        return [_copy_containers(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_copy_containers(v) for v in value)
+    if isinstance(value, OrderedDict):
+        return OrderedDict((k, _copy_containers(v)) for k, v in value.items())
+    if type(value) is dict:
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, set):
+        return set(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        params = getattr(type(value), "__dataclass_params__", None)
+        if params is not None and not params.frozen:
+            clone = copy.copy(value)
+            for f in dataclasses.fields(value):
+                setattr(clone, f.name, _copy_containers(getattr(value, f.name)))
+            return clone
+    return value
+
+
 class Editor(ABC):
     """Base class of every editing backend."""
 
@@ -136,10 +189,12 @@ class Editor(ABC):
         self.host = host
         self.config = config if config is not None else self.default_config(host)
         self._requests: dict[str, EditRequest] = {}  # insertion-ordered: the edit history
-        self._explicit: Routing | None = None  # set by `query(...)`
-        self._implicit: Routing | None = None  # one per raw model call outside `query`
         self._handle: HookHandle | None = None
         self._suspended = 0
+        self._lock = threading.RLock()  # guards hook attachment and the counters below
+        self._users = 0  # `query` blocks in progress (any thread)
+        self._retired = False  # a replaced snapshot: hooks go once its last query ends
+        self._raw_calls = True  # edits act on raw model calls outside `query` (not for forks)
 
     # ----- configuration -------------------------------------------------------------
     @classmethod
@@ -223,45 +278,117 @@ class Editor(ABC):
     # ----- serving ------------------------------------------------------------------------
     @contextmanager
     def query(self, prompt_mask: torch.Tensor | None) -> Iterator[Routing]:
-        """Route the forwards inside this block by `prompt_mask` (B, T) bool."""
-        outer, self._explicit = self._explicit, Routing(prompt_mask)
+        """Route the forwards inside this block (this thread only) by `prompt_mask` (B, T) bool."""
+        routing = Routing(prompt_mask, owner=self)
+        with self._lock:
+            self._users += 1
+            self._sync_hooks()  # a retired snapshot still serves the requests that hold it
+        token = _ROUTING.set(routing)
         try:
-            yield self._explicit
+            yield routing
         finally:
-            self._explicit = outer
+            _ROUTING.reset(token)
+            with self._lock:
+                self._users -= 1
+                self._sync_hooks()
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """Run the base model (hooks removed) inside this block."""
-        self._suspended += 1
-        self._detach()
+        with self._lock:
+            self._suspended += 1
+            self._detach()
         try:
             yield
         finally:
-            self._suspended -= 1
-            self._sync_hooks()
+            with self._lock:
+                self._suspended -= 1
+                self._sync_hooks()
 
     def routing(self) -> Routing:
         """The routing context for the forward in progress (used by backend hooks)."""
-        return self._explicit or self._implicit or Routing(None)
+        current = _ROUTING.get()
+        return current if current is not None and current.owner is self else Routing(None, owner=self)
+
+    def fork(self) -> Editor:
+        """An independent copy holding the same edits (a serving snapshot).
+
+        Tensors are shared, containers copied: later applies and reverts on either copy do
+        not change the other. A fork's edits act only inside its own `query` blocks (never
+        on raw model calls), so it can serve while this editor is changed and probed.
+        """
+        with self._lock:
+            clone = copy.copy(self)
+            for name, value in vars(self).items():
+                if name not in ("host", "config"):  # the model host and the frozen config are shared
+                    setattr(clone, name, _copy_containers(value))
+            clone._handle, clone._suspended, clone._users = None, 0, 0
+            clone._lock, clone._retired, clone._raw_calls = threading.RLock(), False, False
+            clone._forked()
+            clone._sync_hooks()
+        return clone
+
+    def retire(self) -> None:
+        """This editor will serve no new requests: remove its hooks once the last one ends."""
+        with self._lock:
+            self._retired = True
+            self._sync_hooks()
+
+    def _acts(self) -> bool:
+        """Do this editor's edits act on the forward in progress (in this thread)?"""
+        current = _ROUTING.get()
+        if current is None:
+            return self._raw_calls
+        return current.owner is self
+
+    def _gated(self, fn):
+        def hook(*args):
+            return fn(*args) if self._acts() else None
+
+        return hook
 
     def _sync_hooks(self) -> None:
-        wanted = bool(self._requests) and not self._suspended
-        if wanted and self._handle is None:
-            specs = [HookSpec(path="", fn=self._start_forward, kind="forward_pre"), *self._hook_specs()]
-            self._handle = install_hooks(self.host.model, specs)
-        elif not wanted:
-            self._detach()
+        with self._lock:
+            wanted = bool(self._requests) and not self._suspended and (not self._retired or self._users > 0)
+            if wanted and self._handle is None:
+                specs = [HookSpec(path="", fn=self._start_forward, kind="forward_pre"), *self._hook_specs()]
+                specs = [dataclasses.replace(spec, fn=self._gated(spec.fn)) for spec in specs]
+                self._handle = install_hooks(self.host.model, specs)
+            elif not wanted:
+                self._detach()
 
     def _detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        with self._lock:
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
 
     def _start_forward(self, module: torch.nn.Module, args: tuple) -> None:
         # A raw model call outside `query(...)`: treat its whole input as prompt.
-        if self._explicit is None:
-            self._implicit = Routing(None)
+        current = _ROUTING.get()
+        if current is None or current.implicit:
+            _ROUTING.set(Routing(None, owner=self, implicit=True))
+
+    # ----- routing-aware probing (optional) ------------------------------------------------
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """What this backend's routing reads from a left-padded batch (B, T) of prompts,
+        computed from prompt tokens alone, exactly as the prefill of `scoring.generate_ids`
+        computes it for that same batch (the states below the edited layer of the base
+        model, or the encoder's output). None: the backend cannot tell which rows fire.
+
+        Features do not depend on the edits, only on the model and the backend's config.
+        """
+        return None
+
+    def routes(self, features: dict[str, torch.Tensor]) -> list[Hashable | None]:
+        """Per row of the batch `features` came from: a token that fixes what the edits do
+        to that row under the editor's current edits. Two states of an editor that give a
+        row the same token give it the same output (bit for bit, in the same batch); None:
+        no edit acts on the row (it is the base model's)."""
+        raise NotImplementedError(f"{self.name}: routes() without routing_features()")
+
+    def _forked(self) -> None:
+        """Called on a new fork: give it private copies of tensors the backend writes into."""
 
     # ----- persistence hooks for editors.state ---------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kmd.editors.batching import TeacherForcedBatch, chunks, left_padded_ids, teacher_forced_batch, teacher_forced_batch_ids
+from kmd.editors.hooks import HookSpec
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -114,7 +115,6 @@ def generate_ids(
     length); a row ends with its EOS when it produced one.
     """
     limits = [max_new_tokens] * len(encoded) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    pad = host.tokenizer.pad_token_id
     eos = host.tokenizer.eos_token_id
     out: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
@@ -122,23 +122,52 @@ def generate_ids(
         chunk_limits = limits[start : start + batch_size]
         ids, attention = left_padded_ids(host, chunk)
         with _routed(editor, attention.bool()):
-            generated = host.model.generate(
-                input_ids=ids,
-                attention_mask=attention,
-                max_new_tokens=max(chunk_limits),
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            generated = _greedy(host, ids, attention, max(chunk_limits))
         for row, limit in zip(generated[:, ids.shape[1] :].tolist(), chunk_limits, strict=True):
             row = row[:limit]
             if eos in row:  # after EOS the rest is padding
                 row = row[: row.index(eos) + 1]
             out.append(row)
     return out
+
+
+def _greedy(host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    return host.model.generate(
+        input_ids=ids,
+        attention_mask=attention,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=host.tokenizer.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_prefill(
+    host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, specs: Sequence[HookSpec], stop_after: str | None = None
+) -> None:
+    """Run the base model's prefill of `generate_ids` on a left-padded batch (same inputs,
+    positions and masks as generation computes), with capture hooks `specs`; stop after
+    the module `stop_after` when given. No editor acts on this forward."""
+    from kmd.editors.hooks import hooked
+    from kmd.editors.protocol import base_model
+
+    def stop(module, args, output):
+        raise _Stop
+
+    extra = [HookSpec(stop_after, stop)] if stop_after else []
+    try:
+        with base_model(), hooked(host.model, [*specs, *extra]):
+            _greedy(host, ids, attention, 1)
+    except _Stop:
+        pass
 
 
 def generate_text(

@@ -5,7 +5,8 @@ backend): a feed served on loopback gains one new entry at a time, and each time
 `Daemon.cycle()` polls it, verifies it, applies the edit, runs every probe (the edit and
 its paraphrases, the whole locality suite, a sample of earlier edits) and commits. The
 first entry is a warm-up: it pays the backend's one-off costs (LLP generates its
-background statistics on the first edit) and is reported apart. Under the scheduler the
+background statistics on the first edit) and is reported apart. The probes are the
+daemon's: served answers, routing-aware locality (`loc rows run`: suite prompts generated). Under the scheduler the
 source's poll interval adds up to that interval on top of these figures.
 """
 
@@ -75,11 +76,24 @@ class _Feed:
         ).encode()
 
 
+def _with_probes(text: str, settings: list[str]) -> str:
+    import yaml
+
+    data = yaml.safe_load(text)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--probe {item!r}: expected KEY=VALUE")
+        data.setdefault("probes", {})[key.strip()] = yaml.safe_load(value)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def bench_loop(
     entries: Annotated[int, typer.Option(min=1, max=100, help="Timed entries (after one warm-up entry).")] = 5,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     backend: Annotated[str | None, typer.Option(help="Override the demo policy's backend.")] = None,
+    probe: Annotated[list[str] | None, typer.Option(help="Override a probes setting of the demo policy: KEY=VALUE (YAML value); repeatable.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="State and ledger directory (default: a new temp dir).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
 ) -> None:
@@ -100,6 +114,8 @@ def bench_loop(
     text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
     if backend:
         text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
+    if probe:
+        text = _with_probes(text, probe)
     policy = work / "policy.yaml"
     policy.write_text(text)
     settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"),
@@ -120,11 +136,16 @@ def bench_loop(
             edits = [e for e in daemon.ledger.edits() if e.request.get("subject") == subject]
             final = edits[-1] if edits else None
             probes = (final.probes or {}) if final else {}
+            if final is not None and final.status == "reverted":  # its probe figures are in the revert log
+                revert = next((r for r in daemon.ledger.reverts(limit=50) if r.edit_id == final.id), None)
+                probes = (revert.probes_before or {}) if revert else {}
             rows.append({"entry": i, "warm_up": i == 0, "fact": f"{subject} ceo -> {person}",
                          "status": final.status if final else "skipped (already known)", "attempts": len(edits),
                          "entry_to_commit_s": seconds if summary.committed else None,
                          "apply_s": probes.get("apply_seconds"), "probe_s": probes.get("probe_seconds"),
-                         "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc")})  # fmt: skip
+                         "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc"),
+                         "served_rel": probes.get("served_rel"), "served_gen": probes.get("served_gen"),
+                         "loc_rows_run": probes.get("loc_rows_run")})  # fmt: skip
             console.print(f"entry {i}: {rows[-1]['status']} in {seconds:.1f} s")
     finally:
         daemon.close()
@@ -144,13 +165,15 @@ def bench_loop(
         "apply_s_mean": mean("apply_s"), "probe_s_mean": mean("probe_s"),
     }  # fmt: skip
     table = Table(title=f"feed entry -> committed edit ({result['backend']}, {result['model']})")
-    for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "rel", "gen", "loc"):
+    for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "served rel", "served gen",
+                   "rel", "gen", "loc", "loc rows run"):
         table.add_column(column)
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         table.add_row(f"{r['entry']}{' (warm-up)' if r['warm_up'] else ''}", r["status"], str(r["attempts"]),
-                      fmt(r["entry_to_commit_s"]), fmt(r["apply_s"]), fmt(r["probe_s"]), fmt(r["rel"]), fmt(r["gen"]),
-                      fmt(r["loc"]))  # fmt: skip
+                      fmt(r["entry_to_commit_s"]), fmt(r["apply_s"]), fmt(r["probe_s"]), fmt(r["served_rel"]),
+                      fmt(r["served_gen"]), fmt(r["rel"]), fmt(r["gen"]), fmt(r["loc"]),
+                      "-" if r["loc_rows_run"] is None else str(r["loc_rows_run"]))  # fmt: skip
     console.print(table)
     console.print(f"load + locality baseline {load_s:.1f} s; mean over {len(timed)} committed entries: "
                   f"entry->commit {fmt(result['entry_to_commit_s_mean'])} s, apply {fmt(result['apply_s_mean'])} s, "

@@ -25,7 +25,8 @@ from loguru import logger
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
-from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing
+from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
 
@@ -148,6 +149,28 @@ class GraceEditor(Editor):
         selected = hit[:, None] & (relative >= 0) & (relative < span)  # (B, T)
         values = self.values[best].to(output.dtype)[:, None, :]  # (B, 1, d_model)
         return torch.where(selected[..., None], values, output)
+
+    # ----- routing-aware probing ----------------------------------------------------------
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"query": (B, d_ff)} the down_proj input at each row's last prompt token (base model)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
+        batch, seq = input_ids.shape
+        last = Routing(attention_mask.bool()).last_prompt_index(batch, seq, input_ids.device)  # (B,)
+        return {"query": seen["a"][torch.arange(batch, device=input_ids.device), last].float()}
+
+    def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
+        """The codebook entry each row uses (as `_serve` decides), by edit id; entries never change."""
+        query = features["query"]
+        if not self.row_ids:
+            return [None] * query.shape[0]
+        dist = torch.cdist(query, self.keys)  # (B, N)
+        best_dist, best = torch.where(dist <= self.radii[None, :], dist, torch.inf).min(dim=1)
+        return [self.row_ids[b] if hit else None for b, hit in zip(best.tolist(), torch.isfinite(best_dist).tolist())]
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ from kmd.editors.hooks import HookSpec, hooked, run_until
 from kmd.editors.llp.attention import Injection, PrefixInjector
 from kmd.editors.llp.config import LlpConfig
 from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
 if TYPE_CHECKING:
@@ -465,6 +466,23 @@ class LlpEditor(Editor):
 
     def _inject_specs(self) -> list[HookSpec]:
         return self.injector.specs(self._current)
+
+    # ----- routing-aware probing ----------------------------------------------------------
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"states": (|R|, B, T, D) retrieval-layer outputs (base model), "mask": (B, T) prompt tokens}."""
+        sink: dict[int, torch.Tensor] = {}
+        capture_prefill(self.host, input_ids, attention_mask, self._capture_specs(sink),
+                        stop_after=self.layer_paths[max(self.retrieval)])  # fmt: skip
+        return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": attention_mask.bool()}
+
+    def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
+        """The edit whose prefix each row gets (the vote `_decide` takes), by edit id; an
+        edit's prefix never changes."""
+        states = features["states"]
+        if not self.row_ids:
+            return [None] * states.shape[1]
+        best, _, hit = self.vote(self.layer_similarities(states, features["mask"]))
+        return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -49,6 +49,7 @@ from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
+from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
 if TYPE_CHECKING:
@@ -300,6 +301,36 @@ class MemoirEditor(Editor):
         out = output.clone()
         out[rows] = output[rows] + added.to(output.dtype)
         return out
+
+    # ----- routing-aware probing ----------------------------------------------------------
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"pooled": (B, d_ff)} the down_proj input mean-pooled over each row's prompt tokens (base model)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
+        return {"pooled": _pool(seen["a"], attention_mask.bool())}
+
+    def routes(self, features: dict[str, torch.Tensor]) -> list[tuple[str, tuple[str, ...]] | None]:
+        """Per row: the edit it retrieves, and every live edit owning one of that edit's
+        columns, in order: the columns it reads are the in-order fold of their deltas."""
+        pooled = features["pooled"]
+        if not self.row_ids:
+            return [None] * pooled.shape[0]
+        score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
+        out: list[tuple[str, tuple[str, ...]] | None] = []
+        for b, hit in zip(best.tolist(), (score >= self.config.tau).tolist()):
+            sharing = ((self.owners @ self.owners[b]) > 0).nonzero().flatten().tolist()
+            out.append((self.row_ids[b], tuple(self.row_ids[i] for i in sharing)) if hit else None)
+        return out
+
+    def _forked(self) -> None:
+        # `_apply` and `_rebuild` write memory rows (and the Gram matrix) in place.
+        self.memory = self.memory.clone()
+        if self.gram is not None:
+            self.gram = self.gram.clone()
 
     # ----- calibration --------------------------------------------------------------------------
     @classmethod

@@ -133,7 +133,10 @@ class RecipeEditor(Editor):
     @torch.no_grad()
     def retrieve(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query text: (best row, hit). A hit beats the sentinel by more than `margin`."""
-        reps = self.networks.query_reps(encode_texts(queries, self.host.device))
+        return self._match(self.networks.query_reps(encode_texts(queries, self.host.device)))
+
+    def _match(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, R) query reps -> per row (best row, hit)."""
         logits = self.networks.retrieval_logits(reps, self.reps) * self.networks.shape.temperature  # cosines
         best = logits[:, 1:].argmax(dim=1)
         top = logits[:, 1:].gather(1, best[:, None])[:, 0]
@@ -189,6 +192,23 @@ class RecipeEditor(Editor):
             injection.tracker = AnswerTracker(tokenizer, [self.request(self.row_ids[r]).target for r in best[rows].tolist()])
             injection.answering = injection.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
         return None
+
+    # ----- routing-aware probing ----------------------------------------------------------
+    @torch.no_grad()
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"reps": (B, R)} each row's query rep from its prompt text (encoder and query MLP only)."""
+        mask = attention_mask.bool()
+        texts = [self.host.tokenizer.decode(input_ids[row][mask[row]].tolist(), skip_special_tokens=True).strip()
+                 for row in range(input_ids.shape[0])]  # fmt: skip
+        return {"reps": self.networks.query_reps(encode_texts([t or " " for t in texts], self.host.device))}
+
+    def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
+        """The edit each row retrieves (as `_decide` does), by edit id; a stored edit never changes."""
+        reps = features["reps"]
+        if not self.row_ids:
+            return [None] * reps.shape[0]
+        best, hit = self._match(reps)
+        return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     def _current(self) -> Injection | None:
         decision = self.routing().decisions.get(self.name)

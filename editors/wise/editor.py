@@ -50,6 +50,7 @@ from kmd.editors.hooks import HookSpec, resolve_module, run_until
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
+from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
 from kmd.editors.wise.merge import ties_merge
@@ -405,6 +406,27 @@ class WiseEditor(Editor):
         out = output.clone()
         out[rows] = output[rows] + extra.to(output.dtype)
         return out
+
+    # ----- routing-aware probing ----------------------------------------------------------
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"a": (B, T, d_ff) down_proj inputs (base model), "mask": (B, T) prompt tokens}."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
+        return {"a": seen["a"], "mask": attention_mask.bool()}
+
+    def routes(self, features: dict[str, torch.Tensor]) -> list[tuple | None]:
+        """Routed rows read the whole merged memory, which every shard's edits shape: the
+        token is the shards' content (serials and edit ids), None for rows not routed."""
+        a = features["a"]
+        if not self.shards or self.center is None:
+            return [None] * a.shape[0]
+        act = activation((a.float() - self.center) @ self.memory_t, features["mask"])  # (B,)
+        memory = tuple((s.serial, tuple(s.edit_ids)) for s in self.shards)
+        return [memory if routed else None for routed in (act >= self.threshold).tolist()]
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -25,6 +25,8 @@ verification:
   quorum: 2
   single_source_trust: high
 probes:
+  min_served_rel: {min_served_rel}   # the tiny random model writes word salad after the target
+  min_served_gen: {min_served_gen}
   min_rel: 0.9
   min_gen: 0.0
   min_loc: {min_loc}
@@ -49,12 +51,17 @@ def write_curated(path: Path, sequence: int, facts: list[tuple[str, str, str]]) 
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_setup(tmp: Path, facts: list[tuple[str, str, str]], *, min_loc: float = 0.9, api_port: int = 0) -> Path:
+def write_setup(
+    tmp: Path, facts: list[tuple[str, str, str]], *, min_loc: float = 0.9, api_port: int = 0, min_served_rel: float = 0.0,
+    min_served_gen: float = 0.0,
+) -> Path:
     suite = [p for p in LOCALITY]
     (tmp / "locality.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in suite))
     jsonl = tmp / "facts.jsonl"
     write_curated(jsonl, 1, facts)
-    (tmp / "policy.yaml").write_text(POLICY.replace("{jsonl}", str(jsonl)).replace("{min_loc}", str(min_loc)))
+    (tmp / "policy.yaml").write_text(POLICY.replace("{jsonl}", str(jsonl)).replace("{min_loc}", str(min_loc))
+                                   .replace("{min_served_rel}", str(min_served_rel))
+                                   .replace("{min_served_gen}", str(min_served_gen)))
     config = tmp / "kmd.yaml"
     config.write_text(
         f"policy: policy.yaml\nstate_dir: state\n"

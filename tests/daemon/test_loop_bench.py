@@ -23,3 +23,17 @@ def test_bench_loop_reports_entry_to_commit_times(tiny_model_dir, tmp_path):
         if row["status"] == "committed" and not row["warm_up"]:
             # the cycle includes the apply and the probes it reports
             assert row["entry_to_commit_s"] >= row["apply_s"] + row["probe_s"] > 0
+
+
+@pytest.mark.slow  # three phases of HTTP requests and an edit loop with the 337-prompt suite
+def test_bench_serve_reports_throughput_and_latency(tiny_model_dir, tmp_path):
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(app, ["bench-serve", "--clients", "4", "--requests", "12", "--serial-requests", "4",
+                                      "--max-new-tokens", "4", "--model", str(tiny_model_dir),
+                                      "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    phases = figures["phases"]
+    assert set(phases) == {"serial", "idle", "during_edits"}
+    assert all(p["failed"] == 0 and p["requests_per_s"] > 0 for p in phases.values())
+    assert phases["during_edits"]["stale_answers"] == 0

@@ -1,0 +1,76 @@
+"""Every backend: serving snapshots (`fork`) are independent of later changes, and
+routing-aware locality probes agree with full passes (tiny random Llama)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kmd.daemon.probes import LocalityBaseline, Prober, Thresholds
+from kmd.editors.protocol import EditRequest
+from kmd.editors.registry import backend_names, get_backend
+from tiny import WORDS
+
+from .conftest import backend_options
+from .test_editor_contract import EDIT, OTHER, logits
+
+THIRD = EditRequest(prompt="the language of Japan is", target="cherry", subject="Japan")
+
+
+@pytest.fixture(params=backend_names())
+def editor(request, tiny_host):
+    cls = get_backend(request.param)
+    options = backend_options(request.param, request)
+    return cls(tiny_host, cls.default_config(tiny_host, **options)) if options else cls(tiny_host)
+
+
+def suite(extra: list[str], n: int = 28, seed: int = 0) -> list[str]:
+    """Random prompts in the tiny vocabulary with the edits' own prompts mixed in (rows that fire)."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.islower()]
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 7))) for _ in range(n)]
+    for i, prompt in enumerate(extra):
+        prompts.insert((i * 11) % len(prompts), prompt)
+    return prompts
+
+
+def test_fork_is_a_snapshot_unchanged_by_later_edits_and_reverts(tiny_host, editor):
+    first = editor.apply(EDIT)
+    snapshot = editor.fork()
+    state = {k: v.clone() for k, v in snapshot.state_tensors().items()}
+    served = logits(tiny_host, snapshot)
+    assert torch.equal(served, logits(tiny_host, editor))
+    editor.apply(OTHER)
+    editor.revert(first)
+    assert snapshot.edit_ids == [first] and editor.edit_ids != [first]
+    assert torch.equal(logits(tiny_host, snapshot), served), "a later apply/revert leaked into the snapshot"
+    assert all(torch.equal(v, state[k]) for k, v in snapshot.state_tensors().items())
+    # a fork never acts on forwards outside its own query: the working editor's view is its own
+    assert not torch.equal(logits(tiny_host, editor), served)
+    snapshot.retire()
+    assert snapshot._handle is None, "a retired snapshot with no request in flight keeps no hooks"
+    assert torch.equal(logits(tiny_host, snapshot), served), "a retired snapshot still serves a late request"
+    assert snapshot._handle is None
+
+
+def test_routing_aware_locality_equals_the_full_pass(tiny_host, editor):
+    prompts = suite([EDIT.prompt, OTHER.prompt, THIRD.prompt, "the capital of France is Paris"])
+    prober = Prober(tiny_host, LocalityBaseline.record(tiny_host, prompts, chunk=8), Thresholds())
+    if not prober.use_routing(editor):
+        pytest.skip(f"{editor.name} has no routing features")
+    prober.committed = prober.locality(editor)
+    assert prober.committed.rows_run == 0 and prober.committed.loc == 1.0
+    ids = []
+    for request in (EDIT, OTHER, THIRD):
+        ids.append(editor.apply(request))
+        fast, full = prober.locality(editor), prober.locality(editor, full=True)
+        assert fast.verdicts == full.verdicts
+        assert fast.rows_run <= full.rows_run == len(prompts)  # tiny MEMOIR/WISE route every row
+        prober.committed = fast
+    assert any(r is not None for chunk in prober.routes(editor) for r in chunk), "the edit prompts must fire"
+    assert prober.committed.loc < 1.0, "the edits change their own prompts' continuations"
+    editor.revert(ids[1])
+    fast, full = prober.locality(editor), prober.locality(editor, full=True)
+    assert fast.verdicts == full.verdicts
