@@ -141,11 +141,12 @@ class Maintainer:
                         "revert them with the old backend or move the state away"
                     )
                 self.editor = loaded
+            routing = prober.use_routing(self.editor, self.state_dir)  # features depend on model + config only
+            self.prober = prober  # reconciling re-probes what it finishes
             self._reconcile()
-            if prober.use_routing(self.editor, self.state_dir):  # cheap with features: only reached chunks run
+            if routing:  # cheap with features: only reached chunks run
                 prober.committed = prober.locality(self.editor)
                 self.stats.last_locality = prober.committed.loc
-            self.prober = prober
             self._serve_committed()
 
     def _reconcile(self) -> None:

@@ -54,6 +54,8 @@ probes:
   min_rel: 0.9
   min_gen: 0.0
   min_loc: 0.99
+  min_served_rel: 0.0   # the tiny random model writes word salad after the target
+  min_served_gen: 0.0
   earlier_edits_sample: 5
   default_locality_suite: false
   locality_suites: [locality.jsonl]
