@@ -25,6 +25,7 @@ review console at /ui (`kmd.daemon.console`), each from its own module.
 from __future__ import annotations
 
 import hmac
+import json
 import threading
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
@@ -67,10 +68,10 @@ class BodyLimit:
             try:
                 size = int(declared)
             except ValueError:
-                await self._refuse(send, 400, "invalid Content-Length")
+                await self._refuse(scope, send, 400, "invalid Content-Length")
                 return
             if size > self.limit:
-                await self._refuse(send, 413, f"request body over {self.limit} bytes")
+                await self._refuse(scope, send, 413, f"request body over {self.limit} bytes")
                 return
         chunks, size = [], 0
         while True:
@@ -80,7 +81,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._refuse(send, 413, f"request body over {self.limit} bytes")
+                await self._refuse(scope, send, 413, f"request body over {self.limit} bytes")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -96,9 +97,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _refuse(send: Any, status: int, message: str) -> None:
-        payload = ('{"error": "' + message + '"}').encode()
+    # Paths whose clients expect OpenAI's error shape (kmd.daemon.openai_api).
+    OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+    @classmethod
+    async def _refuse(cls, scope: dict, send: Any, status: int, message: str) -> None:
+        error: Any = message
+        if str(scope.get("path", "")).startswith(cls.OPENAI_PATHS):
+            code = "request_too_large" if status == 413 else "invalid_request"
+            error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        payload = json.dumps({"error": error}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})  # fmt: skip
