@@ -88,6 +88,25 @@ def _with_probes(text: str, settings: list[str]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def demo_workdir(workdir: Path | None, prefix: str, backend: str | None, probe: list[str] | None) -> tuple[Path, _Feed, Path]:
+    """A benchmark's work folder: the demo policy on a loopback feed (served from here) and an
+    empty curated file, with the backend and probe settings overridden as asked."""
+    work = (workdir or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    feed = _Feed()
+    facts = work / "facts.jsonl"
+    facts.write_text('{"kmd_jsonl": 1, "source": "curated", "sequence": 1, "created": "2026-11-20T00:00:00Z"}\n')
+    text = resources.files("kmd.policies").joinpath("demo-policy.yaml").read_text()
+    text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
+    if backend:
+        text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
+    if probe:
+        text = _with_probes(text, probe)
+    policy = work / "policy.yaml"
+    policy.write_text(text)
+    return work, feed, policy
+
+
 def bench_loop(
     entries: Annotated[int, typer.Option(min=1, max=100, help="Timed entries (after one warm-up entry).")] = 5,
     model: ModelOpt = "embedded",
@@ -105,19 +124,7 @@ def bench_loop(
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
 
     console = Console(width=120)
-    work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-bench-loop-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    feed = _Feed()
-    facts = work / "facts.jsonl"
-    facts.write_text('{"kmd_jsonl": 1, "source": "curated", "sequence": 1, "created": "2026-11-20T00:00:00Z"}\n')
-    text = resources.files("kmd.policies").joinpath("demo-policy.yaml").read_text()
-    text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
-    if backend:
-        text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
-    if probe:
-        text = _with_probes(text, probe)
-    policy = work / "policy.yaml"
-    policy.write_text(text)
+    work, feed, policy = demo_workdir(workdir, "kmd-bench-loop-", backend, probe)
     settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"),
                               model=ModelConfig(model=model, device=device), api=ApiSettings(enabled=False))  # fmt: skip
     daemon = Daemon(settings)

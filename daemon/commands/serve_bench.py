@@ -16,17 +16,15 @@ import json
 import os
 import socket
 import statistics
-import tempfile
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kmd.daemon.commands.common import DeviceOpt, ModelOpt
-from kmd.daemon.commands.loop_bench import COMPANY, FIRST, LAST, _Feed, _with_probes
+from kmd.daemon.commands.loop_bench import COMPANY, FIRST, LAST, demo_workdir
 
 GENERIC = ("The weather today is", "My favourite book is", "The best way to learn a language is",
            "Water boils at", "The largest ocean on Earth is", "A good breakfast includes",
@@ -113,18 +111,7 @@ def bench_serve(
     from kmd.editors.answers import answer_line, hits
 
     console = Console(width=120)
-    work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-bench-serve-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    feed = _Feed()
-    facts = work / "facts.jsonl"
-    facts.write_text('{"kmd_jsonl": 1, "source": "curated", "sequence": 1, "created": "2026-11-20T00:00:00Z"}\n')
-    text = resources.files("kmd.policies").joinpath("demo-policy.yaml").read_text()
-    text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
-    if backend:
-        text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
-    if probe:
-        text = _with_probes(text, probe)
-    (work / "policy.yaml").write_text(text)
+    work, feed, _ = demo_workdir(workdir, "kmd-bench-serve-", backend, probe)
     port = _free_port()
     settings = DaemonSettings(policy=str(work / "policy.yaml"), state_dir=str(work / "state"),
                               model=ModelConfig(model=model, device=device),
