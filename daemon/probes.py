@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from kmd.editors.answers import Answer, answers, has_chat_template
+from kmd.editors.answers import Answer, Form, ask, has_chat_template
 from kmd.editors.batching import left_padded_ids
 from kmd.editors.scoring import generate, generate_ids, score_targets
 
@@ -317,10 +317,9 @@ class Prober:
     def served(self, editor: Editor, request: EditRequest) -> list[Answer]:
         """Greedy answers to the edit prompt and its paraphrases, plain (and chat when served so)."""
         prompts = [request.prompt, *request.rephrases]
-        out: list[Answer] = []
-        for form in ("plain", "chat") if self.chat else ("plain",):
-            out += answers(self.host, editor, prompts, form, [request.target] * len(prompts))
-        return out
+        forms: tuple[Form, ...] = ("plain", "chat") if self.chat else ("plain",)
+        # one batch for every form: one pass of 32 decode steps instead of one per form
+        return ask(self.host, editor, [(p, form, request.target) for form in forms for p in prompts], batch_size=self.batch_size)
 
     def earlier(self, editor: Editor, requests: Sequence[EditRequest], seed: int = 0) -> tuple[float | None, int]:
         k = min(self.thresholds.earlier_edits_sample, len(requests))

@@ -128,11 +128,23 @@ def answers(
 ) -> list[Answer]:
     """Greedy answers (KV cache, left-padded batches) to `prompts` asked in `form`."""
     targets = list(targets) if targets is not None else [None] * len(prompts)
-    encoded = [encode_as(host, p, form) for p in prompts]
+    return ask(host, editor, [(p, form, t) for p, t in zip(prompts, targets, strict=True)], max_new_tokens, batch_size)
+
+
+def ask(
+    host: ModelHost,
+    editor: Editor | None,
+    questions: Sequence[tuple[str, Form, str | None]],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 16,
+) -> list[Answer]:
+    """Greedy answers to (prompt, form, target) questions, forms mixed in one batch (a row's
+    tokens do not depend on its batch: the contract suite proves it)."""
+    encoded = [encode_as(host, prompt, form) for prompt, form, _ in questions]
     tokens = generate_ids(host, editor, encoded, max_new_tokens, batch_size)
     return [
         Answer(prompt=p, form=form, text=host.tokenizer.decode(t, skip_special_tokens=True), tokens=tuple(t), target=target)
-        for p, t, target in zip(prompts, tokens, targets, strict=True)
+        for (p, form, target), t in zip(questions, tokens, strict=True)
     ]
 
 
