@@ -430,9 +430,7 @@ class LlpEditor(Editor):
         device = states.device
         mask = routing.mask_for(batch, seq, device)
         ids = decision.pop("ids", None)
-        if self._chat_frame is None:
-            self._chat_frame = chat_frame(self.host) or ()
-        retrieval_mask = user_tokens(ids, mask, self._chat_frame or None) if ids is not None else mask
+        retrieval_mask = self._retrieval_mask(ids, mask) if ids is not None else mask
         best, _, hit = self.vote(self.layer_similarities(states, retrieval_mask))
         decision["done"] = True
         rows = hit.nonzero().squeeze(1)
@@ -457,6 +455,13 @@ class LlpEditor(Editor):
             last = routing.last_prompt_index(batch, seq, device)[rows]
             injection.answering = injection.tracker.full(ids[rows], last)
 
+    def _retrieval_mask(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) the tokens retrieval reads: a chat turn's user tokens, else the whole prompt
+        (serving and routing-aware probing must read the same ones)."""
+        if self._chat_frame is None:
+            self._chat_frame = chat_frame(self.host) or ()
+        return user_tokens(ids, prompt_mask, self._chat_frame or None)
+
     # ----- serving: injection at layers >= z ---------------------------------------------------
     def _current(self) -> Injection | None:
         if self._training:
@@ -469,11 +474,12 @@ class LlpEditor(Editor):
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"states": (|R|, B, T, D) retrieval-layer outputs (base model), "mask": (B, T) prompt tokens}."""
+        """{"states": (|R|, B, T, D) retrieval-layer outputs (base model), "mask": (B, T) the tokens retrieval reads}."""
         sink: dict[int, torch.Tensor] = {}
         capture_prefill(self.host, input_ids, attention_mask, self._capture_specs(sink),
                         stop_after=self.layer_paths[max(self.retrieval)])  # fmt: skip
-        return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": attention_mask.bool()}
+        mask = self._retrieval_mask(input_ids, attention_mask.bool())
+        return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": mask}
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
         """The edit whose prefix each row gets (the vote `_decide` takes), by edit id; an

@@ -170,11 +170,7 @@ class RecipeEditor(Editor):
         batch, seq = ids.shape
         mask = routing.mask_for(batch, seq, ids.device)
         tokenizer = self.host.tokenizer
-        if self._chat_frame is None:
-            self._chat_frame = chat_frame(self.host) or ()
-        user = user_tokens(ids, mask, self._chat_frame or None)  # a chat turn's question, not the template
-        texts = [tokenizer.decode(ids[row][user[row]].tolist(), skip_special_tokens=True).strip() for row in range(batch)]
-        best, hit = self.retrieve([t or " " for t in texts])
+        best, hit = self.retrieve(self._query_texts(ids, mask))
         rows = hit.nonzero().flatten()
         if rows.numel() == 0:
             return None
@@ -197,10 +193,17 @@ class RecipeEditor(Editor):
     @torch.no_grad()
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"reps": (B, R)} each row's query rep from its prompt text (encoder and query MLP only)."""
-        mask = attention_mask.bool()
-        texts = [self.host.tokenizer.decode(input_ids[row][mask[row]].tolist(), skip_special_tokens=True).strip()
-                 for row in range(input_ids.shape[0])]  # fmt: skip
-        return {"reps": self.networks.query_reps(encode_texts([t or " " for t in texts], self.host.device))}
+        texts = self._query_texts(input_ids, attention_mask.bool())
+        return {"reps": self.networks.query_reps(encode_texts(texts, self.host.device))}
+
+    def _query_texts(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+        """Each row's retrieval query: its prompt text, a chat turn's question only (not the
+        template's text); serving and routing-aware probing read the same."""
+        if self._chat_frame is None:
+            self._chat_frame = chat_frame(self.host) or ()
+        user = user_tokens(ids, prompt_mask, self._chat_frame or None)
+        decode = self.host.tokenizer.decode
+        return [decode(ids[row][user[row]].tolist(), skip_special_tokens=True).strip() or " " for row in range(ids.shape[0])]
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
         """The edit each row retrieves (as `_decide` does), by edit id; a stored edit never changes."""
