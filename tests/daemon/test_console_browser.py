@@ -102,19 +102,27 @@ def text_of(driver, css: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).text
 
 
+def wait_for_url(driver, test, timeout: float = 30.0) -> str:
+    """The page's URL once `test` accepts it: a click's navigation finishes after `click()` returns."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: test(d.current_url))
+    return driver.current_url
+
+
 def test_log_in(console, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{console}/ui/pending")
     browser.find_element(By.ID, "login-link").click()
-    assert browser.current_url.endswith("/ui/login")
+    assert wait_for_url(browser, lambda url: url.endswith("/ui/login")).endswith("/ui/login")
     browser.find_element(By.ID, "token").send_keys("wrong")
     browser.find_element(By.ID, "login-submit").click()
     assert "not the API token" in text_of(browser, "#login-error")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "name").send_keys("alice")
     browser.find_element(By.ID, "login-submit").click()
-    assert browser.current_url == f"{console}/ui"
+    assert wait_for_url(browser, lambda url: url == f"{console}/ui") == f"{console}/ui"
     assert "Logged in" in text_of(browser, ".flash.ok") and "console:alice" in text_of(browser, ".actor")
     cookie = browser.get_cookie("kmd_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
