@@ -102,6 +102,19 @@ def text_of(driver, css: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).text
 
 
+def click_and_load(driver, element, timeout: float = 60.0) -> None:
+    """Click `element` and wait for the page it leads to: `click()` returns before the navigation
+    (a form post and its redirect) finishes, and reading the page then reads the old one."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, timeout).until(EC.staleness_of(old_page))
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def wait_for_url(driver, test, timeout: float = 30.0) -> str:
     """The page's URL once `test` accepts it: a click's navigation finishes after `click()` returns."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -114,14 +127,14 @@ def test_log_in(console, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{console}/ui/pending")
-    browser.find_element(By.ID, "login-link").click()
+    click_and_load(browser, browser.find_element(By.ID, "login-link"))
     assert wait_for_url(browser, lambda url: url.endswith("/ui/login")).endswith("/ui/login")
     browser.find_element(By.ID, "token").send_keys("wrong")
-    browser.find_element(By.ID, "login-submit").click()
+    click_and_load(browser, browser.find_element(By.ID, "login-submit"))
     assert "not the API token" in text_of(browser, "#login-error")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "name").send_keys("alice")
-    browser.find_element(By.ID, "login-submit").click()
+    click_and_load(browser, browser.find_element(By.ID, "login-submit"))
     assert wait_for_url(browser, lambda url: url == f"{console}/ui") == f"{console}/ui"
     assert "Logged in" in text_of(browser, ".flash.ok") and "console:alice" in text_of(browser, ".actor")
     cookie = browser.get_cookie("kmd_session")
@@ -149,7 +162,7 @@ def test_approving_a_quarantined_fact_makes_an_edit(console, browser):
     browser.get(f"{console}/ui/pending")
     row = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#quarantined tbody tr") if "Zorbland" in r.text)
     row.find_element(By.CSS_SELECTOR, "input[name=reason]").send_keys("checked the filing")
-    row.find_element(By.CSS_SELECTOR, "button.approve").click()
+    click_and_load(browser, row.find_element(By.CSS_SELECTOR, "button.approve"))
     assert "approved" in text_of(browser, ".flash.ok")
     assert "Zorbland" not in text_of(browser, "#quarantined")
 
@@ -169,7 +182,7 @@ def test_an_edit_shows_base_and_edited_answers(console, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{console}/ui/edits?relation=ceo&status=committed")
-    browser.find_element(By.CSS_SELECTOR, "#edits tbody tr a").click()
+    click_and_load(browser, browser.find_element(By.CSS_SELECTOR, "#edits tbody tr a"))
     assert text_of(browser, "#edit-status") == "committed"
     assert text_of(browser, "#edit-target") == "Nadia Velmont"
     first = browser.find_elements(By.CSS_SELECTOR, "#answers tbody tr")[0]
@@ -188,7 +201,7 @@ def test_the_revert_log_shows_the_reverted_edit(console, browser):
     assert len(rows) == 1
     text = rows[0].text
     assert "the song of Eve is" in text and "apple" in text and "locality degraded: loc" in text
-    rows[0].find_element(By.CSS_SELECTOR, "a").click()
+    click_and_load(browser, rows[0].find_element(By.CSS_SELECTOR, "a"))
     assert text_of(browser, "#edit-status") == "reverted"
     browser.get(f"{console}/ui/reverts")
     shot(browser, "reverts")
