@@ -57,6 +57,9 @@ class LlpConfig:
     # Serving: a routed row gets its edit up to the token that completes the target's words,
     # then runs as the base model (editors/answer_stop.py); False: on every later position too.
     stop_after_answer: bool = True
+    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
+    # token at a routed row's positions until the target has been written; 0: off.
+    answer_boost: float = 6.0
 
     # Augmentation: short texts generated once by the model itself.
     n_prefixes: int = 2  # prefixed copies of the prompt per edit (besides the bare prompt)

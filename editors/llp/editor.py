@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from kmd.editors.answer_stop import AnswerTracker
+from kmd.editors.answer_stop import AnswerTracker, pointer_hook
 from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
@@ -387,7 +387,8 @@ class LlpEditor(Editor):
             HookSpec(self.layer_paths[layer], self._retrieval_hook(i, i == last), "forward", with_kwargs=True)
             for i, layer in enumerate(self.retrieval)
         ]
-        return [HookSpec("", self._ids_hook, "forward_pre", with_kwargs=True), *specs, *self._inject_specs()]
+        pointer = HookSpec(self.host.profile.layout.lm_head, pointer_hook(self._current))
+        return [HookSpec("", self._ids_hook, "forward_pre", with_kwargs=True), *specs, *self._inject_specs(), pointer]
 
     def _decision(self) -> dict[str, Any]:
         routing = self.routing()
@@ -405,7 +406,8 @@ class LlpEditor(Editor):
             decision["ids"] = ids  # the prefill (or a full forward): read in _decide
         elif decision["injection"] is not None and decision["injection"].tracker is not None and ids is not None:
             injection = decision["injection"]
-            injection.answering = injection.tracker.step(ids[injection.rows])
+            answering = injection.tracker.step(ids[injection.rows])
+            injection.answering = answering if self.config.stop_after_answer else None
         return None
 
     def _retrieval_hook(self, index: int, last: bool):
@@ -448,12 +450,13 @@ class LlpEditor(Editor):
             values=self.prefix_values[edits],
             p_first=p_first[rows],
         )
-        if self.config.stop_after_answer and ids is not None:
+        if (self.config.stop_after_answer or self.config.answer_boost > 0) and ids is not None:
             targets = [self._requests[self.row_ids[int(e)]].target if self.row_ids[int(e)] in self._requests else ""
                        for e in edits]
-            injection.tracker = AnswerTracker(self.host.tokenizer, targets)
+            injection.tracker = AnswerTracker(self.host.tokenizer, targets, boost=self.config.answer_boost)
             last = routing.last_prompt_index(batch, seq, device)[rows]
-            injection.answering = injection.tracker.full(ids[rows], last)
+            answering = injection.tracker.full(ids[rows], last)
+            injection.answering = answering if self.config.stop_after_answer else None
 
     def _retrieval_mask(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) the tokens retrieval reads: a chat turn's user tokens, else the whole prompt

@@ -22,6 +22,15 @@ class RecipeConfig:
     # least recently retrieved are dropped and recomputed when needed again (one pass of
     # the prefix through the model).
     kv_cache_mb: float = 4096.0
+    # What a routed row is shown: "statement" (the edit as one plain sentence, "Known fact
+    # (current, verified): <prompt> <target>.", in front of the row, as the base model's own
+    # token embeddings: a retrieved fact in the context) or "trained" (the trained continuous
+    # prompts, then the statement repeated as the editor was trained; the paper's RECIPE plus
+    # ours). Retrieval is the trained networks' either way.
+    context: str = "statement"
+    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
+    # token at a routed row's positions until the target has been written; 0: off.
+    answer_boost: float = 6.0
     # A routed row gets its prefix up to the token that completes the target's words, then
     # runs as the base model (editors/answer_stop.py); False: on every later position too.
-    stop_after_answer: bool = True
+    stop_after_answer: bool = False

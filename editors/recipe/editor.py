@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from loguru import logger
 
-from kmd.editors.answer_stop import AnswerTracker
+from kmd.editors.answer_stop import AnswerTracker, pointer_hook
 from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
@@ -42,6 +42,8 @@ from kmd.editors.recipe.model import (
     edit_prefix,
     edit_prompts,
     encode_texts,
+    fact_context_ids,
+    token_embedding,
     load_networks,
     statement,
 )
@@ -80,6 +82,10 @@ class RecipeEditor(Editor):
         self.row_ids: list[str] = []
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
+        if self.config.context not in ("statement", "trained"):
+            raise EditorError(f"recipe: context must be 'statement' or 'trained', not {self.config.context!r}")
+        if not self.config.answer_boost >= 0:
+            raise EditorError("recipe: answer_boost must be >= 0")
         # edit id -> its prefix's keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
         # first retrieval (`_prefix_kv`), least recently used first; derived from `prompts`
         # and the edit's request, so not saved.
@@ -108,7 +114,11 @@ class RecipeEditor(Editor):
             self._kv.move_to_end(edit_id)
             return self._kv[edit_id]
         request = self.request(edit_id)
-        prefix = edit_prefix(self.host, self.networks.shape, self.prompts[row], request.prompt, request.target)  # (n, D)
+        if self.config.context == "statement":
+            ids = torch.tensor(fact_context_ids(self.host, request.prompt, request.target), device=self.host.device)
+            prefix = token_embedding(self.host)(ids).float()  # (n, D)
+        else:
+            prefix = edit_prefix(self.host, self.networks.shape, self.prompts[row], request.prompt, request.target)
         keys, values = self.injector.prefix_kv(prefix[None].to(self.host.model.dtype))
         entry = (keys[0].float(), values[0].float())
         self._kv[edit_id] = entry
@@ -148,6 +158,7 @@ class RecipeEditor(Editor):
             HookSpec(layout.embed, self._grab_ids),
             HookSpec(layout.path("layer", 0), self._decide, "forward_pre", with_kwargs=True),
             *self.injector.specs(self._current),
+            HookSpec(layout.lm_head, pointer_hook(self._current)),
         ]
 
     def _grab_ids(self, module, args, output):
@@ -157,7 +168,8 @@ class RecipeEditor(Editor):
             decisions[self.name] = {"ids": args[0], "injection": None, "done": False}
         elif decision["done"] and decision["injection"] is not None and decision["injection"].tracker is not None:
             injection = decision["injection"]  # a decode step: has the answer been written yet?
-            injection.answering = injection.tracker.step(args[0][injection.rows])
+            answering = injection.tracker.step(args[0][injection.rows])
+            injection.answering = answering if self.config.stop_after_answer else None
         return None
 
     def _decide(self, module, args, kwargs):
@@ -184,9 +196,11 @@ class RecipeEditor(Editor):
         keys, real = stack_left_padded(keys, dim=1)  # (Bh, L, n, n_kv, hd), (Bh, n) or None
         values, _ = stack_left_padded(values, dim=1)
         injection = decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
-        if self.config.stop_after_answer:
-            injection.tracker = AnswerTracker(tokenizer, [self.request(self.row_ids[r]).target for r in best[rows].tolist()])
-            injection.answering = injection.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
+        if self.config.stop_after_answer or self.config.answer_boost > 0:
+            targets = [self.request(self.row_ids[r]).target for r in best[rows].tolist()]
+            injection.tracker = AnswerTracker(tokenizer, targets, boost=self.config.answer_boost)
+            answering = injection.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
+            injection.answering = answering if self.config.stop_after_answer else None
         return None
 
     # ----- routing-aware probing ----------------------------------------------------------

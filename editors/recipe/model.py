@@ -161,6 +161,17 @@ def statement(prompt: str, target: str) -> str:
     return f"{prompt.strip()} {target.strip()}"
 
 
+FACT_LEAD = "Known fact (current, verified): "
+
+
+def fact_context_ids(host: ModelHost, prompt: str, target: str) -> list[int]:
+    """The token ids of an edit's fact sentence ("statement" context), bounded like the trained
+    context (a long statement keeps its end)."""
+    text = statement(prompt, target)
+    text += "" if text[-1:] in ".!?" else "."
+    return host.encode(f"{FACT_LEAD}{text}\n\n", special=False)[-MAX_STATEMENT_TOKENS:]
+
+
 def embed_rms(host: ModelHost) -> float:
     weight = token_embedding(host).weight
     return float(weight.float().pow(2).mean().sqrt())

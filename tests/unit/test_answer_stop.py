@@ -38,3 +38,46 @@ def test_decode_steps_agree_with_a_full_forward(tiny_host):
         prefix = stepped.full(ids[:, :6], last)  # the prefill sees tokens up to 5
         steps = [stepped.step(ids[:, t : t + 1]) for t in range(6, width)]
         assert torch.equal(torch.cat([prefix, *steps], dim=1), full), trial
+
+
+def test_the_pointer_boosts_the_targets_next_token_until_it_is_written(tiny_host):
+    tok = tiny_host.tokenizer
+    prompt = tiny_host.encode("the capital of France is")
+    target = tok.encode(" Nadia Velmont", add_special_tokens=False)
+    written = target + tok.encode(" , the", add_special_tokens=False)
+    ids = torch.tensor([prompt + written])
+    tracker = AnswerTracker(tok, ["Nadia Velmont"], boost=5.0)
+    tracker.full(ids, torch.tensor([len(prompt) - 1]))
+    logits = torch.zeros(1, ids.shape[1], tok.vocab_size + 8)
+    boosted = tracker.point(logits)[0]
+    changed = {(p, t) for p, t in (boosted != 0).nonzero().tolist()}
+    last = len(prompt) - 1
+    # the last prompt token points at the target's first token (after a space or opening a line)
+    assert {(last, target[0]), (last + 1, target[1])} <= changed
+    assert all(p >= last for p, _ in changed)  # prompt positions predict the prompt: untouched
+    assert all(p < last + len(target) for p, _ in changed)  # once written: free
+    assert boosted[boosted != 0].eq(5.0).all()
+    assert AnswerTracker(tok, ["Nadia Velmont"]).point(logits) is logits  # boost 0: off
+
+
+def test_pointer_decode_steps_agree_with_a_full_forward(tiny_host):
+    tok = tiny_host.tokenizer
+    words = "the capital of France is Berlin Paris Nadia Velmont Rome , .".split()
+    rng = random.Random(1)
+    vocab = tok.vocab_size + 8
+    for trial in range(10):
+        rows = [tiny_host.encode(" ".join(rng.choice(words) for _ in range(12))) for _ in range(3)]
+        width = min(len(r) for r in rows)
+        ids = torch.tensor([r[:width] for r in rows])
+        targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
+        last = torch.tensor([3, 4, 5])
+        full = AnswerTracker(tok, targets, boost=2.0)
+        full.full(ids, last)
+        expected = full.point(torch.zeros(3, width, vocab))
+        stepped = AnswerTracker(tok, targets, boost=2.0)
+        stepped.full(ids[:, :6], last)
+        got = [stepped.point(torch.zeros(3, 1, vocab))]  # the prefill's logits: its last position only
+        for t in range(6, width):
+            stepped.step(ids[:, t : t + 1])
+            got.append(stepped.point(torch.zeros(3, 1, vocab)))
+        assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial

@@ -76,7 +76,7 @@ def install_value(editor: LlpEditor, value: torch.Tensor, key: torch.Tensor | No
 
 @pytest.mark.parametrize("b", [1, 2])
 def test_serving_merge_equals_literal_prepending(tiny_host, b):
-    editor = fresh(tiny_host, n_values=b, similarity=-1.0)  # every row retrieves the one edit
+    editor = fresh(tiny_host, n_values=b, similarity=-1.0, answer_boost=0)  # every row retrieves the one edit; the merge alone
     torch.manual_seed(0)
     value = torch.randn(b, tiny_host.model.config.hidden_size) * 2
     install_value(editor, value)

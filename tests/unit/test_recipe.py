@@ -12,9 +12,9 @@ from recipe_tiny import tiny_recipe_records, train_tiny_recipe
 from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import Editor, EditorError, EditRequest
 from kmd.editors.recipe import RecipeEditor
-from kmd.editors.recipe.model import CheckpointError, context_ids, edit_prefix, load_networks
+from kmd.editors.recipe.model import CheckpointError, context_ids, edit_prefix, fact_context_ids, load_networks
 from kmd.editors.recipe.train import PrependedLM, Trainer, TrainOptions
-from kmd.editors.scoring import score_targets
+from kmd.editors.scoring import generate_ids, score_targets
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", edit_id="e1")
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", edit_id="e2")
@@ -59,7 +59,7 @@ def test_checkpoint_refuses_another_base_model(trained, other_model_dir):
 
 def test_served_prompts_equal_literal_prepending(tiny_host, trained):
     """Per-row prefix keys/values at every layer == the vectors prepended to the embeddings."""
-    editor = make(tiny_host, trained)
+    editor = make(tiny_host, trained, context="trained", answer_boost=0)
     editor.apply(EDIT)
     pairs = [(EDIT.prompt, EDIT.target), ("the dog and the cat", "bird")]
     served = score_targets(tiny_host, editor, pairs)
@@ -73,6 +73,33 @@ def test_served_prompts_equal_literal_prepending(tiny_host, trained):
     nll = torch.nn.functional.cross_entropy(literal[a:b], batch.labels[a:b])
     assert served[0].nll == pytest.approx(float(nll), abs=1e-4)
     assert served[1] == score_targets(tiny_host, None, pairs[1:])[0]  # a miss row is the base model
+
+
+def test_the_statement_context_is_the_fact_sentence_in_front_of_the_prompt(tiny_host, trained):
+    """context="statement": a routed row scores as the base model does with the fact sentence's
+    tokens written in front of it; the answer pointer then adds exactly `answer_boost` to the
+    target's next token while the target is being written, and nothing once it has been."""
+    plain = make(tiny_host, trained, answer_boost=0)
+    plain.apply(EDIT)
+    pairs = [(EDIT.prompt, EDIT.target), ("the dog and the cat", "bird")]
+    served = score_targets(tiny_host, plain, pairs)
+    fact = fact_context_ids(tiny_host, EDIT.prompt, EDIT.target)
+    prompt, target = tiny_host.encode_pair(EDIT.prompt, EDIT.target)
+    ids = torch.tensor([fact + prompt + target])
+    with torch.no_grad():
+        logits = tiny_host.model(input_ids=ids).logits[0, len(fact) + len(prompt) - 1 : -1]
+    assert served[0].argmax == tuple(logits.argmax(-1).tolist())
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+    assert served[0].nll == pytest.approx(float(nll), abs=1e-4)
+    assert served[1] == score_targets(tiny_host, None, pairs[1:])[0]  # a miss row is the base model
+
+    with plain.suspended():
+        pointed = make(tiny_host, trained, answer_boost=50.0)
+        pointed.apply(EDIT)
+        assert score_targets(tiny_host, pointed, pairs[:1])[0].argmax == tuple(target)  # the target, token by token
+        assert score_targets(tiny_host, pointed, pairs[1:])[0] == served[1]
+        answer = generate_ids(tiny_host, pointed, [prompt], max_new_tokens=len(target) + 4)[0]
+        assert answer[: len(target)] == target
 
 
 def test_prefixes_of_different_lengths_in_one_batch_serve_as_alone(tiny_host, trained):
