@@ -141,3 +141,57 @@ def _spellings(tokenizer: Any, target: str) -> list[list[int]]:
         if ids and ids not in out:
             out.append(ids)
     return out
+
+
+class RowPointer:
+    """Stop-after-answer and the pointer for a backend that routes a whole row to one edit at
+    one layer (GRACE, MEMOIR): the embedding hook keeps each forward's token ids, the backend
+    calls `start` when it routes the prefill's rows, and the LM head hook points. State lives
+    in the forward's routing context (`routing` is the editor's own `routing` method, bound
+    when its hooks are made, so a fork's pointer reads the fork's), so concurrent requests
+    never see each other's."""
+
+    def __init__(self, name: str, tokenizer: Any, boost: float) -> None:
+        self.key, self.tokenizer, self.boost = f"{name}:answer", tokenizer, boost
+
+    def specs(self, layout: Any, routing: Callable[[], Any]) -> list:
+        from kmd.editors.hooks import HookSpec
+
+        def ids_hook(module, args, output):
+            state = routing().decisions.setdefault(self.key, _RowState())
+            if state.tracker is not None:  # a decode step of routed rows
+                state.answering = state.tracker.step(args[0][state.rows])
+            elif not state.started:
+                state.ids = args[0]  # the prefill (or a full forward)
+            return None
+
+        return [HookSpec(layout.embed, ids_hook), HookSpec(layout.lm_head, pointer_hook(lambda: routing().decisions.get(self.key)))]
+
+    def start(self, routing: Any, rows: torch.Tensor, targets: Sequence[str]) -> None:
+        """The backend routed `rows` (Bh,) of the prefill to edits with these targets."""
+        state = routing.decisions.setdefault(self.key, _RowState())
+        state.started = True
+        ids, state.ids = state.ids, None
+        if ids is None or rows.numel() == 0:
+            return
+        batch, seq = ids.shape
+        state.rows = rows
+        state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost)
+        state.answering = state.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
+
+    def answering(self, routing: Any, tq: int) -> torch.Tensor | None:
+        """(Bh, tq) bool for the forward in progress: the routed rows' positions up to the
+        one that completes their target (None: no routed row)."""
+        state = routing.decisions.get(self.key)
+        if state is None or state.answering is None:
+            return None
+        return state.answering[:, -tq:]
+
+
+class _RowState:
+    def __init__(self) -> None:
+        self.started = False
+        self.ids: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.tracker: AnswerTracker | None = None
+        self.answering: torch.Tensor | None = None

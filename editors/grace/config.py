@@ -19,3 +19,7 @@ class GraceConfig:
     lr: float = 1.0  # Adam, as in the GRACE paper
     max_steps: int = 100
     stop_loss: float = 0.01  # stop once the mean target NLL is below this
+
+    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
+    # token at a routed row's positions until the target has been written; 0: off.
+    answer_boost: float = 6.0

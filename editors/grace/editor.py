@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
+from kmd.editors.answer_stop import RowPointer
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
@@ -54,6 +55,7 @@ class GraceEditor(Editor):
         self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
         self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
         self.row_ids: list[str] = []  # edit id of each row
+        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
         self.labels: list[str] = []  # normalised target of each row
 
     def stronger_overrides(self) -> dict[str, Any]:
@@ -123,7 +125,7 @@ class GraceEditor(Editor):
 
     # ----- serving ----------------------------------------------------------------------------
     def _hook_specs(self) -> list[HookSpec]:
-        return [HookSpec(self.path, self._serve)]
+        return [HookSpec(self.path, self._serve), *self.answer.specs(self.host.profile.layout, self.routing)]
 
     def _serve(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         routing = self.routing()
@@ -139,6 +141,8 @@ class GraceEditor(Editor):
             hit = torch.isfinite(best_dist)
             relative = steps[None, :] - last[:, None]  # (B, T): 0 at the last prompt token
             decision = routing.decisions[self.name] = {"hit": hit, "best": best, "next": seq - last}
+            rows = hit.nonzero().flatten()
+            self.answer.start(routing, rows, [self.request(self.row_ids[e]).target for e in best[rows].tolist()])
         else:  # decode step with the KV cache: continue counting after the prompt
             relative = decision["next"][:, None] + steps[None, :]
             decision["next"] = decision["next"] + seq

@@ -50,3 +50,10 @@ class MemoirConfig:
     grad_clip: float = 1.0  # max gradient norm (0: no clipping)
     stop_loss: float = 0.02  # stop once the mean target NLL is below this...
     patience: int = 0  # ...or (if > 0) when it has not improved by 1 % for this many steps
+
+    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
+    # token at a routed row's positions until the target has been written; 0: off.
+    answer_boost: float = 6.0
+    # A routed row gets the memory up to the token that completes the target's words, then
+    # runs as the base model (editors/answer_stop.py); False: on every later position too.
+    stop_after_answer: bool = True

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
+from kmd.editors.answer_stop import RowPointer
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
@@ -91,6 +92,7 @@ class MemoirEditor(Editor):
         self.owners = torch.empty(0, self.d_ff, device=device)  # (N, d_ff) 0/1: mask membership
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
+        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
         # With protect > 0: (d_ff, d_ff) float64 sum over live edits of A^T A, A being an edit's
         # masked memory inputs (n_tokens, d_ff, zero outside its mask). Made on the first edit.
@@ -278,7 +280,7 @@ class MemoirEditor(Editor):
 
     # ----- serving ----------------------------------------------------------------------------
     def _hook_specs(self) -> list[HookSpec]:
-        return [HookSpec(self.path, self._serve)]
+        return [HookSpec(self.path, self._serve), *self.answer.specs(self.host.profile.layout, self.routing)]
 
     def _serve(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         routing = self.routing()
@@ -290,6 +292,7 @@ class MemoirEditor(Editor):
             score, best = self.overlaps(self.tophash(_pool(a, prompt))).max(dim=1)  # (B,), (B,)
             rows = (score >= self.config.tau).nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "edit": best[rows], "score": score}
+            self.answer.start(routing, rows, [self.request(self.row_ids[e]).target for e in best[rows].tolist()])
         rows = decision["rows"]
         if rows.numel() == 0:
             return None  # no row matched: the output is exactly the base model's
@@ -298,6 +301,9 @@ class MemoirEditor(Editor):
         if self.config.center:
             picked = picked - self.bg_mean[columns][:, None, :]
         added = torch.bmm(picked, self.memory[columns])  # (H, T, d_model)
+        answering = self.answer.answering(routing, seq) if self.config.stop_after_answer else None
+        if answering is not None:  # positions past the stated answer run as the base model
+            added = added * answering[..., None]
         out = output.clone()
         out[rows] = output[rows] + added.to(output.dtype)
         return out
