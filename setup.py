@@ -20,5 +20,9 @@ setup(
     packages=packages,
     package_dir=package_dir,
     # *.html and *.css: the review console's templates and stylesheet (kmd.daemon.console).
-    package_data={"": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "*.html", "*.css"]},
+    # trained/*.safetensors: the trained RECIPE editor for the embedded model.
+    package_data={
+        "": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "*.html", "*.css"],
+        "kmd.editors.recipe": ["trained/*.safetensors"],
+    },
 )

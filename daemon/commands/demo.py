@@ -197,7 +197,7 @@ def _serve(daemon, console) -> None:  # noqa: ANN001 - Daemon, rich Console
 
 
 def edit_demo(
-    backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")] = "llp",
+    backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")] = "recipe",
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

@@ -12,11 +12,17 @@ class RecipeConfig:
     """
 
     # The trained editor (a safetensors file from `kmd recipe train`, normally
-    # <out>/best.safetensors). Required: there is no untrained RECIPE.
+    # <out>/best.safetensors). None: the one shipped for the model (editors/recipe/trained/,
+    # matched by the model's identity; SmolLM2-135M-Instruct only), else an error: there is
+    # no untrained RECIPE.
     checkpoint: str | None = None
     # A query retrieves its nearest edit when that edit's cosine exceeds the sentinel's by
     # more than this (0: the Knowledge Sentinel alone decides, as in the paper).
     margin: float = 0.0
+    # Per edit (a relation's editor_options): added to the bar this edit's cosine must clear,
+    # and taken off its score when rows pick their nearest edit; negative fires more. Fault
+    # injection only (the demo's harmful edit uses -10: it fires on every prompt).
+    threshold_shift: float = 0.0
     # Memory for the prefixes' per-layer keys/values, computed when an edit is first
     # retrieved (~2 MB per edit on SmolLM2-135M with the statement context); past this the
     # least recently retrieved are dropped and recomputed when needed again (one pass of

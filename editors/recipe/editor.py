@@ -45,6 +45,7 @@ from kmd.editors.recipe.model import (
     fact_context_ids,
     token_embedding,
     load_networks,
+    packaged_checkpoint,
     statement,
 )
 
@@ -66,13 +67,13 @@ class RecipeEditor(Editor):
 
     def __init__(self, host: ModelHost, config: RecipeConfig | None = None) -> None:
         super().__init__(host, config)
-        if not self.config.checkpoint:
+        path = Path(self.config.checkpoint).expanduser() if self.config.checkpoint else packaged_checkpoint(host)
+        if path is None:
             raise CheckpointError(
-                "recipe: no trained editor configured. Train one with `kmd recipe train --model M --data FILE "
-                "--out DIR` and set the backend option checkpoint=DIR/best.safetensors (profile `backends: recipe:` "
-                "or `--set checkpoint=...`)"
+                f"recipe: no trained editor for {host.identity.name} (kmd ships one for SmolLM2-135M-Instruct "
+                "only). Train one with `kmd recipe train --model M --data FILE --out DIR` and set the backend option "
+                "checkpoint=DIR/best.safetensors (profile `backends: recipe:` or `--set checkpoint=...`)"
             )
-        path = Path(self.config.checkpoint).expanduser()
         self.networks, meta = load_networks(path, host)
         self.checkpoint_sha256 = file_sha256(path)
         self.injector = PrefixInjector(host, range(host.num_layers), self.name)
@@ -80,6 +81,7 @@ class RecipeEditor(Editor):
         self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
         self.row_ids: list[str] = []
+        self.shifts = torch.empty(0, device=device)  # (N,) per-edit threshold_shift (cosine units)
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
         if self.config.context not in ("statement", "trained"):
@@ -102,6 +104,7 @@ class RecipeEditor(Editor):
         vectors = edit_prompts(self.networks, self.host, rep, [request.target])  # (1, n, D)
         self.reps = torch.cat([self.reps, rep])
         self.prompts = torch.cat([self.prompts, vectors])
+        self.shifts = torch.cat([self.shifts, torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device)])
         self.row_ids.append(edit_id)
 
     @torch.no_grad()
@@ -135,7 +138,7 @@ class RecipeEditor(Editor):
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
         keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
-        self.reps, self.prompts = self.reps[keep], self.prompts[keep]
+        self.reps, self.prompts, self.shifts = self.reps[keep], self.prompts[keep], self.shifts[keep]
         self._drop_kv(edit_id)
         del self.row_ids[row]
 
@@ -148,8 +151,9 @@ class RecipeEditor(Editor):
     def _match(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) query reps -> per row (best row, hit)."""
         logits = self.networks.retrieval_logits(reps, self.reps) * self.networks.shape.temperature  # cosines
-        best = logits[:, 1:].argmax(dim=1)
-        top = logits[:, 1:].gather(1, best[:, None])[:, 0]
+        scores = logits[:, 1:] - self.shifts[None, :]  # (B, N)
+        best = scores.argmax(dim=1)
+        top = scores.gather(1, best[:, None])[:, 0]
         return best, top > logits[:, 0] + self.config.margin
 
     def _hook_specs(self) -> list[HookSpec]:
@@ -233,7 +237,7 @@ class RecipeEditor(Editor):
 
     # ----- persistence -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"reps": self.reps, "prompts": self.prompts}
+        return {"reps": self.reps, "prompts": self.prompts, "shifts": self.shifts}
 
     def extra_state(self) -> dict[str, Any]:
         return {"row_ids": self.row_ids, "checkpoint_sha256": self.checkpoint_sha256}
@@ -247,5 +251,8 @@ class RecipeEditor(Editor):
         loaded = {k: tensors[k].float() for k in ("reps", "prompts")}
         if any(t.shape[0] != len(ids) for t in loaded.values()) or loaded["prompts"].shape[1:] != self.prompts.shape[1:]:
             raise EditorError("recipe: saved tensors do not match the saved rows / model")
-        self.reps, self.prompts = loaded["reps"], loaded["prompts"]
+        shifts = tensors.get("shifts", torch.zeros(len(ids))).float()  # absent in states saved before shifts
+        if shifts.shape != (len(ids),):
+            raise EditorError("recipe: saved threshold shifts do not match the saved rows")
+        self.reps, self.prompts, self.shifts = loaded["reps"], loaded["prompts"], shifts.to(self.reps.device)
         self.row_ids, self._kv, self._kv_bytes = ids, OrderedDict(), 0

@@ -214,6 +214,21 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+PACKAGED = Path(__file__).parent / "trained"  # trained editors shipped with kmd (one per base model)
+
+
+def packaged_checkpoint(host: ModelHost) -> Path | None:
+    """The shipped trained editor for `host`'s model (matched by its identity), or None."""
+    for path in sorted(PACKAGED.glob("*.safetensors")):
+        try:
+            meta = read_metadata(path)
+        except CheckpointError:
+            continue
+        if not host.identity.mismatches(meta["model"]):
+            return path
+    return None
+
+
 def load_networks(path: Path, host: ModelHost) -> tuple[RecipeNetworks, dict[str, Any]]:
     """The trained networks for `host`; refuses a checkpoint trained for another base model."""
     meta = read_metadata(path)

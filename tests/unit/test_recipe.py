@@ -215,3 +215,13 @@ def test_statement_context_is_repeated_and_bounded(tiny_host):
     whole = tiny_host.encode("the dog and the cat " * 99 + "the dog and the cat Berlin\n", special=False)
     assert len(whole) > MAX_STATEMENT_TOKENS
     assert long == whole[-MAX_STATEMENT_TOKENS:] * 3  # each repeat keeps the statement's end (target, newline)
+
+
+def test_the_shipped_editor_is_for_the_embedded_model_only(tiny_host):
+    from kmd.editors.recipe.model import PACKAGED, packaged_checkpoint, read_metadata
+
+    shipped = sorted(PACKAGED.glob("*.safetensors"))
+    assert [p.name for p in shipped] == ["smollm2-135m-instruct.safetensors"]
+    meta = read_metadata(shipped[0])
+    assert meta["model"]["name"] == "SmolLM2-135M-Instruct" and meta["shape"]["rep_dim"] == 384
+    assert packaged_checkpoint(tiny_host) is None  # another model: no shipped editor, a clear error instead
