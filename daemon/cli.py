@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands import bench, demo, editors_cmd
-from kmd.daemon.commands import ledger_cmd
+from kmd.daemon.commands import intake_cmd, ledger_cmd
 from kmd.daemon.commands import calibrate
 from kmd.daemon.commands import run_cmd
 from kmd.daemon.commands import recipe
-from kmd.daemon.commands import loop_bench, serve_bench
+from kmd.daemon.bench import loop as loop_bench, serve as serve_bench
 from kmd.daemon.logs import configure_logging
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ demo.register(app)
 bench.register(app)
 editors_cmd.register(app)
 ledger_cmd.register(app)
+intake_cmd.register(app)
 calibrate.register(app)
 run_cmd.register(app)
 recipe.register(app)

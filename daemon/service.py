@@ -172,7 +172,7 @@ class Daemon:
         from kmd.daemon.maintainer import Maintainer
         from kmd.daemon.matching import MiniLMEncoder, ObjectMatcher
         from kmd.daemon.verify import Verifier
-        from kmd.sources.intake import Intake
+        from kmd.daemon.intake import intake_for
 
         if not self.try_become_writer():
             raise RuntimeError("another process is the writer (it holds the PostgreSQL writer lock)")
@@ -186,7 +186,7 @@ class Daemon:
             if not (maintainer.editor_dir / "manifest.json").is_file():
                 maintainer.save()
             maintainer.publish_pending(force=True)
-        self._intake = Intake(self.policy, self.ledger)
+        self._intake = intake_for(self.policy, self.ledger)
         matcher = ObjectMatcher(MiniLMEncoder(), self.policy.verification.similarity_threshold)
         self._verifier = Verifier(self.policy, self.ledger, matcher)
         self.maintainer = maintainer

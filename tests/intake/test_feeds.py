@@ -8,7 +8,7 @@ import pytest
 
 from intake.helpers import Route, atom, make_policy
 from kmd.daemon.edit_request import build_edit_request
-from kmd.daemon.policy import FetchLimits
+from kmd.sources.config import FetchLimits
 from kmd.sources.feeds import FeedSource, parse_feed
 from kmd.sources.net import SafeFetcher
 

@@ -9,7 +9,7 @@ from kmd.daemon.edit_request import build_edit_request
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.matching import ObjectMatcher
 from kmd.daemon.verify import Verifier
-from kmd.sources.intake import Intake
+from kmd.daemon.intake import intake_for
 from kmd.sources.signing import generate_key, sign_file
 
 
@@ -61,7 +61,7 @@ def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
     )  # fmt: skip
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(db, clock=clock)
-    with Intake(policy, ledger, clock=clock) as intake:
+    with intake_for(policy, ledger, clock=clock) as intake:
         reports = {r.source_id: r for r in intake.poll_due()}
     assert {k: r.new_claims for k, r in reports.items()} == {
         "a": 2, "b": 1, "lo": 1, "broken": 0, "huge": 0, "evil": 0, "curated": 1}  # fmt: skip
@@ -82,7 +82,7 @@ def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
     assert quarantined.object == "Rufus T. Firefly"  # feed a + signed curated file, sensitive relation
 
     # Nothing is due before the poll interval; then conditional GETs find nothing new.
-    with Intake(policy, Ledger(db, clock=clock), clock=clock) as intake:
+    with intake_for(policy, Ledger(db, clock=clock), clock=clock) as intake:
         assert intake.due() == []
         clock.advance(minutes=11)
         assert "a" in intake.due()
@@ -162,7 +162,7 @@ def test_supersession_and_signed_files_over_http(server, clock, tmp_path):
 """)  # fmt: skip
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}", clock=clock)
     verifier = Verifier(policy, ledger, ObjectMatcher(SynonymEncoder(), 0.85), clock=clock)
-    with Intake(policy, ledger, clock=clock) as intake:
+    with intake_for(policy, ledger, clock=clock) as intake:
         intake.poll_due()
         (lyon,) = verifier.run().new_facts
         edit = ledger.record_edit_applied(lyon, request=build_edit_request(ledger.fact(lyon), policy), backend="fake",

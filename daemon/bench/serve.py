@@ -24,7 +24,7 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands.common import DeviceOpt, ModelOpt
-from kmd.daemon.commands.loop_bench import COMPANY, FIRST, LAST, demo_workdir
+from kmd.daemon.bench.loop import COMPANY, FIRST, LAST, demo_workdir
 
 GENERIC = ("The weather today is", "My favourite book is", "The best way to learn a language is",
            "Water boils at", "The largest ocean on Earth is", "A good breakfast includes",
