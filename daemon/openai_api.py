@@ -42,10 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 
 from kmd.daemon.api import MAX_NEW_TOKENS, Read
-from kmd.daemon.service import NotServingError
+from kmd.daemon.surface import NotServingError
 
 if TYPE_CHECKING:
-    from kmd.daemon.service import Daemon
+    from kmd.daemon.surface import Service
     from kmd.editors.model import ModelHost
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the context allows
@@ -274,7 +274,7 @@ class CompletionBody(_Body):
 # ----- the model and its edit state ----------------------------------------------------------
 
 
-def served_model_id(daemon: Daemon) -> str:
+def served_model_id(daemon: Service) -> str:
     """The id clients pass as `model`: the base model's name (its hub id or path as configured;
     the embedded model's own name)."""
     from kmd.editors.model import EMBEDDED, EMBEDDED_NAME
@@ -286,7 +286,7 @@ def served_model_id(daemon: Daemon) -> str:
     return EMBEDDED_NAME if configured == EMBEDDED else configured
 
 
-def _serving(daemon: Daemon) -> Any:
+def _serving(daemon: Service) -> Any:
     """The writer's maintainer or the replica: whatever holds the served editor."""
     source = daemon.replica or daemon.maintainer
     if source is None or source.editor is None:
@@ -294,7 +294,7 @@ def _serving(daemon: Daemon) -> Any:
     return source
 
 
-def edit_state(daemon: Daemon) -> dict[str, Any]:
+def edit_state(daemon: Service) -> dict[str, Any]:
     """What the served model is: the base model plus which committed edit state.
 
     `version` is the sha256 of the state's manifest.json, the same id replicas load and
@@ -320,7 +320,7 @@ def _fingerprint(state: dict[str, Any]) -> str:
     return f"kmd-{version[:12]}" if version else "kmd-base"
 
 
-def _check_model(daemon: Daemon, requested: str) -> str:
+def _check_model(daemon: Service, requested: str) -> str:
     served = served_model_id(daemon)
     if requested not in (served, daemon.settings.model.model):
         raise OpenAIError(404, f"model {requested!r} is not served here; this server serves {served!r}",
@@ -414,7 +414,7 @@ def _seeded(seed: int | None, device: Any) -> Iterator[None]:
 _END = object()
 
 
-def token_stream(daemon: Daemon, input_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
+def token_stream(daemon: Service, input_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, cancel: threading.Event | None = None) -> Iterator[int]:  # fmt: skip
     """New token ids for one prompt through the served (edited) model, as they come."""
     source = _serving(daemon)  # fail now (503), not after the response started
@@ -509,7 +509,7 @@ def _eos_ids(host: ModelHost) -> set[int]:
 class Generation:
     """One request's text deltas; `finish_reason` and `completion_tokens` once exhausted."""
 
-    def __init__(self, daemon: Daemon, prompt_ids: list[int], body: _Body, max_tokens: int) -> None:
+    def __init__(self, daemon: Service, prompt_ids: list[int], body: _Body, max_tokens: int) -> None:
         source = _serving(daemon)
         self.host = source.host
         self.prompt_tokens = len(prompt_ids)
@@ -571,7 +571,7 @@ def _stream_response(events: Iterator[dict[str, Any]], cancel: threading.Event) 
 # ----- the router ----------------------------------------------------------------------------
 
 
-def openai_router(daemon: Daemon) -> APIRouter:
+def openai_router(daemon: Service) -> APIRouter:
     router = APIRouter(route_class=OpenAIRoute)
     created = int(time.time())
 

@@ -111,7 +111,7 @@ def test_every_path_into_the_ledger_is_known_and_checked(tmp_path):
     the verifier admits a claim only from a source of that channel's kind."""
     assert _record_calls() == {
         "daemon/intake.py:store",  # polled feed and jsonl sources (the intake's ledger sink)
-        "daemon/service.py:submit_fact",  # POST /v1/facts (the api source)
+        "daemon/service/app.py:submit_fact",  # POST /v1/facts (the api source)
         "daemon/ledger/store.py:record_claims",  # Ledger.record_claims -> LedgerTransaction.record_claims
     }
     policy = make_policy("""\
