@@ -49,9 +49,9 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from kmd.daemon.crashpoints import crash_point
-from kmd.daemon.edit_request import build_edit_request
+from kmd.daemon.edit_request import build_edit_request, with_edit_id
 from kmd.daemon.ledger import LedgerError
-from kmd.daemon.probes import LocalityBaseline, LocalityState, Prober, ProbeReport, Thresholds, read_suite
+from kmd.daemon.probes import LocalityBaseline, LocalityState, Prober, read_suite
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets
@@ -131,7 +131,7 @@ class Maintainer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # The baseline must be the unedited model's answers: record before loading edits.
         baseline = LocalityBaseline.load_or_record(self.state_dir / "locality-baseline.json", self.host, self._suite)
-        prober = Prober(self.host, baseline, Thresholds.of(self.policy.probes))
+        prober = Prober(self.host, baseline, self.policy.probes)
         with self.lock:
             if (self.editor_dir / MANIFEST).is_file():
                 loaded = Editor.load(self.editor_dir, self.host)
@@ -219,7 +219,7 @@ class Maintainer:
             return
         self.editor.revert(key)
         self.save()
-        self.ledger.revert_edit(edit.id, reason="saved before a crash, probes failed at restart: " + "; ".join(report.failures),
+        self.ledger.revert_edit(edit.id, reason="saved before a crash, probes failed at restart: " + report.reason,
                                 probes_before=report.figures(), probes_after=None, actor=self.actor)  # fmt: skip
         log.warning("edit {} was saved but not committed before a crash; its probes now fail: reverted", edit.id)
 
@@ -234,7 +234,7 @@ class Maintainer:
             except KeyError:
                 options = {}
             with self.editor.configured(**options):
-                self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": key}))
+                self.editor.apply(with_edit_id(EditRequest.from_dict(edit.request), key))
             report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the edit stays out
             if key in self.editor.edit_ids:
@@ -246,7 +246,7 @@ class Maintainer:
                 self.save()
                 return
             self.editor.revert(key)
-            reason, figures = "missing from the saved state; re-applied but probes failed: " + "; ".join(report.failures), report.figures()
+            reason, figures = "missing from the saved state; re-applied but probes failed: " + report.reason, report.figures()
         self.save()
         self.ledger.revert_edit(edit.id, reason=reason, probes_before=figures, probes_after=None, actor=self.actor)
         log.error("edit {}: {}", edit.id, reason)
@@ -301,7 +301,7 @@ class Maintainer:
 
     def apply_fact(self, fact: FactRecord) -> tuple[str, int | None]:
         assert self.prober is not None, "call restore() first"
-        request = EditRequest.from_dict(build_edit_request(fact, self.policy))
+        request = build_edit_request(fact, self.policy.relation(fact.relation))
         with self._busy():
             if fact.supersedes_edit_id is not None:
                 return self._replace(fact, request)
@@ -354,7 +354,7 @@ class Maintainer:
             apply_started = time.perf_counter()
             try:
                 with self.editor.configured(**(self._relation_options(fact) | overrides)):
-                    self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
+                    self.editor.apply(with_edit_id(request, record.id))
                 crash_point(f"{op}.applied")
             except Exception as exc:  # the editor keeps nothing from a failed apply
                 log.exception("edit {} could not be applied", edit_id)
@@ -391,13 +391,13 @@ class Maintainer:
             self.editor.revert(edit_id)
             after = {"loc": self.prober.locality(self.editor).loc}  # the committed state's, unless superseding
             self.stats.last_locality = after["loc"]
-            retry_next = not report.took and number < len(attempts) and not self._harmful(report)
+            retry_next = not report.took and not report.harmful and number < len(attempts)
             self.ledger.revert_edit(
-                record.id, reason="; ".join(report.failures), probes_before=report.figures() | timings | {"loc_before": loc_before},
+                record.id, reason=report.reason, probes_before=report.figures() | timings | {"loc_before": loc_before},
                 probes_after=after, actor=self.actor, retry=retry_next,
             )  # fmt: skip
             self.stats.edits_reverted += 1
-            log.warning("edit {} reverted: {}", edit_id, "; ".join(report.failures))
+            log.warning("edit {} reverted: {}", edit_id, report.reason)
             if not retry_next:
                 return "reverted", record.id
             self.stats.edits_retried += 1
@@ -417,11 +417,6 @@ class Maintainer:
 
     def _relation_options(self, fact: FactRecord) -> dict[str, Any]:
         return dict(self.policy.relation(fact.relation).editor_options)
-
-    @staticmethod
-    def _harmful(report: ProbeReport) -> bool:
-        """Damage beyond 'did not take': a stronger retry would not help."""
-        return any(f.startswith(("locality", "earlier")) for f in report.failures)
 
     # ----- people and the API -----------------------------------------------------------------
     def revert(self, edit_id: int, *, reason: str, actor: str) -> dict[str, Any]:

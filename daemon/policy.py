@@ -84,7 +84,7 @@ class VerificationPolicy(StrictModel):
 
 
 class ProbePolicy(StrictModel):
-    """Thresholds the maintenance loop applies after each edit (names follow PROTOCOL.md)."""
+    """Thresholds the maintenance loop applies after each edit (names follow docs/protocol.md)."""
 
     # Served answers (what users read, editors/answers.py): greedy answers to the edit prompt
     # and its paraphrases, plain and (with a chat template) as a chat turn; an answer is

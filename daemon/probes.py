@@ -25,10 +25,10 @@ import random
 import tempfile
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from loguru import logger
 
@@ -39,6 +39,7 @@ from kmd.editors.scoring import generate, generate_ids, score_targets
 if TYPE_CHECKING:
     import torch
 
+    from kmd.daemon.policy import ProbePolicy
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import EditRequest, Editor
 
@@ -157,6 +158,23 @@ class LocalityState:
         return sum(self.verdicts) / max(len(self.verdicts), 1)
 
 
+# What a probe checks. The first three say whether the edit took; the last two whether it
+# harmed what was there before (a stronger retry of the same edit would not help).
+Check = Literal["served", "rel", "gen", "locality", "earlier"]
+TOOK_CHECKS: tuple[Check, ...] = ("served", "rel", "gen")
+HARM_CHECKS: tuple[Check, ...] = ("locality", "earlier")
+
+
+@dataclass(frozen=True)
+class ProbeFailure:
+    """One threshold a probe missed: which check, the reason in words, and the prompt that
+    showed it (the served answer that missed, the locality prompt that changed), if any."""
+
+    check: Check
+    message: str
+    prompt: str | None = None
+
+
 @dataclass(frozen=True)
 class ProbeReport:
     rel: float  # teacher-forced accuracy of the target after the edit prompt (secondary)
@@ -164,8 +182,7 @@ class ProbeReport:
     loc: float  # fraction of locality prompts whose greedy continuation is unchanged
     earlier_rel: float | None
     earlier_checked: int
-    failures: tuple[str, ...]  # human-readable reasons; empty means pass
-    took: bool  # the edit itself took (served and teacher-forced thresholds met)
+    failures: tuple[ProbeFailure, ...]  # empty means pass
     served_rel: float | None = None  # fraction of forms whose answer to the edit prompt is correct
     served_gen: float | None = None  # fraction of (paraphrase, form) answers that are correct
     answers: tuple[dict[str, Any], ...] = ()  # per prompt and form: the answer line and its verdicts
@@ -178,25 +195,29 @@ class ProbeReport:
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def took(self) -> bool:
+        """The edit itself took (served and teacher-forced thresholds met)."""
+        return not any(f.check in TOOK_CHECKS for f in self.failures)
+
+    @property
+    def harmful(self) -> bool:
+        """The edit damaged other behaviour (locality, earlier edits): do not retry it stronger."""
+        return any(f.check in HARM_CHECKS for f in self.failures)
+
+    @property
+    def failing_prompt(self) -> str | None:
+        """The first prompt that showed a failure (None when none did, or the probe passed)."""
+        return next((f.prompt for f in self.failures if f.prompt is not None), None)
+
+    @property
+    def reason(self) -> str:
+        """The failures in words, as the revert log records them."""
+        return "; ".join(f.message for f in self.failures)
+
     def figures(self) -> dict[str, Any]:
-        plain = {k: v for k, v in asdict(self).items() if k not in ("failures", "locality")}
-        return plain | {"failures": list(self.failures)}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_rel: float = 0.9
-    min_gen: float = 0.5
-    min_loc: float = 0.98
-    earlier_edits_sample: int = 20
-    min_earlier_rel: float = 0.9
-    min_served_rel: float = 1.0
-    min_served_gen: float = 0.5
-    served_answers: bool = True
-
-    @classmethod
-    def of(cls, policy_probes: Any) -> Thresholds:
-        return cls(**{name: getattr(policy_probes, name) for name in cls.__dataclass_fields__ if hasattr(policy_probes, name)})
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("failures", "locality")}
+        return plain | {"took": self.took, "failures": [f.message for f in self.failures]}
 
 
 def _answer_figure(answer: Answer) -> dict[str, Any]:
@@ -218,7 +239,7 @@ class Prober:
     safety net the regression job runs on its schedule.
     """
 
-    def __init__(self, host: ModelHost, baseline: LocalityBaseline, thresholds: Thresholds, batch_size: int = 32) -> None:
+    def __init__(self, host: ModelHost, baseline: LocalityBaseline, thresholds: ProbePolicy, batch_size: int = 32) -> None:
         self.host, self.baseline, self.thresholds, self.batch_size = host, baseline, thresholds, batch_size
         encoded = [host.encode(host.format_prompt(p)) for p in baseline.prompts]
         n, size = len(encoded), baseline.chunk
@@ -331,7 +352,7 @@ class Prober:
 
     def check(self, editor: Editor, request: EditRequest, earlier: Sequence[EditRequest] = ()) -> ProbeReport:
         t = self.thresholds
-        failures = []
+        failures: list[ProbeFailure] = []
         served_rel = served_gen = None
         figures: tuple[dict[str, Any], ...] = ()
         clock = _Clock()
@@ -346,25 +367,28 @@ class Prober:
             if served_rel < t.min_served_rel or (served_gen is not None and served_gen < t.min_served_gen):
                 a = wrong[0]
                 why = "degenerate" if a.degenerate else "misses the target"
-                failures.append(f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), served_gen "
-                                f"{'-' if served_gen is None else f'{served_gen:.2f}'} (min {t.min_served_gen}); "
-                                f"{a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})")  # fmt: skip
+                failures.append(ProbeFailure("served", f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), "
+                                             f"served_gen {'-' if served_gen is None else f'{served_gen:.2f}'} (min "
+                                             f"{t.min_served_gen}); {a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})",
+                                             a.prompt))  # fmt: skip
         rel, gen = clock("teacher_forced", self.edit_scores, editor, request)
         state = clock("locality", self.locality, editor)
         earlier_rel, checked = clock("earlier", self.earlier, editor, earlier)
         if rel < t.min_rel:
-            failures.append(f"edit did not take: rel {rel:.3f} < {t.min_rel}")
+            failures.append(ProbeFailure("rel", f"edit did not take: rel {rel:.3f} < {t.min_rel}", request.prompt))
         if gen is not None and gen < t.min_gen:
-            failures.append(f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}")
+            failures.append(ProbeFailure("gen", f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}",
+                                         request.rephrases[0] if request.rephrases else None))
         examples = self.changed_examples(state)
         if state.loc < t.min_loc:
             first = examples[0]
-            failures.append(f"locality degraded: loc {state.loc:.4f} < {t.min_loc} ({len(state.changed)} prompts "
-                            f"changed, e.g. {first['prompt']!r} -> {first['answer']!r}, was {first['recorded']!r})")  # fmt: skip
+            failures.append(ProbeFailure("locality", f"locality degraded: loc {state.loc:.4f} < {t.min_loc} "
+                                         f"({len(state.changed)} prompts changed, e.g. {first['prompt']!r} -> "
+                                         f"{first['answer']!r}, was {first['recorded']!r})", first["prompt"]))  # fmt: skip
         if earlier_rel is not None and earlier_rel < t.min_earlier_rel:
-            failures.append(f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} over {checked}")
-        took = not any(f.startswith(("answers wrong", "edit did not take", "paraphrases")) for f in failures)
-        return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), took, served_rel, served_gen,
+            failures.append(ProbeFailure("earlier", f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} "
+                                         f"over {checked}"))
+        return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), served_rel, served_gen,
                            figures, state.rows_run, examples, clock.seconds, state)  # fmt: skip
 
 

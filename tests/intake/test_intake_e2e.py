@@ -6,6 +6,7 @@ import json
 
 from intake.helpers import SynonymEncoder, Route, atom, make_policy
 from kmd.daemon.edit_request import build_edit_request
+from kmd.editors.protocol import EditRequest
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.matching import ObjectMatcher
 from kmd.daemon.verify import Verifier
@@ -74,10 +75,10 @@ def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
     assert report.claims_seen == 5 and len(report.new_facts) == 2 and report.waiting == 1  # Spain: low trust alone
     (ready,) = ledger.ready_facts()
     assert (ready.subject, ready.relation) == ("France", "capital")
-    assert build_edit_request(ready, policy) == {
-        "prompt": "The capital of France is", "target": ready.object, "subject": "France",
-        "rephrases": ["France's capital city is"],
-    }  # fmt: skip
+    assert build_edit_request(ready, policy.relation(ready.relation)) == EditRequest(
+        prompt="The capital of France is", target=ready.object, subject="France",
+        rephrases=("France's capital city is",),
+    )  # fmt: skip
     (quarantined,) = ledger.facts(status="quarantined")
     assert quarantined.object == "Rufus T. Firefly"  # feed a + signed curated file, sensitive relation
 
@@ -165,7 +166,7 @@ def test_supersession_and_signed_files_over_http(server, clock, tmp_path):
     with intake_for(policy, ledger, clock=clock) as intake:
         intake.poll_due()
         (lyon,) = verifier.run().new_facts
-        edit = ledger.record_edit_applied(lyon, request=build_edit_request(ledger.fact(lyon), policy), backend="fake",
+        edit = ledger.record_edit_applied(lyon, request=build_edit_request(ledger.fact(lyon), policy.relation("capital")).to_dict(), backend="fake",
                                           backend_config={}, policy_version=policy.version_tag)  # fmt: skip
         ledger.commit_edit(edit.id, probes={"rel": 1.0})
 
