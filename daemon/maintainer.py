@@ -51,7 +51,8 @@ from loguru import logger
 from kmd.daemon.crashpoints import crash_point
 from kmd.daemon.edit_request import build_edit_request, with_edit_id
 from kmd.daemon.ledger import LedgerError
-from kmd.daemon.probes import LocalityBaseline, LocalityState, Prober, read_suite
+from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
+from kmd.daemon.probes import Prober
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets

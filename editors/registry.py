@@ -25,6 +25,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 # name -> "module:Class" (lazy) or the class itself once imported / registered.
 _BACKENDS: dict[str, str | type] = {
+    "fake": "kmd.editors.fake:FakeEditor",  # a lookup table for tests, not an editing method
     "grace": "kmd.editors.grace:GraceEditor",
     "llp": "kmd.editors.llp:LlpEditor",
     "memoir": "kmd.editors.memoir:MemoirEditor",

@@ -72,7 +72,10 @@ class MemorySink:
 
     def store(self, source_id: str, claims: Sequence[Claim], cursor: Mapping[str, Any], *, channel: str) -> Stored:
         new, duplicates = [], 0
-        for claim in claims:
+        batch: dict[str, Claim] = {}
+        for claim in claims:  # restatements within one batch count once, as in the ledger
+            batch.setdefault(claim.content_hash, claim)
+        for claim in batch.values():
             if claim.content_hash in self.claims:
                 duplicates += 1
                 continue

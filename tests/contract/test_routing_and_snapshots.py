@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kmd.daemon.policy import ProbePolicy
-from kmd.daemon.probes import LocalityBaseline, Prober
+from kmd.daemon.locality import LocalityBaseline
+from kmd.daemon.probes import Prober
 from kmd.editors.protocol import EditRequest
 from kmd.editors.registry import backend_names, get_backend
 from tiny import WORDS

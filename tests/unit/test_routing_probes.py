@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from kmd.daemon.policy import ProbePolicy
-from kmd.daemon.probes import LocalityBaseline, Prober
+from kmd.daemon.locality import LocalityBaseline
+from kmd.daemon.probes import Prober
 from kmd.editors.protocol import EditRequest
 from kmd.editors.registry import get_backend
 from tiny import WORDS
