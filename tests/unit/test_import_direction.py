@@ -76,3 +76,17 @@ def test_the_check_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from kmd.daemon.ledger import Ledger\n")
     assert _kmd_imports(bad) == [(2, "kmd.daemon.ledger")]
+
+
+def test_nothing_reaches_into_a_ledger_transactions_session():
+    """Rows are written through `LedgerTransaction`'s public methods only: its session
+    (`_s`) is touched by transaction.py alone."""
+    wrong = []
+    for package in ("daemon", "sources", "common"):
+        for path in _files(package):
+            if path.relative_to(ROOT).as_posix() == "daemon/ledger/transaction.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr == "_s":
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not wrong, "a transaction's session is private:\n  " + "\n  ".join(wrong)
