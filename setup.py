@@ -1,13 +1,13 @@
 """Map the top-level folders onto the `kmd` import namespace.
 
-`daemon/` installs as `kmd.daemon`, `editors/` as `kmd.editors`, and so on, so the
+`daemon/` installs as `kmd.daemon`, `editors/` as `kmd.editors`, `common/` as `kmd.common`, and so on, so the
 repository keeps the layout its users asked for without claiming generic top-level
 module names (`daemon`, `sources`) in their environments.
 """
 
 from setuptools import find_packages, setup
 
-ROOTS = ("daemon", "editors", "sources", "policies")
+ROOTS = ("common", "daemon", "editors", "sources", "policies")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

@@ -8,7 +8,8 @@ kind as that door and may assert the relation (`origin_problem`). So a submissio
 the API can never pass as the signed curated file or a feed: whatever source id it names,
 it is an `api` claim, and an `api` claim of a `jsonl` source is rejected.
 
-The doors check the same thing up front (`Intake.poll_many`, `Daemon.submit_fact`) so
+The doors check the same thing up front (`Intake.poll_many`, `Daemon.submit_fact`; the
+intake records through `kmd.daemon.intake.LedgerSink`) so
 people get a clear error at once; the verifier's check is the one nothing goes around.
 `tests/intake/test_admission.py` enumerates every call that records claims.
 """

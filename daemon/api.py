@@ -40,10 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kmd.daemon.ledger import LedgerError
 from kmd.daemon.serving import QueueFull
-from kmd.daemon.service import NotServingError
+from kmd.daemon.surface import NotServingError
 
 if TYPE_CHECKING:
-    from kmd.daemon.service import Daemon
+    from kmd.daemon.surface import Service
 
 MAX_NEW_TOKENS = 256
 # Ledger ids are 64-bit signed integers: larger ones cannot exist (and would overflow the query).
@@ -150,7 +150,7 @@ def _plain(value: Any) -> Any:
 class _StatsCollector:
     """Reads the daemon's counters at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Service) -> None:
         self.daemon = daemon
 
     def collect(self):
@@ -218,7 +218,7 @@ Read = Annotated[None, Depends(_reader)]
 Write = Annotated[None, Depends(_writer)]
 
 
-def create_app(daemon: Daemon) -> FastAPI:
+def create_app(daemon: Service) -> FastAPI:
     app = FastAPI(title="kmd", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.daemon = daemon
     limits = daemon.settings.api

@@ -1,8 +1,10 @@
 """The `kmd` command line.
 
-Each group of subcommands lives in its own module under `kmd.daemon.commands` and is
-registered here in one line. Command bodies import heavy libraries (torch,
-transformers) lazily so that `kmd --help` stays fast.
+Each group of subcommands lives in its own module under `kmd.daemon.commands` (the
+benchmarks under `kmd.daemon.bench`) and is registered here in one line; backends'
+own commands (`kmd recipe train`) are discovered from the editor registry
+(`commands/train.py`). Command bodies import heavy libraries (torch, transformers)
+lazily so that `kmd --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands import bench, demo, editors_cmd
-from kmd.daemon.commands import ledger_cmd
+from kmd.daemon.commands import intake_cmd, ledger_cmd
 from kmd.daemon.commands import calibrate
 from kmd.daemon.commands import run_cmd
-from kmd.daemon.commands import recipe
-from kmd.daemon.commands import loop_bench, serve_bench
+from kmd.daemon.commands import train
+from kmd.daemon.bench import loop as loop_bench, serve as serve_bench
 from kmd.daemon.logs import configure_logging
 
 app = typer.Typer(
@@ -40,9 +42,10 @@ demo.register(app)
 bench.register(app)
 editors_cmd.register(app)
 ledger_cmd.register(app)
+intake_cmd.register(app)
 calibrate.register(app)
 run_cmd.register(app)
-recipe.register(app)
+train.register(app)  # `kmd <backend> train` for every backend with a trainer
 loop_bench.register(app)
 serve_bench.register(app)
 

@@ -1,18 +1,26 @@
 """From a verified fact to the edit request an editor backend applies.
 
 The relation's template in the policy supplies the prompt and paraphrases; the subject is
-substituted for `{subject}` (the only field the policy loader allows; `{{`/`}}` are literal braces), and the object
-is the target the model should produce after the prompt. Feed text is data: it is
-substituted as a value and never itself used as a template.
+substituted for `{subject}` (the only field the policy loader allows; `{{`/`}}` are literal
+braces), and the object is the target the model should produce after the prompt. Feed text
+is data: it is substituted as a value and never itself used as a template.
+
+The request has one shape from here to the backend: an `EditRequest`. The maintainer
+records it in the ledger (`to_dict()`), then gives it the ledger's edit id once, when it
+applies it (`with_edit_id`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import dataclasses
+from typing import TYPE_CHECKING, Protocol
 
-from kmd.daemon.policy import Policy
+from kmd.editors.protocol import EditRequest
 
-__all__ = ["build_edit_request"]
+if TYPE_CHECKING:
+    from kmd.daemon.policy import RelationTemplate
+
+__all__ = ["build_edit_request", "with_edit_id"]
 
 
 class _FactLike(Protocol):
@@ -21,19 +29,23 @@ class _FactLike(Protocol):
     object: str
 
 
-def build_edit_request(fact: _FactLike, policy: Policy) -> dict[str, Any]:
-    """The edit request for a fact: keys `prompt`, `target`, `subject`, `rephrases`.
+def build_edit_request(fact: _FactLike, template: RelationTemplate) -> EditRequest:
+    """The edit request for a fact under its relation's template (`policy.relation(fact.relation)`).
 
     `prompt` is text whose continuation should be `target` (= the object); `rephrases` are
-    the paraphrase prompts used to probe that the edit generalises. Raises KeyError if the
-    policy has no template for the fact's relation.
+    the paraphrase prompts used to probe that the edit generalises. No edit id yet: the
+    ledger assigns it when the edit is recorded.
     """
-    template = policy.relation(fact.relation)
     # str.format only parses the template; the subject is inserted as a plain value.
     fill = lambda text: text.format(subject=fact.subject)  # noqa: E731 - one-line helper
-    return {
-        "prompt": fill(template.prompt),
-        "target": fact.object,
-        "subject": fact.subject,
-        "rephrases": [fill(p) for p in template.paraphrases],
-    }
+    return EditRequest(
+        prompt=fill(template.prompt),
+        target=fact.object,
+        subject=fact.subject,
+        rephrases=tuple(fill(p) for p in template.paraphrases),
+    )
+
+
+def with_edit_id(request: EditRequest, edit_id: int | str) -> EditRequest:
+    """The request under the ledger's id for its edit (the id the backend stores it by)."""
+    return dataclasses.replace(request, edit_id=str(edit_id))

@@ -25,17 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kmd.daemon.policy import Policy, SourcePolicy
+from kmd.daemon.policy import Policy
+from kmd.sources.claims import ENTRY_FLAG
+from kmd.sources.config import SourcePolicy
 
-__all__ = ["GroupCount", "Independence", "entry_flag", "registrable_domain"]
-
-_ENTRY = "entry:"
-
-
-def entry_flag(digest: str) -> str:
-    """The claim flag naming the exact entry (feed item, JSONL line) a claim was read from."""
-    return _ENTRY + digest[:32]
-
+__all__ = ["GroupCount", "Independence", "registrable_domain"]
 
 @functools.cache
 def _suffix_list():  # noqa: ANN202 - loaded on first use (~70 ms), never at import
@@ -156,4 +150,4 @@ class Independence:
 
 
 def _entries(flags: Iterable[str]) -> list[str]:
-    return [f[len(_ENTRY) :] for f in flags if f.startswith(_ENTRY)]
+    return [f[len(ENTRY_FLAG) :] for f in flags if f.startswith(ENTRY_FLAG)]

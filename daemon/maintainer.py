@@ -16,8 +16,9 @@ ahead the same way:
 
     ledger: edit `reverting` (who, why)  ->  editor.revert  ->  state saved  ->  ledger: `reverted`
 
-On start, `restore()` loads the saved state and reconciles it with the ledger, finishing
-or rolling back every operation in flight (docs/crash-safety.md has the whole matrix):
+On start, `restore()` loads the saved state and reconciles it with the ledger
+(`kmd.daemon.reconcile`), finishing or rolling back every operation in flight
+(docs/crash-safety.md has the whole matrix):
 a requested revert is finished; an edit the ledger applied but the saved state lacks
 (crash before the save) is marked reverted and its fact retried; an edit the saved state
 holds but the ledger never committed (crash between the save and the commit, so after
@@ -49,9 +50,11 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from kmd.daemon.crashpoints import crash_point
-from kmd.daemon.edit_request import build_edit_request
+from kmd.daemon.edit_request import build_edit_request, with_edit_id
 from kmd.daemon.ledger import LedgerError
-from kmd.daemon.probes import LocalityBaseline, LocalityState, Prober, ProbeReport, Thresholds, read_suite
+from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
+from kmd.daemon.probes import Prober
+from kmd.daemon.reconcile import Reconciler
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets
@@ -89,7 +92,7 @@ class CycleReport:
     seconds: float = 0.0
 
 
-class Maintainer:
+class Maintainer(Reconciler):
     def __init__(
         self,
         host: ModelHost,
@@ -131,7 +134,7 @@ class Maintainer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # The baseline must be the unedited model's answers: record before loading edits.
         baseline = LocalityBaseline.load_or_record(self.state_dir / "locality-baseline.json", self.host, self._suite)
-        prober = Prober(self.host, baseline, Thresholds.of(self.policy.probes))
+        prober = Prober(self.host, baseline, self.policy.probes)
         with self.lock:
             if (self.editor_dir / MANIFEST).is_file():
                 loaded = Editor.load(self.editor_dir, self.host)
@@ -148,108 +151,6 @@ class Maintainer:
                 prober.committed = prober.locality(self.editor)
                 self.stats.last_locality = prober.committed.loc
             self._serve_committed()
-
-    def _reconcile(self) -> None:
-        """Finish or roll back every operation the ledger shows in flight (see the module doc)."""
-        assert self.prober is not None
-        self._check_requests()
-        # 1. Reverts someone asked for: the request is durable, so finish it.
-        self.finish_requested_reverts()
-        committed = {str(e.id) for e in self.ledger.committed_edits()}
-        applied = {str(e.id): e for e in self.ledger.uncommitted_edits()}
-        changed = False
-        # 2. Edits the state holds that the ledger never applied (or already reverted): remove.
-        for edit_id in sorted(set(self.editor.edit_ids) - set(committed) - set(applied), key=int):
-            logger.bind(edit_id=edit_id).warning("edit {} is in the saved state but not in the ledger; removing", edit_id)
-            self.editor.revert(edit_id)
-            changed = True
-        if changed:
-            self.save()
-        # 3. Edits applied but never committed: before the save, roll back (the fact is
-        #    retried); after the save (the probes had passed), probe again and commit.
-        for edit_id, edit in sorted(applied.items(), key=lambda kv: int(kv[0])):
-            if edit_id in self.editor.edit_ids:
-                self._roll_forward(edit)
-            else:
-                self.ledger.revert_edit(edit.id, reason="interrupted before commit (crash or shutdown); will retry",
-                                        probes_before=None, probes_after=None, actor=self.actor, retry=True)  # fmt: skip
-        # 4. Committed edits the state lacks (a lost or replaced state): re-apply, with probes.
-        for edit in self.ledger.committed_edits():  # again: step 3 may have superseded some
-            edit_id = str(edit.id)
-            if edit_id not in self.editor.edit_ids:
-                self._reapply(edit)
-        logger.info("editor restored: {} committed edits ({} backend)", len(self.editor.edit_ids), self.editor.name)
-
-    def _check_requests(self) -> None:
-        """The saved state's edit requests must be the ones the (hash-chained) ledger
-        recorded: the manifest's checksums catch a careless change, this catches one whose
-        checksum was recomputed too."""
-        for edit_id in self.editor.edit_ids:
-            try:
-                recorded = self.ledger.edit(int(edit_id)).request
-            except (LedgerError, ValueError):
-                continue  # not in the ledger: removed by the reconciliation
-            held = self.editor.request(edit_id)
-            for name in ("prompt", "target", "subject"):
-                if recorded.get(name) != getattr(held, name):
-                    raise StateError(
-                        f"{self.editor_dir}: edit {edit_id}'s {name} is {getattr(held, name)!r} in the saved state but "
-                        f"{recorded.get(name)!r} in the ledger; refusing the state (restore it or move it away)"
-                    )
-
-    def _earlier(self, edit_id: str) -> list[EditRequest]:
-        return [self.editor.request(i) for i in self.editor.edit_ids if i != edit_id]
-
-    def _roll_forward(self, edit: EditRecord) -> None:
-        """The state was saved with `edit` after its probes passed; the ledger commit was lost."""
-        assert self.prober is not None
-        key, log = str(edit.id), logger.bind(edit_id=str(edit.id))
-        old = edit.supersedes_edit_id
-        if old is not None and str(old) in self.editor.edit_ids:  # never saved that way; be safe anyway
-            self.editor.revert(str(old))
-            self.save()
-        report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
-        self.stats.last_locality = report.loc
-        if report.passed:
-            supersedes = old if old is not None and self.ledger.edit(old).status == "committed" else None
-            self.ledger.commit_edit(edit.id, probes=report.figures() | {"reconciled": True}, actor=self.actor,
-                                    reason="saved before a crash; probes passed again at restart",
-                                    supersedes_edit_id=supersedes, superseded_probes={"loc": report.loc})  # fmt: skip
-            log.warning("edit {} was saved but not committed before a crash: probed again and committed", edit.id)
-            return
-        self.editor.revert(key)
-        self.save()
-        self.ledger.revert_edit(edit.id, reason="saved before a crash, probes failed at restart: " + "; ".join(report.failures),
-                                probes_before=report.figures(), probes_after=None, actor=self.actor)  # fmt: skip
-        log.warning("edit {} was saved but not committed before a crash; its probes now fail: reverted", edit.id)
-
-    def _reapply(self, edit: EditRecord) -> None:
-        """A committed edit missing from the saved state goes back only if its probes pass."""
-        assert self.prober is not None
-        key, log = str(edit.id), logger.bind(edit_id=str(edit.id))
-        log.error("committed edit {} is missing from the saved state; re-applying it with its probes", edit.id)
-        try:
-            try:  # the relation's backend options, as when it was first applied
-                options = dict(self.policy.relation(self.ledger.fact(edit.fact_id).relation).editor_options)
-            except KeyError:
-                options = {}
-            with self.editor.configured(**options):
-                self.editor.apply(EditRequest.from_dict({**edit.request, "edit_id": key}))
-            report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
-        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the edit stays out
-            if key in self.editor.edit_ids:
-                self.editor.revert(key)
-            reason, figures = f"missing from the saved state; re-applying failed: {type(exc).__name__}: {exc}", None
-        else:
-            self.stats.last_locality = report.loc
-            if report.passed:
-                self.save()
-                return
-            self.editor.revert(key)
-            reason, figures = "missing from the saved state; re-applied but probes failed: " + "; ".join(report.failures), report.figures()
-        self.save()
-        self.ledger.revert_edit(edit.id, reason=reason, probes_before=figures, probes_after=None, actor=self.actor)
-        log.error("edit {}: {}", edit.id, reason)
 
     def save(self) -> None:
         self.editor.save(self.editor_dir)
@@ -301,7 +202,7 @@ class Maintainer:
 
     def apply_fact(self, fact: FactRecord) -> tuple[str, int | None]:
         assert self.prober is not None, "call restore() first"
-        request = EditRequest.from_dict(build_edit_request(fact, self.policy))
+        request = build_edit_request(fact, self.policy.relation(fact.relation))
         with self._busy():
             if fact.supersedes_edit_id is not None:
                 return self._replace(fact, request)
@@ -354,7 +255,7 @@ class Maintainer:
             apply_started = time.perf_counter()
             try:
                 with self.editor.configured(**(self._relation_options(fact) | overrides)):
-                    self.editor.apply(EditRequest.from_dict(request.to_dict() | {"edit_id": edit_id}))
+                    self.editor.apply(with_edit_id(request, record.id))
                 crash_point(f"{op}.applied")
             except Exception as exc:  # the editor keeps nothing from a failed apply
                 log.exception("edit {} could not be applied", edit_id)
@@ -391,13 +292,13 @@ class Maintainer:
             self.editor.revert(edit_id)
             after = {"loc": self.prober.locality(self.editor).loc}  # the committed state's, unless superseding
             self.stats.last_locality = after["loc"]
-            retry_next = not report.took and number < len(attempts) and not self._harmful(report)
+            retry_next = not report.took and not report.harmful and number < len(attempts)
             self.ledger.revert_edit(
-                record.id, reason="; ".join(report.failures), probes_before=report.figures() | timings | {"loc_before": loc_before},
+                record.id, reason=report.reason, probes_before=report.figures() | timings | {"loc_before": loc_before},
                 probes_after=after, actor=self.actor, retry=retry_next,
             )  # fmt: skip
             self.stats.edits_reverted += 1
-            log.warning("edit {} reverted: {}", edit_id, "; ".join(report.failures))
+            log.warning("edit {} reverted: {}", edit_id, report.reason)
             if not retry_next:
                 return "reverted", record.id
             self.stats.edits_retried += 1
@@ -417,11 +318,6 @@ class Maintainer:
 
     def _relation_options(self, fact: FactRecord) -> dict[str, Any]:
         return dict(self.policy.relation(fact.relation).editor_options)
-
-    @staticmethod
-    def _harmful(report: ProbeReport) -> bool:
-        """Damage beyond 'did not take': a stronger retry would not help."""
-        return any(f.startswith(("locality", "earlier")) for f in report.failures)
 
     # ----- people and the API -----------------------------------------------------------------
     def revert(self, edit_id: int, *, reason: str, actor: str) -> dict[str, Any]:

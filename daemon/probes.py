@@ -1,4 +1,5 @@
-"""Regression probes run after every edit, and the locality baseline they compare against.
+"""Regression probes run after every edit (the locality baseline they compare against is
+`kmd.daemon.locality`).
 
 Three probes (thresholds come from the policy's `probes:` section):
 1. the edit itself, as users read it (`lifelong-served/v1`, editors/answers.py): greedy
@@ -14,6 +15,11 @@ Three probes (thresholds come from the policy's `probes:` section):
    says from cached features which rows each edit reaches; only the chunks whose rows
    route differently from the committed state are generated again (see `Prober`);
 3. earlier edits: a sample of committed edits re-scored (teacher-forced): still held?
+
+`Prober.check` returns a `ProbeReport`; each missed threshold is a typed `ProbeFailure`
+(which check, the reason in words, the prompt that showed it), so callers ask
+`report.took` (the edit's own checks passed) and `report.harmful` (locality or earlier
+edits suffered) instead of reading messages.
 """
 
 from __future__ import annotations
@@ -22,139 +28,43 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from loguru import logger
 
+from kmd.daemon.locality import LOCALITY_TOKENS, LocalityBaseline, LocalityState
 from kmd.editors.answers import Answer, Form, ask, has_chat_template
 from kmd.editors.batching import left_padded_ids
-from kmd.editors.scoring import generate, generate_ids, score_targets
+from kmd.editors.scoring import generate_ids, score_targets
 
 if TYPE_CHECKING:
     import torch
 
+    from kmd.daemon.policy import ProbePolicy
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import EditRequest, Editor
 
-DEFAULT_SUITE = "locality.jsonl"
-MAX_SUITE_PROMPTS = 5000
-MAX_PROMPT_CHARS = 2000
+__all__ = ["HARM_CHECKS", "TOOK_CHECKS", "Check", "ProbeFailure", "ProbeReport", "Prober"]
 
-
-class ProbeSuiteError(ValueError):
-    pass
-
-
-def read_suite(path: str | Path | None = None) -> list[str]:
-    """Prompts from a JSONL suite (`{"prompt": ...}` per line); None: the shipped default."""
-    if path is None:
-        text = (resources.files("kmd.daemon.probes_data") / DEFAULT_SUITE).read_text()
-        origin = f"<default {DEFAULT_SUITE}>"
-    else:
-        text, origin = Path(path).read_text(encoding="utf-8"), str(path)
-    prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProbeSuiteError(f"{origin}:{number}: not valid JSON ({exc.msg})") from exc
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
-            raise ProbeSuiteError(f"{origin}:{number}: needs a non-empty 'prompt' of at most {MAX_PROMPT_CHARS} characters")
-        prompts.append(prompt)
-    if not prompts or len(prompts) > MAX_SUITE_PROMPTS:
-        raise ProbeSuiteError(f"{origin}: {len(prompts)} prompts (need 1..{MAX_SUITE_PROMPTS})")
-    return prompts
-
-
-LOCALITY_TOKENS = 8  # recorded greedy tokens per locality prompt
-LOCALITY_CHUNK = 16  # prompts generated together; a chunk is the unit of re-generation
+# What a probe checks. The first three say whether the edit took; the last two whether it
+# harmed what was there before (a stronger retry of the same edit would not help).
+Check = Literal["served", "rel", "gen", "locality", "earlier"]
+TOOK_CHECKS: tuple[Check, ...] = ("served", "rel", "gen")
+HARM_CHECKS: tuple[Check, ...] = ("locality", "earlier")
 
 
 @dataclass(frozen=True)
-class LocalityBaseline:
-    """The unedited model's greedy continuations of the locality prompts.
+class ProbeFailure:
+    """One threshold a probe missed: which check, the reason in words, and the prompt that
+    showed it (the served answer that missed, the locality prompt that changed), if any."""
 
-    Recorded in chunks of `chunk` consecutive prompts (left-padded batches), exactly as the
-    probes generate them, so a chunk no edit reaches gives the recorded tokens bit for bit.
-    """
-
-    model_fingerprint: str
-    prompts: tuple[str, ...]
-    continuations: tuple[tuple[int, ...], ...]
-    chunk: int = LOCALITY_CHUNK
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()
-
-    @classmethod
-    def record(cls, host: ModelHost, prompts: Sequence[str], tokens: int = LOCALITY_TOKENS, chunk: int = LOCALITY_CHUNK) -> LocalityBaseline:
-        logger.info("recording the unedited model's answers to {} locality prompts", len(prompts))
-        continuations = generate(host, None, list(prompts), tokens, chunk)
-        return cls(host.identity.fingerprint, tuple(prompts), tuple(tuple(c) for c in continuations), chunk)
-
-    def save(self, path: Path) -> None:
-        _write_atomically(path, json.dumps(asdict(self)).encode())
-
-    @classmethod
-    def load_or_record(cls, path: Path, host: ModelHost, prompts: Sequence[str]) -> LocalityBaseline:
-        """Reuse a recorded baseline for the same model, prompts and chunking, else record a new one.
-
-        The baseline must come from the *unedited* model: call this before any edit is
-        attached (the daemon does it at start, before restoring the editor state).
-        """
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                found = cls(data["model_fingerprint"], tuple(data["prompts"]),
-                            tuple(tuple(c) for c in data["continuations"]), int(data.get("chunk", 0)))  # fmt: skip
-                if (found.model_fingerprint, found.prompts, found.chunk) == (host.identity.fingerprint, tuple(prompts), LOCALITY_CHUNK):
-                    return found
-                logger.warning("locality baseline {} is for another model, suite or chunking; recording anew", path)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("locality baseline {} unreadable ({}); recording anew", path, exc)
-        baseline = cls.record(host, prompts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        baseline.save(path)
-        return baseline
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class LocalityState:
-    """What one state of an editor does on the locality suite.
-
-    `routes[c]` are the route tokens (`Editor.routes`) of chunk c's rows in that state
-    (None: not known, the chunk must be generated to compare); `verdicts[i]` says whether
-    prompt i still continues token for token as the baseline recorded.
-    """
-
-    routes: tuple[tuple[Hashable | None, ...] | None, ...]
-    verdicts: tuple[bool, ...]
-    changed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # prompt index -> its new tokens
-    rows_run: int = 0  # prompts generated to get this state
-    full: bool = False  # every chunk was generated
-
-    @property
-    def loc(self) -> float:
-        return sum(self.verdicts) / max(len(self.verdicts), 1)
+    check: Check
+    message: str
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,8 +74,7 @@ class ProbeReport:
     loc: float  # fraction of locality prompts whose greedy continuation is unchanged
     earlier_rel: float | None
     earlier_checked: int
-    failures: tuple[str, ...]  # human-readable reasons; empty means pass
-    took: bool  # the edit itself took (served and teacher-forced thresholds met)
+    failures: tuple[ProbeFailure, ...]  # empty means pass
     served_rel: float | None = None  # fraction of forms whose answer to the edit prompt is correct
     served_gen: float | None = None  # fraction of (paraphrase, form) answers that are correct
     answers: tuple[dict[str, Any], ...] = ()  # per prompt and form: the answer line and its verdicts
@@ -178,25 +87,29 @@ class ProbeReport:
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def took(self) -> bool:
+        """The edit itself took (served and teacher-forced thresholds met)."""
+        return not any(f.check in TOOK_CHECKS for f in self.failures)
+
+    @property
+    def harmful(self) -> bool:
+        """The edit damaged other behaviour (locality, earlier edits): do not retry it stronger."""
+        return any(f.check in HARM_CHECKS for f in self.failures)
+
+    @property
+    def failing_prompt(self) -> str | None:
+        """The first prompt that showed a failure (None when none did, or the probe passed)."""
+        return next((f.prompt for f in self.failures if f.prompt is not None), None)
+
+    @property
+    def reason(self) -> str:
+        """The failures in words, as the revert log records them."""
+        return "; ".join(f.message for f in self.failures)
+
     def figures(self) -> dict[str, Any]:
-        plain = {k: v for k, v in asdict(self).items() if k not in ("failures", "locality")}
-        return plain | {"failures": list(self.failures)}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_rel: float = 0.9
-    min_gen: float = 0.5
-    min_loc: float = 0.98
-    earlier_edits_sample: int = 20
-    min_earlier_rel: float = 0.9
-    min_served_rel: float = 1.0
-    min_served_gen: float = 0.5
-    served_answers: bool = True
-
-    @classmethod
-    def of(cls, policy_probes: Any) -> Thresholds:
-        return cls(**{name: getattr(policy_probes, name) for name in cls.__dataclass_fields__ if hasattr(policy_probes, name)})
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("failures", "locality")}
+        return plain | {"took": self.took, "failures": [f.message for f in self.failures]}
 
 
 def _answer_figure(answer: Answer) -> dict[str, Any]:
@@ -218,7 +131,7 @@ class Prober:
     safety net the regression job runs on its schedule.
     """
 
-    def __init__(self, host: ModelHost, baseline: LocalityBaseline, thresholds: Thresholds, batch_size: int = 32) -> None:
+    def __init__(self, host: ModelHost, baseline: LocalityBaseline, thresholds: ProbePolicy, batch_size: int = 32) -> None:
         self.host, self.baseline, self.thresholds, self.batch_size = host, baseline, thresholds, batch_size
         encoded = [host.encode(host.format_prompt(p)) for p in baseline.prompts]
         n, size = len(encoded), baseline.chunk
@@ -331,7 +244,7 @@ class Prober:
 
     def check(self, editor: Editor, request: EditRequest, earlier: Sequence[EditRequest] = ()) -> ProbeReport:
         t = self.thresholds
-        failures = []
+        failures: list[ProbeFailure] = []
         served_rel = served_gen = None
         figures: tuple[dict[str, Any], ...] = ()
         clock = _Clock()
@@ -346,25 +259,28 @@ class Prober:
             if served_rel < t.min_served_rel or (served_gen is not None and served_gen < t.min_served_gen):
                 a = wrong[0]
                 why = "degenerate" if a.degenerate else "misses the target"
-                failures.append(f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), served_gen "
-                                f"{'-' if served_gen is None else f'{served_gen:.2f}'} (min {t.min_served_gen}); "
-                                f"{a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})")  # fmt: skip
+                failures.append(ProbeFailure("served", f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), "
+                                             f"served_gen {'-' if served_gen is None else f'{served_gen:.2f}'} (min "
+                                             f"{t.min_served_gen}); {a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})",
+                                             a.prompt))  # fmt: skip
         rel, gen = clock("teacher_forced", self.edit_scores, editor, request)
         state = clock("locality", self.locality, editor)
         earlier_rel, checked = clock("earlier", self.earlier, editor, earlier)
         if rel < t.min_rel:
-            failures.append(f"edit did not take: rel {rel:.3f} < {t.min_rel}")
+            failures.append(ProbeFailure("rel", f"edit did not take: rel {rel:.3f} < {t.min_rel}", request.prompt))
         if gen is not None and gen < t.min_gen:
-            failures.append(f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}")
+            failures.append(ProbeFailure("gen", f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}",
+                                         request.rephrases[0] if request.rephrases else None))
         examples = self.changed_examples(state)
         if state.loc < t.min_loc:
             first = examples[0]
-            failures.append(f"locality degraded: loc {state.loc:.4f} < {t.min_loc} ({len(state.changed)} prompts "
-                            f"changed, e.g. {first['prompt']!r} -> {first['answer']!r}, was {first['recorded']!r})")  # fmt: skip
+            failures.append(ProbeFailure("locality", f"locality degraded: loc {state.loc:.4f} < {t.min_loc} "
+                                         f"({len(state.changed)} prompts changed, e.g. {first['prompt']!r} -> "
+                                         f"{first['answer']!r}, was {first['recorded']!r})", first["prompt"]))  # fmt: skip
         if earlier_rel is not None and earlier_rel < t.min_earlier_rel:
-            failures.append(f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} over {checked}")
-        took = not any(f.startswith(("answers wrong", "edit did not take", "paraphrases")) for f in failures)
-        return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), took, served_rel, served_gen,
+            failures.append(ProbeFailure("earlier", f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} "
+                                         f"over {checked}"))
+        return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), served_rel, served_gen,
                            figures, state.rows_run, examples, clock.seconds, state)  # fmt: skip
 
 

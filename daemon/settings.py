@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kmd.daemon.policy import Duration, StrictModel, load_yaml_model
+from kmd.common.config import Duration, StrictModel, load_yaml_model
 
 __all__ = ["ApiSettings", "ClusterSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
 

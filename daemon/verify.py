@@ -40,7 +40,8 @@ from kmd.daemon.admission import channel_of, origin_problem
 from kmd.daemon.independence import Independence
 from kmd.daemon.ledger import ClaimRecord, ClaimUpdate, FactRecord, Ledger, LedgerTransaction
 from kmd.daemon.matching import ObjectMatcher
-from kmd.daemon.policy import TRUST_LEVELS, Policy
+from kmd.daemon.policy import Policy
+from kmd.sources.config import TRUST_LEVELS
 from kmd.sources.claims import clean_text, normalize_text, utcnow
 
 __all__ = ["VerifyReport", "Verifier"]

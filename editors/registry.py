@@ -2,6 +2,13 @@
 
 Built-in backends are listed by import path and imported only when asked for, so
 importing kmd does not import every method. Plug-ins call `register_backend`.
+
+A backend that must be trained for a model before it can edit (RECIPE) also names its
+trainer module; the CLI offers `kmd <backend> train` for each (`trainer_backends`), without
+importing it until the command runs. A trainer module provides `TrainOptions` (a frozen
+dataclass with at least `steps`, `max_minutes`, `val_every`, `val_size`, `seed`),
+`Trainer(host, records, val_records, out, options)` whose `run(progress)` returns a dict
+with the `best` checkpoint, and `split_validation(records, n, seed)`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 # name -> "module:Class" (lazy) or the class itself once imported / registered.
 _BACKENDS: dict[str, str | type] = {
+    "fake": "kmd.editors.fake:FakeEditor",  # a lookup table for tests, not an editing method
     "grace": "kmd.editors.grace:GraceEditor",
     "llp": "kmd.editors.llp:LlpEditor",
     "memoir": "kmd.editors.memoir:MemoirEditor",
@@ -26,17 +34,38 @@ _BACKENDS: dict[str, str | type] = {
 }
 
 
+# name -> "module" of the backend's trainer (see the module docstring).
+_TRAINERS: dict[str, str] = {
+    "recipe": "kmd.editors.recipe.train",
+}
+
+
 class UnknownBackendError(LookupError):
     pass
 
 
-def register_backend(name: str, target: str | type) -> None:
-    """Register a backend class (or a lazy "module:Class" path) under a unique name."""
+def register_backend(name: str, target: str | type, *, trainer: str | None = None) -> None:
+    """Register a backend class (or a lazy "module:Class" path) under a unique name;
+    `trainer` names its trainer module when it needs training first."""
     if not _NAME.match(name):
         raise ValueError(f"backend name {name!r} must be lowercase letters, digits and _ (max 32)")
     if name in _BACKENDS:
         raise ValueError(f"backend {name!r} is already registered")
     _BACKENDS[name] = target
+    if trainer is not None:
+        _TRAINERS[name] = trainer
+
+
+def trainer_backends() -> list[str]:
+    """Backends with a trainer (`kmd <name> train`)."""
+    return sorted(_TRAINERS)
+
+
+def get_trainer(name: str):  # noqa: ANN201 - a module following the trainer contract
+    """The trainer module of a backend (imported now)."""
+    if name not in _TRAINERS:
+        raise UnknownBackendError(f"backend {name!r} has no trainer (backends with one: {', '.join(trainer_backends())})")
+    return importlib.import_module(_TRAINERS[name])
 
 
 def backend_names() -> list[str]:

@@ -1,21 +1,24 @@
-"""The source interface: what every kind of source (feed, curated JSONL, memory) provides.
+"""The source interfaces: what every kind of source provides, and where its claims go.
 
-A source is polled with its saved cursor (ETag, Last-Modified, last accepted sequence
-number...) and returns a `PollResult`: the claims it read, the problems it met and the new
-cursor. The caller persists the cursor only after the claims are stored, so a crash between
-the two re-reads the data instead of losing it (duplicates are dropped by hash).
+A source (feed, curated JSONL, memory) is polled with its saved cursor (ETag,
+Last-Modified, last accepted sequence number...) and returns a `PollResult`: the claims it
+read, the problems it met and the new cursor. The intake hands each result to a
+`ClaimSink`, which stores the claims and the cursor together, so a crash between the two
+re-reads the data instead of losing it (duplicates are dropped by hash). The daemon's sink
+writes to the ledger (`kmd.daemon.intake.LedgerSink`); `MemorySink` keeps them in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from kmd.sources.claims import Claim
 
-__all__ = ["CursorStore", "MemoryCursorStore", "MemorySource", "PollResult", "Source"]
+__all__ = ["ClaimSink", "MemorySink", "MemorySource", "PollResult", "Source", "Stored"]
 
 
 @dataclass(frozen=True)
@@ -37,23 +40,49 @@ class Source(Protocol):
     def poll(self, cursor: Mapping[str, Any], now: datetime) -> PollResult: ...
 
 
-class CursorStore(Protocol):
-    """Durable per-source cursors; the ledger implements it, `MemoryCursorStore` for tests."""
+@dataclass(frozen=True)
+class Stored:
+    """What a sink did with one poll's claims."""
+
+    new_ids: tuple[int, ...]  # ids of the claims stored (new content hashes)
+    duplicates: int  # claims dropped because their content hash was already stored
+
+
+class ClaimSink(Protocol):
+    """Where the intake puts what sources read: claims and cursors, durably and together."""
 
     def load_cursor(self, source_id: str) -> dict[str, Any]: ...
 
-    def save_cursor(self, source_id: str, cursor: Mapping[str, Any]) -> None: ...
+    def store(self, source_id: str, claims: Sequence[Claim], cursor: Mapping[str, Any], *, channel: str) -> Stored:
+        """Store new claims (dropping known content hashes) and the source's cursor atomically.
+        `channel` is the door they came through (the source's kind: `feed`, `jsonl`)."""
+        ...
 
 
-class MemoryCursorStore:
+class MemorySink:
+    """A `ClaimSink` in memory (tests, tools that only read sources)."""
+
     def __init__(self) -> None:
-        self._cursors: dict[str, dict[str, Any]] = {}
+        self.cursors: dict[str, dict[str, Any]] = {}
+        self.claims: dict[str, tuple[Claim, str]] = {}  # content hash -> (claim, channel)
+        self._ids = itertools.count(1)
 
     def load_cursor(self, source_id: str) -> dict[str, Any]:
-        return dict(self._cursors.get(source_id, {}))
+        return dict(self.cursors.get(source_id, {}))
 
-    def save_cursor(self, source_id: str, cursor: Mapping[str, Any]) -> None:
-        self._cursors[source_id] = dict(cursor)
+    def store(self, source_id: str, claims: Sequence[Claim], cursor: Mapping[str, Any], *, channel: str) -> Stored:
+        new, duplicates = [], 0
+        batch: dict[str, Claim] = {}
+        for claim in claims:  # restatements within one batch count once, as in the ledger
+            batch.setdefault(claim.content_hash, claim)
+        for claim in batch.values():
+            if claim.content_hash in self.claims:
+                duplicates += 1
+                continue
+            self.claims[claim.content_hash] = (claim, channel)
+            new.append(next(self._ids))
+        self.cursors[source_id] = dict(cursor)
+        return Stored(tuple(new), duplicates)
 
 
 class MemorySource:

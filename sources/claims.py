@@ -9,13 +9,15 @@ control characters, length-checked and never formatted, evaluated or used as a p
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
-__all__ = ["Claim", "canonical_json", "clean_text", "iso", "normalize_text", "parse_time", "utcnow"]
+from kmd.common.values import canonical_json, iso, parse_time, utcnow
+
+__all__ = ["ENTRY_FLAG", "Claim", "canonical_json", "clean_text", "entry_flag", "iso", "normalize_text", "parse_time",
+           "utcnow"]
 
 _WS_RE = re.compile(r"\s+")
 _ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -24,27 +26,13 @@ _ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _DROP_CATEGORIES = {"Cf", "Cs", "Co", "Cn"}
 _EDGE_PUNCT = " \t\"'`.,;:!?()[]{}<>«»“”‘’"
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+ENTRY_FLAG = "entry:"
 
 
-def iso(dt: datetime) -> str:
-    """Fixed-width UTC ISO-8601 text: sorts lexically and hashes the same on every database."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> datetime:
-    """Inverse of `iso`; also accepts other ISO-8601 forms (naive times are taken as UTC)."""
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def canonical_json(obj: object) -> str:
-    """The one JSON form used for hashing: sorted keys, no spaces, UTF-8 text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def entry_flag(digest: str) -> str:
+    """The claim flag naming the exact entry (feed item, JSONL line) a claim was read from
+    (`kmd.daemon.independence` counts byte-identical entries from two sources once)."""
+    return ENTRY_FLAG + digest[:32]
 
 
 def clean_text(value: str) -> str:

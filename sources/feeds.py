@@ -32,10 +32,9 @@ from typing import Any
 import feedparser
 from loguru import logger
 
-from kmd.daemon.independence import entry_flag
-from kmd.daemon.policy import FetchLimits, SourcePolicy
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, clean_text, parse_time
+from kmd.sources.claims import Claim, clean_text, entry_flag, parse_time
+from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import FetchError, Fetcher
 
 __all__ = ["FACT_NAMESPACE", "FeedSource", "ParsedFeed", "parse_feed"]

@@ -1,31 +1,43 @@
-"""The intake: poll the policy's sources and record what they claim in the ledger.
+"""The intake: poll the configured sources and hand what they claim to a sink.
 
 `Intake.poll_due()` is what the scheduler calls: every source whose poll interval has passed
 is fetched and parsed (concurrently, in threads: the work is mostly waiting on the network),
-then its claims and its cursor (ETag, Last-Modified, sequence number, last poll time) are
-written by one writer in one transaction, so a cursor never advances past claims that were
-not stored. Verification is a separate step (`kmd.daemon.verify.Verifier`).
+then its claims and its cursor (ETag, Last-Modified, sequence number, last poll time) go to
+the `ClaimSink` together, from this one thread, so a cursor never advances past claims that
+were not stored. The daemon's sink writes them to the ledger in one transaction
+(`kmd.daemon.intake`); verification is a separate step there (`kmd.daemon.verify`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from loguru import logger
 
-from kmd.daemon.ledger import Ledger
-from kmd.daemon.policy import Policy
-from kmd.sources.base import PollResult, Source
+from kmd.sources.base import ClaimSink, PollResult, Source
 from kmd.sources.claims import Claim, iso, parse_time, utcnow
+from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.feeds import FeedSource
 from kmd.sources.jsonl import JsonlSource
 from kmd.sources.net import Fetcher, SafeFetcher
 
-__all__ = ["Intake", "IntakeReport", "build_sources"]
+__all__ = ["Intake", "IntakeReport", "SourceCatalog", "build_sources"]
+
+
+class SourceCatalog(Protocol):
+    """The sources part of a configuration (the daemon's policy is one)."""
+
+    @property
+    def sources(self) -> Sequence[SourcePolicy]: ...
+
+    def source(self, source_id: str) -> SourcePolicy: ...  # KeyError when unknown
+
+    def limits_for(self, source: SourcePolicy) -> FetchLimits: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class IntakeReport:
     seconds: float
 
 
-def build_sources(policy: Policy, fetcher: Fetcher) -> dict[str, Source]:
+def build_sources(policy: SourceCatalog, fetcher: Fetcher) -> dict[str, Source]:
     """One `Source` per policy entry, by kind."""
     sources: dict[str, Source] = {}
     for sp in policy.sources:
@@ -53,15 +65,15 @@ def build_sources(policy: Policy, fetcher: Fetcher) -> dict[str, Source]:
 class Intake:
     def __init__(
         self,
-        policy: Policy,
-        ledger: Ledger,
+        policy: SourceCatalog,
+        sink: ClaimSink,
         *,
         fetcher: Fetcher | None = None,
         sources: Mapping[str, Source] | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.policy = policy
-        self.ledger = ledger
+        self.sink = sink
         self._own_fetcher = fetcher is None
         self.fetcher = fetcher or SafeFetcher()
         self.sources: dict[str, Source] = dict(sources) if sources is not None else build_sources(policy, self.fetcher)
@@ -82,7 +94,7 @@ class Intake:
         now = now or self._clock()
         due = []
         for source_id in self.sources:
-            last = self.ledger.load_cursor(source_id).get("last_poll")
+            last = self.sink.load_cursor(source_id).get("last_poll")
             try:
                 interval = self.policy.source(source_id).poll_interval
             except KeyError:
@@ -104,7 +116,7 @@ class Intake:
         if unknown:
             raise KeyError(f"unknown sources: {unknown}")
         now = self._clock()
-        cursors = {sid: self.ledger.load_cursor(sid) for sid in ids}
+        cursors = {sid: self.sink.load_cursor(sid) for sid in ids}
 
         def fetch(sid: str) -> tuple[PollResult, float]:
             start = time.perf_counter()
@@ -121,11 +133,8 @@ class Intake:
             for result, seconds in pool.map(fetch, ids):
                 cursor = {**result.cursor, "last_poll": iso(now), "last_problems": len(result.problems)}
                 claims, refused = self._admissible(result)
-                # One transaction: the cursor (ETag, sequence) advances only with the claims stored.
-                with self.ledger.transaction("intake") as tx:
-                    recorded = tx.record_claims(claims, policy_version=self.policy.version_tag,
-                                                channel=self._channel(result.source_id))  # fmt: skip
-                    tx.save_cursor(result.source_id, cursor)
+                # Stored together: the cursor (ETag, sequence) advances only with the claims.
+                recorded = self.sink.store(result.source_id, claims, cursor, channel=self._channel(result.source_id))
                 reports.append(
                     IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems + refused,
                                  result.not_modified, result.refused, seconds)  # fmt: skip

@@ -30,10 +30,9 @@ from typing import Any, Literal
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from kmd.daemon.independence import entry_flag
-from kmd.daemon.policy import FetchLimits, SourcePolicy
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, clean_text
+from kmd.sources.claims import Claim, clean_text, entry_flag
+from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import FetchError, Fetcher
 from kmd.sources.signing import SignatureError, verify_detached
 

@@ -32,7 +32,7 @@ from urllib.parse import urljoin
 import httpx
 from loguru import logger
 
-from kmd.daemon.policy import FetchLimits, NetworkPolicy
+from kmd.sources.config import FetchLimits, NetworkPolicy
 
 __all__ = [
     "FetchError",

@@ -73,14 +73,14 @@ def register(app: typer.Typer) -> None:
         from kmd.daemon.matching import MiniLMEncoder, NgramEncoder, ObjectMatcher
         from kmd.daemon.policy import PolicyError, load_policy
         from kmd.daemon.verify import Verifier
-        from kmd.sources.intake import Intake
+        from kmd.daemon.intake import intake_for
 
         try:
             policy = load_policy(policy_path)
         except PolicyError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
-        with Ledger(db) as ledger, Intake(policy, ledger) as intake:
+        with Ledger(db) as ledger, intake_for(policy, ledger) as intake:
             for r in intake.poll_many(source or list(intake.sources)):
                 state = "refused" if r.refused else ("not modified" if r.not_modified else "ok")
                 typer.echo(f"{r.source_id}: {state}, {r.new_claims} new claims, {r.duplicates} duplicates")
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         db: str | None = typer.Option(None, "--db", help="Ledger URL (default: a temporary SQLite file)."),
     ) -> None:
         """Serve FEEDS x ENTRIES feeds on 127.0.0.1, ingest them, and verify the claims."""
-        from kmd.sources.bench import run_bench
+        from kmd.daemon.bench.intake import run_bench
 
         import sys
 

@@ -8,8 +8,7 @@
     kmd verify-chain [--expect-head HASH]                       check the ledger for tampering
 
 Every command takes `--db URL` (default `$KMD_DB_URL`, else the SQLite file under
-`$KMD_STATE_DIR`, see `kmd.daemon.db.default_db_url`) and `--json`. `register` also adds the
-intake helpers (`kmd intake ...`) from `intake_cmd`, so cli.py needs one line for both.
+`$KMD_STATE_DIR`, see `kmd.daemon.db.default_db_url`) and `--json`.
 """
 
 from __future__ import annotations
@@ -307,7 +306,3 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"  - {p}")
         if not report.ok:
             raise typer.Exit(1)
-
-    from kmd.daemon.commands import intake_cmd
-
-    intake_cmd.register(app)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from kmd.editors.answers import answer_line
 
 if TYPE_CHECKING:
-    from kmd.daemon.service import Daemon
+    from kmd.daemon.surface import Service
 
 MAX_NEW_TOKENS = 16
 CACHE_SIZE = 512
@@ -53,7 +53,7 @@ class Pair:
 
 
 class AnswerCache:
-    def __init__(self, daemon: Daemon, *, size: int = CACHE_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
+    def __init__(self, daemon: Service, *, size: int = CACHE_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
                  wait: float = LOCK_WAIT_SECONDS) -> None:  # fmt: skip
         self.daemon, self.size, self.max_new_tokens, self.wait = daemon, size, max_new_tokens, wait
         self._cache: OrderedDict[tuple[str, ...], str] = OrderedDict()

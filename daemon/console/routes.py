@@ -39,7 +39,7 @@ from kmd.editors.answers import hits
 
 if TYPE_CHECKING:
     from kmd.daemon.ledger import ClaimRecord, EditRecord, FactRecord
-    from kmd.daemon.service import Daemon
+    from kmd.daemon.surface import Service
 
 EDIT_STATUSES = ("applied", "committed", "reverted")
 SCAN_EDITS = 1000  # the ledger page filters the newest edits this many deep
@@ -176,7 +176,7 @@ def _claims_of(ledger: Any, fact: FactRecord) -> list[ClaimRecord]:
 # ----- the router --------------------------------------------------------------------------------
 
 
-def console_router(daemon: Daemon) -> APIRouter:
+def console_router(daemon: Service) -> APIRouter:
     from kmd.daemon.openai_api import edit_state, served_model_id
 
     router = APIRouter(prefix=COOKIE_PATH, include_in_schema=False)

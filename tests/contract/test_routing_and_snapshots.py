@@ -8,7 +8,9 @@ import random
 import pytest
 import torch
 
-from kmd.daemon.probes import LocalityBaseline, Prober, Thresholds
+from kmd.daemon.policy import ProbePolicy
+from kmd.daemon.locality import LocalityBaseline
+from kmd.daemon.probes import Prober
 from kmd.editors.protocol import EditRequest
 from kmd.editors.registry import backend_names, get_backend
 from tiny import WORDS
@@ -57,7 +59,7 @@ def test_fork_is_a_snapshot_unchanged_by_later_edits_and_reverts(tiny_host, edit
 
 def test_routing_aware_locality_equals_the_full_pass(tiny_host, editor):
     prompts = suite([EDIT.prompt, OTHER.prompt, THIRD.prompt, "the capital of France is Paris"])
-    prober = Prober(tiny_host, LocalityBaseline.record(tiny_host, prompts, chunk=8), Thresholds())
+    prober = Prober(tiny_host, LocalityBaseline.record(tiny_host, prompts, chunk=8), ProbePolicy())
     if not prober.use_routing(editor):
         pytest.skip(f"{editor.name} has no routing features")
     prober.committed = prober.locality(editor)

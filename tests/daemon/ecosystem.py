@@ -27,7 +27,7 @@ SCRIPT = '<script>document.title="pwned";window.kmdPwned=1</script>Orin'
 
 POLICY = """
 version: eco-1
-backend: grace
+backend: fake  # the registered in-memory backend (kmd.editors.fake)
 relations:
   capital:
     prompt: "the capital of {subject} is"
@@ -37,7 +37,7 @@ relations:
   slogan:
     prompt: "the song of {subject} is"
     # fault injection: an edit that fires on every prompt; the probes must revert it
-    editor_options: {radius: 1.0e9, split_conflicts: false}
+    editor_options: {fires_everywhere: true}
 sources:
   - id: wire
     kind: feed

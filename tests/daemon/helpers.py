@@ -7,7 +7,7 @@ from pathlib import Path
 
 POLICY = """
 version: test-1
-backend: grace
+backend: fake  # the registered in-memory backend (kmd.editors.fake)
 relations:
   capital:
     prompt: "the capital of {subject} is"

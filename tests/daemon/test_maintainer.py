@@ -65,9 +65,9 @@ def test_degrading_edit_is_reverted_and_outputs_return_bit_for_bit(tmp_path, tin
     m = daemon.maintainer
     daemon.cycle()
     before = logits(tiny_host, m.editor)
-    # An edit that fires on every prompt: GRACE with an unbounded radius.
+    # An edit that fires on every prompt (the fake backend's fault injection).
     write_curated(tmp / "facts.jsonl", 2, [("Spain", "language", "banana")])
-    with m.editor.configured(radius=1e9, split_conflicts=False):
+    with m.editor.configured(fires_everywhere=True):
         summary = daemon.cycle()
     assert summary.reverted and not summary.committed, summary
     revert = daemon.ledger.reverts()[0]
@@ -84,7 +84,7 @@ def test_interrupted_edit_is_rolled_back_on_restart(tmp_path, tiny_host):
     daemon.load()
     daemon.ingest(all_sources=True)
     fact = daemon.ledger.ready_facts()[0]
-    record = daemon.ledger.record_edit_applied(fact.id, request={"prompt": "x", "target": "y"}, backend="grace",
+    record = daemon.ledger.record_edit_applied(fact.id, request={"prompt": "x", "target": "y"}, backend="fake",
                                                backend_config={}, policy_version="t")  # fmt: skip
     daemon.close()
     again = Daemon(load_settings(tmp / "kmd.yaml"), host=tiny_host)
@@ -104,7 +104,7 @@ def test_failed_superseding_edit_keeps_the_old_one(tmp_path, tiny_host):
     m = daemon.maintainer
     before = logits(tiny_host, m.editor)
     write_curated(tmp / "facts.jsonl", 2, [("France", "capital", "Rome")])
-    with m.editor.configured(radius=1e9, split_conflicts=False):  # fires on every prompt: locality fails
+    with m.editor.configured(fires_everywhere=True):  # fires on every prompt: locality fails
         summary = daemon.cycle()
     assert summary.reverted and not summary.committed, summary
     assert m.editor.edit_ids == [str(first[0])]

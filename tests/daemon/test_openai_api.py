@@ -63,7 +63,7 @@ def test_models_name_the_base_model_and_the_edit_state(client, eco):
     assert card["id"] == eco.maintainer.host.identity.name and card["object"] == "model"
     manifest = eco.maintainer.editor_dir / "manifest.json"
     assert card["kmd"]["state_version"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
-    assert card["kmd"]["edits"] == 1 and card["kmd"]["backend"] == "grace" and card["kmd"]["role"] == "writer"
+    assert card["kmd"]["edits"] == 1 and card["kmd"]["backend"] == "fake" and card["kmd"]["role"] == "writer"
     assert client.get(f"/v1/models/{card['id']}").json()["id"] == card["id"]
     missing = client.get("/v1/models/gpt-4")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

@@ -109,7 +109,7 @@ def test_a_full_queue_gets_429_with_retry_after(tmp_path, tiny_host):
 
 
 def test_an_edit_whose_answers_are_wrong_is_reverted_naming_the_prompt_and_answer(tmp_path, tiny_host):
-    # GRACE keys on the prompt's last token: the paraphrase does not reach the edit, so its answer misses.
+    # The fake backend keys on the whole prompt: the paraphrase does not reach the edit, so its answer misses.
     daemon, _ = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")], min_served_gen=1.0)
     daemon.load()
     summary = daemon.cycle()

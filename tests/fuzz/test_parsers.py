@@ -16,7 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmd.daemon.policy import FetchLimits, PolicyError, SourcePolicy, example_policy_path, parse_policy
+from kmd.daemon.policy import PolicyError, example_policy_path, parse_policy
+from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.feeds import parse_feed
 from kmd.sources.jsonl import JsonlRefused, parse_jsonl
 

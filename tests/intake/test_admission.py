@@ -22,7 +22,7 @@ from kmd.daemon.settings import load_settings
 from kmd.daemon.verify import Verifier
 from kmd.sources.base import MemorySource
 from kmd.sources.claims import Claim
-from kmd.sources.intake import Intake
+from kmd.daemon.intake import intake_for
 from kmd.sources.signing import generate_key
 
 TOKEN = "t0ken"
@@ -95,7 +95,7 @@ def _record_calls() -> set[str]:
     """Every function in the package that calls `record_claims` (a door into the ledger)."""
     found = set()
     for path in PACKAGE.glob("*/**/*.py"):
-        if path.parts[len(PACKAGE.parts)] not in ("daemon", "sources", "editors", "policies"):
+        if path.parts[len(PACKAGE.parts)] not in ("common", "daemon", "sources", "editors", "policies"):
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
@@ -110,9 +110,9 @@ def test_every_path_into_the_ledger_is_known_and_checked(tmp_path):
     """The doors that record claims are exactly these; each one stamps the channel, and
     the verifier admits a claim only from a source of that channel's kind."""
     assert _record_calls() == {
-        "sources/intake.py:poll_many",  # polled feed and jsonl sources
-        "daemon/service.py:submit_fact",  # POST /v1/facts (the api source)
-        "daemon/ledger.py:record_claims",  # Ledger.record_claims -> LedgerTransaction.record_claims
+        "daemon/intake.py:store",  # polled feed and jsonl sources (the intake's ledger sink)
+        "daemon/service/app.py:submit_fact",  # POST /v1/facts (the api source)
+        "daemon/ledger/store.py:record_claims",  # Ledger.record_claims -> LedgerTransaction.record_claims
     }
     policy = make_policy("""\
   - id: curated
@@ -138,7 +138,7 @@ def test_every_path_into_the_ledger_is_known_and_checked(tmp_path):
 
     # Door 1, the intake: a source can only record claims under its own id.
     sneaky = MemorySource("wire", [claim("curated", "w1"), claim("wire", "w2")])
-    with Intake(policy, ledger, sources={"wire": sneaky}) as intake:
+    with intake_for(policy, ledger, sources={"wire": sneaky}) as intake:
         (report,) = intake.poll_many(["wire"])
     assert report.new_claims == 1 and "dropped" in report.problems[-1]
     # Door 2 (and anything calling the ledger directly): the channel is stamped, and the
@@ -177,7 +177,7 @@ def log_lines():
 
 def _verify(policy, clock):
     ledger = Ledger.in_memory(clock=clock)
-    with Intake(policy, ledger, clock=clock) as intake:
+    with intake_for(policy, ledger, clock=clock) as intake:
         intake.poll_due()
     report = Verifier(policy, ledger, ObjectMatcher(SynonymEncoder(), 0.85), clock=clock).run()
     return ledger, report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kmd.sources.bench import run_bench
+from kmd.daemon.bench.intake import run_bench
 
 
 def test_bench_runs_small(capsys):

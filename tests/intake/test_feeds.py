@@ -8,7 +8,8 @@ import pytest
 
 from intake.helpers import Route, atom, make_policy
 from kmd.daemon.edit_request import build_edit_request
-from kmd.daemon.policy import FetchLimits
+from kmd.editors.protocol import EditRequest
+from kmd.sources.config import FetchLimits
 from kmd.sources.feeds import FeedSource, parse_feed
 from kmd.sources.net import SafeFetcher
 
@@ -122,13 +123,13 @@ def test_control_characters_are_removed_and_text_is_data():
     (claim,) = parse(body).claims
     assert claim.object == "Paris" and claim.subject == "{subject} {0.__class__}"
     policy = make_policy(FEED.format(mode="reject"))
-    request = build_edit_request(claim, policy)
-    assert request == {
-        "prompt": "The capital of {subject} {0.__class__} is",
-        "target": "Paris",
-        "subject": "{subject} {0.__class__}",
-        "rephrases": ["{subject} {0.__class__}'s capital city is"],
-    }
+    request = build_edit_request(claim, policy.relation(claim.relation))
+    assert request == EditRequest(
+        prompt="The capital of {subject} {0.__class__} is",
+        target="Paris",
+        subject="{subject} {0.__class__}",
+        rephrases=("{subject} {0.__class__}'s capital city is",),
+    )
 
 
 def test_feed_source_conditional_get(server):

@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from intake.helpers import Route, atom
-from kmd.daemon.policy import FetchLimits, NetworkPolicy
+from kmd.sources.config import FetchLimits, NetworkPolicy
 from kmd.sources.net import FetchError, ForbiddenAddress, SafeFetcher, TooLarge, address_allowed
 
 LOOPBACK = NetworkPolicy(allow_networks=(ipaddress.ip_network("127.0.0.0/8"),))

@@ -6,10 +6,11 @@ import json
 
 from intake.helpers import SynonymEncoder, Route, atom, make_policy
 from kmd.daemon.edit_request import build_edit_request
+from kmd.editors.protocol import EditRequest
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.matching import ObjectMatcher
 from kmd.daemon.verify import Verifier
-from kmd.sources.intake import Intake
+from kmd.daemon.intake import intake_for
 from kmd.sources.signing import generate_key, sign_file
 
 
@@ -61,7 +62,7 @@ def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
     )  # fmt: skip
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(db, clock=clock)
-    with Intake(policy, ledger, clock=clock) as intake:
+    with intake_for(policy, ledger, clock=clock) as intake:
         reports = {r.source_id: r for r in intake.poll_due()}
     assert {k: r.new_claims for k, r in reports.items()} == {
         "a": 2, "b": 1, "lo": 1, "broken": 0, "huge": 0, "evil": 0, "curated": 1}  # fmt: skip
@@ -74,15 +75,15 @@ def test_poll_verify_and_conditional_get_end_to_end(server, clock, tmp_path):
     assert report.claims_seen == 5 and len(report.new_facts) == 2 and report.waiting == 1  # Spain: low trust alone
     (ready,) = ledger.ready_facts()
     assert (ready.subject, ready.relation) == ("France", "capital")
-    assert build_edit_request(ready, policy) == {
-        "prompt": "The capital of France is", "target": ready.object, "subject": "France",
-        "rephrases": ["France's capital city is"],
-    }  # fmt: skip
+    assert build_edit_request(ready, policy.relation(ready.relation)) == EditRequest(
+        prompt="The capital of France is", target=ready.object, subject="France",
+        rephrases=("France's capital city is",),
+    )  # fmt: skip
     (quarantined,) = ledger.facts(status="quarantined")
     assert quarantined.object == "Rufus T. Firefly"  # feed a + signed curated file, sensitive relation
 
     # Nothing is due before the poll interval; then conditional GETs find nothing new.
-    with Intake(policy, Ledger(db, clock=clock), clock=clock) as intake:
+    with intake_for(policy, Ledger(db, clock=clock), clock=clock) as intake:
         assert intake.due() == []
         clock.advance(minutes=11)
         assert "a" in intake.due()
@@ -162,10 +163,10 @@ def test_supersession_and_signed_files_over_http(server, clock, tmp_path):
 """)  # fmt: skip
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}", clock=clock)
     verifier = Verifier(policy, ledger, ObjectMatcher(SynonymEncoder(), 0.85), clock=clock)
-    with Intake(policy, ledger, clock=clock) as intake:
+    with intake_for(policy, ledger, clock=clock) as intake:
         intake.poll_due()
         (lyon,) = verifier.run().new_facts
-        edit = ledger.record_edit_applied(lyon, request=build_edit_request(ledger.fact(lyon), policy), backend="fake",
+        edit = ledger.record_edit_applied(lyon, request=build_edit_request(ledger.fact(lyon), policy.relation("capital")).to_dict(), backend="fake",
                                           backend_config={}, policy_version=policy.version_tag)  # fmt: skip
         ledger.commit_edit(edit.id, probes={"rel": 1.0})
 

@@ -129,7 +129,7 @@ def test_durations_and_file_errors(tmp_path):
 
 
 def test_the_generic_yaml_loader_serves_other_config_files(tmp_path):
-    from kmd.daemon.policy import ConfigError, Duration, StrictModel, load_yaml_model
+    from kmd.common.config import ConfigError, Duration, StrictModel, load_yaml_model
 
     class Schedule(StrictModel):
         every: Duration = 60.0

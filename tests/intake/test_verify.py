@@ -51,7 +51,7 @@ class World:
 
     def apply_and_commit(self, fact_id):
         fact = self.ledger.fact(fact_id)
-        request = build_edit_request(fact, self.policy)
+        request = build_edit_request(fact, self.policy.relation(fact.relation)).to_dict()
         edit = self.ledger.record_edit_applied(fact_id, request=request, backend="fake", backend_config={"k": 1},
                                                policy_version=self.policy.version_tag)  # fmt: skip
         return self.ledger.commit_edit(edit.id, probes={"rel": 1.0, "gen": 1.0, "loc": 1.0})
@@ -180,7 +180,7 @@ def test_conflict_supersedes_a_committed_edit(world, clock):
     # The maintenance loop: revert the old edit, record it, apply and commit the new one.
     revert = world.ledger.supersede_edit(old_edit.id, by_fact_id=new_id, probes_after={"rel": 0.0})
     assert revert.superseded_by_fact_id == new_id and "superseded by fact" in revert.reason
-    edit = world.ledger.record_edit_applied(new_id, request=build_edit_request(new, world.policy), backend="fake",
+    edit = world.ledger.record_edit_applied(new_id, request=build_edit_request(new, world.policy.relation(new.relation)).to_dict(), backend="fake",
                                             backend_config={}, policy_version=world.policy.version_tag)  # fmt: skip
     assert edit.supersedes_edit_id == old_edit.id
     world.ledger.commit_edit(edit.id, probes={"rel": 1.0})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from kmd.daemon.probes import LocalityBaseline, Prober, Thresholds
+from kmd.daemon.policy import ProbePolicy
+from kmd.daemon.locality import LocalityBaseline
+from kmd.daemon.probes import Prober
 from kmd.editors.protocol import EditRequest
 from kmd.editors.registry import get_backend
 from tiny import WORDS
@@ -19,7 +21,7 @@ def test_routing_aware_locality_equals_the_full_pass_over_100_edits(tiny_host):
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 7))) for _ in range(28)]
     prompts += [f"the capital of {s} is" for s in SUBJECTS[:4]]  # rows the edits reach
     rng.shuffle(prompts)
-    prober = Prober(tiny_host, LocalityBaseline.record(tiny_host, prompts), Thresholds())
+    prober = Prober(tiny_host, LocalityBaseline.record(tiny_host, prompts), ProbePolicy())
     editor = get_backend("grace")(tiny_host)
     assert prober.use_routing(editor)
     prober.committed = prober.locality(editor)

@@ -1,6 +1,6 @@
 """Intake benchmark: FEEDS x ENTRIES Atom feeds served on 127.0.0.1, ingested and verified.
 
-    python -m kmd.sources.bench [--feeds 100] [--entries 100] [--workers 8] [--encoder minilm]
+    python -m kmd.daemon.bench.intake [--feeds 100] [--entries 100] [--workers 8] [--encoder minilm]
     kmd intake bench ...                      (the same)
 
 Feeds come in pairs that state the same facts: the first in plain form ("Novar City"), the
@@ -162,7 +162,7 @@ def run_bench(*, feeds: int = 100, entries: int = 100, workers: int = 8, encoder
     from kmd.daemon.matching import MiniLMEncoder, NgramEncoder, ObjectMatcher
     from kmd.daemon.policy import parse_policy
     from kmd.daemon.verify import Verifier
-    from kmd.sources.intake import Intake
+    from kmd.daemon.intake import intake_for
 
     bodies = {f"/feed/{i}": _feed_xml(i, entries) for i in range(feeds)}
     server, port = _serve(bodies)
@@ -172,7 +172,7 @@ def run_bench(*, feeds: int = 100, entries: int = 100, workers: int = 8, encoder
     ledger = Ledger(url)
     figures: dict[str, float] = {}
     try:
-        with Intake(policy, ledger) as intake:
+        with intake_for(policy, ledger) as intake:
             t0 = time.perf_counter()
             reports = intake.poll_many(list(intake.sources), max_workers=workers)
             figures["ingest_s"] = time.perf_counter() - t0
@@ -232,7 +232,7 @@ def run_bench(*, feeds: int = 100, entries: int = 100, workers: int = 8, encoder
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m kmd.sources.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kmd.daemon.bench.intake", description=__doc__.split("\n\n")[0])
     parser.add_argument("--feeds", type=int, default=100)
     parser.add_argument("--entries", type=int, default=100)
     parser.add_argument("--workers", type=int, default=8)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    command = " ".join(["python -m kmd.sources.bench", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m kmd.daemon.bench.intake", *(argv if argv is not None else sys.argv[1:])])
     run_bench(feeds=args.feeds, entries=args.entries, workers=args.workers, encoder=args.encoder, db=args.db,
               command=command)  # fmt: skip
 

@@ -24,7 +24,7 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands.common import DeviceOpt, ModelOpt
-from kmd.daemon.commands.loop_bench import COMPANY, FIRST, LAST, demo_workdir
+from kmd.daemon.bench.loop import COMPANY, FIRST, LAST, demo_workdir
 
 GENERIC = ("The weather today is", "My favourite book is", "The best way to learn a language is",
            "Water boils at", "The largest ocean on Earth is", "A good breakfast includes",
@@ -106,7 +106,8 @@ def bench_serve(
     from rich.console import Console
     from rich.table import Table
 
-    from kmd.daemon.service import Daemon, _yield_to_serving
+    from kmd.daemon.service import Daemon
+    from kmd.daemon.service.jobs import yield_to_serving
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
     from kmd.editors.answers import answer_line, hits
 
@@ -136,7 +137,7 @@ def bench_serve(
         done = threading.Event()
 
         def edit_loop() -> None:
-            _yield_to_serving()  # as the daemon's edit job does
+            yield_to_serving()  # as the daemon's edit job does
             i = 1
             while not done.is_set() and i <= len(fact_prompts):
                 feed.add(i, *_fact(i))
@@ -166,7 +167,7 @@ def bench_serve(
             missed += visible and not hit
         phases["during_edits"] |= {"stale_answers": stale, "committed_but_not_answered": missed}
     finally:
-        daemon._stopping.set()
+        daemon.stopping.set()
         if daemon._server is not None:
             daemon._server.should_exit = True
         daemon.close()

@@ -1,0 +1,15 @@
+"""The daemon process, in three modules:
+
+    app.py        wiring: the `Daemon` (settings, policy, ledger, model, maintainer or
+                  replica, intake, verifier), start-up by role, generation, fact submission
+    jobs.py       the scheduled jobs and every APScheduler job id
+    lifecycle.py  the API server, serving until a signal, systemd notification, shutdown
+
+The HTTP API depends only on `kmd.daemon.surface.Service`, which `Daemon` implements.
+"""
+
+from kmd.daemon.service.app import CycleSummary, Daemon, InsecureConfigError, check_api_exposure
+from kmd.daemon.service.lifecycle import EXIT_NOT_WRITER
+from kmd.daemon.surface import NotServingError
+
+__all__ = ["EXIT_NOT_WRITER", "CycleSummary", "Daemon", "InsecureConfigError", "NotServingError", "check_api_exposure"]
