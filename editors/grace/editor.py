@@ -1,4 +1,4 @@
-"""GRACE on a decoder's `mlp.down_proj` (see ../shared/design/METHODS.md).
+"""GRACE on a decoder's `mlp.down_proj` (see docs/methods.md).
 
 Each edit owns one codebook row: key = the down_proj input at the last prompt token,
 value = a learned down_proj output that replaces the real one at the positions that

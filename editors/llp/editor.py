@@ -1,4 +1,4 @@
-"""LLP, Layer-Level Prompting (see ../shared/design/METHODS.md, "LLP").
+"""LLP, Layer-Level Prompting (see docs/methods.md, "LLP").
 
 Each edit owns one row of a key memory and one row of a value memory:
 

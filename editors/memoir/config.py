@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class MemoirConfig:
     """MEMOIR hyperparameters (per model, from the profile; unknown keys are rejected).
 
-    See ../shared/design/METHODS.md (MEMOIR) and docs/editors.md (## MEMOIR).
+    See docs/methods.md (MEMOIR) and docs/editors.md (## MEMOIR).
     """
 
     layer: int | None = None  # edited down_proj; None: ~0.85 of the depth (at most the last-but-one layer)

@@ -1,4 +1,4 @@
-"""MEMOIR on a decoder's `mlp.down_proj` (see ../shared/design/METHODS.md).
+"""MEMOIR on a decoder's `mlp.down_proj` (see docs/methods.md).
 
 The edited down_proj's output becomes `W a + W_m (M ⊙ a)`: `W_m` is a residual memory of
 W's shape, zero at the start, and `M` is a sparse mask of k of the d_ff input features.

@@ -1,4 +1,4 @@
-"""RECIPE: retrieval-augmented continuous prompts (see ../shared/design/METHODS.md, "RECIPE").
+"""RECIPE: retrieval-augmented continuous prompts (see docs/methods.md, "RECIPE").
 
 Editing is a forward pass, no optimisation: the edit's statement ("prompt target") goes
 through the frozen sentence encoder and the trained knowledge MLP (r_k, one repository

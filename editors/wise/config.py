@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class WiseConfig:
     """WISE hyperparameters (per model, from the profile; unknown keys are rejected).
 
-    See ../shared/design/METHODS.md (WISE) and docs/editors.md (## WISE).
+    See docs/methods.md (WISE) and docs/editors.md (## WISE).
     """
 
     layer: int | None = None  # edited down_proj; None: ~0.85 of the depth (at most the last-but-one layer)

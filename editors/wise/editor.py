@@ -1,4 +1,4 @@
-"""WISE on a decoder's `mlp.down_proj` (see ../shared/design/METHODS.md, "WISE").
+"""WISE on a decoder's `mlp.down_proj` (see docs/methods.md, "WISE").
 
 The edited down_proj gets a side memory: W (the base weight) is never written, D
 (d_model, d_ff) is the memory, and a routed row's output becomes W a + D (a - c), with c

@@ -24,7 +24,7 @@ def problems(text: str) -> list[str]:
 
 def test_example_policy_loads_and_is_pinned_by_digest():
     policy = load_policy(example_policy_path())
-    assert policy.backend == "llp"
+    assert policy.backend == "recipe"
     assert policy.version_tag.startswith("example-1@") and len(policy.digest) == 64
     wire = policy.source("wire")
     assert wire.limits is not None and wire.limits.connect_timeout == 3.0 and wire.poll_interval == 1800.0
