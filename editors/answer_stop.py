@@ -179,6 +179,11 @@ class RowPointer:
         state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost)
         state.answering = state.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
 
+    def prompt_ids(self, routing: Any) -> torch.Tensor | None:
+        """(B, T) the token ids of the prefill in progress, before `start` (None: not seen)."""
+        state = routing.decisions.get(self.key)
+        return None if state is None else state.ids
+
     def answering(self, routing: Any, tq: int) -> torch.Tensor | None:
         """(Bh, tq) bool for the forward in progress: the routed rows' positions up to the
         one that completes their target (None: no routed row)."""

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import RowPointer
+from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
@@ -93,6 +94,7 @@ class MemoirEditor(Editor):
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
+        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
         # With protect > 0: (d_ff, d_ff) float64 sum over live edits of A^T A, A being an edit's
         # masked memory inputs (n_tokens, d_ff, zero outside its mask). Made on the first edit.
@@ -289,6 +291,9 @@ class MemoirEditor(Editor):
         decision = routing.decisions.get(self.name)
         if decision is None:  # prefill: decide per row from its prompt tokens only
             prompt = routing.mask_for(batch, seq, a.device)
+            ids = self.answer.prompt_ids(routing)
+            if ids is not None:  # a chat turn: pool over the user's tokens, not the template's
+                prompt = self._user_tokens(ids, prompt)
             score, best = self.overlaps(self.tophash(_pool(a, prompt))).max(dim=1)  # (B,), (B,)
             rows = (score >= self.config.tau).nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "edit": best[rows], "score": score}
@@ -317,7 +322,14 @@ class MemoirEditor(Editor):
             seen["a"] = args[0]
 
         capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
-        return {"pooled": _pool(seen["a"], attention_mask.bool())}
+        return {"pooled": _pool(seen["a"], self._user_tokens(input_ids, attention_mask.bool()))}
+
+    def _user_tokens(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) the prompt tokens routing pools over: a chat turn's user tokens, else the
+        whole prompt (serving and routing-aware probing read the same ones)."""
+        if self._chat_frame is None:
+            self._chat_frame = chat_frame(self.host) or ()
+        return user_tokens(ids, prompt_mask, self._chat_frame or None)
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[tuple[str, tuple[str, ...]] | None]:
         """Per row: the edit it retrieves, and every live edit owning one of that edit's
