@@ -88,6 +88,15 @@ def _with_probes(text: str, settings: list[str]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def demo_backend(model: str, backend: str | None) -> str | None:
+    """The backend to put in the demo policy: as asked, else None (the policy's, RECIPE) on the
+    embedded model and LLP on any other (RECIPE's trained editor ships for the embedded model
+    only; another model would need `kmd recipe train` first)."""
+    if backend:
+        return backend
+    return None if model == "embedded" else "llp"
+
+
 def demo_workdir(workdir: Path | None, prefix: str, backend: str | None, probe: list[str] | None) -> tuple[Path, _Feed, Path]:
     """A benchmark's work folder: the demo policy on a loopback feed (served from here) and an
     empty curated file, with the backend and probe settings overridden as asked."""
@@ -124,7 +133,7 @@ def bench_loop(
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
 
     console = Console(width=120)
-    work, feed, policy = demo_workdir(workdir, "kmd-bench-loop-", backend, probe)
+    work, feed, policy = demo_workdir(workdir, "kmd-bench-loop-", demo_backend(model, backend), probe)
     settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"),
                               model=ModelConfig(model=model, device=device), api=ApiSettings(enabled=False))  # fmt: skip
     daemon = Daemon(settings)

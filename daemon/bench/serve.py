@@ -24,7 +24,7 @@ from typing import Annotated
 import typer
 
 from kmd.daemon.commands.common import DeviceOpt, ModelOpt
-from kmd.daemon.bench.loop import COMPANY, FIRST, LAST, demo_workdir
+from kmd.daemon.bench.loop import COMPANY, FIRST, LAST, demo_backend, demo_workdir
 
 GENERIC = ("The weather today is", "My favourite book is", "The best way to learn a language is",
            "Water boils at", "The largest ocean on Earth is", "A good breakfast includes",
@@ -112,7 +112,7 @@ def bench_serve(
     from kmd.editors.answers import answer_line, hits
 
     console = Console(width=120)
-    work, feed, _ = demo_workdir(workdir, "kmd-bench-serve-", backend, probe)
+    work, feed, _ = demo_workdir(workdir, "kmd-bench-serve-", demo_backend(model, backend), probe)
     port = _free_port()
     settings = DaemonSettings(policy=str(work / "policy.yaml"), state_dir=str(work / "state"),
                               model=ModelConfig(model=model, device=device),

@@ -72,9 +72,13 @@ def demo(
                                         "and the OpenAI-compatible endpoints until Ctrl-C.")] = False,
     host: Annotated[str, typer.Option(help="With --serve: the address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="With --serve: the port (0: any free port).")] = 8080,
+    backend: Annotated[str | None, typer.Option(help="Editing backend (default: recipe on the embedded model, whose "
+                                                "trained editor ships with kmd; llp on any other model).")] = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from kmd.daemon.bench.loop import demo_backend
 
     from kmd.daemon.service import Daemon
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
@@ -88,7 +92,11 @@ def demo(
     facts = work / "facts.jsonl"
     facts.write_text(data.joinpath("demo-facts.jsonl").read_text())
     policy = work / "policy.yaml"
-    policy.write_text(data.joinpath("demo-policy.yaml").read_text().replace("FEED_URL", feed_url).replace("FACTS_PATH", str(facts)))
+    text = data.joinpath("demo-policy.yaml").read_text().replace("FEED_URL", feed_url).replace("FACTS_PATH", str(facts))
+    chosen = demo_backend(model, backend)
+    if chosen:
+        text = text.replace("\nbackend: ", f"\nbackend: {chosen}  # was: ", 1)
+    policy.write_text(text)
     settings = DaemonSettings(
         policy=str(policy), state_dir=str(work / "state"), model=ModelConfig(model=model, device=device),
         api=_serve_settings(work, host, port) if serve else ApiSettings(enabled=False),
@@ -197,7 +205,8 @@ def _serve(daemon, console) -> None:  # noqa: ANN001 - Daemon, rich Console
 
 
 def edit_demo(
-    backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")] = "recipe",
+    backend: Annotated[str | None, typer.Option(help="Editing backend (see `kmd backends`; default: recipe on the "
+                                                "embedded model, llp on any other).")] = None,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -213,6 +222,9 @@ def edit_demo(
     from kmd.editors.registry import UnknownBackendError, get_backend
     from kmd.editors.scoring import generate_text
 
+    from kmd.daemon.bench.loop import demo_backend
+
+    backend = demo_backend(model, backend) or "recipe"
     try:
         backend_cls = get_backend(backend)
     except UnknownBackendError as exc:
