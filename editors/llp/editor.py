@@ -8,7 +8,7 @@ Each edit owns one row of a key memory and one row of a value memory:
   InfoNCE loss to stay close to those queries and away from the other edits' keys;
 - b value vectors that act as if prepended to the sequence entering the injection
   layer z = max(R) + 1, trained so the prompts continue with the target. They are
-  served as extra key/value pairs at layers >= z (editors/llp/attention.py explains why
+  served as extra key/value pairs at layers >= z (editors/prefix.py explains why
   this is exactly prepending, and how it keeps other rows and the KV cache untouched).
 
 Serving, per row of a batch and from prompt tokens only: at every l in R, each key's
@@ -38,7 +38,7 @@ from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
-from kmd.editors.llp.attention import Injection, PrefixInjector
+from kmd.editors.prefix import Injection, PrefixInjector
 from kmd.editors.llp.config import LlpConfig
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.scoring import capture_prefill

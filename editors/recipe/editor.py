@@ -36,7 +36,7 @@ from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
-from kmd.editors.llp.attention import Injection, PrefixInjector, stack_left_padded  # served like LLP's prefix
+from kmd.editors.prefix import Injection, PrefixInjector, stack_left_padded  # served like LLP's prefix
 from kmd.editors.recipe.model import (
     CheckpointError,
     edit_prefix,

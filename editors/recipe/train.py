@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import resolve_module
-from kmd.editors.llp.attention import stack_left_padded
+from kmd.editors.prefix import stack_left_padded
 from kmd.editors.recipe.model import (
     RecipeNetworks,
     edit_prefix,

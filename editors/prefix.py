@@ -1,4 +1,5 @@
-"""Prepending b vectors at layer z, expressed as extra key/value pairs at layers >= z.
+"""Prefix injection shared by LLP and RECIPE: prepending b vectors at layer z, expressed as
+extra key/value pairs at layers >= z.
 
 LLP prepends an edit's b value vectors to the hidden-state sequence entering layer z.
 Causal attention means those b positions never see the prompt: their states at every
