@@ -62,9 +62,9 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, n_kv, groups, s, hd).reshape(b, n_kv * groups, s, hd)
 
 
-def check_supported(model: nn.Module, attention: nn.Module) -> None:
+def check_supported(model: nn.Module, attention: nn.Module, projections: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> None:
     config = model.config
-    missing = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attention, name)]
+    missing = [name for name in projections if not hasattr(attention, name)]
     problems = [f"attention lacks {missing}"] if missing else []
     if any(hasattr(attention, name) for name in ("q_norm", "k_norm")):
         problems.append("per-head q/k norms")
@@ -129,10 +129,10 @@ class PrefixRunner:
     """
 
     def __init__(
-        self, model: nn.Module, layers: list[nn.Module], attentions: list[nn.Module], attention_paths: list[str], rotary: nn.Module
+        self, model: nn.Module, layers: list[nn.Module], attentions: list[nn.Module], kv_paths: list[tuple[str, str]], rotary: nn.Module
     ) -> None:
         self.model, self.layers, self.attentions, self.rotary = model, layers, attentions, rotary
-        self.paths = attention_paths
+        self.kv_paths = kv_paths  # per layer: the module paths of its k and v projections
 
     def __call__(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """values (E, b, D) -> keys, values (E, Lz, b, n_kv, hd)."""
@@ -153,9 +153,9 @@ class PrefixRunner:
             return hook
 
         specs = [
-            HookSpec(f"{path}.{part}_proj", grab(index, part))
-            for index, path in enumerate(self.paths)
-            for part in ("k", "v")
+            HookSpec(path, grab(index, part))
+            for index, paths in enumerate(self.kv_paths)
+            for part, path in zip(("k", "v"), paths)
         ]
         h = values
         with hooked(self.model, specs):
@@ -254,17 +254,18 @@ class PrefixInjector:
         model, layout = host.model, host.profile.layout
         self.owner = owner  # the backend's name, for error messages
         self.layer_paths = [layout.path("layer", i) for i in layers]
-        self.attn_paths = [f"{p}.self_attn" for p in self.layer_paths]
+        self.attn_paths = [layout.path("attention", i) for i in layers]
         self.attentions = [resolve_module(model, p) for p in self.attn_paths]
-        check_supported(model, self.attentions[0])
+        self.proj = {part: getattr(layout, f"{part}_proj") for part in "qkvo"}  # names inside the attention block
+        check_supported(model, self.attentions[0], list(self.proj.values()))
         parent = resolve_module(model, layout.layers.rsplit(".", 1)[0])
         self.rotary = getattr(parent, "rotary_emb", None)
         if self.rotary is None:
             raise UnsupportedModelError(f"{owner}: {type(parent).__name__} has no rotary_emb module")
         layers = [resolve_module(model, p) for p in self.layer_paths]
-        self.runner = PrefixRunner(model, layers, self.attentions, self.attn_paths, self.rotary)
+        self.runner = PrefixRunner(model, layers, self.attentions, [(f"{p}.{self.proj['k']}", f"{p}.{self.proj['v']}") for p in self.attn_paths], self.rotary)
         attn = self.attentions[0]
-        self.kv_shape = (len(self.layer_paths), attn.k_proj.out_features // attn.head_dim, attn.head_dim)
+        self.kv_shape = (len(self.layer_paths), getattr(attn, self.proj["k"]).out_features // attn.head_dim, attn.head_dim)
 
     @torch.no_grad()
     def prefix_kv(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,9 +277,9 @@ class PrefixInjector:
         for j, path in enumerate(self.attn_paths):
             specs += [
                 HookSpec(path, self._attn_pre(current), "forward_pre", with_kwargs=True),
-                HookSpec(f"{path}.q_proj", self._stash(current, "q")),
-                HookSpec(f"{path}.k_proj", self._stash(current, "k")),
-                HookSpec(f"{path}.o_proj", self._merge_hook(current, j), "forward_pre"),
+                HookSpec(f"{path}.{self.proj['q']}", self._stash(current, "q")),
+                HookSpec(f"{path}.{self.proj['k']}", self._stash(current, "k")),
+                HookSpec(f"{path}.{self.proj['o']}", self._merge_hook(current, j), "forward_pre"),
             ]
         return specs
 

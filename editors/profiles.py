@@ -37,6 +37,13 @@ class Layout:
     embed: str
     final_norm: str
     lm_head: str
+    # The attention block and its projections (names inside it), for the prefix injection
+    # (editors/prefix.py): Llama-style q/k/v/o.
+    attention: str = "model.layers.{}.self_attn"
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
 
     def path(self, part: str, layer: int | None = None) -> str:
         template = getattr(self, part)
