@@ -15,7 +15,7 @@ The answer pointer (`boost` > 0) is the other half: while a routed row has not y
 its target, the logit of the target's next token gets +boost at each position: the first
 token (with or without a leading space) until the answer starts, then the token that
 continues the longest run of the target just written. A 135M model shown a fact in its
-context copies it only about half the time when asked as a chat turn; pointing at the
+context copies it only about a third of the time when asked as a chat turn; pointing at the
 target's tokens lets it state the fact in its own answer and then write on freely
 (scripts/experiments/context_boost.py). Rows no edit routes to are never touched.
 """

@@ -1,5 +1,10 @@
 """RECIPE: retrieval-augmented continuous prompts (see docs/methods.md, "RECIPE").
 
+What a routed row is shown (`context`): by default ("statement", ours) the retrieved edit as
+one plain sentence ("Known fact (current, verified): <prompt> <target>.") in front of the
+row, plus the answer pointer (editors/answer_stop.py); the trained networks then serve
+retrieval only. With "trained", the paper's continuous prompts as below.
+
 Editing is a forward pass, no optimisation: the edit's statement ("prompt target") goes
 through the frozen sentence encoder and the trained knowledge MLP (r_k, one repository
 row) and the prompt MLP (n_prompts continuous vectors, prepended to the token embeddings
