@@ -97,6 +97,11 @@ def demo_backend(model: str, backend: str | None) -> str | None:
     return None if model == "embedded" else "llp"
 
 
+def with_backend(policy_text: str, backend: str | None) -> str:
+    """The demo policy's text with its `backend:` line set to `backend` (None: as it is)."""
+    return policy_text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1) if backend else policy_text
+
+
 def demo_workdir(workdir: Path | None, prefix: str, backend: str | None, probe: list[str] | None) -> tuple[Path, _Feed, Path]:
     """A benchmark's work folder: the demo policy on a loopback feed (served from here) and an
     empty curated file, with the backend and probe settings overridden as asked."""
@@ -107,8 +112,7 @@ def demo_workdir(workdir: Path | None, prefix: str, backend: str | None, probe: 
     facts.write_text('{"kmd_jsonl": 1, "source": "curated", "sequence": 1, "created": "2026-11-20T00:00:00Z"}\n')
     text = resources.files("kmd.policies").joinpath("demo-policy.yaml").read_text()
     text = text.replace("FEED_URL", feed.url).replace("FACTS_PATH", str(facts))
-    if backend:
-        text = text.replace("\nbackend: ", f"\nbackend: {backend}  # was: ", 1)
+    text = with_backend(text, backend)
     if probe:
         text = _with_probes(text, probe)
     policy = work / "policy.yaml"

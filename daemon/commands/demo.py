@@ -78,8 +78,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from kmd.daemon.bench.loop import demo_backend
-
+    from kmd.daemon.bench.loop import demo_backend, with_backend
     from kmd.daemon.service import Daemon
     from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
     from kmd.editors.answers import answers as served_answers
@@ -93,10 +92,7 @@ def demo(
     facts.write_text(data.joinpath("demo-facts.jsonl").read_text())
     policy = work / "policy.yaml"
     text = data.joinpath("demo-policy.yaml").read_text().replace("FEED_URL", feed_url).replace("FACTS_PATH", str(facts))
-    chosen = demo_backend(model, backend)
-    if chosen:
-        text = text.replace("\nbackend: ", f"\nbackend: {chosen}  # was: ", 1)
-    policy.write_text(text)
+    policy.write_text(with_backend(text, demo_backend(model, backend)))
     settings = DaemonSettings(
         policy=str(policy), state_dir=str(work / "state"), model=ModelConfig(model=model, device=device),
         api=_serve_settings(work, host, port) if serve else ApiSettings(enabled=False),
