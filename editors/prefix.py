@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from kmd.editors.answer_stop import AnswerTracker
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 
 if TYPE_CHECKING:
@@ -244,7 +245,27 @@ class Injection:
     # (editors/answer_stop.py: not past the point where the row's answer stated its target);
     # None: every position.
     answering: torch.Tensor | None = None
-    tracker: Any = None  # the AnswerTracker that keeps `answering` up to date across decode steps
+    tracker: AnswerTracker | None = None  # keeps `answering` up to date across decode steps
+    stop_after_answer: bool = False  # False: the tracker only points (answer_boost), the prefix acts everywhere
+
+    def track_answers(self, tokenizer: Any, targets: Sequence[str], boost: float, stop_after_answer: bool,
+                      ids: torch.Tensor, last: torch.Tensor) -> None:
+        """Follow each routed row's answer (editors/answer_stop.py) from the prefill on.
+
+        ids (B, T) the whole batch's token ids; last (Bh,) each routed row's last prompt index.
+        Nothing to follow when neither the pointer (`boost` > 0) nor the stop rule is on."""
+        if not (stop_after_answer or boost > 0):
+            return
+        self.tracker = AnswerTracker(tokenizer, list(targets), boost=boost)
+        self.stop_after_answer = stop_after_answer
+        answering = self.tracker.full(ids[self.rows], last)
+        self.answering = answering if stop_after_answer else None
+
+    def decode_step(self, ids: torch.Tensor) -> None:
+        """ids (B, 1) a decode step's new tokens (the whole batch): update where the prefix acts."""
+        if self.tracker is not None:
+            answering = self.tracker.step(ids[self.rows])
+            self.answering = answering if self.stop_after_answer else None
 
 
 class PrefixInjector:

@@ -163,6 +163,7 @@ def bench_loop(
                          "status": final.status if final else "skipped (already known)", "attempts": len(edits),
                          "entry_to_commit_s": seconds if summary.committed else None,
                          "apply_s": probes.get("apply_seconds"), "probe_s": probes.get("probe_seconds"),
+                         "probe_parts_s": probes.get("seconds"),
                          "rel": probes.get("rel"), "gen": probes.get("gen"), "loc": probes.get("loc"),
                          "served_rel": probes.get("served_rel"), "served_gen": probes.get("served_gen"),
                          "loc_rows_run": probes.get("loc_rows_run")})  # fmt: skip
@@ -183,6 +184,7 @@ def bench_loop(
         "locality_prompts": len(maintainer.prober.baseline.prompts),
         "entries": rows, "committed": len(timed), "entry_to_commit_s_mean": mean("entry_to_commit_s"),
         "apply_s_mean": mean("apply_s"), "probe_s_mean": mean("probe_s"),
+        "probe_parts_s_mean": _mean_parts([r["probe_parts_s"] for r in timed if r["probe_parts_s"]]),
     }  # fmt: skip
     table = Table(title=f"feed entry -> committed edit ({result['backend']}, {result['model']})")
     for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "served rel", "served gen",
@@ -198,6 +200,15 @@ def bench_loop(
     console.print(f"load + locality baseline {load_s:.1f} s; mean over {len(timed)} committed entries: "
                   f"entry->commit {fmt(result['entry_to_commit_s_mean'])} s, apply {fmt(result['apply_s_mean'])} s, "
                   f"probes {fmt(result['probe_s_mean'])} s")  # fmt: skip
+    if result["probe_parts_s_mean"]:
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in result["probe_parts_s_mean"].items())
+        console.print(f"where the probe's time went (mean): {parts}")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per probe part (served, teacher_forced, locality, earlier) over entries."""
+    keys = sorted({k for p in parts for k in p})
+    return {k: statistics.fmean(p.get(k, 0.0) for p in parts) for k in keys}

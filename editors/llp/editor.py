@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from kmd.editors.answer_stop import AnswerTracker, pointer_hook
+from kmd.editors.answer_stop import pointer_hook
 from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
@@ -404,10 +404,8 @@ class LlpEditor(Editor):
         decision = self._decision()
         if not decision["done"]:
             decision["ids"] = ids  # the prefill (or a full forward): read in _decide
-        elif decision["injection"] is not None and decision["injection"].tracker is not None and ids is not None:
-            injection = decision["injection"]
-            answering = injection.tracker.step(ids[injection.rows])
-            injection.answering = answering if self.config.stop_after_answer else None
+        elif decision["injection"] is not None and ids is not None:
+            decision["injection"].decode_step(ids)
         return None
 
     def _retrieval_hook(self, index: int, last: bool):
@@ -450,13 +448,11 @@ class LlpEditor(Editor):
             values=self.prefix_values[edits],
             p_first=p_first[rows],
         )
-        if (self.config.stop_after_answer or self.config.answer_boost > 0) and ids is not None:
+        if ids is not None:
             targets = [self._requests[self.row_ids[int(e)]].target if self.row_ids[int(e)] in self._requests else ""
                        for e in edits]
-            injection.tracker = AnswerTracker(self.host.tokenizer, targets, boost=self.config.answer_boost)
-            last = routing.last_prompt_index(batch, seq, device)[rows]
-            answering = injection.tracker.full(ids[rows], last)
-            injection.answering = answering if self.config.stop_after_answer else None
+            injection.track_answers(self.host.tokenizer, targets, self.config.answer_boost, self.config.stop_after_answer,
+                                    ids, routing.last_prompt_index(batch, seq, device)[rows])  # fmt: skip
 
     def _retrieval_mask(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) the tokens retrieval reads: a chat turn's user tokens, else the whole prompt

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from loguru import logger
 
-from kmd.editors.answer_stop import AnswerTracker, pointer_hook
+from kmd.editors.answer_stop import pointer_hook
 from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
@@ -175,10 +175,8 @@ class RecipeEditor(Editor):
         decision = decisions.get(self.name)
         if decision is None:  # the prefill: the prompt's token ids
             decisions[self.name] = {"ids": args[0], "injection": None, "done": False}
-        elif decision["done"] and decision["injection"] is not None and decision["injection"].tracker is not None:
-            injection = decision["injection"]  # a decode step: has the answer been written yet?
-            answering = injection.tracker.step(args[0][injection.rows])
-            injection.answering = answering if self.config.stop_after_answer else None
+        elif decision["done"] and decision["injection"] is not None:
+            decision["injection"].decode_step(args[0])  # a decode step: has the answer been written yet?
         return None
 
     def _decide(self, module, args, kwargs):
@@ -190,7 +188,6 @@ class RecipeEditor(Editor):
         ids = decision.pop("ids")
         batch, seq = ids.shape
         mask = routing.mask_for(batch, seq, ids.device)
-        tokenizer = self.host.tokenizer
         best, hit = self.retrieve(self._query_texts(ids, mask))
         rows = hit.nonzero().flatten()
         if rows.numel() == 0:
@@ -205,11 +202,9 @@ class RecipeEditor(Editor):
         keys, real = stack_left_padded(keys, dim=1)  # (Bh, L, n, n_kv, hd), (Bh, n) or None
         values, _ = stack_left_padded(values, dim=1)
         injection = decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
-        if self.config.stop_after_answer or self.config.answer_boost > 0:
-            targets = [self.request(self.row_ids[r]).target for r in best[rows].tolist()]
-            injection.tracker = AnswerTracker(tokenizer, targets, boost=self.config.answer_boost)
-            answering = injection.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
-            injection.answering = answering if self.config.stop_after_answer else None
+        targets = [self.request(self.row_ids[r]).target for r in best[rows].tolist()]
+        injection.track_answers(self.host.tokenizer, targets, self.config.answer_boost, self.config.stop_after_answer,
+                                ids, routing.last_prompt_index(batch, seq, ids.device)[rows])  # fmt: skip
         return None
 
     # ----- routing-aware probing ----------------------------------------------------------
