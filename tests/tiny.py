@@ -5,6 +5,8 @@ Saved with `save_pretrained`, so a fresh process can load the very same model by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WORDS = (
@@ -65,3 +67,20 @@ def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# A chat template in the tiny vocabulary (the tiny tokenizer has none of its own): the
+# fixed text "<s>" before the message and " ? x" after it, which tokenise apart from the
+# message (`kmd.editors.answers.chat_frame` finds them).
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }} ?{% endfor %}{% if add_generation_prompt %} x{% endif %}"
+
+
+@contextmanager
+def chat_template(host, template: str = CHAT_TEMPLATE) -> Iterator[None]:
+    """`host`'s tokenizer with `template` as its chat template for the block."""
+    saved = getattr(host.tokenizer, "chat_template", None)
+    host.tokenizer.chat_template = template
+    try:
+        yield
+    finally:
+        host.tokenizer.chat_template = saved

@@ -54,6 +54,10 @@ class LlpConfig:
     value_stop_loss: float = 0.05
     value_weight_decay: float = 0.1
 
+    # Serving: a chat turn is retrieved by the user's message run alone through layers
+    # 0..max(R) (as a bare prompt is when its key is made); "in_context": by its states after
+    # the template's system prompt, which match the keys less often.
+    chat_retrieval: str = "alone"
     # Serving: a routed row gets its edit up to the token that completes the target's words,
     # then runs as the base model (editors/answer_stop.py); False: on every later position too.
     stop_after_answer: bool = True

@@ -40,7 +40,7 @@ from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
 from kmd.editors.prefix import Injection, PrefixInjector
 from kmd.editors.llp.config import LlpConfig
-from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model
 from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
@@ -106,6 +106,8 @@ class LlpEditor(Editor):
         self.center = torch.zeros(nr, d, device=device)  # background mean per retrieval layer
         self.scale = torch.ones(nr, d, device=device)  # background std per retrieval layer
         self.background_ready = cfg.normalize == "none"
+        if cfg.chat_retrieval not in ("alone", "in_context"):
+            raise EditorError(f"llp: chat_retrieval must be alone or in_context (got {cfg.chat_retrieval!r})")
         if cfg.normalize not in ("none", "center", "zscore"):
             raise EditorError(f"llp: normalize must be none, center or zscore (got {cfg.normalize!r})")
         self.row_ids: list[str] = []
@@ -352,6 +354,40 @@ class LlpEditor(Editor):
         sims = sims.masked_fill(~prompt_mask[None, :, :, None], float("-inf"))
         return sims.amax(dim=2)
 
+    def row_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor, alone: dict[str, torch.Tensor] | None
+                         ) -> torch.Tensor:
+        """`layer_similarities`, with the chat-turn rows' taken from their messages run alone
+        (`_user_turns_alone`; None or no such row: from `states`). -> (|R|, B, N)"""
+        sims = self.layer_similarities(states, prompt_mask)
+        if alone is not None and alone["alone_rows"].numel():
+            sims[:, alone["alone_rows"]] = self.layer_similarities(alone["alone_states"], alone["alone_mask"])
+        return sims
+
+    @torch.no_grad()
+    def _user_turns_alone(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The chat-turn rows of a batch and the retrieval-layer states of their user messages
+        run alone, as a bare prompt is when its key is made: {"alone_rows": (Bc,),
+        "alone_states": (|R|, Bc, Tc, D), "alone_mask": (Bc, Tc)} (right-padded; Bc may be 0).
+        None when chat turns are retrieved in context. One message at a time, so a row's
+        decision never depends on the batch it came in."""
+        if self.config.chat_retrieval != "alone":
+            return None
+        users = self._retrieval_mask(ids, prompt_mask)
+        rows = (users != prompt_mask).any(dim=1).nonzero().flatten()
+        runs = []
+        with base_model():
+            for row in rows.tolist():
+                message = self.host.tokenizer.decode(ids[row, users[row]].tolist())
+                got = self._retrieval_states([message])
+                runs.append((got["states"][:, 0], got["attention_mask"][0].bool()))
+        nr, d = len(self.retrieval), self.host.model.config.hidden_size
+        width = max((len(m) for _, m in runs), default=1)
+        states = torch.zeros(nr, len(runs), width, d, device=ids.device)
+        mask = torch.zeros(len(runs), width, dtype=torch.bool, device=ids.device)
+        for i, (s, m) in enumerate(runs):
+            states[:, i, : len(m)], mask[i, : len(m)] = s, m
+        return {"alone_rows": rows, "alone_states": states, "alone_mask": mask}
+
     def thresholds(self) -> torch.Tensor:
         """(|R|,) similarity threshold per retrieval layer."""
         cfg = self.config
@@ -404,6 +440,8 @@ class LlpEditor(Editor):
         decision = self._decision()
         if not decision["done"]:
             decision["ids"] = ids  # the prefill (or a full forward): read in _decide
+            if ids is not None:  # before the forward: the chat turns' messages run alone
+                decision["alone"] = self._user_turns_alone(ids, self.routing().mask_for(*ids.shape, ids.device))
         elif decision["injection"] is not None and ids is not None:
             decision["injection"].decode_step(ids)
         return None
@@ -431,7 +469,7 @@ class LlpEditor(Editor):
         mask = routing.mask_for(batch, seq, device)
         ids = decision.pop("ids", None)
         retrieval_mask = self._retrieval_mask(ids, mask) if ids is not None else mask
-        best, _, hit = self.vote(self.layer_similarities(states, retrieval_mask))
+        best, _, hit = self.vote(self.row_similarities(states, retrieval_mask, decision.pop("alone", None)))
         decision["done"] = True
         rows = hit.nonzero().squeeze(1)
         if not len(rows):
@@ -473,12 +511,14 @@ class LlpEditor(Editor):
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"states": (|R|, B, T, D) retrieval-layer outputs (base model), "mask": (B, T) the tokens retrieval reads}."""
+        """{"states": (|R|, B, T, D) retrieval-layer outputs (base model), "mask": (B, T) the
+        tokens retrieval reads}, and the chat turns' messages run alone (`_user_turns_alone`)."""
         sink: dict[int, torch.Tensor] = {}
         capture_prefill(self.host, input_ids, attention_mask, self._capture_specs(sink),
                         stop_after=self.layer_paths[max(self.retrieval)])  # fmt: skip
         mask = self._retrieval_mask(input_ids, attention_mask.bool())
-        return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": mask}
+        alone = self._user_turns_alone(input_ids, attention_mask.bool()) or {}
+        return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": mask, **alone}
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
         """The edit whose prefix each row gets (the vote `_decide` takes), by edit id; an
@@ -486,7 +526,8 @@ class LlpEditor(Editor):
         states = features["states"]
         if not self.row_ids:
             return [None] * states.shape[1]
-        best, _, hit = self.vote(self.layer_similarities(states, features["mask"]))
+        alone = features if "alone_rows" in features else None
+        best, _, hit = self.vote(self.row_similarities(states, features["mask"], alone))
         return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     # ----- persistence ------------------------------------------------------------------------

@@ -11,12 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kmd.editors.answers import encode_as
 from kmd.editors.batching import left_padded
 from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import EditRequest, UnknownEditError
 from kmd.editors.registry import backend_names, get_backend
-from kmd.editors.scoring import generate, score_targets
+from kmd.editors.scoring import generate, generate_ids, score_targets
 from kmd.editors.state import StateError
+
+from tiny import chat_template
 
 from .conftest import backend_options
 
@@ -110,7 +113,8 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tiny_host, ti
         from safetensors.torch import save_file
         from kmd.editors.model import ModelHost, ModelSettings
         from kmd.editors.protocol import Editor
-        from kmd.editors.batching import left_padded
+        from kmd.editors.answers import encode_as
+from kmd.editors.batching import left_padded
         host = ModelHost.load(ModelSettings(model={str(tiny_model_dir)!r}, device="cpu"))
         editor = Editor.load({str(state)!r}, host)
         ids, attention = left_padded(host, {PROBES!r})
@@ -172,10 +176,10 @@ SERVED = [
 NEW_TOKENS = 10
 
 
-def greedy_full_forward(host, editor, prompt: str, steps: int) -> list[int]:
-    """One row, the whole sequence recomputed at every step (no KV cache); only the
-    prompt's tokens are marked as prompt, as the served path marks them."""
-    ids = torch.tensor([host.encode(prompt)])
+def greedy_full_forward(host, editor, prompt: str | list[int], steps: int) -> list[int]:
+    """One row (text, or token ids), the whole sequence recomputed at every step (no KV
+    cache); only the prompt's tokens are marked as prompt, as the served path marks them."""
+    ids = torch.tensor([host.encode(prompt) if isinstance(prompt, str) else list(prompt)])
     prompt_mask = torch.ones_like(ids, dtype=torch.bool)
     out: list[int] = []
     for _ in range(steps):
@@ -202,3 +206,17 @@ def test_generation_is_the_same_batched_alone_cached_or_recomputed(tiny_host, ed
     with editor.suspended():
         base = generate(tiny_host, None, SERVED, NEW_TOKENS)
     assert batched[0] != base[0], "the edit must act on its own prompt for this check to mean anything"
+
+
+def test_chat_turns_are_the_same_batched_alone_cached_or_recomputed(tiny_host, editor):
+    """The same for chat-template turns mixed with plain rows (backends read a chat turn's
+    user tokens, and some run them alone)."""
+    for request in (EDIT, OTHER, THIRD):
+        editor.apply(request)
+    with chat_template(tiny_host):
+        encoded = [encode_as(tiny_host, p, form) for p in SERVED for form in ("plain", "chat")]
+        batched = generate_ids(tiny_host, editor, encoded, NEW_TOKENS, batch_size=len(encoded))
+        alone = [generate_ids(tiny_host, editor, [e], NEW_TOKENS)[0] for e in encoded]
+        recomputed = [greedy_full_forward(tiny_host, editor, e, NEW_TOKENS) for e in encoded]
+    assert batched == alone, "a row's tokens depend on the batch it is in"
+    assert alone == recomputed, "KV-cache decoding differs from a full forward at every step"

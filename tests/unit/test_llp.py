@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kmd.editors.batching import left_padded, teacher_forced_batch
+from kmd.editors.answers import encode_as
+from kmd.editors.batching import left_padded, left_padded_ids, teacher_forced_batch
 from kmd.editors.hooks import resolve_module
 from kmd.editors.llp import LlpConfig, LlpEditor
 from kmd.editors.llp.editor import last_subject_token
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate
+from tiny import chat_template
 
 
 @pytest.fixture(autouse=True)
@@ -314,3 +316,23 @@ def test_shipped_profiles_give_valid_llp_configs(name):
     assert retrieval == list(range(8)) and z > max(retrieval)
     if config.layer_similarity is not None:
         assert len(config.layer_similarity) == len(retrieval)
+
+
+def test_a_chat_turn_is_retrieved_by_its_message_run_alone(tiny_host):
+    """With `chat_retrieval: alone` a chat turn's similarities are those of its message as a
+    bare prompt (the states keys are made from), not of its states after the template."""
+    prompt = "the capital of France is"
+    editor = fresh(tiny_host, similarity=0.9)
+    torch.manual_seed(1)
+    value = torch.randn(editor.config.n_values, tiny_host.model.config.hidden_size) * 3
+    install_value(editor, value, subject_key(editor, prompt, "France"))
+    with chat_template(tiny_host):
+        encoded = [encode_as(tiny_host, prompt, "plain"), encode_as(tiny_host, prompt, "chat")]
+        ids, attention = left_padded_ids(tiny_host, encoded)
+        features = editor.routing_features(ids, attention)
+        assert features["alone_rows"].tolist() == [1]
+        sims = editor.row_similarities(features["states"], features["mask"], features)
+        assert torch.allclose(sims[:, 1], sims[:, 0], atol=1e-4)
+        assert editor.routes(features) == [editor.row_ids[0]] * 2
+        with editor.configured(chat_retrieval="in_context"):
+            assert "alone_rows" not in editor.routing_features(ids, attention)
