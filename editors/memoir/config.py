@@ -54,6 +54,9 @@ class MemoirConfig:
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0
+    # A chat turn is routed by the user's message run alone (pooled as a bare prompt is when
+    # its mask is made); "in_context": by its tokens after the template's system prompt.
+    chat_retrieval: str = "alone"
     # A routed row gets the memory up to the token that completes the target's words, then
     # runs as the base model (editors/answer_stop.py); False: on every later position too.
     stop_after_answer: bool = True

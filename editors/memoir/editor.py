@@ -47,10 +47,10 @@ from kmd.editors.answer_stop import RowPointer
 from kmd.editors.answers import chat_frame, user_tokens
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
-from kmd.editors.hooks import HookSpec, hooked, resolve_module
+from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
-from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
+from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model, late_layer
 from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
@@ -81,6 +81,8 @@ class MemoirEditor(Editor):
             raise EditorError("memoir: protect must be >= 0, and > 0 only with update 'min_norm'")
         if cfg.optimizer not in ("sgd", "adam"):
             raise EditorError(f"memoir: optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
+        if cfg.chat_retrieval not in ("alone", "in_context"):
+            raise EditorError(f"memoir: chat_retrieval must be 'alone' or 'in_context', not {cfg.chat_retrieval!r}")
         device = host.device
         # Per-model statistics, made on first use and persisted (masks mean nothing without them).
         self.permutation: torch.Tensor | None = None  # (d_ff,) long
@@ -132,8 +134,8 @@ class MemoirEditor(Editor):
             for row, tokens in enumerate(encoded):
                 ids[row, : len(tokens)], attention[row, : len(tokens)] = torch.tensor(tokens), 1
             ids, attention = ids.to(host.device), attention.to(host.device)
-            with hooked(host.model, [HookSpec(self.path, grab)]):
-                host.model(input_ids=ids, attention_mask=attention, use_cache=False)
+            with base_model():  # also when called during a routed forward (a chat turn's message)
+                run_until(host, self.path, ids, attention, [HookSpec(self.path, grab)])
             out.append(_pool(seen["a"], attention.bool()))
         return torch.cat(out)
 
@@ -290,11 +292,8 @@ class MemoirEditor(Editor):
         batch, seq, _ = a.shape
         decision = routing.decisions.get(self.name)
         if decision is None:  # prefill: decide per row from its prompt tokens only
-            prompt = routing.mask_for(batch, seq, a.device)
-            ids = self.answer.prompt_ids(routing)
-            if ids is not None:  # a chat turn: pool over the user's tokens, not the template's
-                prompt = self._user_tokens(ids, prompt)
-            score, best = self.overlaps(self.tophash(_pool(a, prompt))).max(dim=1)  # (B,), (B,)
+            pooled = self._pooled(a, self.answer.prompt_ids(routing), routing.mask_for(batch, seq, a.device))
+            score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
             rows = (score >= self.config.tau).nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "edit": best[rows], "score": score}
             self.answer.start(routing, rows, [self.request(self.row_ids[e]).target for e in best[rows].tolist()])
@@ -322,14 +321,25 @@ class MemoirEditor(Editor):
             seen["a"] = args[0]
 
         capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
-        return {"pooled": _pool(seen["a"], self._user_tokens(input_ids, attention_mask.bool()))}
+        return {"pooled": self._pooled(seen["a"], input_ids, attention_mask.bool())}
 
-    def _user_tokens(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) the prompt tokens routing pools over: a chat turn's user tokens, else the
-        whole prompt (serving and routing-aware probing read the same ones)."""
+    def _pooled(self, a: torch.Tensor, ids: torch.Tensor | None, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(B, d_ff) what a row is routed by: `a` (B, T, d_ff), the edited down_proj's input,
+        pooled over its prompt tokens. A chat turn's are its user's message: its own tokens
+        (`chat_retrieval: in_context`) or, by default, the message run alone as a bare prompt
+        is when an edit's mask is made (one message at a time: a row's decision never depends
+        on its batch). Serving and routing-aware probing read the same."""
+        if ids is None:
+            return _pool(a, prompt_mask)
         if self._chat_frame is None:
             self._chat_frame = chat_frame(self.host) or ()
-        return user_tokens(ids, prompt_mask, self._chat_frame or None)
+        users = user_tokens(ids, prompt_mask, self._chat_frame or None)
+        pooled = _pool(a, users)
+        if self.config.chat_retrieval == "alone":
+            for row in (users != prompt_mask).any(dim=1).nonzero().flatten().tolist():
+                message = self.host.tokenizer.decode(ids[row, users[row]].tolist())
+                pooled[row] = self.prompt_features([message])[0]
+        return pooled
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[tuple[str, tuple[str, ...]] | None]:
         """Per row: the edit it retrieves, and every live edit owning one of that edit's

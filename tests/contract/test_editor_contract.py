@@ -113,8 +113,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tiny_host, ti
         from safetensors.torch import save_file
         from kmd.editors.model import ModelHost, ModelSettings
         from kmd.editors.protocol import Editor
-        from kmd.editors.answers import encode_as
-from kmd.editors.batching import left_padded
+        from kmd.editors.batching import left_padded
         host = ModelHost.load(ModelSettings(model={str(tiny_model_dir)!r}, device="cpu"))
         editor = Editor.load({str(state)!r}, host)
         ids, attention = left_padded(host, {PROBES!r})

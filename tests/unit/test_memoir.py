@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from kmd.editors.batching import left_padded, teacher_forced_batch
+from kmd.editors.answers import encode_as
+from kmd.editors.batching import left_padded, left_padded_ids, teacher_forced_batch
 from kmd.editors.memoir import MemoirEditor
 from kmd.editors.augment import background_passages
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.scoring import generate, score_targets
+from tiny import chat_template
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice")
@@ -271,3 +273,19 @@ def test_gram_follows_the_live_edits_through_revert_and_load(tiny_host, tmp_path
     assert torch.allclose(editor.gram, after_first, atol=1e-9 * float(after_first.abs().max()))
     editor.revert(first)
     assert float(editor.gram.abs().max()) <= 1e-9 * float(after_first.abs().max())
+
+
+def test_a_chat_turn_is_routed_by_its_message_run_alone(tiny_host):
+    """With `chat_retrieval: alone` (the default) a chat turn's routing feature is its
+    message's as a bare prompt: the edit's own prompt asked as a chat turn matches fully."""
+    editor = make(tiny_host)
+    editor.apply(EDIT)
+    with chat_template(tiny_host):
+        encoded = [encode_as(tiny_host, EDIT.prompt, "plain"), encode_as(tiny_host, EDIT.prompt, "chat")]
+        ids, attention = left_padded_ids(tiny_host, encoded)
+        features = editor.routing_features(ids, attention)
+        assert torch.allclose(features["pooled"][1], features["pooled"][0], atol=1e-5)
+        assert editor.routes(features)[1] == editor.routes(features)[0] is not None
+        with torch.no_grad(), editor.query(attention.bool()) as routing:
+            tiny_host.model(input_ids=ids, attention_mask=attention)
+        assert routing.decisions["memoir"]["score"].tolist() == [1.0, 1.0]
