@@ -183,3 +183,12 @@ def user_tokens(ids: torch.Tensor, prompt_mask: torch.Tensor, frame: ChatFrame |
             out[row] = False
             out[row, positions[len(head) : len(tokens) - len(tail)]] = True
     return out
+
+
+def chat_turn_messages(tokenizer, ids: torch.Tensor, prompt_mask: torch.Tensor, users: torch.Tensor) -> list[tuple[int, str]]:
+    """(row, the user's message as text) for each chat-turn row of a batch: the rows whose
+    `users` mask (from `user_tokens`) is narrower than their prompt. Backends that route a
+    chat turn by its message run alone (as a bare prompt is when an edit is made) run these
+    texts one at a time, so a row's decision never depends on its batch."""
+    rows = (users != prompt_mask).any(dim=1).nonzero().flatten().tolist()
+    return [(row, tokenizer.decode(ids[row, users[row]].tolist())) for row in rows]

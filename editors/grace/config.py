@@ -20,6 +20,10 @@ class GraceConfig:
     max_steps: int = 100
     stop_loss: float = 0.01  # stop once the mean target NLL is below this
 
+    # A chat turn is looked up by its user's message run alone (the down_proj input at the
+    # message's last token, as a bare prompt's key is made); "in_context": at the chat
+    # prompt's last token, which is the template's text.
+    chat_retrieval: str = "alone"
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0

@@ -25,8 +25,9 @@ from loguru import logger
 from kmd.editors.answer_stop import RowPointer
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
-from kmd.editors.hooks import HookSpec, hooked, resolve_module
-from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing
+from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
+from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
+from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing, base_model
 from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
@@ -57,6 +58,9 @@ class GraceEditor(Editor):
         self.row_ids: list[str] = []  # edit id of each row
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
         self.labels: list[str] = []  # normalised target of each row
+        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
+        if self.config.chat_retrieval not in ("alone", "in_context"):
+            raise EditorError(f"grace: chat_retrieval must be 'alone' or 'in_context', not {self.config.chat_retrieval!r}")
 
     def stronger_overrides(self) -> dict[str, Any]:
         return {"max_steps": self.config.max_steps * 2, "stop_loss": self.config.stop_loss / 10}
@@ -134,7 +138,8 @@ class GraceEditor(Editor):
         steps = torch.arange(seq, device=output.device)
         if decision is None:  # prefill: decide per row from its last prompt token
             last = routing.last_prompt_index(batch, seq, output.device)  # (B,)
-            query = args[0][torch.arange(batch, device=output.device), last].float()  # (B, d_ff)
+            prompt = routing.mask_for(batch, seq, output.device)
+            query = self._queries(args[0], self.answer.prompt_ids(routing), prompt, last)  # (B, d_ff)
             dist = torch.cdist(query, self.keys)  # (B, N)
             covering = torch.where(dist <= self.radii[None, :], dist, torch.inf)
             best_dist, best = covering.min(dim=1)  # the nearest entry whose radius covers the query
@@ -165,7 +170,34 @@ class GraceEditor(Editor):
         capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
         batch, seq = input_ids.shape
         last = Routing(attention_mask.bool()).last_prompt_index(batch, seq, input_ids.device)  # (B,)
-        return {"query": seen["a"][torch.arange(batch, device=input_ids.device), last].float()}
+        return {"query": self._queries(seen["a"], input_ids, attention_mask.bool(), last)}
+
+    def _queries(self, a: torch.Tensor, ids: torch.Tensor | None, prompt_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """(B, d_ff) each row's lookup key: `a` (B, T, d_ff), the down_proj input, at its last
+        prompt token (last (B,)); a chat turn's, with `chat_retrieval: alone`, at the last
+        token of its user's message run alone. Serving and routing-aware probing read the same."""
+        query = a[torch.arange(a.shape[0], device=a.device), last].float()
+        if ids is None or self.config.chat_retrieval != "alone":
+            return query
+        if self._chat_frame is None:
+            self._chat_frame = chat_frame(self.host) or ()
+        users = user_tokens(ids, prompt_mask, self._chat_frame or None)
+        for row, message in chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users):
+            query[row] = self._message_query(message)
+        return query
+
+    @torch.no_grad()
+    def _message_query(self, text: str) -> torch.Tensor:
+        """(d_ff,) the down_proj input at the last token of `text` as a bare prompt (base model)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["a"] = args[0]
+
+        ids = torch.tensor([self.host.encode(self.host.format_prompt(text))], device=self.host.device)
+        with base_model():
+            run_until(self.host, self.path, ids, torch.ones_like(ids), [HookSpec(self.path, grab)])
+        return seen["a"][0, -1].float()
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
         """The codebook entry each row uses (as `_serve` decides), by edit id; entries never change."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import pointer_hook
-from kmd.editors.answers import chat_frame, user_tokens
+from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
@@ -372,12 +372,11 @@ class LlpEditor(Editor):
         decision never depends on the batch it came in."""
         if self.config.chat_retrieval != "alone":
             return None
-        users = self._retrieval_mask(ids, prompt_mask)
-        rows = (users != prompt_mask).any(dim=1).nonzero().flatten()
+        messages = chat_turn_messages(self.host.tokenizer, ids, prompt_mask, self._retrieval_mask(ids, prompt_mask))
+        rows = torch.tensor([row for row, _ in messages], dtype=torch.long, device=ids.device)
         runs = []
         with base_model():
-            for row in rows.tolist():
-                message = self.host.tokenizer.decode(ids[row, users[row]].tolist())
+            for _, message in messages:
                 got = self._retrieval_states([message])
                 runs.append((got["states"][:, 0], got["attention_mask"][0].bool()))
         nr, d = len(self.retrieval), self.host.model.config.hidden_size

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import RowPointer
-from kmd.editors.answers import chat_frame, user_tokens
+from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
@@ -336,8 +336,7 @@ class MemoirEditor(Editor):
         users = user_tokens(ids, prompt_mask, self._chat_frame or None)
         pooled = _pool(a, users)
         if self.config.chat_retrieval == "alone":
-            for row in (users != prompt_mask).any(dim=1).nonzero().flatten().tolist():
-                message = self.host.tokenizer.decode(ids[row, users[row]].tolist())
+            for row, message in chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users):
                 pooled[row] = self.prompt_features([message])[0]
         return pooled
 

@@ -11,9 +11,11 @@ import torch
 from kmd.daemon.policy import ProbePolicy
 from kmd.daemon.locality import LocalityBaseline
 from kmd.daemon.probes import Prober
+from kmd.editors.answers import encode_as
+from kmd.editors.batching import left_padded_ids
 from kmd.editors.protocol import EditRequest
 from kmd.editors.registry import backend_names, get_backend
-from tiny import WORDS
+from tiny import WORDS, chat_template
 
 from .conftest import backend_options
 from .test_editor_contract import EDIT, OTHER, logits
@@ -76,3 +78,17 @@ def test_routing_aware_locality_equals_the_full_pass(tiny_host, editor):
     editor.revert(ids[1])
     fast, full = prober.locality(editor), prober.locality(editor, full=True)
     assert fast.verdicts == full.verdicts
+
+
+def test_a_chat_turn_routes_as_its_message_does_alone(tiny_host, editor):
+    """Backends with `chat_retrieval: alone` route an edit's prompt asked as a chat turn to
+    the same edit as the bare prompt (the template's text does not hide it)."""
+    if "chat_retrieval" not in editor.config_dict():
+        pytest.skip(f"{editor.name} has no chat_retrieval option")
+    editor.apply(EDIT)
+    with chat_template(tiny_host):
+        encoded = [encode_as(tiny_host, EDIT.prompt, "plain"), encode_as(tiny_host, EDIT.prompt, "chat")]
+        ids, attention = left_padded_ids(tiny_host, encoded)
+        routes = editor.routes(editor.routing_features(ids, attention))
+    assert routes[0] is not None, "the edit must route its own prompt for this check to mean anything"
+    assert routes[1] == routes[0]
