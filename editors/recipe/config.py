@@ -34,6 +34,11 @@ class RecipeConfig:
     # prompts, then the statement repeated as the editor was trained; the paper's RECIPE plus
     # ours). Retrieval is the trained networks' either way.
     context: str = "statement"
+    # Also query by the text's last sentence (of 3+ words) when it has several, and use
+    # whichever of the two clears the sentinel by more: a question asked after unrelated
+    # text ("... and Sallie Beavers Riley. The Autonomous University of Madrid is in") is
+    # found by its question. False: the whole text only.
+    last_sentence_query: bool = True
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0

@@ -28,6 +28,7 @@ state. Revert deletes the edit's row: exact.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,17 @@ from kmd.editors.recipe.model import (
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def last_sentence(text: str, min_words: int = 3) -> str:
+    """The text after its last sentence end ('.', '!' or '?' then a space), when that has at
+    least `min_words` words; else the whole text."""
+    parts = _SENTENCE_END.split(text.strip())
+    last = parts[-1].strip()
+    return last if len(parts) > 1 and len(last.split()) >= min_words else text
 
 
 def kv_bytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -151,15 +163,34 @@ class RecipeEditor(Editor):
     @torch.no_grad()
     def retrieve(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query text: (best row, hit). A hit beats the sentinel by more than `margin`."""
-        return self._match(self.networks.query_reps(encode_texts(queries, self.host.device)))
+        return self._match(self._query_reps(queries))
+
+    def _query_reps(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, Q, R) query reps of each text: the whole text, then (when `last_sentence_query`)
+        its last sentence, or the whole text again when it has one sentence."""
+        whole = self.networks.query_reps(encode_texts(list(texts), self.host.device))  # (B, R)
+        if not self.config.last_sentence_query:
+            return whole[:, None]
+        last = whole.clone()
+        lasts = {i: last_sentence(t) for i, t in enumerate(texts)}
+        several = [i for i, t in enumerate(texts) if lasts[i] != t]  # one-sentence texts: the same rep
+        if several:
+            last[several] = self.networks.query_reps(encode_texts([lasts[i] for i in several], self.host.device))
+        return torch.stack([whole, last], dim=1)
 
     def _match(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, R) query reps -> per row (best row, hit)."""
-        logits = self.networks.retrieval_logits(reps, self.reps) * self.networks.shape.temperature  # cosines
-        scores = logits[:, 1:] - self.shifts[None, :]  # (B, N)
+        """(B, Q, R) query reps (or (B, R)) -> per row (best row, hit): of a row's Q queries,
+        the one whose best edit clears the sentinel by the widest margin."""
+        if reps.dim() == 2:
+            reps = reps[:, None]
+        b, q, r = reps.shape
+        logits = self.networks.retrieval_logits(reps.reshape(b * q, r), self.reps) * self.networks.shape.temperature
+        scores = logits[:, 1:] - self.shifts[None, :]  # (B*Q, N) cosines, per-edit shifts
         best = scores.argmax(dim=1)
-        top = scores.gather(1, best[:, None])[:, 0]
-        return best, top > logits[:, 0] + self.config.margin
+        margin = scores.gather(1, best[:, None])[:, 0] - logits[:, 0] - self.config.margin  # (B*Q,)
+        chosen = margin.view(b, q).argmax(dim=1)  # ties: the whole text
+        rows = torch.arange(b, device=reps.device)
+        return best.view(b, q)[rows, chosen], margin.view(b, q)[rows, chosen] > 0
 
     def _hook_specs(self) -> list[HookSpec]:
         layout = self.host.profile.layout
@@ -210,9 +241,8 @@ class RecipeEditor(Editor):
     # ----- routing-aware probing ----------------------------------------------------------
     @torch.no_grad()
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"reps": (B, R)} each row's query rep from its prompt text (encoder and query MLP only)."""
-        texts = self._query_texts(input_ids, attention_mask.bool())
-        return {"reps": self.networks.query_reps(encode_texts(texts, self.host.device))}
+        """{"reps": (B, Q, R)} each row's query reps from its prompt text (encoder and query MLP only)."""
+        return {"reps": self._query_reps(self._query_texts(input_ids, attention_mask.bool()))}
 
     def _query_texts(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         """Each row's retrieval query: its prompt text, a chat turn's question only (not the

@@ -12,6 +12,7 @@ from recipe_tiny import tiny_recipe_records, train_tiny_recipe
 from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import Editor, EditorError, EditRequest
 from kmd.editors.recipe import RecipeEditor
+from kmd.editors.recipe.editor import last_sentence
 from kmd.editors.recipe.model import CheckpointError, context_ids, edit_prefix, fact_context_ids, load_networks
 from kmd.editors.recipe.train import PrependedLM, Trainer, TrainOptions
 from kmd.editors.scoring import generate_ids, score_targets
@@ -150,6 +151,21 @@ def test_retrieval_picks_the_right_row_and_the_sentinel_blocks_the_rest(tiny_hos
     strict = make(tiny_host, trained, margin=2.0)  # cosines are <= 1 above the sentinel's
     strict.apply(EDIT)
     assert not strict.retrieve([EDIT.prompt])[1].any()
+
+
+def test_a_question_after_other_text_is_found_by_its_last_sentence(tiny_host, trained):
+    editor = make(tiny_host, trained)
+    editor.apply(EDIT)
+    editor.apply(OTHER)
+    asked = f"the dog and the cat. who wrote the book ? {EDIT.prompt}"
+    assert last_sentence(asked) == EDIT.prompt and last_sentence(EDIT.prompt) == EDIT.prompt
+    assert last_sentence("who wrote it ? yes") == "who wrote it ? yes"  # too short a last sentence: the whole text
+    best, hit = editor.retrieve([asked, EDIT.prompt, "the dog and the cat. who wrote the book ?"])
+    assert hit.tolist() == [True, True, False] and best[:2].tolist() == [0, 0]
+    whole_only = make(tiny_host, trained, last_sentence_query=False)
+    whole_only.apply(EDIT)
+    reps = whole_only._query_reps([asked])
+    assert reps.shape[1] == 1 and torch.equal(reps[:, 0], editor._query_reps([asked])[:, 0])
 
 
 def test_state_refuses_another_trained_editor(tiny_host, tiny_model_dir, trained, tmp_path):
