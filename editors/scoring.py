@@ -170,6 +170,18 @@ def capture_prefill(
         pass
 
 
+def module_input(host: ModelHost, path: str, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The first input (B, T, ...) of the module at `path` in the base model's prefill of a
+    left-padded batch (`capture_prefill`, stopping at that module)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, output):
+        seen["a"] = args[0]
+
+    capture_prefill(host, ids, attention, [HookSpec(path, grab)], stop_after=path)
+    return seen["a"]
+
+
 def generate_text(
     host: ModelHost, editor: Editor | None, prompts: Sequence[str], max_new_tokens: int = 24
 ) -> list[str]:

@@ -28,7 +28,7 @@ from kmd.editors.grace.config import GraceConfig
 from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing, base_model
-from kmd.editors.scoring import capture_prefill
+from kmd.editors.scoring import module_input
 from kmd.editors.upper import UpperStack
 
 
@@ -162,15 +162,10 @@ class GraceEditor(Editor):
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"query": (B, d_ff)} the down_proj input at each row's last prompt token (base model)."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
+        a = module_input(self.host, self.path, input_ids, attention_mask)  # (B, T, d_ff)
         batch, seq = input_ids.shape
         last = Routing(attention_mask.bool()).last_prompt_index(batch, seq, input_ids.device)  # (B,)
-        return {"query": self._queries(seen["a"], input_ids, attention_mask.bool(), last)}
+        return {"query": self._queries(a, input_ids, attention_mask.bool(), last)}
 
     def _queries(self, a: torch.Tensor, ids: torch.Tensor | None, prompt_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """(B, d_ff) each row's lookup key: `a` (B, T, d_ff), the down_proj input, at its last

@@ -51,7 +51,7 @@ from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model, late_layer
-from kmd.editors.scoring import capture_prefill
+from kmd.editors.scoring import module_input
 from kmd.editors.upper import UpperStack
 
 if TYPE_CHECKING:
@@ -315,13 +315,8 @@ class MemoirEditor(Editor):
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"pooled": (B, d_ff)} the down_proj input mean-pooled over each row's prompt tokens (base model)."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
-        return {"pooled": self._pooled(seen["a"], input_ids, attention_mask.bool())}
+        a = module_input(self.host, self.path, input_ids, attention_mask)  # (B, T, d_ff)
+        return {"pooled": self._pooled(a, input_ids, attention_mask.bool())}
 
     def _pooled(self, a: torch.Tensor, ids: torch.Tensor | None, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(B, d_ff) what a row is routed by: `a` (B, T, d_ff), the edited down_proj's input,

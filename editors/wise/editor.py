@@ -50,7 +50,7 @@ from kmd.editors.hooks import HookSpec, resolve_module, run_until
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
-from kmd.editors.scoring import capture_prefill
+from kmd.editors.scoring import module_input
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
 from kmd.editors.wise.merge import ties_merge
@@ -410,13 +410,7 @@ class WiseEditor(Editor):
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"a": (B, T, d_ff) down_proj inputs (base model), "mask": (B, T) prompt tokens}."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        capture_prefill(self.host, input_ids, attention_mask, [HookSpec(self.path, grab)], stop_after=self.path)
-        return {"a": seen["a"], "mask": attention_mask.bool()}
+        return {"a": module_input(self.host, self.path, input_ids, attention_mask), "mask": attention_mask.bool()}
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[tuple | None]:
         """Routed rows read the whole merged memory, which every shard's edits shape: the
