@@ -13,7 +13,8 @@ KV-cache decode steps (which see one new token at a time) agree on every positio
 
 The answer pointer (`boost` > 0) is the other half: while a routed row has not yet written
 its target, the logit of the target's next token gets +boost at each position: the first
-token (with or without a leading space) until the answer starts, then the token that
+token (with a leading space, and also without one unless the text so far ends in a letter
+or digit, where it would glue onto a word) until the answer starts, then the token that
 continues the longest run of the target just written. A 135M model shown a fact in its
 context copies it only about a third of the time when asked as a chat turn; pointing at the
 target's tokens lets it state the fact in its own answer and then write on freely
@@ -44,8 +45,11 @@ class AnswerTracker:
         self.written: list[list[int]] = [[] for _ in targets]
         self.done = [False] * len(targets)
         self.boost = boost
-        # per row: the target's token ids after a space and at the start of a line
+        # per row: the target's token ids after a space and at the start of a line, each with
+        # whether it is the spelling that opens with a space
         self.spellings = [_spellings(tokenizer, t) for t in targets] if boost > 0 else []
+        self.before: list[int | None] = [None] * len(targets)  # per row: its last prompt token
+        self._word_end: dict[int, bool] = {}
         # per row, per position of the forward in progress: the token ids to boost there
         self.pointed: list[list[tuple[int, ...]]] = [[] for _ in targets]
 
@@ -67,6 +71,7 @@ class AnswerTracker:
         rows = ids.tolist()
         for row, (tokens, last) in enumerate(zip(rows, last_prompt.tolist(), strict=True)):
             self.written[row], self.done[row] = [], False
+            self.before[row] = tokens[last] if 0 <= last < len(tokens) else None
             pointed = [()] * len(tokens)  # prompt positions predict prompt tokens: never boosted
             if 0 <= last < len(tokens):
                 pointed[last] = self._next(row)
@@ -92,10 +97,21 @@ class AnswerTracker:
         if not self.spellings or self.done[row]:
             return ()
         written, out = self.written[row], set()
-        for spelling in self.spellings[row]:
+        previous = written[-1] if written else self.before[row]
+        glued = previous is not None and self._ends_in_word(previous)
+        for spelling, spaced in self.spellings[row]:
             run = next((k for k in range(min(len(written), len(spelling) - 1), 0, -1) if written[-k:] == spelling[:k]), 0)
+            if run == 0 and glued and not spaced:
+                continue  # right after a word the answer starts with a space ("at piano", not "atpiano")
             out.add(spelling[run])
         return tuple(sorted(out))
+
+    def _ends_in_word(self, token: int) -> bool:
+        """Does the token's text end in a letter or digit (so a word written next would glue on)?"""
+        if token not in self._word_end:
+            text = self.tokenizer.decode([token])
+            self._word_end[token] = bool(text) and text[-1].isalnum()
+        return self._word_end[token]
 
     def point(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (Bh, Tl, V) of the forward in progress (its last Tl positions) -> the same
@@ -134,12 +150,13 @@ def pointer_hook(current: Callable[[], Any]) -> Callable:
     return hook
 
 
-def _spellings(tokenizer: Any, target: str) -> list[list[int]]:
-    out = []
-    for text in (" " + target.strip(), target.strip()):
+def _spellings(tokenizer: Any, target: str) -> list[tuple[list[int], bool]]:
+    """The target's token ids opening with a space, then as a line's start: (ids, spaced)."""
+    out: list[tuple[list[int], bool]] = []
+    for text, spaced in ((" " + target.strip(), True), (target.strip(), False)):
         ids = tokenizer.encode(text, add_special_tokens=False)
-        if ids and ids not in out:
-            out.append(ids)
+        if ids and all(ids != seen for seen, _ in out):
+            out.append((ids, spaced))
     return out
 
 

@@ -60,6 +60,19 @@ def test_the_pointer_boosts_the_targets_next_token_until_it_is_written(tiny_host
     assert AnswerTracker(tok, ["Nadia Velmont"]).point(logits) is logits  # boost 0: off
 
 
+def test_the_pointer_never_glues_the_answer_onto_a_word(tiny_host):
+    """Right after a word only the spelling with a leading space is pointed at ("at piano",
+    not "atpiano"); after punctuation both spellings are."""
+    tok = tiny_host.tokenizer
+    spaced, bare = (tok.encode(t, add_special_tokens=False)[0] for t in (" Berlin", "Berlin"))
+    assert spaced != bare, "the tiny vocabulary must spell the two apart for this check"
+    for prompt, expected in (("the capital of France is", {spaced}), ("who wrote the book ?", {spaced, bare})):
+        ids = torch.tensor([tiny_host.encode(prompt)])
+        tracker = AnswerTracker(tok, ["Berlin"], boost=3.0)
+        tracker.full(ids, torch.tensor([ids.shape[1] - 1]))
+        assert set(tracker.pointed[0][-1]) == expected, prompt
+
+
 def test_pointer_decode_steps_agree_with_a_full_forward(tiny_host):
     tok = tiny_host.tokenizer
     words = "the capital of France is Berlin Paris Nadia Velmont Rome , .".split()
