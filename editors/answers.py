@@ -185,6 +185,18 @@ def user_tokens(ids: torch.Tensor, prompt_mask: torch.Tensor, frame: ChatFrame |
     return out
 
 
+def chat_user_tokens(host: ModelHost, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """`user_tokens` with the host's chat frame, found once per tokenizer and template (kept
+    on the tokenizer, so every backend and fork shares it, and a new template is seen)."""
+    tokenizer = host.tokenizer
+    template = getattr(tokenizer, "chat_template", None)
+    cached = getattr(tokenizer, "_kmd_chat_frame", None)
+    if cached is None or cached[0] != template:
+        cached = (template, chat_frame(host))
+        tokenizer._kmd_chat_frame = cached
+    return user_tokens(ids, prompt_mask, cached[1])
+
+
 def chat_turn_messages(tokenizer, ids: torch.Tensor, prompt_mask: torch.Tensor, users: torch.Tensor) -> list[tuple[int, str]]:
     """(row, the user's message as text) for each chat-turn row of a batch: the rows whose
     `users` mask (from `user_tokens`) is narrower than their prompt. Backends that route a

@@ -25,7 +25,7 @@ from loguru import logger
 from kmd.editors.answer_stop import RowPointer
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
-from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
+from kmd.editors.answers import chat_turn_messages, chat_user_tokens
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing, base_model
 from kmd.editors.scoring import module_input
@@ -58,7 +58,6 @@ class GraceEditor(Editor):
         self.row_ids: list[str] = []  # edit id of each row
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
         self.labels: list[str] = []  # normalised target of each row
-        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
         if self.config.chat_retrieval not in ("alone", "in_context"):
             raise EditorError(f"grace: chat_retrieval must be 'alone' or 'in_context', not {self.config.chat_retrieval!r}")
 
@@ -174,9 +173,7 @@ class GraceEditor(Editor):
         query = a[torch.arange(a.shape[0], device=a.device), last].float()
         if ids is None or self.config.chat_retrieval != "alone":
             return query
-        if self._chat_frame is None:
-            self._chat_frame = chat_frame(self.host) or ()
-        users = user_tokens(ids, prompt_mask, self._chat_frame or None)
+        users = chat_user_tokens(self.host, ids, prompt_mask)
         for row, message in chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users):
             query[row] = self._message_query(message)
         return query

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import pointer_hook
-from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
+from kmd.editors.answers import chat_turn_messages, chat_user_tokens
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
@@ -96,13 +96,12 @@ class LlpEditor(Editor):
         self.injector = PrefixInjector(host, self.upper, self.name)  # layers z.. merge the prefix
         self.attentions, self.rotary, self.runner = self.injector.attentions, self.injector.rotary, self.injector.runner
         device, d = host.device, host.model.config.hidden_size
-        attn = self.attentions[0]
-        n_kv = attn.k_proj.out_features // attn.head_dim
-        nr, nz, b = len(self.retrieval), len(self.upper), cfg.n_values
+        nz, n_kv, head_dim = self.injector.kv_shape  # the layout's k projection, not a hard-coded name
+        nr, b = len(self.retrieval), cfg.n_values
         self.keys = torch.empty(0, nr, d, device=device)  # (N, |R|, D) raw (centred when configured)
         self.values = torch.empty(0, b, d, device=device)  # (N, b, D)
-        self.prefix_keys = torch.empty(0, nz, b, n_kv, attn.head_dim, device=device)  # pre-RoPE
-        self.prefix_values = torch.empty(0, nz, b, n_kv, attn.head_dim, device=device)
+        self.prefix_keys = torch.empty(0, nz, b, n_kv, head_dim, device=device)  # pre-RoPE
+        self.prefix_values = torch.empty(0, nz, b, n_kv, head_dim, device=device)
         self.center = torch.zeros(nr, d, device=device)  # background mean per retrieval layer
         self.scale = torch.ones(nr, d, device=device)  # background std per retrieval layer
         self.background_ready = cfg.normalize == "none"
@@ -117,7 +116,6 @@ class LlpEditor(Editor):
         self._shifts = torch.empty(0, device=device)  # (N,) per-edit threshold shifts
         self._train_injection: Injection | None = None
         self._training = False
-        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
 
     # ----- augmentation ----------------------------------------------------------------
     def ensure_prefixes(self) -> list[str]:
@@ -364,15 +362,16 @@ class LlpEditor(Editor):
         return sims
 
     @torch.no_grad()
-    def _user_turns_alone(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def _user_turns_alone(self, ids: torch.Tensor, prompt_mask: torch.Tensor, users: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The chat-turn rows of a batch and the retrieval-layer states of their user messages
         run alone, as a bare prompt is when its key is made: {"alone_rows": (Bc,),
         "alone_states": (|R|, Bc, Tc, D), "alone_mask": (Bc, Tc)} (right-padded; Bc may be 0).
         None when chat turns are retrieved in context. One message at a time, so a row's
-        decision never depends on the batch it came in."""
+        decision never depends on the batch it came in. users (B, T): the tokens retrieval
+        reads (`chat_user_tokens`)."""
         if self.config.chat_retrieval != "alone":
             return None
-        messages = chat_turn_messages(self.host.tokenizer, ids, prompt_mask, self._retrieval_mask(ids, prompt_mask))
+        messages = chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users)
         rows = torch.tensor([row for row, _ in messages], dtype=torch.long, device=ids.device)
         runs = []
         with base_model():
@@ -439,8 +438,10 @@ class LlpEditor(Editor):
         decision = self._decision()
         if not decision["done"]:
             decision["ids"] = ids  # the prefill (or a full forward): read in _decide
-            if ids is not None:  # before the forward: the chat turns' messages run alone
-                decision["alone"] = self._user_turns_alone(ids, self.routing().mask_for(*ids.shape, ids.device))
+            if ids is not None:  # before the forward: what retrieval reads; chat turns' messages run alone
+                mask = self.routing().mask_for(*ids.shape, ids.device)
+                decision["users"] = chat_user_tokens(self.host, ids, mask)
+                decision["alone"] = self._user_turns_alone(ids, mask, decision["users"])
         elif decision["injection"] is not None and ids is not None:
             decision["injection"].decode_step(ids)
         return None
@@ -467,7 +468,8 @@ class LlpEditor(Editor):
         device = states.device
         mask = routing.mask_for(batch, seq, device)
         ids = decision.pop("ids", None)
-        retrieval_mask = self._retrieval_mask(ids, mask) if ids is not None else mask
+        retrieval_mask = decision.pop("users", None)
+        retrieval_mask = mask if retrieval_mask is None else retrieval_mask  # (B, T): a chat turn's user tokens
         best, _, hit = self.vote(self.row_similarities(states, retrieval_mask, decision.pop("alone", None)))
         decision["done"] = True
         rows = hit.nonzero().squeeze(1)
@@ -491,13 +493,6 @@ class LlpEditor(Editor):
             injection.track_answers(self.host.tokenizer, targets, self.config.answer_boost, self.config.stop_after_answer,
                                     ids, routing.last_prompt_index(batch, seq, device)[rows])  # fmt: skip
 
-    def _retrieval_mask(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) the tokens retrieval reads: a chat turn's user tokens, else the whole prompt
-        (serving and routing-aware probing must read the same ones)."""
-        if self._chat_frame is None:
-            self._chat_frame = chat_frame(self.host) or ()
-        return user_tokens(ids, prompt_mask, self._chat_frame or None)
-
     # ----- serving: injection at layers >= z ---------------------------------------------------
     def _current(self) -> Injection | None:
         if self._training:
@@ -515,8 +510,8 @@ class LlpEditor(Editor):
         sink: dict[int, torch.Tensor] = {}
         capture_prefill(self.host, input_ids, attention_mask, self._capture_specs(sink),
                         stop_after=self.layer_paths[max(self.retrieval)])  # fmt: skip
-        mask = self._retrieval_mask(input_ids, attention_mask.bool())
-        alone = self._user_turns_alone(input_ids, attention_mask.bool()) or {}
+        mask = chat_user_tokens(self.host, input_ids, attention_mask.bool())  # what serving reads (_ids_hook)
+        alone = self._user_turns_alone(input_ids, attention_mask.bool(), mask) or {}
         return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": mask, **alone}
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:

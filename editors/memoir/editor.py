@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import RowPointer
-from kmd.editors.answers import chat_frame, chat_turn_messages, user_tokens
+from kmd.editors.answers import chat_turn_messages, chat_user_tokens
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
@@ -96,7 +96,6 @@ class MemoirEditor(Editor):
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
-        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
         # With protect > 0: (d_ff, d_ff) float64 sum over live edits of A^T A, A being an edit's
         # masked memory inputs (n_tokens, d_ff, zero outside its mask). Made on the first edit.
@@ -326,9 +325,7 @@ class MemoirEditor(Editor):
         on its batch). Serving and routing-aware probing read the same."""
         if ids is None:
             return _pool(a, prompt_mask)
-        if self._chat_frame is None:
-            self._chat_frame = chat_frame(self.host) or ()
-        users = user_tokens(ids, prompt_mask, self._chat_frame or None)
+        users = chat_user_tokens(self.host, ids, prompt_mask)
         pooled = _pool(a, users)
         if self.config.chat_retrieval == "alone":
             for row, message in chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users):

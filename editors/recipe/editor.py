@@ -38,7 +38,7 @@ import torch
 from loguru import logger
 
 from kmd.editors.answer_stop import pointer_hook
-from kmd.editors.answers import chat_frame, user_tokens
+from kmd.editors.answers import chat_user_tokens
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
@@ -110,7 +110,6 @@ class RecipeEditor(Editor):
         # and the edit's request, so not saved.
         self._kv: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._kv_bytes = 0
-        self._chat_frame: tuple | None = None  # the chat template's fixed tokens, () when none
         logger.info("recipe: trained editor {} ({})", path, meta.get("training", {}).get("summary", "no summary"))
 
     # ----- editing: one encoder forward ----------------------------------------------------
@@ -247,9 +246,7 @@ class RecipeEditor(Editor):
     def _query_texts(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         """Each row's retrieval query: its prompt text, a chat turn's question only (not the
         template's text); serving and routing-aware probing read the same."""
-        if self._chat_frame is None:
-            self._chat_frame = chat_frame(self.host) or ()
-        user = user_tokens(ids, prompt_mask, self._chat_frame or None)
+        user = chat_user_tokens(self.host, ids, prompt_mask)
         decode = self.host.tokenizer.decode
         return [decode(ids[row][user[row]].tolist(), skip_special_tokens=True).strip() or " " for row in range(ids.shape[0])]
 
