@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +13,7 @@ from fastapi.testclient import TestClient
 from kmd.daemon.api import create_app
 from kmd.daemon.openai_api import StopText
 from kmd.editors.scoring import generate_text
+from tiny import chat_template
 
 from .ecosystem import JOINED, TOKEN
 
@@ -44,16 +44,6 @@ def events(client, path: str, body: dict) -> list:
                 data = line[len("data: ") :]
                 out.append(data if data == "[DONE]" else json.loads(data))
     return out
-
-
-@contextmanager
-def chat_template(host, template: str):
-    saved = host.tokenizer.chat_template
-    host.tokenizer.chat_template = template
-    try:
-        yield
-    finally:
-        host.tokenizer.chat_template = saved
 
 
 def test_models_name_the_base_model_and_the_edit_state(client, eco):

@@ -8,6 +8,7 @@ from kmd.daemon.cli import app
 from kmd.editors.bench.data import EditRecord
 from kmd.editors.bench.harness import run_lifelong
 from kmd.editors.registry import get_backend
+from tiny import chat_template
 
 REQUIRED = ("backend model dataset n_edits rel gen loc rel_em gen_em loc_em ppl edit_s_mean edit_s_p95 "
             "forward_ms_base forward_ms_edited overhead_ratio state_bytes_per_edit peak_rss_mb "
@@ -39,19 +40,19 @@ def test_lifelong_protocol_reports_every_metric(tiny_host):
 def test_served_answers_are_judged_from_generated_text(tiny_host):
     from kmd.editors.answers import answers
 
-    tiny_host.tokenizer.chat_template = CHAT_TEMPLATE  # the tiny tokenizer has none of its own
-    editor = get_backend("grace")(tiny_host)
-    result = run_lifelong(tiny_host, editor, RECORDS)
-    # the same judgement computed by hand on the final model
-    plain = answers(tiny_host, editor, [r.prompt for r in RECORDS], "plain", [r.target for r in RECORDS])
-    chat = answers(tiny_host, editor, [r.prompt for r in RECORDS], "chat", [r.target for r in RECORDS])
-    assert result["served_rel"] == sum(a.correct for a in plain) / len(plain)
-    assert result["chat_rel"] == sum(a.correct for a in chat) / len(chat)
-    assert result["served_loc"] == 1.0 and result["chat_loc"] == 1.0  # GRACE fires on its own prompts only here
-    assert 0.0 <= result["degenerate"] <= 1.0 and 0.0 <= result["degenerate_base"] <= 1.0
-    first = result["answers_sample"][0]
-    assert first["prompt"] == RECORDS[0].prompt and first["plain"]["edited"] == plain[0].text
-    assert {"base", "edited", "correct", "rephrase_edited"} <= set(first["chat"])
+    with chat_template(tiny_host, CHAT_TEMPLATE):  # the tiny tokenizer has none of its own
+        editor = get_backend("grace")(tiny_host)
+        result = run_lifelong(tiny_host, editor, RECORDS)
+        # the same judgement computed by hand on the final model
+        plain = answers(tiny_host, editor, [r.prompt for r in RECORDS], "plain", [r.target for r in RECORDS])
+        chat = answers(tiny_host, editor, [r.prompt for r in RECORDS], "chat", [r.target for r in RECORDS])
+        assert result["served_rel"] == sum(a.correct for a in plain) / len(plain)
+        assert result["chat_rel"] == sum(a.correct for a in chat) / len(chat)
+        assert result["served_loc"] == 1.0 and result["chat_loc"] == 1.0  # GRACE fires on its own prompts only here
+        assert 0.0 <= result["degenerate"] <= 1.0 and 0.0 <= result["degenerate_base"] <= 1.0
+        first = result["answers_sample"][0]
+        assert first["prompt"] == RECORDS[0].prompt and first["plain"]["edited"] == plain[0].text
+        assert {"base", "edited", "correct", "rephrase_edited"} <= set(first["chat"])
 
 
 def test_bench_command_writes_json(tiny_model_dir, tmp_path):
