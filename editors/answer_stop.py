@@ -19,12 +19,22 @@ continues the longest run of the target just written. A 135M model shown a fact 
 context copies it only about a third of the time when asked as a chat turn; pointing at the
 target's tokens lets it state the fact in its own answer and then write on freely
 (scripts/experiments/context_boost.py). Rows no edit routes to are never touched.
+
+Two rules shape a routed row's tokens once its target is written (whenever the tracker
+touches logits at all, i.e. with the pointer or an end rule):
+- close: right after the token that completes the target, a token that would continue its
+  last word is ruled out ("Velmont" must not go on as "Velmontàs", which misses the target);
+- end (`end_after_answer`): once the sentence ("sentence") or line ("line") that states the
+  target is over, the row ends (EOS). After a correct answer a 135M model goes on in quiz and
+  list formats ("Korean War. / The answer is: / The answer is: ..."); a user reads the answer
+  and the model stops (scripts/experiments/served_misses.py measures both).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,15 +46,59 @@ def _contains(words: list[str], needle: list[str]) -> bool:
     return any(words[i : i + n] == needle for i in range(len(words) - n + 1))
 
 
+EndRule = Literal["sentence", "line", "off"]
+END_RULES: tuple[str, ...] = ("sentence", "line", "off")
+# "." after these words (or a number, or a single letter) does not end a sentence
+_ABBREVIATIONS = frozenset({"st", "dr", "mr", "mrs", "ms", "jr", "sr", "vs", "etc", "no", "inc", "co", "ltd", "mt", "ft", "gen", "col", "lt"})
+_CLOSING = re.compile(r"(\w*)([.!?])[\"')\]]*$")
+
+
+def sentence_over(text: str) -> bool:
+    """Does `text` end with a sentence's closing '.', '!' or '?' (a '.' after a number, an
+    initial or a common abbreviation does not count)?"""
+    m = _CLOSING.search(text)
+    if m is None:
+        return False
+    word = m.group(1)
+    if m.group(2) != "." or not word:
+        return True
+    return not (word[-1].isdigit() or (len(word) == 1 and word.isalpha()) or word.lower() in _ABBREVIATIONS)
+
+
+def word_continuations(tokenizer: Any, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: the tokens whose text starts with a letter or digit, i.e. would continue
+    the word before them. Found once per tokenizer (~0.6 s for 49k tokens) and kept on it."""
+    cached = getattr(tokenizer, "_kmd_word_continuations", None)
+    if cached is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        cached = torch.tensor([bool(t) and t[0].isalnum() for t in texts], dtype=torch.bool)
+        tokenizer._kmd_word_continuations = cached
+    if cached.numel() >= vocab:
+        return cached[:vocab]
+    return torch.cat([cached, torch.zeros(vocab - cached.numel(), dtype=torch.bool)])
+
+
 class AnswerTracker:
     """Per hit row: the tokens written after the prompt, and whether they state the target."""
 
-    def __init__(self, tokenizer: Any, targets: Sequence[str], boost: float = 0.0) -> None:
+    def __init__(self, tokenizer: Any, targets: Sequence[str], boost: float = 0.0, end: EndRule = "off") -> None:
+        if end not in END_RULES:
+            raise ValueError(f"end_after_answer must be one of {', '.join(END_RULES)}, not {end!r}")
         self.tokenizer = tokenizer
         self.needles = [normalise(t) for t in targets]  # per row: the target's words
         self.written: list[list[int]] = [[] for _ in targets]
         self.done = [False] * len(targets)
         self.boost = boost
+        self.eos = getattr(tokenizer, "eos_token_id", None)
+        self.end = end if self.eos is not None else "off"
+        # per row: the written text, its length before the token that completed the target, the
+        # number of tokens written by then, and whether the row has been ended
+        self.text = [""] * len(targets)
+        self.mark = [0] * len(targets)
+        self.done_len = [0] * len(targets)
+        self.ended = [False] * len(targets)
+        # per row, per position of the forward in progress: "close", "end" or None (module doc)
+        self.rules: list[list[str | None]] = [[] for _ in targets]
         # per row: the target's token ids after a space and at the start of a line, each with
         # whether it is the spelling that opens with a space
         self.spellings = [_spellings(tokenizer, t) for t in targets] if boost > 0 else []
@@ -53,15 +107,35 @@ class AnswerTracker:
         # per row, per position of the forward in progress: the token ids to boost there
         self.pointed: list[list[tuple[int, ...]]] = [[] for _ in targets]
 
+    @property
+    def shapes_logits(self) -> bool:
+        """Does the tracker change logits (pointer or end rule), not only where the edit acts?"""
+        return self.boost > 0 or self.end != "off"
+
     def _push(self, row: int, token: int) -> bool:
         """Add one written token; True while the row is still answering (edit acts here)."""
-        if not self.done[row]:
+        following = self.done[row] and self.shapes_logits and not self.ended[row]  # the rules still watch
+        if not self.done[row] or following:
             self.written[row].append(token)
             needle = self.needles[row]
             if needle:
                 text = self.tokenizer.decode(self.written[row], skip_special_tokens=True)
-                self.done[row] = _contains(normalise(text), needle)
+                if not self.done[row] and _contains(normalise(text), needle):
+                    self.done[row], self.mark[row], self.done_len[row] = True, len(self.text[row]), len(self.written[row])
+                self.text[row] = text
         return not self.done[row]
+
+    def _rule(self, row: int) -> str | None:
+        """What the row's next token is held to once its target is written (module doc)."""
+        if not (self.done[row] and self.shapes_logits) or self.ended[row]:
+            return None
+        text = self.text[row]
+        if self.end != "off" and ("\n" in text[self.mark[row] :] or (self.end == "sentence" and sentence_over(text))):
+            self.ended[row] = True
+            return "end"
+        if len(self.written[row]) == self.done_len[row] and text[-1:].isalnum():
+            return "close"
+        return None
 
     def full(self, ids: torch.Tensor, last_prompt: torch.Tensor) -> torch.Tensor:
         """ids (Bh, T), last_prompt (Bh,) index of each row's last prompt token ->
@@ -70,26 +144,29 @@ class AnswerTracker:
         active = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         rows = ids.tolist()
         for row, (tokens, last) in enumerate(zip(rows, last_prompt.tolist(), strict=True)):
-            self.written[row], self.done[row] = [], False
+            self.written[row], self.done[row], self.text[row], self.ended[row] = [], False, "", False
             self.before[row] = tokens[last] if 0 <= last < len(tokens) else None
             pointed = [()] * len(tokens)  # prompt positions predict prompt tokens: never boosted
+            rules: list[str | None] = [None] * len(tokens)
             if 0 <= last < len(tokens):
                 pointed[last] = self._next(row)
             for position in range(last + 1, len(tokens)):
                 active[row, position] = self._push(row, tokens[position])
                 pointed[position] = self._next(row)
-            self.pointed[row] = pointed
+                rules[position] = self._rule(row)
+            self.pointed[row], self.rules[row] = pointed, rules
         return active
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """A decode step: ids (Bh, t) new tokens -> (Bh, t) bool, as `full` would give."""
         active = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         for row, tokens in enumerate(ids.tolist()):
-            pointed = []
+            pointed, rules = [], []
             for offset, token in enumerate(tokens):
                 active[row, offset] = self._push(row, token)
                 pointed.append(self._next(row))
-            self.pointed[row] = pointed
+                rules.append(self._rule(row))
+            self.pointed[row], self.rules[row] = pointed, rules
         return active
 
     def _next(self, row: int) -> tuple[int, ...]:
@@ -115,23 +192,33 @@ class AnswerTracker:
 
     def point(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (Bh, Tl, V) of the forward in progress (its last Tl positions) -> the same
-        with +boost on each row's pointed tokens."""
-        if not self.spellings:
+        with +boost on each row's pointed tokens and the close / end rules applied."""
+        if not self.shapes_logits:
             return logits
         rows, positions, tokens = [], [], []
+        held: list[tuple[int, int, str]] = []
         tl = logits.shape[1]
-        for row, pointed in enumerate(self.pointed):
+        for row, (pointed, rules) in enumerate(zip(self.pointed, self.rules, strict=True)):
             offset = tl - len(pointed)  # logits may cover only the last positions (logits_to_keep)
             for j, ids in enumerate(pointed):
                 if j + offset >= 0:
                     rows += [row] * len(ids)
                     positions += [j + offset] * len(ids)
                     tokens += ids
-        if not rows:
+            held += [(row, j + offset, rule) for j, rule in enumerate(rules) if rule and j + offset >= 0]
+        if not rows and not held:
             return logits
         logits = logits.clone()
-        index = tuple(torch.tensor(x, device=logits.device) for x in (rows, positions, tokens))
-        logits[index] += self.boost
+        if rows:
+            index = tuple(torch.tensor(x, device=logits.device) for x in (rows, positions, tokens))
+            logits[index] += self.boost
+        floor = torch.finfo(logits.dtype).min
+        for row, position, rule in held:
+            if rule == "end":
+                logits[row, position] = floor
+                logits[row, position, self.eos] = 0.0
+            else:
+                logits[row, position, word_continuations(self.tokenizer, logits.shape[-1]).to(logits.device)] = floor
         return logits
 
 
@@ -142,7 +229,7 @@ def pointer_hook(current: Callable[[], Any]) -> Callable:
     def hook(module, args, output):
         injection = current()
         tracker = getattr(injection, "tracker", None)
-        if tracker is None or not tracker.boost:
+        if tracker is None or not tracker.shapes_logits:
             return None
         rows = injection.rows
         return output.index_copy(0, rows, tracker.point(output[rows]))
@@ -168,8 +255,8 @@ class RowPointer:
     when its hooks are made, so a fork's pointer reads the fork's), so concurrent requests
     never see each other's."""
 
-    def __init__(self, name: str, tokenizer: Any, boost: float) -> None:
-        self.key, self.tokenizer, self.boost = f"{name}:answer", tokenizer, boost
+    def __init__(self, name: str, tokenizer: Any, boost: float, end: EndRule = "off") -> None:
+        self.key, self.tokenizer, self.boost, self.end = f"{name}:answer", tokenizer, boost, end
 
     def specs(self, layout: Any, routing: Callable[[], Any]) -> list:
         from kmd.editors.hooks import HookSpec
@@ -193,7 +280,7 @@ class RowPointer:
             return
         batch, seq = ids.shape
         state.rows = rows
-        state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost)
+        state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost, end=self.end)
         state.answering = state.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
 
     def prompt_ids(self, routing: Any) -> torch.Tensor | None:

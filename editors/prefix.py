@@ -248,15 +248,17 @@ class Injection:
     tracker: AnswerTracker | None = None  # keeps `answering` up to date across decode steps
     stop_after_answer: bool = False  # False: the tracker only points (answer_boost), the prefix acts everywhere
 
-    def track_answers(self, tokenizer: Any, targets: Sequence[str], boost: float, stop_after_answer: bool,
-                      ids: torch.Tensor, last: torch.Tensor) -> None:
+    def track_answers(self, tokenizer: Any, targets: Sequence[str], config: Any, ids: torch.Tensor, last: torch.Tensor) -> None:
         """Follow each routed row's answer (editors/answer_stop.py) from the prefill on.
 
+        config: the backend's, with `answer_boost`, `stop_after_answer` and `end_after_answer`;
         ids (B, T) the whole batch's token ids; last (Bh,) each routed row's last prompt index.
-        Nothing to follow when neither the pointer (`boost` > 0) nor the stop rule is on."""
-        if not (stop_after_answer or boost > 0):
+        Nothing to follow when neither the pointer (boost > 0), the stop rule nor an end rule
+        is on."""
+        boost, stop_after_answer, end = config.answer_boost, config.stop_after_answer, config.end_after_answer
+        if not (stop_after_answer or boost > 0 or end != "off"):
             return
-        self.tracker = AnswerTracker(tokenizer, list(targets), boost=boost)
+        self.tracker = AnswerTracker(tokenizer, list(targets), boost=boost, end=end)
         self.stop_after_answer = stop_after_answer
         answering = self.tracker.full(ids[self.rows], last)
         self.answering = answering if stop_after_answer else None

@@ -136,6 +136,10 @@ def coerce_options(cls: type, options: dict[str, Any], origin: str) -> dict[str,
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
+    if typing.get_origin(hint) is typing.Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise ProfileError(f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(hint)))}")
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if value is None and type(None) in typing.get_args(hint):
         return None

@@ -56,7 +56,7 @@ class GraceEditor(Editor):
         self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
         self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
         self.row_ids: list[str] = []  # edit id of each row
-        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost)
+        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost, self.config.end_after_answer)
         self.labels: list[str] = []  # normalised target of each row
         if self.config.chat_retrieval not in ("alone", "in_context"):
             raise EditorError(f"grace: chat_retrieval must be 'alone' or 'in_context', not {self.config.chat_retrieval!r}")

@@ -490,7 +490,7 @@ class LlpEditor(Editor):
         if ids is not None:
             targets = [self._requests[self.row_ids[int(e)]].target if self.row_ids[int(e)] in self._requests else ""
                        for e in edits]
-            injection.track_answers(self.host.tokenizer, targets, self.config.answer_boost, self.config.stop_after_answer,
+            injection.track_answers(self.host.tokenizer, targets, self.config,
                                     ids, routing.last_prompt_index(batch, seq, device)[rows])  # fmt: skip
 
     # ----- serving: injection at layers >= z ---------------------------------------------------

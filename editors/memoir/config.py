@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kmd.editors.answer_stop import EndRule
+
 
 @dataclass(frozen=True)
 class MemoirConfig:
@@ -54,6 +56,10 @@ class MemoirConfig:
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0
+    # Once the target is written and the sentence stating it is over ("sentence") or its line
+    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
+    # (editors/answer_stop.py); "off": it writes on.
+    end_after_answer: EndRule = "sentence"
     # A chat turn is routed by the user's message run alone (pooled as a bare prompt is when
     # its mask is made); "in_context": by its tokens after the template's system prompt.
     chat_retrieval: str = "alone"

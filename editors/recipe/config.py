@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kmd.editors.answer_stop import EndRule
+
 
 @dataclass(frozen=True)
 class RecipeConfig:
@@ -42,6 +44,10 @@ class RecipeConfig:
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0
+    # Once the target is written and the sentence stating it is over ("sentence") or its line
+    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
+    # (editors/answer_stop.py); "off": it writes on.
+    end_after_answer: EndRule = "sentence"
     # A routed row gets its prefix up to the token that completes the target's words, then
     # runs as the base model (editors/answer_stop.py); False: on every later position too.
     stop_after_answer: bool = False

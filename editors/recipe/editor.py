@@ -233,7 +233,7 @@ class RecipeEditor(Editor):
         values, _ = stack_left_padded(values, dim=1)
         injection = decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
         targets = [self.request(self.row_ids[r]).target for r in best[rows].tolist()]
-        injection.track_answers(self.host.tokenizer, targets, self.config.answer_boost, self.config.stop_after_answer,
+        injection.track_answers(self.host.tokenizer, targets, self.config,
                                 ids, routing.last_prompt_index(batch, seq, ids.device)[rows])  # fmt: skip
         return None
 

@@ -50,13 +50,15 @@ def test_the_pointer_boosts_the_targets_next_token_until_it_is_written(tiny_host
     tracker.full(ids, torch.tensor([len(prompt) - 1]))
     logits = torch.zeros(1, ids.shape[1], tok.vocab_size + 8)
     boosted = tracker.point(logits)[0]
-    changed = {(p, t) for p, t in (boosted != 0).nonzero().tolist()}
+    changed = {(p, t) for p, t in (boosted > 0).nonzero().tolist()}
     last = len(prompt) - 1
     # the last prompt token points at the target's first token (after a space or opening a line)
     assert {(last, target[0]), (last + 1, target[1])} <= changed
     assert all(p >= last for p, _ in changed)  # prompt positions predict the prompt: untouched
     assert all(p < last + len(target) for p, _ in changed)  # once written: free
-    assert boosted[boosted != 0].eq(5.0).all()
+    assert boosted[boosted > 0].eq(5.0).all()
+    # the one other change: right after the target, its last word may not go on (close rule)
+    assert {p for p, _ in (boosted < 0).nonzero().tolist()} == {last + len(target)}
     assert AnswerTracker(tok, ["Nadia Velmont"]).point(logits) is logits  # boost 0: off
 
 
@@ -94,3 +96,93 @@ def test_pointer_decode_steps_agree_with_a_full_forward(tiny_host):
             stepped.step(ids[:, t : t + 1])
             got.append(stepped.point(torch.zeros(3, 1, vocab)))
         assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial
+
+
+FLOOR = torch.finfo(torch.float32).min
+
+
+def test_the_targets_last_word_is_closed_and_the_answer_ends_with_its_sentence(tiny_host):
+    """After " Nadia Velmont" no token may glue onto "Velmont"; once the sentence that states
+    the target is over (".") the row ends: only EOS is left."""
+    tok = tiny_host.tokenizer
+    prompt = tiny_host.encode("who is the CEO ?")
+    written = tok.encode(" Nadia Velmont . the", add_special_tokens=False)
+    ids = torch.tensor([prompt + written])
+    tracker = AnswerTracker(tok, ["Nadia Velmont"], end="sentence")
+    active = tracker.full(ids, torch.tensor([len(prompt) - 1]))[0]
+    at = len(prompt) + 1  # "Velmont"
+    period = len(prompt) + [tok.decode([t]) for t in written].index(".")
+    assert tracker.rules[0][at] == "close" and tracker.rules[0][period] == "end"
+    assert [r for r in tracker.rules[0] if r] == ["close", "end"]
+    held = tracker.point(torch.zeros(1, ids.shape[1], len(tok)))[0]
+    glue = {i for i in range(len(tok)) if tok.decode([i])[:1].isalnum()}
+    assert glue and {i for i in range(len(tok)) if held[at, i] == FLOOR} == glue
+    assert held[period].argmax().item() == tok.eos_token_id and (held[period] == FLOOR).sum() == len(tok) - 1
+    assert (held[:at] == 0).all() and (held[at + 1 : period] == 0).all() and (held[period + 1 :] == 0).all()
+    assert active[len(prompt) :].tolist() == [True, False, False, False, False]  # the stop rule is unchanged
+
+
+class _Pieces:
+    """A tokenizer whose tokens are the given text pieces."""
+
+    eos_token_id = 0
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == 0))
+
+    def batch_decode(self, rows):
+        return [self.decode(r) for r in rows]
+
+
+def test_end_rules_by_line_and_by_sentence():
+    tok = _Pieces(["</s>", "Q:", " Korean", " War", ".", " It", "\n", "The", " 1950", " St", " Louis"])
+    cases = {
+        # tokens after the prompt "Q:" -> the position (index in ids) where the row ends, per rule
+        (2, 3, 4, 5, 6, 7): {"sentence": 3, "line": 5, "off": None},  # " Korean War. It\nThe"
+        (2, 3, 8, 4, 6, 7): {"sentence": 5, "line": 5, "off": None},  # "1950." is no sentence end
+        (2, 3, 9, 4, 10, 4): {"sentence": 6, "line": None, "off": None},  # nor "St."
+        (7, 4, 6, 2, 3, 5): {"sentence": None, "line": None, "off": None},  # the line ended before the target
+    }
+    for written, ends in cases.items():
+        ids = torch.tensor([[1, *written]])
+        for rule, expected in ends.items():
+            tracker = AnswerTracker(tok, ["Korean War"], end=rule)
+            tracker.full(ids, torch.tensor([0]))
+            got = [i for i, r in enumerate(tracker.rules[0]) if r == "end"]
+            assert got == ([] if expected is None else [expected]), (written, rule)
+
+
+def test_rules_in_decode_steps_agree_with_a_full_forward(tiny_host):
+    tok = tiny_host.tokenizer
+    words = "the capital of France is Berlin Paris Nadia Velmont Rome , . ?".split()
+    rng = random.Random(2)
+    vocab = tok.vocab_size + 8
+    for trial in range(20):
+        rows = [tiny_host.encode(" ".join(rng.choice(words) for _ in range(14))) for _ in range(3)]
+        width = min(len(r) for r in rows)
+        ids = torch.tensor([r[:width] for r in rows])
+        targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
+        last = torch.tensor([3, 4, 5])
+        full = AnswerTracker(tok, targets, boost=2.0, end="sentence")
+        full.full(ids, last)
+        expected = full.point(torch.zeros(3, width, vocab))
+        stepped = AnswerTracker(tok, targets, boost=2.0, end="sentence")
+        stepped.full(ids[:, :6], last)
+        got = [stepped.point(torch.zeros(3, 1, vocab))]
+        for t in range(6, width):
+            stepped.step(ids[:, t : t + 1])
+            got.append(stepped.point(torch.zeros(3, 1, vocab)))
+        assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial
+
+
+def test_an_unknown_end_rule_is_refused(tiny_host):
+    import pytest
+
+    with pytest.raises(ValueError, match="end_after_answer"):
+        AnswerTracker(tiny_host.tokenizer, ["x"], end="paragraph")
