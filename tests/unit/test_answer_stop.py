@@ -186,3 +186,21 @@ def test_an_unknown_end_rule_is_refused(tiny_host):
 
     with pytest.raises(ValueError, match="end_after_answer"):
         AnswerTracker(tiny_host.tokenizer, ["x"], end="paragraph")
+
+
+def test_end_after_answer_is_checked_where_options_are_read():
+    """Each backend's end_after_answer takes one of the rules, from YAML or the CLI, and a
+    wrong value is refused by name before any editor is built."""
+    import pytest
+
+    from kmd.editors.grace.config import GraceConfig
+    from kmd.editors.llp.config import LlpConfig
+    from kmd.editors.memoir.config import MemoirConfig
+    from kmd.editors.profiles import ProfileError, build_config
+    from kmd.editors.recipe.config import RecipeConfig
+
+    for cls in (LlpConfig, MemoirConfig, GraceConfig, RecipeConfig):
+        assert cls().end_after_answer == "sentence"
+        assert build_config(cls, {"end_after_answer": "line"}, "test").end_after_answer == "line"
+        with pytest.raises(ProfileError, match="end_after_answer.*'paragraph' is not one of 'sentence', 'line', 'off'"):
+            build_config(cls, {"end_after_answer": "paragraph"}, "test")
