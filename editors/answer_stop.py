@@ -20,10 +20,13 @@ context copies it only about a third of the time when asked as a chat turn; poin
 target's tokens lets it state the fact in its own answer and then write on freely
 (scripts/experiments/context_boost.py). Rows no edit routes to are never touched.
 
-Two rules shape a routed row's tokens once its target is written (whenever the tracker
+Rules shape a routed row's tokens once its target is written (whenever the tracker
 touches logits at all, i.e. with the pointer or an end rule):
 - close: right after the token that completes the target, a token that would continue its
   last word is ruled out ("Velmont" must not go on as "Velmontàs", which misses the target);
+- restate (MEMOIR's `restate_target: false`): until the row ends, the target's first token
+  (each spelling) is ruled out, so the answer cannot start the target again ("poet, poet,
+  poet, ...");
 - end (`end_after_answer`): once the sentence ("sentence") or line ("line") that states the
   target is over, the row ends (EOS). After a correct answer a 135M model goes on in quiz and
   list formats ("Korean War. / The answer is: / The answer is: ..."); a user reads the answer
@@ -81,7 +84,8 @@ def word_continuations(tokenizer: Any, vocab: int) -> torch.Tensor:
 class AnswerTracker:
     """Per hit row: the tokens written after the prompt, and whether they state the target."""
 
-    def __init__(self, tokenizer: Any, targets: Sequence[str], boost: float = 0.0, end: EndRule = "off") -> None:
+    def __init__(self, tokenizer: Any, targets: Sequence[str], boost: float = 0.0, end: EndRule = "off",
+                 restate: bool = True) -> None:
         if end not in END_RULES:
             raise ValueError(f"end_after_answer must be one of {', '.join(END_RULES)}, not {end!r}")
         self.tokenizer = tokenizer
@@ -91,17 +95,18 @@ class AnswerTracker:
         self.boost = boost
         self.eos = getattr(tokenizer, "eos_token_id", None)
         self.end = end if self.eos is not None else "off"
+        self.restate = restate  # False: once written, the target may not be started again (restate rule)
         # per row: the written text, its length before the token that completed the target, the
         # number of tokens written by then, and whether the row has been ended
         self.text = [""] * len(targets)
         self.mark = [0] * len(targets)
         self.done_len = [0] * len(targets)
         self.ended = [False] * len(targets)
-        # per row, per position of the forward in progress: "close", "end" or None (module doc)
+        # per row, per position of the forward in progress: "close", "restate", "end" or None (module doc)
         self.rules: list[list[str | None]] = [[] for _ in targets]
         # per row: the target's token ids after a space and at the start of a line, each with
         # whether it is the spelling that opens with a space
-        self.spellings = [_spellings(tokenizer, t) for t in targets] if boost > 0 else []
+        self.spellings = [_spellings(tokenizer, t) for t in targets] if boost > 0 or not restate else []
         self.before: list[int | None] = [None] * len(targets)  # per row: its last prompt token
         self._word_end: dict[int, bool] = {}
         # per row, per position of the forward in progress: the token ids to boost there
@@ -110,7 +115,7 @@ class AnswerTracker:
     @property
     def shapes_logits(self) -> bool:
         """Does the tracker change logits (pointer or end rule), not only where the edit acts?"""
-        return self.boost > 0 or self.end != "off"
+        return self.boost > 0 or self.end != "off" or not self.restate
 
     def _push(self, row: int, token: int) -> bool:
         """Add one written token; True while the row is still answering (edit acts here)."""
@@ -135,7 +140,7 @@ class AnswerTracker:
             return "end"
         if len(self.written[row]) == self.done_len[row] and text[-1:].isalnum():
             return "close"
-        return None
+        return None if self.restate else "restate"
 
     def full(self, ids: torch.Tensor, last_prompt: torch.Tensor) -> torch.Tensor:
         """ids (Bh, T), last_prompt (Bh,) index of each row's last prompt token ->
@@ -217,6 +222,8 @@ class AnswerTracker:
             if rule == "end":
                 logits[row, position] = floor
                 logits[row, position, self.eos] = 0.0
+            elif rule == "restate":
+                logits[row, position, sorted({spelling[0] for spelling, _ in self.spellings[row]})] = floor
             else:
                 logits[row, position, word_continuations(self.tokenizer, logits.shape[-1]).to(logits.device)] = floor
         return logits
@@ -255,8 +262,8 @@ class RowPointer:
     when its hooks are made, so a fork's pointer reads the fork's), so concurrent requests
     never see each other's."""
 
-    def __init__(self, name: str, tokenizer: Any, boost: float, end: EndRule = "off") -> None:
-        self.key, self.tokenizer, self.boost, self.end = f"{name}:answer", tokenizer, boost, end
+    def __init__(self, name: str, tokenizer: Any, boost: float, end: EndRule = "off", restate: bool = True) -> None:
+        self.key, self.tokenizer, self.boost, self.end, self.restate = f"{name}:answer", tokenizer, boost, end, restate
 
     def specs(self, layout: Any, routing: Callable[[], Any]) -> list:
         from kmd.editors.hooks import HookSpec
@@ -280,7 +287,7 @@ class RowPointer:
             return
         batch, seq = ids.shape
         state.rows = rows
-        state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost, end=self.end)
+        state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost, end=self.end, restate=self.restate)
         state.answering = state.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
 
     def prompt_ids(self, routing: Any) -> torch.Tensor | None:

@@ -60,6 +60,10 @@ class MemoirConfig:
     # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
     # (editors/answer_stop.py); "off": it writes on.
     end_after_answer: EndRule = "sentence"
+    # False: once a routed row has written its target it may not start it again until the row
+    # ends (editors/answer_stop.py). MEMOIR's memory acts at every prompt position, and its
+    # answers otherwise loop on the target ("poet, poet, poet, ...").
+    restate_target: bool = False
     # A chat turn is routed by the user's message run alone (pooled as a bare prompt is when
     # its mask is made); "in_context": by its tokens after the template's system prompt.
     chat_retrieval: str = "alone"

@@ -95,7 +95,8 @@ class MemoirEditor(Editor):
         self.owners = torch.empty(0, self.d_ff, device=device)  # (N, d_ff) 0/1: mask membership
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
-        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost, self.config.end_after_answer)
+        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost, self.config.end_after_answer,
+                                 self.config.restate_target)
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
         # With protect > 0: (d_ff, d_ff) float64 sum over live edits of A^T A, A being an edit's
         # masked memory inputs (n_tokens, d_ff, zero outside its mask). Made on the first edit.

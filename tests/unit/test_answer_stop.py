@@ -204,3 +204,46 @@ def test_end_after_answer_is_checked_where_options_are_read():
         assert build_config(cls, {"end_after_answer": "line"}, "test").end_after_answer == "line"
         with pytest.raises(ProfileError, match="end_after_answer.*'paragraph' is not one of 'sentence', 'line', 'off'"):
             build_config(cls, {"end_after_answer": "paragraph"}, "test")
+
+
+def test_with_restate_off_the_target_cannot_be_started_again_until_the_row_ends(tiny_host):
+    """MEMOIR's `restate_target: false`: after "Nadia Velmont" (and its close position) the
+    target's first token is ruled out at every position, until the sentence ends."""
+    tok = tiny_host.tokenizer
+    prompt = tiny_host.encode("who is the CEO ?")
+    written = tok.encode(" Nadia Velmont , Nadia . the", add_special_tokens=False)
+    ids = torch.tensor([prompt + written])
+    tracker = AnswerTracker(tok, ["Nadia Velmont"], end="sentence", restate=False)
+    tracker.full(ids, torch.tensor([len(prompt) - 1]))
+    rules = tracker.rules[0][len(prompt) :]
+    assert rules[:2] == [None, "close"] and rules[-2:] == ["end", None]
+    assert set(rules[2:-2]) == {"restate"}
+    held = tracker.point(torch.zeros(1, ids.shape[1], len(tok)))[0]
+    firsts = {spelling[0] for spelling, _ in tracker.spellings[0]}
+    for position, rule in enumerate(tracker.rules[0]):
+        if rule == "restate":
+            assert {i for i in range(len(tok)) if held[position, i] == FLOOR} == firsts
+    assert AnswerTracker(tok, ["Nadia Velmont"]).restate  # the default: free to restate
+
+
+def test_restate_rule_in_decode_steps_agrees_with_a_full_forward(tiny_host):
+    tok = tiny_host.tokenizer
+    words = "the capital of France is Berlin Paris Nadia Velmont Rome , . ?".split()
+    rng = random.Random(3)
+    vocab = tok.vocab_size + 8
+    for trial in range(20):
+        rows = [tiny_host.encode(" ".join(rng.choice(words) for _ in range(14))) for _ in range(3)]
+        width = min(len(r) for r in rows)
+        ids = torch.tensor([r[:width] for r in rows])
+        targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
+        last = torch.tensor([3, 4, 5])
+        full = AnswerTracker(tok, targets, end="line", restate=False)
+        full.full(ids, last)
+        expected = full.point(torch.zeros(3, width, vocab))
+        stepped = AnswerTracker(tok, targets, end="line", restate=False)
+        stepped.full(ids[:, :6], last)
+        got = [stepped.point(torch.zeros(3, 1, vocab))]
+        for t in range(6, width):
+            stepped.step(ids[:, t : t + 1])
+            got.append(stepped.point(torch.zeros(3, 1, vocab)))
+        assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial
