@@ -75,27 +75,32 @@ def test_the_pointer_never_glues_the_answer_onto_a_word(tiny_host):
         assert set(tracker.pointed[0][-1]) == expected, prompt
 
 
-def test_pointer_decode_steps_agree_with_a_full_forward(tiny_host):
+def _assert_steps_agree(tiny_host, seed: int, trials: int, length: int, words: str, **options) -> None:
+    """Logits shaped by a tracker over KV-cache decode steps equal those of one full forward,
+    for random rows and targets (tracker `options`: boost, end, restate)."""
     tok = tiny_host.tokenizer
-    words = "the capital of France is Berlin Paris Nadia Velmont Rome , .".split()
-    rng = random.Random(1)
+    rng = random.Random(seed)
     vocab = tok.vocab_size + 8
-    for trial in range(10):
-        rows = [tiny_host.encode(" ".join(rng.choice(words) for _ in range(12))) for _ in range(3)]
+    for trial in range(trials):
+        rows = [tiny_host.encode(" ".join(rng.choice(words.split()) for _ in range(length))) for _ in range(3)]
         width = min(len(r) for r in rows)
         ids = torch.tensor([r[:width] for r in rows])
         targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
         last = torch.tensor([3, 4, 5])
-        full = AnswerTracker(tok, targets, boost=2.0)
+        full = AnswerTracker(tok, targets, **options)
         full.full(ids, last)
         expected = full.point(torch.zeros(3, width, vocab))
-        stepped = AnswerTracker(tok, targets, boost=2.0)
+        stepped = AnswerTracker(tok, targets, **options)
         stepped.full(ids[:, :6], last)
         got = [stepped.point(torch.zeros(3, 1, vocab))]  # the prefill's logits: its last position only
         for t in range(6, width):
             stepped.step(ids[:, t : t + 1])
             got.append(stepped.point(torch.zeros(3, 1, vocab)))
         assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial
+
+
+def test_pointer_decode_steps_agree_with_a_full_forward(tiny_host):
+    _assert_steps_agree(tiny_host, 1, 10, 12, "the capital of France is Berlin Paris Nadia Velmont Rome , .", boost=2.0)
 
 
 FLOOR = torch.finfo(torch.float32).min
@@ -159,26 +164,7 @@ def test_end_rules_by_line_and_by_sentence():
 
 
 def test_rules_in_decode_steps_agree_with_a_full_forward(tiny_host):
-    tok = tiny_host.tokenizer
-    words = "the capital of France is Berlin Paris Nadia Velmont Rome , . ?".split()
-    rng = random.Random(2)
-    vocab = tok.vocab_size + 8
-    for trial in range(20):
-        rows = [tiny_host.encode(" ".join(rng.choice(words) for _ in range(14))) for _ in range(3)]
-        width = min(len(r) for r in rows)
-        ids = torch.tensor([r[:width] for r in rows])
-        targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
-        last = torch.tensor([3, 4, 5])
-        full = AnswerTracker(tok, targets, boost=2.0, end="sentence")
-        full.full(ids, last)
-        expected = full.point(torch.zeros(3, width, vocab))
-        stepped = AnswerTracker(tok, targets, boost=2.0, end="sentence")
-        stepped.full(ids[:, :6], last)
-        got = [stepped.point(torch.zeros(3, 1, vocab))]
-        for t in range(6, width):
-            stepped.step(ids[:, t : t + 1])
-            got.append(stepped.point(torch.zeros(3, 1, vocab)))
-        assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial
+    _assert_steps_agree(tiny_host, 2, 20, 14, "the capital of France is Berlin Paris Nadia Velmont Rome , . ?", boost=2.0, end="sentence")
 
 
 def test_an_unknown_end_rule_is_refused(tiny_host):
@@ -227,23 +213,4 @@ def test_with_restate_off_the_target_cannot_be_started_again_until_the_row_ends(
 
 
 def test_restate_rule_in_decode_steps_agrees_with_a_full_forward(tiny_host):
-    tok = tiny_host.tokenizer
-    words = "the capital of France is Berlin Paris Nadia Velmont Rome , . ?".split()
-    rng = random.Random(3)
-    vocab = tok.vocab_size + 8
-    for trial in range(20):
-        rows = [tiny_host.encode(" ".join(rng.choice(words) for _ in range(14))) for _ in range(3)]
-        width = min(len(r) for r in rows)
-        ids = torch.tensor([r[:width] for r in rows])
-        targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
-        last = torch.tensor([3, 4, 5])
-        full = AnswerTracker(tok, targets, end="line", restate=False)
-        full.full(ids, last)
-        expected = full.point(torch.zeros(3, width, vocab))
-        stepped = AnswerTracker(tok, targets, end="line", restate=False)
-        stepped.full(ids[:, :6], last)
-        got = [stepped.point(torch.zeros(3, 1, vocab))]
-        for t in range(6, width):
-            stepped.step(ids[:, t : t + 1])
-            got.append(stepped.point(torch.zeros(3, 1, vocab)))
-        assert torch.equal(torch.cat(got, dim=1), expected[:, 5:]), trial
+    _assert_steps_agree(tiny_host, 3, 20, 14, "the capital of France is Berlin Paris Nadia Velmont Rome , . ?", end="line", restate=False)
