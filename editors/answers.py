@@ -1,7 +1,10 @@
 """Served answers: what a user reads, and how it is judged (`lifelong-served/v1`).
 
-A prompt is asked in one of two forms: `plain` (the text as is) or `chat` (a user turn
-through the tokenizer's chat template, generation prompt added). The model answers
+A prompt is asked in one of four forms (`lifelong-served/v2`, PROTOCOL.md): `plain` (the
+text as is), `chat` (one user turn through the tokenizer's chat template, its default
+system prompt, reply opened), `sys` (the same under an operator's own system prompt) and
+`multi` (the question as the second user turn, after an unrelated first exchange). The
+chat forms go through `editors/chat.py`, as the OpenAI endpoints do. The model answers
 greedily with the KV cache, batched as the server batches, and the continuation is
 judged by three rules:
 
@@ -31,8 +34,13 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import Editor
 
-Form = Literal["plain", "chat"]
+Form = Literal["plain", "chat", "sys", "multi"]
+CHAT_FORMS: tuple[Form, ...] = ("chat", "sys", "multi")
 SERVED_PROTOCOL = "lifelong-served/v1"
+# The `sys` form's system prompt: an operator's own, as every production deployment sets one.
+OPERATOR_SYSTEM = "You are the assistant of a news desk. Answer questions briefly and factually."
+# The `multi` form's first exchange, unrelated to any edit.
+FIRST_EXCHANGE = ("What is the capital of France?", "The capital of France is Paris.")
 MAX_NEW_TOKENS = 32
 REPEAT_LIMIT = 3  # a bigram (or the target) this many times makes a continuation degenerate
 
@@ -100,16 +108,27 @@ class Answer:
 
 
 def has_chat_template(host: ModelHost) -> bool:
-    return bool(getattr(host.tokenizer, "chat_template", None))
+    return host.chat.available
+
+
+def conversation(prompt: str, form: Form) -> list[dict[str, str]]:
+    """The messages of `prompt` asked in a chat form."""
+    question = {"role": "user", "content": prompt}
+    if form == "chat":
+        return [question]
+    if form == "sys":
+        return [{"role": "system", "content": OPERATOR_SYSTEM}, question]
+    if form == "multi":
+        first, reply = FIRST_EXCHANGE
+        return [{"role": "user", "content": first}, {"role": "assistant", "content": reply}, question]
+    raise ValueError(f"{form!r} is not a chat form ({', '.join(CHAT_FORMS)})")
 
 
 def format_as(host: ModelHost, prompt: str, form: Form) -> str:
     """The text the model sees for `prompt` asked in `form`."""
     if form == "plain":
         return prompt
-    if not has_chat_template(host):
-        raise ValueError(f"{host.identity.name_or_path}: the tokenizer has no chat template")
-    return host.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return host.chat.render(conversation(prompt, form))
 
 
 def encode_as(host: ModelHost, prompt: str, form: Form) -> list[int]:
@@ -146,61 +165,3 @@ def ask(
         Answer(prompt=p, form=form, text=host.tokenizer.decode(t, skip_special_tokens=True), tokens=tuple(t), target=target)
         for (p, form, target), t in zip(questions, tokens, strict=True)
     ]
-
-
-ChatFrame = tuple[list[int], list[int]]  # token ids the chat template puts before / after a user message
-
-
-def chat_frame(host: ModelHost) -> ChatFrame | None:
-    """The chat template's fixed text around one user message, as token ids (None: no
-    template, or one whose text does not tokenise apart from the message)."""
-    if not has_chat_template(host):
-        return None
-    sentinel = "kmd-user-message"
-    head, found, tail = format_as(host, sentinel, "chat").partition(sentinel)
-    if not found:
-        return None
-    frame = (host.encode(head, special=False), host.encode(tail, special=False))
-    probe = encode_as(host, "The capital of France is", "chat")
-    if probe[: len(frame[0])] != frame[0] or probe[len(probe) - len(frame[1]) :] != frame[1]:
-        return None
-    return frame
-
-
-def user_tokens(ids: torch.Tensor, prompt_mask: torch.Tensor, frame: ChatFrame | None) -> torch.Tensor:
-    """ids, prompt_mask (B, T) -> (B, T) bool: the prompt tokens a user wrote. Rows whose prompt
-    is a chat-template turn lose the template's fixed text (system prompt, role markers), so
-    retrieval keys on the question, not on text every chat prompt shares; other rows keep
-    their whole prompt."""
-    out = prompt_mask.clone()
-    if frame is None:
-        return out
-    head, tail = frame
-    for row in range(ids.shape[0]):
-        positions = prompt_mask[row].nonzero().flatten()
-        tokens = ids[row, positions].tolist()
-        if len(tokens) > len(head) + len(tail) and tokens[: len(head)] == head and tokens[len(tokens) - len(tail) :] == tail:
-            out[row] = False
-            out[row, positions[len(head) : len(tokens) - len(tail)]] = True
-    return out
-
-
-def chat_user_tokens(host: ModelHost, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """`user_tokens` with the host's chat frame, found once per tokenizer and template (kept
-    on the tokenizer, so every backend and fork shares it, and a new template is seen)."""
-    tokenizer = host.tokenizer
-    template = getattr(tokenizer, "chat_template", None)
-    cached = getattr(tokenizer, "_kmd_chat_frame", None)
-    if cached is None or cached[0] != template:
-        cached = (template, chat_frame(host))
-        tokenizer._kmd_chat_frame = cached
-    return user_tokens(ids, prompt_mask, cached[1])
-
-
-def chat_turn_messages(tokenizer, ids: torch.Tensor, prompt_mask: torch.Tensor, users: torch.Tensor) -> list[tuple[int, str]]:
-    """(row, the user's message as text) for each chat-turn row of a batch: the rows whose
-    `users` mask (from `user_tokens`) is narrower than their prompt. Backends that route a
-    chat turn by its message run alone (as a bare prompt is when an edit is made) run these
-    texts one at a time, so a row's decision never depends on its batch."""
-    rows = (users != prompt_mask).any(dim=1).nonzero().flatten().tolist()
-    return [(row, tokenizer.decode(ids[row, users[row]].tolist())) for row in rows]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from kmd.editors.chat import ChatFormat
     from kmd.editors.profiles import Profile
 
 EMBEDDED = "embedded"
@@ -183,6 +184,13 @@ class ModelHost:
     identity: ModelIdentity
     profile: Profile
     settings: ModelSettings = field(default_factory=ModelSettings)
+    # The tokenizer's chat template: renders conversations, finds their latest user message.
+    chat: ChatFormat = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from kmd.editors.chat import ChatFormat
+
+        self.chat = ChatFormat(self.tokenizer)
 
     @classmethod
     def load(cls, settings: ModelSettings | None = None) -> ModelHost:
@@ -249,11 +257,9 @@ class ModelHost:
 
     def format_prompt(self, text: str) -> str:
         """The text the model sees for a user prompt (chat-wrapped when configured)."""
-        if not self.settings.use_chat_template or not self.tokenizer.chat_template:
+        if not self.settings.use_chat_template or not self.chat.available:
             return text
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        return self.chat.render([{"role": "user", "content": text}])
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special).input_ids

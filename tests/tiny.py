@@ -69,9 +69,26 @@ def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def build_byte_tokenizer(special_tokens: list[str], chat_template: str):
+    """A byte-level tokenizer (one token per byte, no merges: any text round-trips) with these
+    special tokens and chat template, for parsing the chat formats of other model families."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 # A chat template in the tiny vocabulary (the tiny tokenizer has none of its own): the
-# fixed text "<s>" before the message and " ? x" after it, which tokenise apart from the
-# message (`kmd.editors.answers.chat_frame` finds them).
+# fixed text "<s>" before each message and " ?" after it, " x" opening the reply
+# (`kmd.editors.chat` finds the latest user message between them).
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }} ?{% endfor %}{% if add_generation_prompt %} x{% endif %}"
 
 

@@ -96,19 +96,18 @@ def _check_length(host: ModelHost, prompt_ids: Sequence[int], max_tokens: int) -
 
 
 def chat_prompt_ids(host: ModelHost, messages: Sequence[Message]) -> list[int]:
-    """Token ids of the conversation through the tokenizer's chat template, reply opened."""
-    from jinja2 import TemplateError
+    """Token ids of the conversation through the tokenizer's chat template, reply opened
+    (editors/chat.py: the same rendering the benchmark's chat forms and routing read)."""
+    from kmd.editors.chat import ChatTemplateError
 
-    if not getattr(host.tokenizer, "chat_template", None):
+    if not host.chat.available:
         raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages",
                           code="no_chat_template")  # fmt: skip
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        text = host.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    except TemplateError as exc:  # e.g. a template that insists on alternating roles
-        raise OpenAIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
-    # The template writes its own special tokens: no second BOS (as editors.answers does).
-    return host.encode(text, special=False)
+        return host.chat.encode(conversation)
+    except ChatTemplateError as exc:  # e.g. a template that insists on alternating roles
+        raise OpenAIError(400, str(exc), param="messages") from exc
 
 
 # ----- generation: THE SEAM ------------------------------------------------------------------

@@ -25,7 +25,6 @@ from loguru import logger
 from kmd.editors.answer_stop import RowPointer
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
-from kmd.editors.answers import chat_turn_messages, chat_user_tokens
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing, base_model
 from kmd.editors.scoring import module_input
@@ -173,8 +172,7 @@ class GraceEditor(Editor):
         query = a[torch.arange(a.shape[0], device=a.device), last].float()
         if ids is None or self.config.chat_retrieval != "alone":
             return query
-        users = chat_user_tokens(self.host, ids, prompt_mask)
-        for row, message in chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users):
+        for row, message in self.host.chat.turns(ids, prompt_mask).messages:
             query[row] = self._message_query(message)
         return query
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import pointer_hook
-from kmd.editors.answers import chat_turn_messages, chat_user_tokens
+from kmd.editors.chat import Turns
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
@@ -362,17 +362,17 @@ class LlpEditor(Editor):
         return sims
 
     @torch.no_grad()
-    def _user_turns_alone(self, ids: torch.Tensor, prompt_mask: torch.Tensor, users: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def _user_turns_alone(self, turns: Turns, device: torch.device) -> dict[str, torch.Tensor] | None:
         """The chat-turn rows of a batch and the retrieval-layer states of their user messages
         run alone, as a bare prompt is when its key is made: {"alone_rows": (Bc,),
         "alone_states": (|R|, Bc, Tc, D), "alone_mask": (Bc, Tc)} (right-padded; Bc may be 0).
         None when chat turns are retrieved in context. One message at a time, so a row's
-        decision never depends on the batch it came in. users (B, T): the tokens retrieval
-        reads (`chat_user_tokens`)."""
+        decision never depends on the batch it came in. turns: the batch's chat turns
+        (`ChatFormat.turns`)."""
         if self.config.chat_retrieval != "alone":
             return None
-        messages = chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users)
-        rows = torch.tensor([row for row, _ in messages], dtype=torch.long, device=ids.device)
+        messages = turns.messages
+        rows = torch.tensor([row for row, _ in messages], dtype=torch.long, device=device)
         runs = []
         with base_model():
             for _, message in messages:
@@ -380,8 +380,8 @@ class LlpEditor(Editor):
                 runs.append((got["states"][:, 0], got["attention_mask"][0].bool()))
         nr, d = len(self.retrieval), self.host.model.config.hidden_size
         width = max((len(m) for _, m in runs), default=1)
-        states = torch.zeros(nr, len(runs), width, d, device=ids.device)
-        mask = torch.zeros(len(runs), width, dtype=torch.bool, device=ids.device)
+        states = torch.zeros(nr, len(runs), width, d, device=device)
+        mask = torch.zeros(len(runs), width, dtype=torch.bool, device=device)
         for i, (s, m) in enumerate(runs):
             states[:, i, : len(m)], mask[i, : len(m)] = s, m
         return {"alone_rows": rows, "alone_states": states, "alone_mask": mask}
@@ -440,8 +440,9 @@ class LlpEditor(Editor):
             decision["ids"] = ids  # the prefill (or a full forward): read in _decide
             if ids is not None:  # before the forward: what retrieval reads; chat turns' messages run alone
                 mask = self.routing().mask_for(*ids.shape, ids.device)
-                decision["users"] = chat_user_tokens(self.host, ids, mask)
-                decision["alone"] = self._user_turns_alone(ids, mask, decision["users"])
+                turns = self.host.chat.turns(ids, mask)
+                decision["users"] = turns.mask
+                decision["alone"] = self._user_turns_alone(turns, ids.device)
         elif decision["injection"] is not None and ids is not None:
             decision["injection"].decode_step(ids)
         return None
@@ -510,8 +511,9 @@ class LlpEditor(Editor):
         sink: dict[int, torch.Tensor] = {}
         capture_prefill(self.host, input_ids, attention_mask, self._capture_specs(sink),
                         stop_after=self.layer_paths[max(self.retrieval)])  # fmt: skip
-        mask = chat_user_tokens(self.host, input_ids, attention_mask.bool())  # what serving reads (_ids_hook)
-        alone = self._user_turns_alone(input_ids, attention_mask.bool(), mask) or {}
+        turns = self.host.chat.turns(input_ids, attention_mask.bool())  # what serving reads (_ids_hook)
+        mask = turns.mask
+        alone = self._user_turns_alone(turns, input_ids.device) or {}
         return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": mask, **alone}
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:

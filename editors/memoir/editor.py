@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.answer_stop import RowPointer
-from kmd.editors.answers import chat_turn_messages, chat_user_tokens
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
@@ -326,10 +325,10 @@ class MemoirEditor(Editor):
         on its batch). Serving and routing-aware probing read the same."""
         if ids is None:
             return _pool(a, prompt_mask)
-        users = chat_user_tokens(self.host, ids, prompt_mask)
-        pooled = _pool(a, users)
+        turns = self.host.chat.turns(ids, prompt_mask)
+        pooled = _pool(a, turns.mask)
         if self.config.chat_retrieval == "alone":
-            for row, message in chat_turn_messages(self.host.tokenizer, ids, prompt_mask, users):
+            for row, message in turns.messages:
                 pooled[row] = self.prompt_features([message])[0]
         return pooled
 

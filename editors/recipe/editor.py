@@ -38,7 +38,6 @@ import torch
 from loguru import logger
 
 from kmd.editors.answer_stop import pointer_hook
-from kmd.editors.answers import chat_user_tokens
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.recipe.config import RecipeConfig
@@ -246,9 +245,10 @@ class RecipeEditor(Editor):
     def _query_texts(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         """Each row's retrieval query: its prompt text, a chat turn's question only (not the
         template's text); serving and routing-aware probing read the same."""
-        user = chat_user_tokens(self.host, ids, prompt_mask)
+        questions = dict(self.host.chat.turns(ids, prompt_mask).messages)  # a chat turn's latest user message
         decode = self.host.tokenizer.decode
-        return [decode(ids[row][user[row]].tolist(), skip_special_tokens=True).strip() or " " for row in range(ids.shape[0])]
+        return [questions.get(row) or decode(ids[row][prompt_mask[row]].tolist(), skip_special_tokens=True).strip() or " "
+                for row in range(ids.shape[0])]
 
     def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
         """The edit each row retrieves (as `_decide` does), by edit id; a stored edit never changes."""
