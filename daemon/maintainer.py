@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from kmd.daemon.crashpoints import crash_point
-from kmd.daemon.edit_request import build_edit_request, with_edit_id
+from kmd.daemon.edit_request import build_edit_request, same_subject_questions, with_edit_id
 from kmd.daemon.ledger import LedgerError
 from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
 from kmd.daemon.probes import Prober
@@ -241,6 +241,9 @@ class Maintainer(Reconciler):
             attempts.append(retry)
         earlier = [self.editor.request(i) for i in self.editor.edit_ids]
         loc_before = self._current_locality()
+        # Same-subject questions: their answers now, before the edit, are what it must keep.
+        questions = same_subject_questions(fact, self.policy, self.policy.probes.same_subject_questions)
+        same_before = self.prober.same_subject_before(self.editor, questions)
         for number, overrides in enumerate(attempts, 1):
             config = self.editor.config_dict() | self._relation_options(fact) | overrides
             record = self.ledger.record_edit_applied(
@@ -265,7 +268,7 @@ class Maintainer(Reconciler):
                 return "reverted", record.id
             started = time.perf_counter()
             try:
-                report = self.prober.check(self.editor, self.editor.request(edit_id), earlier)
+                report = self.prober.check(self.editor, self.editor.request(edit_id), earlier, same_before)
             except Exception as exc:  # never keep an edit that was not probed
                 log.exception("probing edit {} failed", edit_id)
                 self.editor.revert(edit_id)

@@ -219,6 +219,18 @@ class ChatFormat:
             messages.append((row, text))
         return Turns(mask, messages)
 
+    def questions(self, ids: torch.Tensor, prompt_mask: torch.Tensor, rows: Sequence[int] | None = None) -> list[str]:
+        """ids, prompt_mask (B, T) -> per row (of `rows`, default every row) the question it
+        asks: a chat turn's latest user message, else its whole prompt as text."""
+        rows = range(ids.shape[0]) if rows is None else rows
+        out = []
+        for row in rows:
+            tokens = ids[row, prompt_mask[row]].tolist()
+            found = self.question(tokens)
+            text = found[0] if found is not None else self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            out.append(text or " ")
+        return out
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 

@@ -27,7 +27,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -368,6 +368,39 @@ class Editor(ABC):
         current = _ROUTING.get()
         if current is None or current.implicit:
             _ROUTING.set(Routing(None, owner=self, implicit=True))
+
+    # ----- the question check ----------------------------------------------------------------
+    def answerable(self, questions: Sequence[str], edit_ids: Sequence[str]) -> list[bool]:
+        """For rows the backend routed to these edits: may each edit answer its row's question
+        (a chat turn's latest user message, else the prompt)? The question check
+        (editors/question_check: the same relation of the subject, not only the subject)
+        when the backend's config turns `question_check` on; otherwise every row may."""
+        if not questions or not getattr(self.config, "question_check", False):
+            return [True] * len(questions)
+        from kmd.editors.question_check import QuestionCheck
+
+        known = [i for i, e in enumerate(edit_ids) if e in self._requests]  # an edit being applied has no request yet
+        out = [True] * len(questions)
+        if known:
+            check = QuestionCheck.load(device=self.host.device)
+            verdicts = check.accepts([questions[i] for i in known], [self._requests[edit_ids[i]] for i in known]).tolist()
+            for i, ok in zip(known, verdicts, strict=True):
+                out[i] = bool(ok)
+        return out
+
+    def keep_answerable(self, hit: torch.Tensor, edit_of: Callable[[int], str],
+                        questions: Callable[[list[int]], list[str]]) -> torch.Tensor:  # fmt: skip
+        """hit (B,) bool, the rows the backend routed -> the same with the rows whose edit may
+        not answer their question turned off (`answerable`). `edit_of(row)`: the row's edit
+        id; `questions(rows)`: those rows' questions (asked only when the check is on)."""
+        rows = hit.nonzero().flatten().tolist()
+        if not rows or not getattr(self.config, "question_check", False):
+            return hit
+        verdicts = self.answerable(questions(rows), [edit_of(row) for row in rows])
+        out = hit.clone()
+        for row, ok in zip(rows, verdicts, strict=True):
+            out[row] = ok
+        return out
 
     # ----- routing-aware probing (optional) ------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor] | None:

@@ -4,7 +4,7 @@
 2. the unedited model's locality outputs and answers are recorded (pre pass);
 3. N edits are applied one after another to one model, never rolled back;
 4. only after the last edit, every record is scored on the final model: served answers
-   (`lifelong-served/v1`, editors/bench/served.py: the headline) and teacher-forced
+   (`lifelong-served/v2`, editors/bench/served.py: the headline) and teacher-forced
    token accuracy (`rel`, `gen`, `loc`: a secondary diagnostic).
 """
 
@@ -43,7 +43,10 @@ class BenchOptions:
     batch_size: int = 16
     timing_prompts: int = 50  # prompts for the base-vs-edited forward latency
     timing_rounds: int = 3
-    served: bool = True  # the served-answer pass (generated answers, plain and chat)
+    served: bool = True  # the served-answer pass (generated answers)
+    # lifelong-served/v2 (every form, same-subject and portability questions); False: v1 only
+    # (edit prompts and rephrases plain and chat, locality)
+    served_v2: bool = True
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -119,7 +122,7 @@ def run_lifelong(
     notify("pre pass", 1, 2)
     base_loc_gen = generate(host, None, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("pre pass", 2, 2)
-    served_base = served.run_pass(host, None, records, bs, notify, "base answers") if options.served else None
+    served_base = served.run_pass(host, None, records, bs, notify, "base answers", options.served_v2) if options.served else None
 
     # 3. sequential edits
     edit_seconds: list[float] = []
@@ -153,7 +156,7 @@ def run_lifelong(
 
     served_figures = {}
     if served_base is not None:
-        served_edited = served.run_pass(host, editor, records, bs, notify, "answers")
+        served_edited = served.run_pass(host, editor, records, bs, notify, "answers", options.served_v2)
         served_figures = served.summarise(served_base, served_edited, records)
 
     def per_record(values: list[float], owners: list[int]) -> list[float]:
