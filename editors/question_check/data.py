@@ -12,7 +12,12 @@ Both texts are masked with the edit's subject (model.mask_subject). Sources, eac
 - the relations file (relations.yaml): two phrasings of one relation (positive), of two
   relations (negative), in declarative, question and possessive styles; some questions
   name the subject by another name, unmasked, as an alias would;
-- unrelated questions (a ZsRE record's locality question) against an edit prompt (negative).
+- unrelated questions (a ZsRE record's locality question) against an edit prompt (negative);
+- across styles (`cross_style_pairs`): a record's question against a declarative template
+  of another relation (the KnowEdit and relations-file templates, filled with the same
+  subject), negative when the two are far apart in the sentence encoder's space (below
+  `CROSS_STYLE_MAX_COSINE`, and among the farther 60 % of templates for that question),
+  which leaves out the templates that may ask the same thing in other words.
 
 Records of a file listed in `exclude` (case ids, or the first N records of a KnowEdit
 file, the evaluated ones) are left out.
@@ -31,6 +36,7 @@ from kmd.editors.bench.data import EditRecord, load_records
 from kmd.editors.question_check.model import MASK, mask_subject
 
 RELATIONS_FILE = Path(__file__).with_name("relations.yaml")
+CROSS_STYLE_MAX_COSINE = 0.5
 
 
 @dataclass(frozen=True)
@@ -97,17 +103,50 @@ def relation_pairs(relations: dict[str, list[str]], names: Sequence[str], count:
     return pairs
 
 
-def training_pairs(files: Sequence[Path], exclude_first: dict[str, int], relation_count: int, seed: int) -> list[Pair]:
+def cross_style_pairs(records: Sequence[EditRecord], templates: Sequence[str], per_record: int, rng: random.Random,
+                      source: str) -> list[Pair]:  # fmt: skip
+    """Negatives across styles: each record's masked prompt against `per_record` masked
+    templates ('{}' for the subject) that the sentence encoder puts far from it (module doc)."""
+    from kmd.editors.question_check.model import encode
+
+    prompts = [mask_subject(r.prompt, r.subject) for r in records if r.subject and r.subject.lower() in r.prompt.lower()]
+    masked = sorted({t.replace("{}", MASK) for t in templates})
+    if not prompts or not masked:
+        return []
+    cosines = encode(prompts, "cpu") @ encode(masked, "cpu").T  # (P, T)
+    pairs = []
+    for row, prompt in enumerate(prompts):
+        cut = min(CROSS_STYLE_MAX_COSINE, float(cosines[row].quantile(0.6)))
+        far = [masked[j] for j in (cosines[row] < cut).nonzero().flatten().tolist()]
+        pairs += [Pair(t, prompt, 0.0, f"{source}:cross-style") for t in rng.sample(far, min(per_record, len(far)))]
+    return pairs
+
+
+def declarative(template: str) -> bool:
+    return not template.rstrip().endswith("?")
+
+
+def training_pairs(files: Sequence[Path], exclude_first: dict[str, int], relation_count: int, seed: int,
+                   cross_style: int = 2) -> list[Pair]:  # fmt: skip
     """Pairs from every file (KnowEdit files without their first `exclude_first[name]`
-    records) and from the relations file."""
+    records), from the relations file, and `cross_style` cross-style negatives per record."""
     rng = random.Random(seed)
+    relations = load_relations()
     pairs: list[Pair] = []
     names: list[str] = []
+    loaded = []
     for path in files:
         fmt, records = load_records(path)
         records = records[exclude_first.get(path.name, 0) :]
+        loaded.append((fmt, records))
         names += [r.subject for r in records if r.subject]
         pairs += record_pairs(records, rng, f"{fmt}")
-    pairs += relation_pairs(load_relations(), names, relation_count, rng)
+    templates = [t for phrasings in relations.values() for t in phrasings if declarative(t)]
+    templates += sorted({mask_subject(r.prompt, r.subject).replace(MASK, "{}") for _, records in loaded for r in records
+                         if r.subject and r.subject.lower() in r.prompt.lower() and declarative(r.prompt)})  # fmt: skip
+    if cross_style:
+        for fmt, records in loaded:
+            pairs += cross_style_pairs(records, templates, cross_style, rng, fmt)
+    pairs += relation_pairs(relations, names, relation_count, rng)
     rng.shuffle(pairs)
     return pairs

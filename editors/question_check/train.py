@@ -40,7 +40,8 @@ class CheckTrainOptions:
     hidden: int = 256
     recall: float = 0.985  # of validation positives the threshold lets through
     val_fraction: float = 0.05
-    relation_pairs: int = 20000
+    relation_pairs: int = 20000  # positive and negative pairs each from the relations file
+    cross_style: int = 2  # cross-style negatives per record (data.cross_style_pairs)
     seed: int = 0
 
 
@@ -124,8 +125,8 @@ def train(pairs: Sequence[Pair], out: Path, options: CheckTrainOptions, progress
             logits = network(vq, vp)
         accepted = logits > 0
         balanced = 0.5 * (float(accepted[vy > 0.5].float().mean()) + float((~accepted[vy < 0.5]).float().mean()))
-        history.append({"epoch": epoch, "loss": round(float(loss), 5), "val_balanced_accuracy": round(balanced, 5)})
-        logger.info("question check: epoch {} loss {:.4f} validation balanced accuracy {:.4f}", epoch, float(loss), balanced)
+        history.append({"epoch": epoch, "loss": round(loss.item(), 5), "val_balanced_accuracy": round(balanced, 5)})
+        logger.info("question check: epoch {} loss {:.4f} validation balanced accuracy {:.4f}", epoch, loss.item(), balanced)
         if progress is not None:
             progress(epoch, options.epochs, history[-1])
         if best is None or balanced > best[0]:
