@@ -72,13 +72,14 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-_ID_RE = re.compile(r"^(fact|edit|claim|revert|f|e|c|r)?:?(\d+)$")
+# ASCII digits, bounded: int() of thousands of digits raises, and \d matches other scripts.
+_ID_RE = re.compile(r"(fact|edit|claim|revert|f|e|c|r)?:?([0-9]{1,40})")
 _ID_KINDS = {"f": "fact", "e": "edit", "c": "claim", "r": "revert"}
 
 
 def _parse_id(ref: str) -> tuple[str, int]:
     """'12' / 'f12' / 'fact:12' -> ('fact', 12); 'e3' edit; 'c5' claim; 'r2' revert."""
-    m = _ID_RE.match(ref.strip().lower())
+    m = _ID_RE.fullmatch(ref.strip().lower())
     if not m:
         _fail(f"not an id: {ref!r} (use 12 or f12 for a fact, e3 for an edit, c5 for a claim)", 2)
     prefix = m.group(1) or "f"

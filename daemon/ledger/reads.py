@@ -40,7 +40,7 @@ class LedgerReads:
     # -- rows -------------------------------------------------------------------------
     def claim(self, claim_id: int) -> ClaimRecord:
         with self._read() as s:
-            row = s.get(ClaimRow, claim_id)
+            row = queries.row_by_id(s, ClaimRow, claim_id)
             if row is None:
                 raise LedgerError(f"no claim {claim_id}")
             return ClaimRecord.of(row)
@@ -90,7 +90,7 @@ class LedgerReads:
 
     def fact(self, fact_id: int) -> FactRecord:
         with self._read() as s:
-            row = s.get(FactRow, fact_id)
+            row = queries.row_by_id(s, FactRow, fact_id)
             if row is None:
                 raise LedgerError(f"no fact {fact_id}")
             return FactRecord.of(row, self._edit_to_supersede(s, row))
@@ -113,7 +113,7 @@ class LedgerReads:
 
     def edit(self, edit_id: int) -> EditRecord:
         with self._read() as s:
-            row = s.get(EditRow, edit_id)
+            row = queries.row_by_id(s, EditRow, edit_id)
             if row is None:
                 raise LedgerError(f"no edit {edit_id}")
             return EditRecord.of(row)

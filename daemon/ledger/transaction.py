@@ -83,13 +83,13 @@ class LedgerTransaction:
 
     # -- single rows, as records (consistent with this transaction's writes) ----------------
     def fact(self, fact_id: int) -> FactRecord:
-        row = self._s.get(FactRow, fact_id)
+        row = queries.row_by_id(self._s, FactRow, fact_id)
         if row is None:
             raise LedgerError(f"no fact {fact_id}")
         return FactRecord.of(row)
 
     def edit(self, edit_id: int) -> EditRecord:
-        row = self._s.get(EditRow, edit_id)
+        row = queries.row_by_id(self._s, EditRow, edit_id)
         if row is None:
             raise LedgerError(f"no edit {edit_id}")
         return EditRecord.of(row)
@@ -201,7 +201,7 @@ class LedgerTransaction:
 
     def set_fact_status(self, fact_id: int, status: str, *, reason: str, kind: str | None = None,
                         actor: str | None = None) -> FactRecord:  # fmt: skip
-        row = self._s.get(FactRow, fact_id)
+        row = queries.row_by_id(self._s, FactRow, fact_id)
         if row is None:
             raise LedgerError(f"no fact {fact_id}")
         if status not in FACT_TRANSITIONS[row.status]:
@@ -225,7 +225,7 @@ class LedgerTransaction:
         supersedes_edit_id: int | None,
         reason: str,
     ) -> EditRecord:
-        fact = self._s.get(FactRow, fact_id)
+        fact = queries.row_by_id(self._s, FactRow, fact_id)
         if fact is None:
             raise LedgerError(f"no fact {fact_id}")
         supporting = set(json.loads(fact.claim_ids))
@@ -248,7 +248,7 @@ class LedgerTransaction:
 
     def set_edit_status(self, edit_id: int, status: str, *, reason: str,
                         probes: Mapping[str, Any] | None = None) -> EditRecord:  # fmt: skip
-        row = self._s.get(EditRow, edit_id)
+        row = queries.row_by_id(self._s, EditRow, edit_id)
         if row is None:
             raise LedgerError(f"no edit {edit_id}")
         if status not in EDIT_TRANSITIONS[row.status]:
