@@ -51,7 +51,7 @@ from loguru import logger
 
 from kmd.daemon.crashpoints import crash_point
 from kmd.daemon.edit_request import build_edit_request, with_edit_id
-from kmd.daemon.ledger import LedgerError
+from kmd.daemon.ledger import FactNotReadyError, LedgerError
 from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
 from kmd.daemon.probes import Prober
 from kmd.daemon.reconcile import Reconciler
@@ -196,7 +196,11 @@ class Maintainer(Reconciler):
         for fact in self.ledger.ready_facts(limit=limit):
             if self._stop.is_set():
                 break
-            outcome, edit_id = self.apply_fact(fact)
+            try:
+                outcome, edit_id = self.apply_fact(fact)
+            except FactNotReadyError as exc:  # a person rejected it meanwhile: nothing was changed
+                logger.info("{}: skipped (it changed after this cycle listed it)", exc)
+                continue
             {"committed": committed, "reverted": reverted, "skipped": skipped}[outcome].append(edit_id or fact.id)
         return CycleReport(tuple(committed), tuple(reverted), tuple(skipped), time.perf_counter() - started)
 
@@ -226,11 +230,14 @@ class Maintainer(Reconciler):
             self.editor.revert(str(old))  # in memory only: the saved state keeps it until the commit
             self.stats.last_locality = None
         crash_point("supersede.old_reverted")
-        outcome, edit_id = self._edit(fact, request, supersedes=old)
-        if outcome != "committed" and held:
-            reload_editor(self.editor, self.editor_dir)
-            self.stats.last_locality = None  # the model changed back; measure again when needed
-            logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
+        outcome = None
+        try:
+            outcome, edit_id = self._edit(fact, request, supersedes=old)
+        finally:  # also when it raised (e.g. the fact was rejected meanwhile)
+            if outcome != "committed" and held:
+                reload_editor(self.editor, self.editor_dir)
+                self.stats.last_locality = None  # the model changed back; measure again when needed
+                logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
         return outcome, edit_id
 
     def _edit(self, fact: FactRecord, request: EditRequest, supersedes: int | None = None) -> tuple[str, int]:

@@ -13,7 +13,7 @@
 Import the public names from here (`from kmd.daemon.ledger import Ledger, LedgerError`).
 """
 
-from kmd.daemon.ledger.lifecycle import LedgerError, NotWriterError
+from kmd.daemon.ledger.lifecycle import FactNotReadyError, LedgerError, NotWriterError
 from kmd.daemon.ledger.records import (
     ChainReport,
     ClaimRecord,
@@ -34,6 +34,7 @@ __all__ = [
     "ClaimUpdate",
     "EditRecord",
     "EventRecord",
+    "FactNotReadyError",
     "FactRecord",
     "Ledger",
     "LedgerError",

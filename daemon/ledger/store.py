@@ -26,7 +26,7 @@ from kmd.daemon.db import default_db_url, make_engine, writer
 from kmd.daemon.ledger import cluster
 from kmd.daemon.ledger.chain import GENESIS_HASH
 from kmd.daemon.ledger.cluster import CLUSTER_TABLES, WriterTermRow
-from kmd.daemon.ledger.lifecycle import LedgerError, NotWriterError
+from kmd.daemon.ledger.lifecycle import FactNotReadyError, LedgerError, NotWriterError
 from kmd.daemon.ledger.reads import LedgerReads
 from kmd.daemon.ledger.records import EditRecord, FactRecord, RecordResult, RevertRecord
 from kmd.daemon.ledger.tables import LEDGER_TABLES, ChainHeadRow, EditRow, EventRow
@@ -171,7 +171,7 @@ class Ledger(LedgerReads):
         with self.transaction(actor) as tx:
             fact = tx.fact(fact_id)
             if fact.status != "ready":
-                raise LedgerError(f"fact {fact_id} is {fact.status}, not ready")
+                raise FactNotReadyError(f"fact {fact_id} is {fact.status}, not ready")
             if supersedes_edit_id is None and fact.supersedes_fact_id is not None:
                 supersedes_edit_id = tx.edit_reverted_for(fact_id)
             edit = tx.add_edit(fact_id, request=request, backend=backend, backend_config=backend_config,
@@ -295,6 +295,8 @@ class Ledger(LedgerReads):
     def skip_fact(self, fact_id: int, *, reason: str = "model already answers correctly",
                   actor: str = "daemon") -> FactRecord:  # fmt: skip
         with self.transaction(actor) as tx:
+            if (status := tx.fact(fact_id).status) != "ready":
+                raise FactNotReadyError(f"fact {fact_id} is {status}, not ready")
             return tx.set_fact_status(fact_id, "skipped", reason=reason)
 
     def committed_edits(self) -> list[EditRecord]:
