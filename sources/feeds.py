@@ -41,9 +41,29 @@ __all__ = ["FACT_NAMESPACE", "FeedSource", "ParsedFeed", "parse_feed"]
 
 FACT_NAMESPACE = "urn:kmd:fact:1"
 _TAG_RE = re.compile(r"<[^>]*>")
-# bozo exceptions that say nothing about the feed's integrity: the declared charset was
-# wrong but the bytes decoded fine.
-_BENIGN_BOZO = (feedparser.CharacterEncodingOverride,)
+# Every bozo feed is malformed, CharacterEncodingOverride included: bytes that are not in
+# the declared encoding were decoded as another one, so the text is not what was sent.
+_CHARREF_RE = re.compile(rb"&#(?:[xX]([0-9A-Fa-f]+)|([0-9]+));")
+_REFUSED_CHAR = "\ufffd"  # what an invalid character reference becomes; refused in a fact
+
+
+def _xml_char(code: int) -> bool:
+    return code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or 0x10000 <= code <= 0x10FFFF
+
+
+def _neutralise_charrefs(body: bytes) -> bytes:
+    """Character references to code points no XML text may hold (`&#xD800;`, `&#1;`, past
+    U+10FFFF) become U+FFFD: left in, the strict parser refuses the whole document and
+    feedparser's fallback parser raises, losing every entry. A fact field holding U+FFFD
+    is refused, so such a reference costs only its entry."""
+
+    def fix(match: re.Match[bytes]) -> bytes:
+        hex_digits, digits = match.groups()
+        text = (hex_digits or digits).lstrip(b"0") or b"0"
+        code = int(text, 16 if hex_digits else 10) if len(text) <= 8 else -1
+        return match.group(0) if _xml_char(code) else b"&#xFFFD;"
+
+    return _CHARREF_RE.sub(fix, body)
 
 
 class ParsedFeed:
@@ -74,6 +94,8 @@ def _fact_field(value: Any, limit: int) -> str:
     text = clean_text(html.unescape(value))
     if not text:
         raise ValueError("empty")
+    if _REFUSED_CHAR in text:
+        raise ValueError("invalid character (an undecodable byte or a bad character reference)")
     if len(text) > limit:
         raise ValueError(f"longer than {limit} characters")
     return text
@@ -118,12 +140,12 @@ def parse_feed(
     if not isinstance(body, bytes):  # a str would be taken as a path or URL by feedparser
         raise TypeError("parse_feed takes the fetched bytes, never text")
     try:
-        parsed = feedparser.parse(body)
+        parsed = feedparser.parse(_neutralise_charrefs(body))
     except Exception as exc:  # feedparser is meant not to raise; if it does, the feed is bad
         return ParsedFeed([], [f"unparseable feed: {type(exc).__name__}: {exc}"], True, 0)
 
     problems: list[str] = []
-    malformed = bool(parsed.get("bozo")) and not isinstance(parsed.get("bozo_exception"), _BENIGN_BOZO)
+    malformed = bool(parsed.get("bozo"))
     if malformed:
         reason = f"malformed feed ({type(parsed.get('bozo_exception')).__name__}: {parsed.get('bozo_exception')})"
         if source.on_malformed == "reject":
@@ -183,6 +205,9 @@ def parse_feed(
                 continue
             subject, obj = clean_text(match.group("subject") or ""), clean_text(match.group("object") or "")
             if not subject or not obj:
+                continue
+            if _REFUSED_CHAR in subject + obj:
+                problems.append(f"{where}: {pattern.field}: invalid character (an undecodable byte or a bad character reference)")
                 continue
             claims.append(
                 Claim(
