@@ -21,9 +21,7 @@ refused, not truncated, so a fact is never silently changed) and never interpret
 from __future__ import annotations
 
 import calendar
-import hashlib
 import html
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -33,7 +31,7 @@ import feedparser
 from loguru import logger
 
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, clean_text, entry_flag, parse_time
+from kmd.sources.claims import Claim, clean_text, content_flag, parse_time
 from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import FetchError, Fetcher
 
@@ -123,9 +121,14 @@ def _entry_time(entry: Mapping[str, Any], observed: str | None, fetched_at: date
     return when
 
 
-def _entry_digest(entry: Mapping[str, Any]) -> str:
-    """sha256 of everything the feed said in one entry (feedparser's parsed form)."""
-    return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode("utf-8", "replace")).hexdigest()
+def _summary(entry: Mapping[str, Any]) -> str:
+    """The entry's summary (else its content) as plain text: part of what it says, for
+    `content_flag` (whole, not cut to the field cap, which differs between sources)."""
+    raw = entry.get("summary")
+    if not isinstance(raw, str):
+        contents = entry.get("content") or []
+        raw = contents[0].get("value") if contents and isinstance(contents[0], Mapping) else None
+    return clean_text(html.unescape(_TAG_RE.sub(" ", raw))) if isinstance(raw, str) else ""
 
 
 def parse_feed(
@@ -165,8 +168,9 @@ def parse_feed(
         ref = ref if isinstance(ref, str) else f"#{index}"
         link = entry.get("link") if isinstance(entry.get("link"), str) else url
         where = f"entry {ref[:80]!r}"
-        # The same entry delivered by two sources makes them one for quorum (kmd.daemon.independence).
-        entry_flags = flags + (entry_flag(_entry_digest(entry)),)
+        # What the entry says (not its bytes): two sources delivering it are one for quorum
+        # (kmd.daemon.independence), whatever id, title or dates a copy was given.
+        summary, target = _summary(entry), link if isinstance(entry.get("link"), str) else ""
         for prefix in prefixes:
             fields = {name: entry.get(f"{prefix}_{name}") for name in ("subject", "relation", "object")}
             present = [k for k, v in fields.items() if v is not None]
@@ -190,7 +194,8 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, observed if isinstance(observed, str) else None, fetched_at),
                     ref=ref[: limits.max_field_chars],
-                    flags=entry_flags,
+                    flags=flags + (content_flag(values["subject"], values["relation"], values["object"], text=summary,
+                                                link=target),),  # fmt: skip
                 )
             )
         for pattern in source.extract:
@@ -218,7 +223,7 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, None, fetched_at),
                     ref=f"{ref[: limits.max_field_chars]}#{pattern.field}:{pattern.relation}",
-                    flags=entry_flags,
+                    flags=flags + (content_flag(subject, pattern.relation, obj, text=summary, link=target),),
                 )
             )
     return ParsedFeed(claims, problems, malformed, len(entries))
