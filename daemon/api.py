@@ -184,6 +184,8 @@ class _StatsCollector:
                          "last measured locality agreement with the unedited model"),
             "probe_seconds": (stats.last_probe_seconds if stats else 0.0, "duration of the last post-edit probe"),
             "cycle_seconds": (stats.last_cycle_seconds if stats else 0.0, "duration of the last maintenance cycle"),
+            # Only ever grows: a drop is a rollback of the chain's tail (alert on it).
+            "ledger_head_seq": (float(self.daemon.ledger.chain_head().seq), "seq of the ledger's hash-chain head"),
         }  # fmt: skip
         for name, (value, doc) in gauges.items():
             family = GaugeMetricFamily(f"kmd_{name}", doc)

@@ -133,7 +133,7 @@ class SourcePolicy(StrictModel):
     trust: Trust
     # Sources in the same group count once towards a quorum (two feeds of one publisher
     # are not independent). Defaults to the source id. Sources on one registrable domain
-    # or host, or delivering byte-identical entries, also count once unless each lists the
+    # or host, or delivering entries with the same content, also count once unless each lists the
     # other under `independent_of`.
     group: str | None = None
     independent_of: tuple[str, ...] = ()

@@ -21,9 +21,7 @@ refused, not truncated, so a fact is never silently changed) and never interpret
 from __future__ import annotations
 
 import calendar
-import hashlib
 import html
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -33,7 +31,7 @@ import feedparser
 from loguru import logger
 
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, clean_text, entry_flag, parse_time
+from kmd.sources.claims import Claim, clean_text, content_flag, parse_time
 from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import FetchError, Fetcher
 
@@ -41,9 +39,29 @@ __all__ = ["FACT_NAMESPACE", "FeedSource", "ParsedFeed", "parse_feed"]
 
 FACT_NAMESPACE = "urn:kmd:fact:1"
 _TAG_RE = re.compile(r"<[^>]*>")
-# bozo exceptions that say nothing about the feed's integrity: the declared charset was
-# wrong but the bytes decoded fine.
-_BENIGN_BOZO = (feedparser.CharacterEncodingOverride,)
+# Every bozo feed is malformed, CharacterEncodingOverride included: bytes that are not in
+# the declared encoding were decoded as another one, so the text is not what was sent.
+_CHARREF_RE = re.compile(rb"&#(?:[xX]([0-9A-Fa-f]+)|([0-9]+));")
+_REFUSED_CHAR = "\ufffd"  # what an invalid character reference becomes; refused in a fact
+
+
+def _xml_char(code: int) -> bool:
+    return code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or 0x10000 <= code <= 0x10FFFF
+
+
+def _neutralise_charrefs(body: bytes) -> bytes:
+    """Character references to code points no XML text may hold (`&#xD800;`, `&#1;`, past
+    U+10FFFF) become U+FFFD: left in, the strict parser refuses the whole document and
+    feedparser's fallback parser raises, losing every entry. A fact field holding U+FFFD
+    is refused, so such a reference costs only its entry."""
+
+    def fix(match: re.Match[bytes]) -> bytes:
+        hex_digits, digits = match.groups()
+        text = (hex_digits or digits).lstrip(b"0") or b"0"
+        code = int(text, 16 if hex_digits else 10) if len(text) <= 8 else -1
+        return match.group(0) if _xml_char(code) else b"&#xFFFD;"
+
+    return _CHARREF_RE.sub(fix, body)
 
 
 class ParsedFeed:
@@ -74,6 +92,8 @@ def _fact_field(value: Any, limit: int) -> str:
     text = clean_text(html.unescape(value))
     if not text:
         raise ValueError("empty")
+    if _REFUSED_CHAR in text:
+        raise ValueError("invalid character (an undecodable byte or a bad character reference)")
     if len(text) > limit:
         raise ValueError(f"longer than {limit} characters")
     return text
@@ -101,9 +121,14 @@ def _entry_time(entry: Mapping[str, Any], observed: str | None, fetched_at: date
     return when
 
 
-def _entry_digest(entry: Mapping[str, Any]) -> str:
-    """sha256 of everything the feed said in one entry (feedparser's parsed form)."""
-    return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode("utf-8", "replace")).hexdigest()
+def _summary(entry: Mapping[str, Any]) -> str:
+    """The entry's summary (else its content) as plain text: part of what it says, for
+    `content_flag` (whole, not cut to the field cap, which differs between sources)."""
+    raw = entry.get("summary")
+    if not isinstance(raw, str):
+        contents = entry.get("content") or []
+        raw = contents[0].get("value") if contents and isinstance(contents[0], Mapping) else None
+    return clean_text(html.unescape(_TAG_RE.sub(" ", raw))) if isinstance(raw, str) else ""
 
 
 def parse_feed(
@@ -118,12 +143,12 @@ def parse_feed(
     if not isinstance(body, bytes):  # a str would be taken as a path or URL by feedparser
         raise TypeError("parse_feed takes the fetched bytes, never text")
     try:
-        parsed = feedparser.parse(body)
+        parsed = feedparser.parse(_neutralise_charrefs(body))
     except Exception as exc:  # feedparser is meant not to raise; if it does, the feed is bad
         return ParsedFeed([], [f"unparseable feed: {type(exc).__name__}: {exc}"], True, 0)
 
     problems: list[str] = []
-    malformed = bool(parsed.get("bozo")) and not isinstance(parsed.get("bozo_exception"), _BENIGN_BOZO)
+    malformed = bool(parsed.get("bozo"))
     if malformed:
         reason = f"malformed feed ({type(parsed.get('bozo_exception')).__name__}: {parsed.get('bozo_exception')})"
         if source.on_malformed == "reject":
@@ -143,8 +168,9 @@ def parse_feed(
         ref = ref if isinstance(ref, str) else f"#{index}"
         link = entry.get("link") if isinstance(entry.get("link"), str) else url
         where = f"entry {ref[:80]!r}"
-        # The same entry delivered by two sources makes them one for quorum (kmd.daemon.independence).
-        entry_flags = flags + (entry_flag(_entry_digest(entry)),)
+        # What the entry says (not its bytes): two sources delivering it are one for quorum
+        # (kmd.daemon.independence), whatever id, title or dates a copy was given.
+        summary, target = _summary(entry), link if isinstance(entry.get("link"), str) else ""
         for prefix in prefixes:
             fields = {name: entry.get(f"{prefix}_{name}") for name in ("subject", "relation", "object")}
             present = [k for k, v in fields.items() if v is not None]
@@ -168,7 +194,8 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, observed if isinstance(observed, str) else None, fetched_at),
                     ref=ref[: limits.max_field_chars],
-                    flags=entry_flags,
+                    flags=flags + (content_flag(values["subject"], values["relation"], values["object"], text=summary,
+                                                link=target),),  # fmt: skip
                 )
             )
         for pattern in source.extract:
@@ -184,6 +211,9 @@ def parse_feed(
             subject, obj = clean_text(match.group("subject") or ""), clean_text(match.group("object") or "")
             if not subject or not obj:
                 continue
+            if _REFUSED_CHAR in subject + obj:
+                problems.append(f"{where}: {pattern.field}: invalid character (an undecodable byte or a bad character reference)")
+                continue
             claims.append(
                 Claim(
                     subject=subject,
@@ -193,7 +223,7 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, None, fetched_at),
                     ref=f"{ref[: limits.max_field_chars]}#{pattern.field}:{pattern.relation}",
-                    flags=entry_flags,
+                    flags=flags + (content_flag(subject, pattern.relation, obj, text=summary, link=target),),
                 )
             )
     return ParsedFeed(claims, problems, malformed, len(entries))

@@ -178,3 +178,15 @@ def test_charts_are_svg_drawn_on_the_server():
     assert line.count("<circle") == 7 and "stroke-dasharray" in line and "latest 0.9300" in line
     empty = str(locality_chart(Activity(days, [0] * 7, [0] * 7, [], None)))
     assert "no locality measured yet" in empty
+
+
+def test_ids_beyond_the_databases_integers_are_not_found(app, eco):
+    """Issue 27: ids of 2^64 and 10^23 gave 500s (OverflowError) on the page and the forms."""
+    client = fresh(app)
+    csrf = log_in(client)
+    for number in (2**64, 10**23, 2**63):
+        assert client.get(f"/ui/edits/{number}").status_code == 404
+        for path in (f"/ui/facts/{number}/approve", f"/ui/facts/{number}/reject", f"/ui/edits/{number}/revert"):
+            answer = client.post(path, data={"csrf": csrf, "reason": "x"})
+            assert answer.status_code == 404, (path, answer.status_code)
+            assert f"The ledger has no {'edit' if 'edits' in path else 'fact'} {number}." in answer.text

@@ -213,3 +213,74 @@ def test_api_bodies_never_give_500(client):
 @pytest.mark.fuzz
 def test_api_bodies_never_give_500_long(client):
     LONG(given(requests)(lambda r: _api(client, r)))()
+
+
+# -- ids in the console's paths and the CLI's arguments -----------------------------------------
+
+ids = (st.integers(-(2**80), 2**80).map(str) | st.text(max_size=30)
+       | st.tuples(st.sampled_from(["", "e", "f", "c", "r", "fact:", "edit:", "E", " e", "x"]),
+                   st.integers(0, 10**30) | st.just(2**64) | st.just(10**23)).map(lambda p: f"{p[0]}{p[1]}")
+       | st.integers(1, 6000).map(lambda n: "9" * n))  # fmt: skip
+
+
+def _console_id(client, csrf: str, ref: str) -> None:  # noqa: ANN001
+    from urllib.parse import quote
+
+    part = quote(ref, safe="")
+    if not part:
+        return
+    answers = [client.get(f"/ui/edits/{part}")]
+    for path in (f"/ui/facts/{part}/approve", f"/ui/facts/{part}/reject", f"/ui/edits/{part}/revert"):
+        answers.append(client.post(path, data={"csrf": csrf, "reason": "fuzz"}))
+    for answer in answers:
+        assert answer.status_code < 500, (ref, answer.request.url, answer.status_code, answer.text[:300])
+
+
+def test_console_ids_never_give_500(client):
+    csrf = _console_login(client)
+    SHORT(given(ids)(lambda ref: _console_id(client, csrf, ref)))()
+
+
+@pytest.mark.fuzz
+def test_console_ids_never_give_500_long(client):
+    csrf = _console_login(client)
+    LONG(given(ids)(lambda ref: _console_id(client, csrf, ref)))()
+
+
+def _console_login(client) -> str:  # noqa: ANN001
+    import re
+
+    csrf = re.compile(r'name="csrf" value="([^"]+)"')
+    nonce = csrf.search(client.get("/ui/login").text).group(1)
+    assert client.post("/ui/login", data={"token": "fuzz-token", "csrf": nonce}).status_code == 200
+    return csrf.search(client.get("/ui/pending").text).group(1)
+
+
+@pytest.fixture(scope="module")
+def cli_db(tmp_path_factory) -> str:
+    from kmd.daemon.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path_factory.mktemp('fuzz-cli') / 'ledger.db'}"
+    Ledger(db).close()
+    return db
+
+
+def _cli_id(db: str, ref: str) -> None:
+    from typer.testing import CliRunner
+
+    from kmd.daemon.cli import app
+
+    for command in (["ledger", "show"], ["approve"], ["reject"], ["revert"]):
+        result = CliRunner().invoke(app, [*command, "--db", db, "--", ref])
+        assert result.exception is None or isinstance(result.exception, SystemExit), (command, ref, repr(result.exception))
+        assert result.exit_code in (1, 2), (command, ref, result.exit_code, result.output)  # the ledger is empty
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, (command, ref, result.output)
+
+
+def test_cli_ids_fail_in_one_line(cli_db):
+    SHORT(given(ids)(lambda ref: _cli_id(cli_db, ref)))()
+
+
+@pytest.mark.fuzz
+def test_cli_ids_fail_in_one_line_long(cli_db):
+    LONG(given(ids)(lambda ref: _cli_id(cli_db, ref)))()
