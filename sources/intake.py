@@ -49,6 +49,7 @@ class IntakeReport:
     not_modified: bool
     refused: bool
     seconds: float
+    unmatched: int = 0  # entries that stated no fact: counted, not problems
 
 
 def build_sources(policy: SourceCatalog, fetcher: Fetcher) -> dict[str, Source]:
@@ -137,7 +138,7 @@ class Intake:
                 recorded = self.sink.store(result.source_id, claims, cursor, channel=self._channel(result.source_id))
                 reports.append(
                     IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems + refused,
-                                 result.not_modified, result.refused, seconds)  # fmt: skip
+                                 result.not_modified, result.refused, seconds, result.unmatched)  # fmt: skip
                 )
                 if recorded.new_ids:
                     logger.info("source {}: {} new claims ({} duplicates)", result.source_id, len(recorded.new_ids),
