@@ -25,6 +25,7 @@ from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.feeds import FeedSource
 from kmd.sources.jsonl import JsonlSource
 from kmd.sources.net import Fetcher, SafeFetcher
+from kmd.sources.wikidata import WikidataSource
 
 __all__ = ["Intake", "IntakeReport", "SourceCatalog", "build_sources"]
 
@@ -52,15 +53,17 @@ class IntakeReport:
     unmatched: int = 0  # entries that stated no fact: counted, not problems
 
 
+# The polled kinds; `api` sources are fed through POST /v1/facts and never polled.
+_KINDS: dict[str, Callable[[SourcePolicy, FetchLimits, Fetcher], Source]] = {
+    "feed": FeedSource,
+    "jsonl": JsonlSource,
+    "wikidata": WikidataSource,
+}
+
+
 def build_sources(policy: SourceCatalog, fetcher: Fetcher) -> dict[str, Source]:
-    """One `Source` per policy entry, by kind."""
-    sources: dict[str, Source] = {}
-    for sp in policy.sources:
-        if sp.kind == "api":  # fed through POST /v1/facts, never polled
-            continue
-        limits = policy.limits_for(sp)
-        sources[sp.id] = FeedSource(sp, limits, fetcher) if sp.kind == "feed" else JsonlSource(sp, limits, fetcher)
-    return sources
+    """One `Source` per polled policy entry, by kind."""
+    return {sp.id: _KINDS[sp.kind](sp, policy.limits_for(sp), fetcher) for sp in policy.sources if sp.kind in _KINDS}
 
 
 class Intake:
