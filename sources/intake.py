@@ -82,6 +82,7 @@ class Intake:
         self.fetcher = fetcher or SafeFetcher()
         self.sources: dict[str, Source] = dict(sources) if sources is not None else build_sources(policy, self.fetcher)
         self._clock = clock
+        self.entries_unmatched = 0  # entries read that stated no fact, since start (a metric)
 
     def close(self) -> None:
         if self._own_fetcher and isinstance(self.fetcher, SafeFetcher):
@@ -136,6 +137,7 @@ class Intake:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ids) or 1))) as pool:
             for result, seconds in pool.map(fetch, ids):
                 cursor = {**result.cursor, "last_poll": iso(now), "last_problems": len(result.problems)}
+                self.entries_unmatched += result.unmatched
                 claims, refused = self._admissible(result)
                 # Stored together: the cursor (ETag, sequence) advances only with the claims.
                 recorded = self.sink.store(result.source_id, claims, cursor, channel=self._channel(result.source_id))

@@ -82,7 +82,9 @@ def test_unmatched_entries_are_counted_through_the_intake(server, clock):
     ledger = Ledger.in_memory(clock=clock)
     with intake_for(policy, ledger, clock=clock) as intake:
         report = intake.poll("wire")
+        intake.poll("wire")  # the same feed again: its entries are counted again (a running total)
     assert (report.new_claims, report.unmatched, report.problems) == (2, 1, ())
+    assert intake.entries_unmatched == 2  # kmd_feed_entries_unmatched_total on /metrics
     assert all("via:feed" in c.flags for c in ledger.claims())
 
 
