@@ -1,10 +1,9 @@
 """What a source is, as a policy file declares it: the config schemas the sources read.
 
 `SourcePolicy` (one trusted source: kind, location, trust, relations, limits, signing keys,
-extraction patterns, watched Wikidata entities), `FetchLimits` and `NetworkPolicy` (what one
-fetch may do). They are
-strict frozen models (`kmd.common.config`); the policy (`kmd.daemon.policy`) is made of
-them plus what the daemon does with the facts.
+extraction patterns, watched Wikidata items), `FetchLimits` and `NetworkPolicy` (what one
+fetch may do). They are strict frozen models (`kmd.common.config`); the policy
+(`kmd.daemon.policy`) is made of them plus what the daemon does with the facts.
 """
 
 from __future__ import annotations

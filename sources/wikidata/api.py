@@ -22,11 +22,11 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from kmd.sources.config import FetchLimits, NetworkPolicy
 from kmd.sources.net import Fetcher, FetchError, HttpStatusError, TooLarge
@@ -58,11 +58,16 @@ class Snak(_Lenient):
     datavalue: DataValue | None = None
 
 
+def _empty_map(value: Any) -> Any:
+    """Wikibase writes an empty map as `[]` (PHP's empty array) in places."""
+    return {} if value == [] else value
+
+
 class Statement(_Lenient):
     id: str = Field(min_length=1, max_length=200)
     rank: Literal["preferred", "normal", "deprecated"]
     mainsnak: Snak
-    qualifiers: dict[str, list[Snak]] = Field(default_factory=dict)
+    qualifiers: Annotated[dict[str, list[Snak]], BeforeValidator(_empty_map)] = Field(default_factory=dict)
 
 
 class Label(_Lenient):
@@ -83,8 +88,8 @@ class Entity(_Lenient):
     lastrevid: int | None = None
     modified: datetime | None = None
     redirects: Redirect | None = None  # the requested id was merged into `id`
-    labels: dict[str, Label] = Field(default_factory=dict)
-    claims: dict[str, list[Statement]] = Field(default_factory=dict)
+    labels: Annotated[dict[str, Label], BeforeValidator(_empty_map)] = Field(default_factory=dict)
+    claims: Annotated[dict[str, list[Statement]], BeforeValidator(_empty_map)] = Field(default_factory=dict)
 
     @property
     def requested_id(self) -> str:
@@ -112,7 +117,6 @@ class WikibaseClient:
         self._maxlag = maxlag
         self._max_retries = max_retries
         self._sleep = sleep
-        self.requests = 0  # requests sent, retries included
 
     def entities(self, ids: Sequence[str], props: Sequence[str], *, languages: Sequence[str] = (),
                  keep_claims: Sequence[str] = ()) -> tuple[dict[str, Entity], dict[str, str]]:  # fmt: skip
@@ -120,7 +124,7 @@ class WikibaseClient:
         entity it now redirects to), and {id: why} for those that could not be read.
 
         `keep_claims`: the properties whose statements are validated and kept (the others
-        are dropped unread). Raises `WikibaseError` only when nothing at all could be read.
+        are dropped unread).
         """
         found: dict[str, Entity] = {}
         failed: dict[str, str] = {}
@@ -143,8 +147,6 @@ class WikibaseClient:
             got, bad = _entities(payload, batch, keep_claims)
             found.update(got)
             failed.update(bad)
-        if ids and not found and failed:
-            raise WikibaseError(next(iter(failed.values())))
         return found, failed
 
     def _get(self, params: Mapping[str, str]) -> dict[str, Any]:
@@ -152,7 +154,6 @@ class WikibaseClient:
         url = f"{self.endpoint}?{urlencode(query, safe='|')}"
         attempt = 0
         while True:
-            self.requests += 1
             try:
                 payload = _json(self._fetcher.fetch(url, limits=self._limits, network=self._network).body)
             except HttpStatusError as exc:
@@ -209,7 +210,8 @@ def _entities(payload: Mapping[str, Any], asked: Sequence[str],
             bad[str(key)[:32]] = "entity is not a JSON object"
             continue
         claims = doc.get("claims")
-        doc = {**doc, "claims": {p: s for p, s in claims.items() if p in keep} if isinstance(claims, Mapping) else {}}
+        if isinstance(claims, Mapping):  # the other properties' statements are not read at all
+            doc = {**doc, "claims": {p: s for p, s in claims.items() if p in keep}}
         try:
             entity = Entity.model_validate(doc)
         except ValidationError as exc:

@@ -49,8 +49,10 @@ class RecordedWikibase:
                 continue
             out = {k: v for k, v in doc.items() if k in ("type", "id") or (k in _INFO and "info" in props)}
             for part in ("labels", "descriptions", "aliases"):
-                if part in props and part in doc:
+                if part in props and isinstance(doc.get(part), dict):
                     out[part] = {lang: v for lang, v in doc[part].items() if languages is None or lang in languages}
+                elif part in props and part in doc:  # [] for an empty map, as Wikibase writes it
+                    out[part] = doc[part]
             for part in ("claims", "sitelinks"):
                 if part in props and part in doc:
                     out[part] = doc[part]

@@ -40,7 +40,7 @@ from kmd.sources.base import PollResult
 from kmd.sources.claims import Claim, canonical_json, clean_text, entry_flag, iso, parse_time
 from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import Fetcher
-from kmd.sources.wikidata.api import Entity, Statement, WikibaseClient, WikibaseError
+from kmd.sources.wikidata.api import Entity, Statement, WikibaseClient
 from kmd.sources.wikidata.values import (END, START, current_statement, parse_time_value, render_value, start_time,
                                          value_ids)  # fmt: skip
 
@@ -73,11 +73,12 @@ class WikidataSource:
         stored = cursor.get("entities") if same and isinstance(cursor.get("entities"), Mapping) else {}
         seen = {q: dict(stored[q]) for q in self.watch.entities if isinstance(stored.get(q), Mapping)}
         problems: list[str] = []
-        try:
-            revisions, failed = self.client.entities(self.watch.entities, ["info"])
-        except WikibaseError as exc:
-            logger.warning("source {}: {}", self.id, exc)
-            return PollResult(self.id, problems=(str(exc),), cursor=dict(cursor), refused=True)
+        revisions, failed = self.client.entities(self.watch.entities, ["info"])
+        if failed and not revisions:  # nothing read (API down, throttling that did not end): the next poll tries
+            reasons = tuple(dict.fromkeys(failed.values()))
+            for reason in reasons:
+                logger.warning("source {}: {}", self.id, reason)
+            return PollResult(self.id, problems=reasons, cursor=dict(cursor), refused=True)
         problems += [f"{qid}: {why}" for qid, why in failed.items()]
         changed = [q for q in self.watch.entities
                    if q in revisions and self._changed(revisions[q], seen.get(q), now, problems)]  # fmt: skip
@@ -105,25 +106,19 @@ class WikidataSource:
         return isinstance(due, str) and parse_time(due) <= now
 
     # -- reading them -----------------------------------------------------------------------------
-    def _read(self, changed: list[str], seen: dict[str, dict[str, Any]], now: datetime, problems: list[str]) -> list[Claim]:
+    def _read(self, changed: list[str], seen: dict[str, dict[str, Any]], now: datetime,
+              problems: list[str]) -> list[Claim]:  # fmt: skip
         props = sorted(self.watch.properties)
-        try:
-            items, failed = self.client.entities(changed, ["info", "labels", "claims"], languages=self.languages,
-                                                 keep_claims=props)  # fmt: skip
-        except WikibaseError as exc:
-            problems.append(f"statements not read: {exc}")
-            return []
-        problems += [f"{qid}: {why}" for qid, why in failed.items()]
+        items, failed = self.client.entities(changed, ["info", "labels", "claims"], languages=self.languages,
+                                             keep_claims=props)  # fmt: skip
+        problems += [f"{qid}: {why}" for qid, why in failed.items()]  # read again at the next poll
         currents = {qid: {p: current_statement(e.claims.get(p, []), now) for p in props} for qid, e in items.items()}
         wanted = sorted({i for cs in currents.values() for c in cs.values() if c.statement
                          for i in value_ids(c.statement.mainsnak.datavalue)})  # fmt: skip
         labels: dict[str, Entity] = {}
         if wanted:
-            try:
-                labels, failed = self.client.entities(wanted, ["labels"], languages=self.languages)
-                problems += [f"{qid}: labels not read: {why}" for qid, why in failed.items()]
-            except WikibaseError as exc:
-                problems.append(f"labels not read: {exc}")
+            labels, failed = self.client.entities(wanted, ["labels"], languages=self.languages)
+            problems += [f"{qid}: labels not read: {why}" for qid, why in failed.items()]
 
         @functools.cache  # one note per item and poll, however many values name it
         def label(qid: str) -> str | None:

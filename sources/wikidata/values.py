@@ -22,7 +22,8 @@ from typing import Any
 
 from kmd.sources.wikidata.api import DataValue, Statement
 
-__all__ = ["END", "START", "Current", "current_statement", "parse_time_value", "render_value", "start_time", "value_ids"]
+__all__ = ["END", "START", "Current", "current_statement", "parse_time_value", "render_value", "start_time",
+           "value_ids"]
 
 START, END = "P580", "P582"
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",

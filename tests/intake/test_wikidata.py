@@ -502,3 +502,16 @@ def test_an_item_without_a_usable_label_waits_for_its_next_revision(mirror, fetc
     mirror.revise("Q110", "2026-11-20T00:00:00Z", lambda d: d["labels"].update(mul={"language": "mul", "value": "Fdonia"}))
     second = source.poll(first.cursor, NOW)
     assert facts(second.claims) == [("Fdonia", "capital", "Fredville")]
+
+
+def test_empty_maps_written_as_lists_are_read_as_empty(mirror, fetcher):
+    # Wikibase writes an empty map as [] in places; an item without statements is no error.
+    mirror.entity("Q110")["claims"] = []
+    mirror.entity("Q141")["labels"] = []
+    source, _ = source_for(mirror, fetcher, ["Q110", "Q141"])
+    result = source.poll({}, NOW)
+    assert result.claims == () and result.problems == ("Q141: no usable label in en, mul; no claims",)
+    mirror.entity("Q110")["claims"] = "garbage"
+    mirror.revise("Q110", "2026-11-20T00:00:00Z")
+    problems = source.poll(result.cursor, NOW).problems
+    assert any(p.startswith("Q110: entity does not validate: claims") for p in problems), problems
