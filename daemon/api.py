@@ -169,6 +169,11 @@ class _StatsCollector:
             family = CounterMetricFamily(f"kmd_{name}", doc)
             family.add_metric([], float(getattr(stats, name, 0) if stats else 0))
             yield family
+        intake = self.daemon.intake
+        unmatched = CounterMetricFamily("kmd_feed_entries_unmatched",
+                                        "feed entries that stated no fact (no kf: elements, no extraction rule matched)")
+        unmatched.add_metric([], float(intake.entries_unmatched if intake else 0))
+        yield unmatched
         replica = self.daemon.replica
         loads = CounterMetricFamily("kmd_state_loads", "published states a replica loaded and put in service")
         loads.add_metric([], float(replica.loads if replica else 0))

@@ -149,6 +149,10 @@ class Policy(StrictModel):
                         ("sources", i, "extract", j, "relation"),
                         f"relation {pat.relation!r} is not in this source's relations",
                     )
+            for prop, rel in (src.wikidata.properties.items() if src.wikidata else ()):
+                if rel not in src.relations:
+                    raise located(("sources", i, "wikidata", "properties", prop),
+                                  f"relation {rel!r} is not in this source's relations")  # fmt: skip
         for j, rel in enumerate(self.verification.sensitive_relations):
             if rel not in self.relations:
                 raise located(("verification", "sensitive_relations", j), f"unknown relation {rel!r}")

@@ -1,5 +1,5 @@
 """Fuzzing the parsers with Hypothesis: policy YAML, curated JSONL, feed entries to claims,
-and the API's request bodies. Each may only fail in its documented way (PolicyError,
+Wikidata answers, and the API's request bodies. Each may only fail in its documented way (PolicyError,
 JsonlRefused, problems listed, a 4xx or 503 answer), within bounded time and memory.
 
 The default run tries a few dozen inputs per parser; `-m fuzz` runs the same properties
@@ -152,6 +152,77 @@ def _feed(body: bytes) -> None:
 
 
 globals().update(both(feeds(), "feed_entries_never_raise")(_feed))
+
+# -- Wikidata answers -------------------------------------------------------------------------
+
+WIKIDATA = SourcePolicy(id="wd", kind="wikidata", location="https://www.wikidata.org/w/api.php", trust="high",
+                        relations=("capital",), wikidata={"entities": ["Q1", "Q3"], "properties": {"P36": "capital"},
+                                                          "contact": "fuzz@example.org"})  # fmt: skip
+_TIME = {"time": "+2020-01-01T00:00:00Z", "precision": 11, "timezone": 0}
+_ANSWER = {"entities": {
+    "Q1": {"id": "Q1", "lastrevid": 7, "modified": "2020-01-02T00:00:00Z", "labels": {"en": {"language": "en", "value": "Graustark"}},
+           "claims": {"P36": [{"id": "Q1$a", "rank": "preferred", "mainsnak": {"snaktype": "value", "property": "P36",
+                                "datavalue": {"type": "wikibase-entityid", "value": {"id": "Q2"}}},
+                               "qualifiers": {"P580": [{"snaktype": "value", "property": "P580",
+                                                        "datavalue": {"type": "time", "value": _TIME}}]}}]}},
+    "Q2": {"id": "Q2", "labels": {"mul": {"language": "mul", "value": "Edelweiss"}}},
+    "Q3": {"id": "Q1", "redirects": {"from": "Q3", "to": "Q1"}, "lastrevid": 7},  # merged into Q1
+}}  # fmt: skip
+
+
+def _paths(value, prefix=()):
+    """Every place in a JSON document (dict keys and list indexes) that a value can replace."""
+    yield prefix
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _paths(child, (*prefix, key))
+
+
+@st.composite
+def wikidata_answers(draw):
+    if draw(st.booleans()) and draw(st.booleans()):
+        return draw(st.binary(max_size=400))
+    answer = json.loads(json.dumps(_ANSWER))
+    for _ in range(draw(st.integers(1, 4))):  # replace a few parts with anything JSON
+        path = draw(st.sampled_from(list(_paths(answer))))
+        if not path:
+            answer = draw(json_values)
+            continue
+        parent = answer
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = draw(json_values)
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier replacement removed this place
+    return json.dumps(answer).encode()
+
+
+class _Answering:
+    """A `Fetcher` that gives every request the same answer."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def fetch(self, url, **kwargs):  # noqa: ANN001, ANN003
+        from kmd.sources.net import FetchResult
+
+        return FetchResult(url, 200, self.body, None, None)
+
+
+def _wikidata(body: bytes) -> None:
+    from kmd.sources.wikidata import WikidataSource
+
+    source = WikidataSource(WIKIDATA, LIMITS, _Answering(body), sleep=lambda seconds: None)
+    result = bounded_memory(source.poll, {}, NOW)
+    assert all(isinstance(p, str) and p for p in result.problems)
+    json.dumps(result.cursor)  # the cursor is stored as JSON
+    for claim in result.claims:
+        assert claim.source_id == "wd" and claim.relation == "capital" and claim.observed_at <= NOW
+        assert 0 < len(claim.subject) <= LIMITS.max_field_chars and 0 < len(claim.object) <= LIMITS.max_field_chars
+
+
+globals().update(both(wikidata_answers(), "wikidata_answers_never_raise")(_wikidata))
 
 # -- API bodies -------------------------------------------------------------------------------
 
