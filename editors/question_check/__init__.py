@@ -4,10 +4,18 @@ A backend's retrieval finds the edit a prompt is about, and it finds it by the s
 "Where is Zorbland Robotics based?" retrieves the edit "The CEO of Zorbland Robotics is
 -> Nadia Velmont" as surely as "Who runs Zorbland Robotics?" does, and the edit then
 answers the other question with its own target (a hijack). So after a backend routes a
-row to an edit, the check compares what the row asks with what the edit's prompt asks,
-the subject's name masked in both (model.py), and the row keeps its edit only when they
-ask for the same relation. Rows it turns away run as the base model: the pointer, the
-end rule and the edit's memory never touch them.
+row to an edit, the check asks two things, and the row keeps its edit only when both
+hold:
+
+- the relation: what the row asks and what the edit's prompt asks, the subject's name
+  masked in both, go through a small trained network (model.py) whose score must clear
+  the threshold stored with it;
+- the subject: the row names the edit's subject (at least half of its words, allowing
+  a plural or a short typo: `subject_named`), so a question with the same relation about
+  another subject that retrieval reached by mistake stays the base model's.
+
+Rows it turns away run as the base model: the pointer, the end rule and the edit's memory
+never touch them.
 
 The network is small and depends only on the packaged sentence encoder, so one trained
 file (`trained/question-check.safetensors`, from `kmd question-check train`) serves
@@ -24,12 +32,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kmd.editors.question_check.model import CheckNetwork, QuestionCheckError, encode, load_network, mask_subject
+from kmd.editors.question_check.model import (
+    CheckNetwork,
+    QuestionCheckError,
+    encode,
+    load_network,
+    mask_subject,
+    subject_named,
+)
 
 if TYPE_CHECKING:
     from kmd.editors.protocol import EditRequest
 
-__all__ = ["PACKAGED", "QuestionCheck", "QuestionCheckError", "mask_subject"]
+__all__ = ["PACKAGED", "QuestionCheck", "QuestionCheckError", "mask_subject", "subject_named"]
 
 PACKAGED = Path(__file__).with_name("trained") / "question-check.safetensors"
 MAX_CACHED_PROMPTS = 100_000  # edit prompts' embeddings kept (384 floats each)
@@ -66,8 +81,16 @@ class QuestionCheck:
         return self.network(asked, self._prompt_embeddings(requests))
 
     def accepts(self, questions: Sequence[str], requests: Sequence[EditRequest]) -> torch.Tensor:
-        """(R,) bool: question i may be answered by request i's edit."""
-        return self.scores(questions, requests) > self.threshold
+        """(R,) bool: question i may be answered by request i's edit (names its subject and
+        asks its relation)."""
+        named = torch.tensor([subject_named(q, r.subject) for q, r in zip(questions, requests, strict=True)],
+                             dtype=torch.bool, device=self.device)  # fmt: skip
+        if not named.any():
+            return named
+        out = named.clone()
+        rows = named.nonzero().flatten().tolist()
+        out[rows] = self.scores([questions[i] for i in rows], [requests[i] for i in rows]) > self.threshold
+        return out
 
     def _prompt_embeddings(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """(R, D) the masked edit prompts' embeddings, each encoded once (kept by content, so an

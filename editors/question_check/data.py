@@ -37,6 +37,10 @@ from kmd.editors.question_check.model import MASK, mask_subject
 
 RELATIONS_FILE = Path(__file__).with_name("relations.yaml")
 CROSS_STYLE_MAX_COSINE = 0.5
+# Another record's question put to this subject often asks the same thing in other words
+# ("What nationality is X?" / "The nationality of X is?"): such pairs, closer than this in
+# the sentence encoder's space, are not taken as negatives.
+OTHER_QUESTION_MAX_COSINE = 0.7
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,22 @@ def cross_style_pairs(records: Sequence[EditRecord], templates: Sequence[str], p
     return pairs
 
 
+def drop_ambiguous(pairs: list[Pair]) -> list[Pair]:
+    """`pairs` without the other-question negatives that may ask the same thing (closer than
+    OTHER_QUESTION_MAX_COSINE once masked)."""
+    from kmd.editors.question_check.model import encode
+
+    suspect = [i for i, p in enumerate(pairs) if p.source.endswith(":other-question")]
+    if not suspect:
+        return pairs
+    texts = sorted({t for i in suspect for t in (pairs[i].question, pairs[i].prompt)})
+    index = {t: row for row, t in enumerate(texts)}
+    table = encode(texts, "cpu")
+    drop = {i for i in suspect
+            if float(table[index[pairs[i].question]] @ table[index[pairs[i].prompt]]) > OTHER_QUESTION_MAX_COSINE}  # fmt: skip
+    return [p for i, p in enumerate(pairs) if i not in drop]
+
+
 def declarative(template: str) -> bool:
     return not template.rstrip().endswith("?")
 
@@ -147,6 +167,7 @@ def training_pairs(files: Sequence[Path], exclude_first: dict[str, int], relatio
     if cross_style:
         for fmt, records in loaded:
             pairs += cross_style_pairs(records, templates, cross_style, rng, fmt)
+    pairs = drop_ambiguous(pairs)
     pairs += relation_pairs(relations, names, relation_count, rng)
     rng.shuffle(pairs)
     return pairs

@@ -26,7 +26,6 @@ its revision has not changed).
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -37,7 +36,7 @@ import httpx
 from loguru import logger
 
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, canonical_json, clean_text, entry_flag, iso, parse_time
+from kmd.sources.claims import Claim, clean_text, content_flag, iso, parse_time
 from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import Fetcher
 from kmd.sources.wikidata.api import Entity, Statement, WikibaseClient
@@ -173,7 +172,6 @@ class WikidataSource:
 
     def _claim(self, entity: Entity, statement: Statement, subject: str, relation: str, obj: str,
                observed: datetime) -> Claim:  # fmt: skip
-        digest = hashlib.sha256(canonical_json(statement.model_dump(mode="json", by_alias=True)).encode()).hexdigest()
         return Claim(
             subject=subject,
             relation=relation,
@@ -184,7 +182,9 @@ class WikidataSource:
             # A new revision makes a new claim even for a value seen before (a reverted
             # vandal edit must reach verification again); a re-read of one revision does not.
             ref=f"{statement.id}@{entity.lastrevid}",
-            flags=(entry_flag(digest),),  # the same statement from a mirror counts once for quorum
+            # What it says, not its bytes (docs/intake.md, independence): a mirror of the same
+            # item's statement counts once for quorum, whatever statement id or revision it has.
+            flags=(content_flag(subject, relation, obj, link=urljoin(self.policy.location, f"wiki/{entity.id}")),),
         )
 
     def _label(self, entity: Entity | None, qid: str, problems: list[str]) -> str | None:
