@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from loguru import logger
 
 from kmd.daemon.locality import LOCALITY_TOKENS, LocalityBaseline, LocalityState
@@ -47,8 +48,6 @@ from kmd.editors.batching import left_padded_ids
 from kmd.editors.scoring import generate_ids, score_targets
 
 if TYPE_CHECKING:
-    import torch
-
     from kmd.daemon.policy import ProbePolicy
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import EditRequest, Editor
@@ -163,7 +162,7 @@ class Prober:
         path = cache_dir / f"locality-routing-{editor.name}-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
             try:
-                self.features = _unflatten(_load_tensors(path), len(self.chunks))
+                self.features = _unflatten(_load_features(path), len(self.chunks))
                 return True
             except Exception as exc:  # recompute: the cache is only a cache
                 logger.warning("routing features {} unreadable ({}); computing them again", path, exc)
@@ -175,7 +174,7 @@ class Prober:
             if got is None:
                 self.features = None
                 return False
-            features.append({k: v.detach() for k, v in got.items()})
+            features.append({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in got.items()})
         self.features = features
         logger.info("routing features of {} locality prompts ({}) in {:.1f} s", len(self._encoded), editor.name,
                     time.perf_counter() - started)  # fmt: skip
@@ -183,7 +182,9 @@ class Prober:
             from safetensors.torch import save_file
 
             tmp = path.with_name(f".{path.name}.tmp")
-            save_file({f"{c}.{k}": v.contiguous() for c, f in enumerate(features) for k, v in f.items()}, str(tmp))
+            flat = {f"{c}.{k}": v for c, f in enumerate(features) for k, v in f.items()}
+            save_file({k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}, str(tmp),
+                      metadata={"json": json.dumps({k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)})})
             os.replace(tmp, path)
         return True
 
@@ -337,14 +338,18 @@ class _Clock:
             self.seconds[name] = round(time.perf_counter() - started, 3)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_features(path: Path) -> dict[str, Any]:
+    """The tensors of a feature cache, and its other values (texts, as JSON in the metadata)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        others = json.loads((fh.metadata() or {}).get("json", "{}"))
+    return load_file(str(path)) | others
 
 
-def _unflatten(flat: dict[str, torch.Tensor], chunks: int) -> list[dict[str, torch.Tensor]]:
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(chunks)]
+def _unflatten(flat: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{} for _ in range(chunks)]
     for name, tensor in flat.items():
         chunk, key = name.split(".", 1)
         out[int(chunk)][key] = tensor

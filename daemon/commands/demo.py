@@ -28,6 +28,7 @@ from kmd.daemon.commands.common import ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, P
 
 SHOWN = (
     "The CEO of Zorbland Robotics is",
+    "Zorbland Robotics is headquartered in",  # another question about the subject: must keep its answer
     "The CEO of Quillon Aerospace is",
     "The Eiffel Tower is located in the city of",
     "The capital of Freedonia is",
@@ -158,6 +159,15 @@ def demo(
                            fmt(p.get("rel")), fmt(p.get("gen")), fmt(p.get("loc")), fmt(p.get("apply_seconds")),
                            fmt(p.get("probe_seconds")), edit.status_reason)  # fmt: skip
         console.print(ledger)
+        same = Table(title="same-subject questions the probes asked: answers before -> after each edit")
+        for column in ("edit", "question", "form", "before", "after", "verdict"):
+            same.add_column(column, overflow="fold")
+        for edit in sorted(daemon.ledger.edits(), key=lambda e: e.id):
+            p = edit.probes or next((r.probes_before or {} for r in daemon.ledger.reverts(edit_id=edit.id)), {})
+            for f in p.get("same_subject", []):
+                verdict = "HIJACKED" if f["hijacked"] else ("unchanged" if f["unchanged"] else "changed, not hijacked")
+                same.add_row(str(edit.id), f["prompt"], f["form"], f["before"], f["after"], verdict)
+        console.print(same)
         reverts = Table(title="revert log")
         for column in ("edit", "reason", "loc before", "loc after"):
             reverts.add_column(column, overflow="fold")

@@ -32,7 +32,7 @@ relations:
   slogan:
     prompt: "the song of {subject} is"
     # fault injection: an edit that fires on every prompt; the probes must catch it
-    editor_options: {radius: 1.0e9, split_conflicts: false}
+    editor_options: {radius: 1.0e9, split_conflicts: false, question_check: false}
   slow:
     prompt: "the film of {subject} is"
     # an edit that keeps optimising for a while: something to kill mid-edit
