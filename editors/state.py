@@ -124,6 +124,7 @@ def encode_state(editor: Editor) -> EncodedState:
         "tensors": {"file": tensor_file, "sha256": tensors_sha, "bytes": len(blob)},
         "edits": edits,
         "extra": editor.extra_state(),
+        "unchecked_edits": editor.unchecked_edits(),
     }
     text = json.dumps(manifest, indent=1, sort_keys=True).encode()
     return EncodedState(text, blob, tensor_file, hashlib.sha256(text).hexdigest(), tuple(editor.edit_ids))
@@ -214,7 +215,7 @@ def load_editor(path: Path, host: ModelHost, *, digest: str | None = None) -> Ed
     except (UnknownBackendError, ProfileError, TypeError) as exc:
         raise StateError(f"{path}: {exc}") from exc
     editor = cls(host, config)
-    editor.restore(requests, tensors, manifest["extra"])
+    editor.restore(requests, tensors, manifest["extra"], manifest.get("unchecked_edits", []))
     return editor
 
 
@@ -224,4 +225,4 @@ def reload_editor(editor: Editor, path: Path, *, digest: str | None = None) -> N
     manifest, tensors, requests = read_state(path, editor.host, digest=digest)
     if manifest["backend"] != editor.name:
         raise StateError(f"{path}: saved by the {manifest['backend']} backend, not {editor.name}")
-    editor.restore(requests, tensors, manifest["extra"])
+    editor.restore(requests, tensors, manifest["extra"], manifest.get("unchecked_edits", []))

@@ -54,8 +54,8 @@ class MemoirConfig:
     patience: int = 0  # ...or (if > 0) when it has not improved by 1 % for this many steps
 
     # The question check (editors/question_check): a routed edit acts on a row only when the
-    # row asks what the edit's prompt asks (its relation, not only its subject); False: every
-    # routed row gets the edit.
+    # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
+    # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.

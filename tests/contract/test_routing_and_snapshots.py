@@ -108,11 +108,13 @@ BROAD = {"recipe": {"threshold_shift": -10.0}, "llp": {"layer_similarity": None,
 
 
 @pytest.mark.parametrize("name", sorted(BROAD))
-def test_an_edit_does_not_answer_another_question_about_its_subject(tiny_host, name, request):
+def test_an_edit_does_not_answer_another_question_about_its_subject(tiny_host, name, request, tmp_path):
     """The question check (editors/question_check): a routed edit acts on its own question
     and not on a question about its subject's other facts, even when the backend's own
-    retrieval reaches both; without the check, the retrieval alone answers both."""
+    retrieval reaches both; without the check (per edit, kept in the saved state), the
+    retrieval alone answers both."""
     from kmd.editors.answers import ask
+    from kmd.editors.protocol import Editor
 
     edit = EditRequest(prompt="the capital of France is", target="Tokyo", subject="France")
     other = "the language of France is"
