@@ -20,8 +20,8 @@ SERVED_V2 = (
 )
 METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")  # teacher-forced (and *_em: short greedy)
 COSTS = (
-    "edit_s_mean", "edit_s_p95", "forward_ms_base", "forward_ms_edited",
-    "overhead_ratio", "state_bytes_per_edit", "peak_rss_mb",
+    "edit_s_mean", "edit_s_p95", "edit_s_first_1000", "edit_s_last_1000", "edit_s_last_over_first", "forward_ms_base",
+    "forward_ms_edited", "overhead_ratio", "state_bytes_per_edit", "n_distractors", "peak_rss_mb",
 )
 
 
@@ -45,6 +45,8 @@ def bench(
     profile: ProfileOpt = None,
     chat_template: ChatOpt = False,
     served: Annotated[bool, typer.Option(help="Also generate and judge served answers.")] = True,
+    distract: Annotated[list[str] | None, typer.Option(help="FILE:K: after the evaluated edits, apply K edits from "
+                                                       "FILE's first records (repeatable), then score the evaluated ones.")] = None,
     served_protocol: Annotated[str, typer.Option("--served-protocol", help="v2: every form (plain, chat, sys, multi), "
                                                   "same-subject and portability questions; v1: edit prompts and rephrases, plain and chat.")] = "v2",
 ) -> None:
@@ -62,6 +64,7 @@ def bench(
     try:
         backend_cls = get_backend(backend)
         fmt, records = load_records(data, format, limit)
+        distractors = load_distractors(distract or [])
         overrides = parse_overrides(config or [])
     except (UnknownBackendError, DatasetError, ValueError) as exc:
         raise fail(str(exc)) from exc
@@ -86,6 +89,7 @@ def bench(
         result = run_lifelong(
             host, editor, records, seed=seed, shuffle=shuffle,
             options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2"), progress=progress,
+            distractors=distractors,
         )
     result["dataset"] = str(data)
     result["format"] = fmt
@@ -94,6 +98,22 @@ def bench(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {out}")
+
+
+def load_distractors(items: list[str]) -> list:
+    """The records of each --distract FILE:K (the first K of FILE), in order."""
+    from kmd.editors.bench.data import load_records
+
+    out: list = []
+    for item in items:
+        path, sep, count = item.rpartition(":")
+        if not sep or not path or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--distract expects FILE:K with K >= 1, got {item!r}")
+        _, records = load_records(Path(path), None, int(count))
+        if len(records) < int(count):
+            raise ValueError(f"--distract {item}: the file has only {len(records)} records")
+        out += records
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:

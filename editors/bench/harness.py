@@ -95,6 +95,15 @@ def _forward_ms(host: ModelHost, editor: Editor, prompts: Sequence[str], rounds:
     return min(base), min(edited)
 
 
+def _edit_time_figures(seconds: Sequence[float], window: int = 1000) -> dict[str, Any]:
+    """Edit time over the whole sequence: the mean of the first and of the last `window`
+    edits (the whole sequence when it is shorter than two windows: None)."""
+    if len(seconds) < 2 * window:
+        return {"edit_s_first_1000": None, "edit_s_last_1000": None, "edit_s_last_over_first": None}
+    first, last = _mean(seconds[:window]), _mean(seconds[-window:])
+    return {"edit_s_first_1000": first, "edit_s_last_1000": last, "edit_s_last_over_first": last / first if first else None}
+
+
 def run_lifelong(
     host: ModelHost,
     editor: Editor,
@@ -104,7 +113,11 @@ def run_lifelong(
     shuffle: bool = False,
     options: BenchOptions = BenchOptions(),
     progress: Progress | None = None,
+    distractors: Sequence[EditRecord] = (),
 ) -> dict[str, Any]:
+    """The protocol on `records`; with `distractors`, those are edited too, after the
+    evaluated records and before anything is scored, so the evaluated edits must survive a
+    long lifelong sequence (only the evaluated records are scored)."""
     notify = progress or (lambda phase, done, total: None)
     records = list(records)
     if shuffle:
@@ -124,16 +137,17 @@ def run_lifelong(
     notify("pre pass", 2, 2)
     served_base = served.run_pass(host, None, records, bs, notify, "base answers", options.served_v2) if options.served else None
 
-    # 3. sequential edits
+    # 3. sequential edits: the evaluated records, then the distractors
     edit_seconds: list[float] = []
-    for index, record in enumerate(records):
+    sequence = [*records, *distractors]
+    for index, record in enumerate(sequence):
         request = EditRequest(
             prompt=record.prompt, target=record.target, subject=record.subject, rephrases=record.rephrases
         )
         start = time.perf_counter()
         editor.apply(request)
         edit_seconds.append(time.perf_counter() - start)
-        notify("editing", index + 1, n)
+        notify("editing", index + 1, len(sequence))
 
     # 4. score everything on the final model
     rel_pairs = [(r.prompt, r.target) for r in records]
@@ -193,7 +207,9 @@ def run_lifelong(
         "forward_ms_base": forward_base,
         "forward_ms_edited": forward_edited,
         "overhead_ratio": forward_edited / forward_base if forward_base else None,
-        "state_bytes_per_edit": state_bytes / n if n else None,
+        "state_bytes_per_edit": state_bytes / len(sequence) if sequence else None,
+        "n_distractors": len(distractors),
+        **_edit_time_figures(edit_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **served_figures,
         "protocol": PROTOCOL,

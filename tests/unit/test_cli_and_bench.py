@@ -129,3 +129,16 @@ def test_served_v2_counts_hijacks_and_unchanged_same_subject_answers(tiny_host, 
     first = broad["answers_sample"][0]
     assert first["plain"]["same"] == "the language of France is" and first["plain"]["same_hijacked"] is True
     assert {"base", "edited", "correct"} <= set(first["sys"]) and {"base", "edited", "correct"} <= set(first["multi"])
+
+
+def test_distractors_are_edited_after_the_evaluated_records_and_not_scored(tiny_host):
+    """`kmd bench --distract FILE:K`: K more edits after the N evaluated ones; only the N are
+    scored, on the model holding all N + K; cost figures cover the whole sequence."""
+    distractors = [EditRecord(str(i), f"the {w} of Japan is", "cherry", "Japan", (), "the dog and the cat", "sky")
+                   for i, w in enumerate(("river", "language", "capital"))]  # fmt: skip
+    editor = get_backend("fake")(tiny_host)
+    result = run_lifelong(tiny_host, editor, RECORDS, distractors=distractors)
+    assert result["n_edits"] == 2 and result["n_distractors"] == 3 and len(editor.edit_ids) == 5
+    assert result["rel"] == 1.0 and result["served_protocol"].startswith("lifelong-served/")
+    assert result["edit_s_first_1000"] is None  # fewer than two windows of edits
+    assert result["state_bytes_per_edit"] > 0
