@@ -90,7 +90,7 @@ def threshold_for(logits: torch.Tensor, labels: torch.Tensor, recall: float) -> 
     positives = logits[labels > 0.5].sort().values
     if positives.numel() == 0:
         return 0.0
-    k = int((1.0 - recall) * positives.numel())
+    k = int((1.0 - recall) * positives.numel() + 1e-9)  # 1e-9: (1 - 0.8) * 5 is 0.99999...
     return float(positives[k]) - 1e-6
 
 

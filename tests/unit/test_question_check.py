@@ -1,0 +1,68 @@
+"""The question check (editors/question_check): the subject rule, the shipped network on the
+questions a user asks after a news item, and training end to end on a small set."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kmd.editors.protocol import EditRequest
+from kmd.editors.question_check import QuestionCheck, mask_subject, subject_named
+from kmd.editors.question_check.data import MASK, load_relations, relation_pairs
+from kmd.editors.question_check.model import load_network
+from kmd.editors.question_check.train import CheckTrainOptions, threshold_for, train
+
+
+def test_subject_named_needs_half_the_words_and_allows_plurals():
+    assert subject_named("Where is Zorbland Robotics headquartered?", "Zorbland Robotics")
+    assert subject_named("Who runs Zorbland?", "Zorbland Robotics")  # half the words
+    assert subject_named("Who founded the Karashimas?", "Karashima")  # a plural
+    assert not subject_named("The gender of Marie Curie is", "Ingrīda Amantova")
+    assert not subject_named("Who runs Rob?", "Zorbland Robotics")  # a prefix under 4 letters is no match
+    assert subject_named("anything at all", None)  # no subject: nothing to check
+
+
+def test_mask_subject_is_whole_and_case_insensitive():
+    assert mask_subject("Who is the CEO of zorbland robotics?", "Zorbland Robotics") == f"Who is the CEO of {MASK}?"
+    assert mask_subject("The CEO of X is", "X") == "The CEO of X is"  # one letter: left alone
+
+
+CEO = EditRequest(prompt="The CEO of Zorbland Robotics is", target="Nadia Velmont", subject="Zorbland Robotics")
+BORN = EditRequest(prompt="The place of birth of Ingrīda Amantova is", target="Riga", subject="Ingrīda Amantova")
+
+
+@pytest.mark.parametrize(("question", "request_", "expected"), [
+    ("Who is the CEO of Zorbland Robotics?", CEO, True),
+    ("Who runs Zorbland Robotics as its chief executive?", CEO, True),
+    ("The CEO of Zorbland Robotics is", CEO, True),
+    ("Where is Zorbland Robotics headquartered?", CEO, False),  # same subject, another relation
+    ("When was Zorbland Robotics founded?", CEO, False),
+    ("Who is the CEO of Quillon Aerospace?", CEO, False),  # same relation, another subject
+    ("Where was Ingrīda Amantova born?", BORN, True),
+    ("The gender of Ingrīda Amantova is", BORN, False),  # the issue's LLP hijack
+    ("What is the occupation of Ingrīda Amantova?", BORN, False),
+])  # fmt: skip
+def test_the_shipped_check_keeps_an_edit_to_its_own_question(question, request_, expected):
+    check = QuestionCheck.load()
+    assert check.accepts([question], [request_]).tolist() == [expected]
+
+
+def test_threshold_lets_the_asked_share_of_positives_through():
+    logits = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0, 5.0, -4.0])
+    labels = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    assert (logits[labels > 0.5] > threshold_for(logits, labels, 1.0)).all()
+    assert (logits[labels > 0.5] > threshold_for(logits, labels, 0.8)).sum() == 4
+
+
+def test_training_end_to_end_saves_a_check_that_loads_and_separates_relations(tmp_path):
+    relations = {k: v for k, v in sorted(load_relations().items())[:12]}
+    pairs = relation_pairs(relations, ["Ada Lovelace", "Quillon Aerospace"], 300, random.Random(0))
+    info = train(pairs, tmp_path, CheckTrainOptions(epochs=8, batch_size=16, lr=3e-3, relation_pairs=0, cross_style=0, val_fraction=0.2, recall=0.9))
+    network, threshold, stored = load_network(tmp_path / "question-check.safetensors")
+    assert threshold == pytest.approx(info["threshold"]) and stored["best_epoch"] == info["best_epoch"]
+    assert info["validation"]["recall"] >= 0.9  # the threshold was set for it
+    assert info["validation"]["false_accept"] < 0.5  # and it tells relations apart better than chance
+    check = QuestionCheck.load(tmp_path / "question-check.safetensors")
+    assert check.threshold == pytest.approx(threshold)
