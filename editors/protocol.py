@@ -279,7 +279,15 @@ class Editor(ABC):
     @contextmanager
     def query(self, prompt_mask: torch.Tensor | None) -> Iterator[Routing]:
         """Route the forwards inside this block (this thread only) by `prompt_mask` (B, T) bool."""
-        routing = Routing(prompt_mask, owner=self)
+        with self.resume(Routing(prompt_mask, owner=self)) as routing:
+            yield routing
+
+    @contextmanager
+    def resume(self, routing: Routing) -> Iterator[Routing]:
+        """Run more forwards (this thread only) in a routing context made before, by `query`
+        or `regroup`: the decode steps of a served batch that is kept between blocks."""
+        if routing.owner is not self:
+            raise ValueError(f"{self.name}: that routing context belongs to another editor")
         with self._lock:
             self._users += 1
             self._sync_hooks()  # a retired snapshot still serves the requests that hold it
@@ -304,6 +312,26 @@ class Editor(ABC):
             with self._lock:
                 self._suspended -= 1
                 self._sync_hooks()
+
+    def regroup(self, parts: Sequence[tuple[Routing, torch.Tensor]]) -> Routing:
+        """The routing context of a batch made of rows of batches whose prefill ran under this
+        editor (continuous batching: rows leave a running batch, others join it): part k gives
+        its rows `keep_k` ((n_k,) indices into its batch, in the new order), after those of
+        part k - 1. Each row keeps its decision and answer tracking, so the new batch's decode
+        steps compute for every row what they would in its own batch (contract suite)."""
+        from kmd.editors.regroup import Regroup
+
+        if any(routing.owner is not self for routing, _ in parts):
+            raise ValueError(f"{self.name}: cannot regroup routing contexts of another editor")
+        how = Regroup(tuple(keep.long().cpu() for _, keep in parts))
+        decisions = [routing.decisions for routing, _ in parts]
+        merged = self._regroup(how, decisions) if any(decisions) else {}
+        return Routing(None, merged, owner=self)
+
+    def _regroup(self, how: Any, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A backend's entries of the regrouped decisions (`how`: an `editors.regroup.Regroup`;
+        `decisions`: each part's `Routing.decisions` after its prefill)."""
+        raise NotImplementedError(f"{self.name}: its routing decisions cannot be regrouped (no _regroup)")
 
     def routing(self) -> Routing:
         """The routing context for the forward in progress (used by backend hooks)."""
