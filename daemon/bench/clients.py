@@ -1,0 +1,196 @@
+"""What `kmd bench-serve` measures with: OpenAI clients against the daemon, and the plain
+transformers `generate` of the unedited model as the reference.
+
+Every figure is over requests: tokens/s (completion tokens over the phase's wall time),
+time to first token (from sending the request to the first text chunk of a streamed
+answer) and per-token latency (a streamed answer's time from its first to its last chunk
+over its tokens after the first), p50 and p95.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Answer:
+    prompt: str
+    ok: bool
+    seconds: float
+    tokens: int = 0
+    ttft: float | None = None  # streamed answers only
+    per_token: float | None = None
+    text: str = ""
+    fingerprint: str | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+@dataclass
+class Phase:
+    name: str
+    path: str  # what answered: the daemon's OpenAI endpoint, transformers' generate, the engine in process
+    clients: int
+    answers: list[Answer] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(not a.ok for a in self.answers)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(a.tokens for a in self.answers if a.ok) / self.seconds if self.seconds else 0.0
+
+    def pct(self, key: str, q: float) -> float | None:
+        values = sorted(v for a in self.answers if a.ok and (v := getattr(a, key)) is not None)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+    def summary(self) -> dict[str, Any]:
+        ok = [a for a in self.answers if a.ok]
+        return {"path": self.path, "clients": self.clients, "requests": len(self.answers), "failed": self.failed,
+                "seconds": self.seconds, "tokens": sum(a.tokens for a in ok), "tokens_per_s": self.tokens_per_s,
+                "requests_per_s": len(ok) / self.seconds if self.seconds else 0.0,
+                "ttft_p50_s": self.pct("ttft", 0.5), "ttft_p95_s": self.pct("ttft", 0.95),
+                "per_token_p50_s": self.pct("per_token", 0.5), "per_token_p95_s": self.pct("per_token", 0.95),
+                "latency_p50_s": self.pct("seconds", 0.5), "latency_p95_s": self.pct("seconds", 0.95)}  # fmt: skip
+
+
+def run_clients(phase: Phase, requests: int, prompts: Sequence[str], ask: Callable[[Any, str], Answer],
+                make_client: Callable[[], Any]) -> Phase:  # fmt: skip
+    """`phase.clients` threads, each with its own client, ask `requests` prompts in all (round robin)."""
+    lock, counter = threading.Lock(), iter(range(requests))
+
+    def worker() -> None:
+        client = make_client()
+        while True:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                return
+            answer = ask(client, prompts[n % len(prompts)])
+            with lock:
+                phase.answers.append(answer)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, name=f"bench-client-{i}") for i in range(phase.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    phase.seconds = time.perf_counter() - started
+    return phase
+
+
+def openai_asker(model: str, max_tokens: int, *, chat: bool, stream: bool) -> Callable[[Any, str], Answer]:
+    """One request through the official client: a chat turn (or a plain completion), streamed or not."""
+    import openai
+
+    def ask(client: openai.OpenAI, prompt: str) -> Answer:
+        started = time.perf_counter()
+        first = last = None
+        parts: list[str] = []
+        tokens, fingerprint = 0, None
+        args: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+        try:
+            if chat:
+                reply = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], stream=stream,
+                                                       **({"stream_options": {"include_usage": True}} if stream else {}), **args)  # fmt: skip
+            else:
+                reply = client.completions.create(prompt=prompt, stream=stream,
+                                                  **({"stream_options": {"include_usage": True}} if stream else {}), **args)  # fmt: skip
+            if not stream:
+                choice = reply.choices[0]
+                text = choice.message.content if chat else choice.text
+                return Answer(prompt, True, time.perf_counter() - started, reply.usage.completion_tokens, text=text or "",
+                              fingerprint=reply.system_fingerprint)  # fmt: skip
+            for chunk in reply:
+                fingerprint = chunk.system_fingerprint or fingerprint
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+                if chunk.choices:
+                    delta = chunk.choices[0].delta.content if chat else chunk.choices[0].text
+                    if delta:
+                        last = time.perf_counter()
+                        first = first or last
+                        parts.append(delta)
+        except openai.APIError as exc:
+            return Answer(prompt, False, time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"[:200],
+                          status=getattr(exc, "status_code", None))  # fmt: skip
+        seconds = time.perf_counter() - started
+        per_token = (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else None
+        return Answer(prompt, True, seconds, tokens, first - started if first else None, per_token, "".join(parts),
+                      fingerprint)  # fmt: skip
+
+    return ask
+
+
+class _Clock:
+    """A transformers streamer that notes when each step's tokens come out (the first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def reference_phase(name: str, host: Any, prompts: Sequence[str], requests: int, batch: int, max_tokens: int,
+                    *, chat: bool) -> Phase:  # fmt: skip
+    """The unedited model through plain transformers `generate` (greedy, KV cache): `requests`
+    prompts in left-padded batches of `batch` (1: one at a time, as a serial client)."""
+    import torch
+
+    from kmd.editors.batching import left_padded_ids
+    from kmd.editors.protocol import base_model
+
+    encode = (lambda p: host.chat.encode([{"role": "user", "content": p}])) if chat else host.encode
+    phase = Phase(name, "transformers generate", batch)
+    eos = host.tokenizer.eos_token_id
+    started = time.perf_counter()
+    for start in range(0, requests, batch):
+        chunk = [prompts[n % len(prompts)] for n in range(start, min(start + batch, requests))]
+        ids, attention = left_padded_ids(host, [encode(p) for p in chunk])
+        clock = _Clock()
+        t0 = time.perf_counter()
+        with torch.no_grad(), base_model():  # no editor acts (none has edits yet: no hook is even installed)
+            out = host.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_tokens, do_sample=False,
+                                      use_cache=True, pad_token_id=host.tokenizer.pad_token_id, streamer=clock,
+                                      temperature=None, top_p=None, top_k=None)  # fmt: skip
+        steps = clock.times[1:]  # (one per new token of the batch)
+        for row, prompt in enumerate(chunk):
+            new = out[row, ids.shape[1] :].tolist()
+            tokens = new.index(eos) + 1 if eos in new else len(new)
+            end = steps[tokens - 1] if tokens else t0
+            per_token = (end - steps[0]) / (tokens - 1) if tokens > 1 else None
+            phase.answers.append(Answer(prompt, True, end - t0, tokens, steps[0] - t0 if steps else None, per_token))
+    phase.seconds = time.perf_counter() - started
+    return phase
+
+
+def engine_phase(name: str, engine: Any, prompts: Sequence[str], requests: int, batch: int, max_tokens: int,
+                 *, chat: bool) -> Phase:  # fmt: skip
+    """The serving engine in process (no HTTP): `batch` requests at a time, like `reference_phase`."""
+    from kmd.daemon.serving import GenerationRequest
+
+    host = engine.host
+    encode = (lambda p: host.chat.encode([{"role": "user", "content": p}])) if chat else host.encode
+    phase = Phase(name, "kmd engine (in process)", batch)
+    started = time.perf_counter()
+    for start in range(0, requests, batch):
+        chunk = [prompts[n % len(prompts)] for n in range(start, min(start + batch, requests))]
+        t0 = time.perf_counter()
+        streams = [engine.submit(GenerationRequest(encode(p), max_tokens)) for p in chunk]
+        for prompt, stream in zip(chunk, streams, strict=True):
+            stream.result(600)
+            phase.answers.append(Answer(prompt, True, time.perf_counter() - t0, len(stream.tokens),
+                                        text=host.tokenizer.decode(stream.tokens, skip_special_tokens=True)))  # fmt: skip
+    phase.seconds = time.perf_counter() - started
+    return phase
