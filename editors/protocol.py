@@ -15,8 +15,11 @@ Concurrency: the routing context of a forward lives in a context variable (one p
 thread), not on the editor, and names the editor whose edits act on that forward. So
 several editors may have hooks on one model (a serving snapshot made with `fork()` and
 the writer's working editor), and concurrent forwards in other threads never see each
-other's routing. Two optional methods, `routing_features` and `routes`, let callers
-(the daemon's locality probes) tell from prompt tokens alone which rows an edit reaches.
+other's routing. A served batch that rows join and leave (continuous batching) keeps its
+routing context between forwards: `resume` re-enters it and `regroup` carries each row's
+decision into a new batch (backends implement `_regroup`). Two optional methods,
+`routing_features` and `routes`, let callers (the daemon's locality probes) tell from
+prompt tokens alone which rows an edit reaches.
 """
 
 from __future__ import annotations
