@@ -227,9 +227,10 @@ def create_app(daemon: Service) -> FastAPI:
     @app.post("/v1/generate")
     async def generate(body: GenerateBody, request: Request, _: Read) -> dict[str, Any]:
         try:
-            engine = daemon.engine()
+            engine, who = daemon.engine(), caller(request)
+            engine.scheduler.check(who, body.max_new_tokens)  # refused before any work is spent on the request
             prompt_ids = engine.host.encode(engine.host.format_prompt(body.prompt))
-            stream = engine.submit(GenerationRequest(prompt_ids, body.max_new_tokens, caller=caller(request)))
+            stream = engine.submit(GenerationRequest(prompt_ids, body.max_new_tokens, caller=who))
             tokens = [token async for token in stream]
         except NotServingError as exc:
             raise HTTPException(503, str(exc)) from exc

@@ -1,6 +1,8 @@
 """What `kmd bench-serve` measures with: OpenAI clients against the daemon, and the plain
 transformers `generate` of the unedited model as the reference.
 
+The OpenAI clients run in a process of their own (`in_own_process`), as real clients do:
+in the server's process their threads would compete with it for the interpreter lock.
 Every figure is over requests: tokens/s (completion tokens over the phase's wall time),
 time to first token (from sending the request to the first text chunk of a streamed
 answer) and per-token latency (a streamed answer's time from its first to its last chunk
@@ -84,6 +86,76 @@ def run_clients(phase: Phase, requests: int, prompts: Sequence[str], ask: Callab
         t.join()
     phase.seconds = time.perf_counter() - started
     return phase
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how the clients ask (picklable: it crosses to the clients' process)."""
+
+    base_url: str
+    api_key: str
+    model: str
+    chat: bool  # chat completions (else plain completions)
+    max_tokens: int
+    max_retries: int = 0  # the official client's own retries (they honour Retry-After)
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=self.max_retries, timeout=600)
+
+
+def openai_phase(endpoint: Endpoint, name: str, clients: int, requests: int, prompts: Sequence[str], stream: bool) -> Phase:
+    """`clients` OpenAI clients ask `requests` prompts in all."""
+    ask = openai_asker(endpoint.model, endpoint.max_tokens, chat=endpoint.chat, stream=stream)
+    path = f"kmd OpenAI{' stream' if stream else ''}"
+    return run_clients(Phase(name, path, clients), requests, prompts, ask, endpoint.client)
+
+
+def flood(endpoint: Endpoint, clients: int, seconds: float, prompts: Sequence[str]) -> dict[str, int]:
+    """`clients` clients ask (not streamed) without pause for `seconds`; how they were answered."""
+    ask = openai_asker(endpoint.model, endpoint.max_tokens, chat=endpoint.chat, stream=False)
+    stop, answers, lock = threading.Event(), [], threading.Lock()
+
+    def worker(k: int) -> None:
+        client = endpoint.client()
+        n = k
+        while not stop.is_set():
+            answer = ask(client, prompts[n % len(prompts)])
+            n += clients
+            with lock:
+                answers.append(answer)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(timeout=600)
+    return {"answered": sum(a.ok for a in answers), "refused_429": sum(a.status == 429 for a in answers),
+            "other_errors": sum(not a.ok and a.status != 429 for a in answers)}  # fmt: skip
+
+
+def in_own_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """Start `fn(*args)` in a fresh process (its clients then never take this process's
+    interpreter lock); returns a handle whose `.get()` is the result."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    return _Started(pool, pool.apply_async(fn, args))
+
+
+class _Started:
+    def __init__(self, pool: Any, result: Any) -> None:
+        self.pool, self.result = pool, result
+
+    def get(self, timeout: float | None = None) -> Any:
+        try:
+            return self.result.get(timeout)
+        finally:
+            self.pool.close()
+            self.pool.join()
 
 
 def openai_asker(model: str, max_tokens: int, *, chat: bool, stream: bool) -> Callable[[Any, str], Answer]:

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kmd.daemon.bench.clients import Phase, engine_phase, openai_asker, reference_phase, run_clients
+from kmd.daemon.bench.clients import Endpoint, Phase, engine_phase, flood, in_own_process, openai_phase, reference_phase
 from kmd.daemon.bench.loop import COMPANY, FIRST, LAST, demo_backend, demo_workdir
 from kmd.daemon.commands.common import DeviceOpt, ModelOpt
 
@@ -107,7 +107,7 @@ def bench_serve(
     requests: Annotated[int, typer.Option(min=1, help="Requests per concurrent phase.")] = 64,
     serial_requests: Annotated[int, typer.Option(min=1, help="Requests of the one-client phases.")] = 16,
     max_tokens: Annotated[int, typer.Option(min=1, max=256, help="max_tokens of every request.")] = 32,
-    flood: Annotated[int, typer.Option(min=0, help="Anonymous clients flooding while an operator reverts (0: skip).")] = 80,
+    flood_clients: Annotated[int, typer.Option("--flood", min=0, help="Anonymous clients flooding while an operator reverts (0: skip).")] = 80,
     edits: Annotated[int, typer.Option(min=0, help="Edits applied for the edited-serving cost (0: skip).")] = 1000,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
@@ -116,8 +116,6 @@ def bench_serve(
     workdir: Annotated[Path | None, typer.Option(help="State and ledger directory (default: a new temp dir).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
 ) -> None:
-    import httpx
-    import openai
     import torch
     from rich.console import Console
 
@@ -146,10 +144,10 @@ def bench_serve(
         host = maintainer.host
         chat = host.chat.available
         name = host.identity.name
-        ask = openai_asker(name, max_tokens, chat=chat, stream=True)
+        endpoint = Endpoint(base_url, token, name, chat, max_tokens)
 
-        def client() -> openai.OpenAI:
-            return openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=600)
+        def ask(phase: str, n_clients: int, n_requests: int, prompts: list[str]) -> Phase:
+            return in_own_process(openai_phase, endpoint, phase, n_clients, n_requests, prompts, True).get()
 
         console.print("reference: transformers generate, unedited ...")
         phases["reference serial"] = reference_phase("serial", host, GENERIC, serial_requests, 1, max_tokens, chat=chat)
@@ -170,12 +168,11 @@ def bench_serve(
             states[f"kmd-{served.version[:12]}" if served.version else "kmd-base"] = {s for s in held if s}
 
         record_state()
-        run_clients(Phase("warm-up", "", 1), 2, GENERIC, ask, client)
+        ask("warm-up", 1, 2, list(GENERIC))
         console.print("serial ...")
-        phases["serial"] = run_clients(Phase("serial", "kmd OpenAI stream", 1), serial_requests, GENERIC, ask, client)
+        phases["serial"] = ask("serial", 1, serial_requests, list(GENERIC))
         console.print(f"{clients} clients, idle ...")
-        phases["concurrent"] = run_clients(Phase(f"{clients} clients", "kmd OpenAI stream", clients), requests,
-                                           GENERIC, ask, client)  # fmt: skip
+        phases["concurrent"] = ask(f"{clients} clients", clients, requests, list(GENERIC))
         console.print(f"{clients} clients, during an edit loop ...")
         done, edit_log = threading.Event(), []
 
@@ -196,8 +193,7 @@ def bench_serve(
         loop.start()
         try:
             mixed = [p for pair in zip(asked, GENERIC) for p in pair]
-            phases["during edits"] = run_clients(Phase(f"{clients} clients, edit loop", "kmd OpenAI stream", clients),
-                                                 requests, mixed, ask, client)  # fmt: skip
+            phases["during edits"] = ask(f"{clients} clients, edit loop", clients, requests, mixed)
         finally:
             done.set()
             loop.join()
@@ -213,9 +209,9 @@ def bench_serve(
         figures["edits_during"] = edit_log
         figures["stale_answers"], figures["unknown_states"] = stale, unknown
 
-        if flood:
-            console.print(f"flood: {flood} anonymous clients, and an operator's revert ...")
-            figures["flood"] = _flood(daemon, base_url, name, flood, chat, httpx, openai)
+        if flood_clients:
+            console.print(f"flood: {flood_clients} anonymous clients, and an operator's revert ...")
+            figures["flood"] = _flood(daemon, endpoint, flood_clients)
     finally:
         daemon.stopping.set()
         if daemon._server is not None:
@@ -244,27 +240,22 @@ def bench_serve(
         out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
-def _flood(daemon: Any, base_url: str, model: str, clients: int, chat: bool, httpx: Any, openai: Any) -> dict[str, Any]:
-    """`clients` anonymous clients ask without pause; after 2 s an operator reverts the newest
-    committed edit and reads /healthz. How long both take, and how the flood was answered."""
-    ask = openai_asker(model, 64, chat=chat, stream=False)
-    stop, answers, lock = threading.Event(), [], threading.Lock()
+def _flood(daemon: Any, endpoint: Endpoint, clients: int) -> dict[str, Any]:
+    """`clients` anonymous clients (the official client: it retries a 429 after its
+    Retry-After) ask without pause; meanwhile an operator reverts the newest committed edit
+    and reads /healthz. How long both take, and how the flood was answered."""
+    import httpx
 
-    def flooder() -> None:
-        anonymous = openai.OpenAI(base_url=base_url, api_key="anonymous", max_retries=0, timeout=600)
-        while not stop.is_set():
-            answer = ask(anonymous, GENERIC[len(answers) % len(GENERIC)])
-            with lock:
-                answers.append(answer)
-            if answer.status == 429:
-                time.sleep(0.05)  # as a client that honours nothing but does not spin
-
-    threads = [threading.Thread(target=flooder, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)
+    anonymous = Endpoint(endpoint.base_url, "anonymous", endpoint.model, endpoint.chat, 64, max_retries=2)
+    engine = daemon.engine()
+    before = engine.stats.requests
+    flooding = in_own_process(flood, anonymous, clients, 15.0, list(GENERIC))
+    deadline = time.monotonic() + 60
+    while engine.stats.requests - before < min(clients, 8) and time.monotonic() < deadline:  # the flood is on
+        time.sleep(0.1)
+    time.sleep(1.0)
     committed = daemon.ledger.committed_edits()
-    root = base_url.removesuffix("/v1")
+    root = endpoint.base_url.removesuffix("/v1")
     revert_status = revert_s = None
     with httpx.Client(timeout=120) as http:
         started = time.perf_counter()
@@ -273,15 +264,10 @@ def _flood(daemon: Any, base_url: str, model: str, clients: int, chat: bool, htt
         if committed:  # the newest committed edit
             started = time.perf_counter()
             revert = http.post(f"{root}/v1/edits/{committed[-1].id}/revert", json={"reason": "bench-serve: revert under a flood"},
-                               headers={"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"})  # fmt: skip
+                               headers={"Authorization": f"Bearer {endpoint.api_key}"})  # fmt: skip
             revert_s, revert_status = time.perf_counter() - started, revert.status_code
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join(timeout=600)
     return {"clients": clients, "revert_status": revert_status, "revert_s": revert_s, "healthz_status": health.status_code,
-            "healthz_s": healthz, "answered": sum(a.ok for a in answers), "refused_429": sum(a.status == 429 for a in answers),
-            "other_errors": sum(not a.ok and a.status != 429 for a in answers)}  # fmt: skip
+            "healthz_s": healthz, **flooding.get()}  # fmt: skip
 
 
 def _print(console: Any, figures: dict[str, Any], max_tokens: int) -> None:

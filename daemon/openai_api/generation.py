@@ -77,6 +77,13 @@ def check_length(host: ModelHost, prompt_ids: Sequence[int], max_tokens: int, pa
                                f"model's context of {context} tokens", param=param, code="context_length_exceeded")  # fmt: skip
 
 
+def refusal(exc: Refused) -> OpenAIError:
+    """The serving engine's refusal in OpenAI's shape (429 with Retry-After: the budget is spent)."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    code = {429: "rate_limit_exceeded", 400: "max_tokens_over_budget"}.get(exc.status)
+    return OpenAIError(exc.status, str(exc), param="max_tokens" if exc.status == 400 else None, code=code, headers=headers)
+
+
 def max_tokens_for(engine: ServingEngine, body: GenerationBody, caller: str) -> int:
     """The request's max_tokens; unasked, OpenAI's default capped by the caller's budget (a
     request that asks for more than its budget allows is refused when submitted)."""
@@ -154,10 +161,7 @@ class Generation:
         try:
             self.stream = engine.submit(GenerationRequest(prompt_ids, self.max_tokens, caller=caller, sampling=sampling))
         except Refused as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-            code = {429: "rate_limit_exceeded", 400: "max_tokens_over_budget"}.get(exc.status)
-            raise OpenAIError(exc.status, str(exc), param="max_tokens" if exc.status == 400 else None, code=code,
-                              headers=headers) from exc  # fmt: skip
+            raise refusal(exc) from exc
         self.text = StopText(engine.host.tokenizer, body.stops)
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -28,9 +28,11 @@ from kmd.daemon.openai_api.generation import (
     error_event,
     fingerprint,
     max_tokens_for,
+    refusal,
     served_model_id,
     stream_response,
 )
+from kmd.daemon.serving import Refused
 from kmd.daemon.surface import NotServingError
 
 if TYPE_CHECKING:
@@ -52,9 +54,15 @@ def openai_router(daemon: Service) -> APIRouter:
         except NotServingError as exc:
             raise OpenAIError(503, str(exc)) from exc
 
-    def start(request: Request, engine: ServingEngine, prompt_ids: list[int], body: GenerationBody, param: str) -> Generation:
+    def start(request: Request, engine: ServingEngine, encode: Callable[[], list[int]], body: GenerationBody,
+              param: str) -> Generation:  # fmt: skip
         who = caller(request)
         limit = max_tokens_for(engine, body, who)
+        try:
+            engine.scheduler.check(who, limit)  # refused before any work is spent on the request
+        except Refused as exc:
+            raise refusal(exc) from exc
+        prompt_ids = encode()
         check_length(engine.host, prompt_ids, limit, param)
         return Generation(engine, prompt_ids, body, limit, who)
 
@@ -89,7 +97,7 @@ def openai_router(daemon: Service) -> APIRouter:
     async def chat(body: ChatBody, request: Request, _: Read) -> dict[str, Any] | StreamingResponse:
         name = check_model(daemon, body.model)
         e = engine()
-        gen = start(request, e, chat_prompt_ids(e.host, body.messages), body, "messages")
+        gen = start(request, e, lambda: chat_prompt_ids(e.host, body.messages), body, "messages")
         if not body.stream:
             text = await collect(gen)
             return await head(gen, "chatcmpl", name) | {"object": "chat.completion", "usage": gen.usage, "choices": [
@@ -119,7 +127,7 @@ def openai_router(daemon: Service) -> APIRouter:
     async def completions(body: CompletionBody, request: Request, _: Read) -> dict[str, Any] | StreamingResponse:
         name = check_model(daemon, body.model)
         e = engine()
-        gen = start(request, e, e.host.encode(body.text), body, "prompt")  # as is: never chat-wrapped
+        gen = start(request, e, lambda: e.host.encode(body.text), body, "prompt")  # as is: never chat-wrapped
         if not body.stream:
             text = await collect(gen)
             return await head(gen, "cmpl", name) | {"object": "text_completion", "usage": gen.usage, "choices": [

@@ -66,20 +66,34 @@ class Scheduler:
         except KeyError:
             raise ValueError(f"no budget for caller {caller!r}") from None
 
+    def check(self, caller: str, max_tokens: int) -> None:
+        """Refuse now (`Refused`) a request `submit` would refuse: callers check before they
+        spend work on a request (tokenizing it); `submit` checks again."""
+        self._refuse_when_too_long(caller, max_tokens)
+        with self._lock:
+            self._refuse_when_full(caller)
+
     def submit(self, request: Waiting) -> None:
         """Queue a request, or refuse it now (`Refused`) when its caller's budget is spent."""
-        budget = self.budget(request.caller)
-        if budget.concurrent == 0:
-            raise Refused(f"{request.caller} callers may not generate here", status=403)
-        if request.max_tokens > budget.max_tokens:
-            raise Refused(f"at most {budget.max_tokens} new tokens per request for {request.caller} callers", status=400)
+        self._refuse_when_too_long(request.caller, request.max_tokens)
         with self._lock:
-            queue = self._waiting[request.caller]
-            if len(queue) + self._running[request.caller] >= budget.concurrent + budget.queued:
-                self.rejected += 1
-                raise Refused(f"{len(queue)} {request.caller} requests are waiting already; retry later",
-                              retry_after=self._retry_after(request.caller))  # fmt: skip
-            queue.append(request)
+            self._refuse_when_full(request.caller)
+            self._waiting[request.caller].append(request)
+
+    def _refuse_when_too_long(self, caller: str, max_tokens: int) -> None:
+        budget = self.budget(caller)
+        if max_tokens > budget.max_tokens:
+            raise Refused(f"at most {budget.max_tokens} new tokens per request for {caller} callers", status=400)
+
+    def _refuse_when_full(self, caller: str) -> None:
+        budget = self.budget(caller)
+        if budget.concurrent == 0:
+            raise Refused(f"{caller} callers may not generate here", status=403)
+        waiting = len(self._waiting[caller])
+        if waiting + self._running[caller] >= budget.concurrent + budget.queued:
+            self.rejected += 1
+            raise Refused(f"{waiting} {caller} requests are waiting already; retry later",
+                          retry_after=self._retry_after(caller))  # fmt: skip
 
     def admit(self) -> list[Waiting]:
         """The waiting requests that start at this step (they count as running from now)."""
