@@ -33,12 +33,8 @@ class Regroup:
 
     keep: tuple[torch.Tensor, ...]
 
-    @property
-    def size(self) -> int:
-        return sum(int(k.numel()) for k in self.keep)
-
     def dense(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One value per row of each part ((B_k, ...)) -> (size, ...) for the new batch."""
+        """One value per row of each part ((B_k, ...)) -> (n, ...) for the new batch, n = sum of n_k."""
         return torch.cat([v[k.to(v.device)] for v, k in zip(values, self.keep, strict=True)])
 
     def dense_list(self, values: Sequence[Sequence[T]]) -> list[T]:
@@ -66,10 +62,6 @@ class Regroup:
         routed rows (`routed`'s order)."""
         taken = [v[p.to(v.device)] for v, p in zip(values, picks, strict=True)]
         return torch.cat([t for t in taken if t.shape[0]] or taken[:1])
-
-    @staticmethod
-    def pick_list(values: Sequence[Sequence[T]], picks: Sequence[torch.Tensor]) -> list[T]:
-        return [v[i] for v, p in zip(values, picks, strict=True) for i in p.tolist()]
 
 
 def entries(decisions: Sequence[dict[str, Any]], key: str) -> list[Any] | None:
