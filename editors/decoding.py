@@ -3,18 +3,17 @@
     batch = DecodeBatch.prefill(host, editor, [ids_a, ids_b])   # one left-padded forward
     batch.logits                                  # (B, V) float32: each row's next-token logits
     batch.step(tokens)                            # (B,) each row's chosen token: one decode step
-    batch = DecodeBatch.merge([batch, joining])   # the rows of another batch join (same editor)
-    batch = batch.select([0, 2])                  # the others leave
+    batch = DecodeBatch.regroup([(batch, [0, 2]), (joining, [0])])   # rows 1.. left, one joined
 
 What happens to a row is what `scoring.generate_ids` (transformers' `generate`, greedy, KV
 cache) does to it: the same forwards, inputs, position ids (count of real tokens - 1) and
 attention masks, routed by `editor.query(prompt_mask)` at the prefill, the decision kept
 for the decode steps. A batch of other rows only adds left padding, as in `generate_ids`:
 
-- the KV cache is (B, n_kv, S, hd) per layer with every row left-padded to S; merging
-  batches left-pads the shorter ones to the longest S and stacks the rows (the attention
-  masks likewise), and a row's positions never change, so it keeps seeing exactly its own
-  tokens; rows that leave are dropped, with the columns only they needed;
+- the KV cache is (B, n_kv, S, hd) per layer with every row left-padded to S; regrouping
+  drops the rows that leave (with the columns only they needed), left-pads the batches to
+  the longest S and stacks the rows (the attention masks likewise), and a row's positions
+  never change, so it keeps seeing exactly its own tokens;
 - the routing decisions go with the rows (`Editor.regroup`: editors/regroup.py).
 
 So a greedy row generates the same tokens alone, in a batch, joining one mid-way, or
@@ -111,35 +110,37 @@ class DecodeBatch:
 
     # ----- rows joining and leaving -----------------------------------------------------------
     @classmethod
-    def merge(cls, batches: Sequence[DecodeBatch]) -> DecodeBatch:
-        """One batch of the rows of `batches`, in order (all on the same host and editor)."""
-        first = batches[0]
-        if any(b.editor is not first.editor or b.host is not first.host for b in batches):
+    def regroup(cls, parts: Sequence[tuple[DecodeBatch, Sequence[int]]]) -> DecodeBatch | None:
+        """One batch of rows of `parts` (all on the same host and editor): batch k gives its
+        rows `rows_k`, in that order, after those of batch k - 1; the others ended. None when
+        no row is left. One copy of the KV cache, whatever joins and leaves."""
+        parts = [(b, list(rows)) for b, rows in parts if len(rows)]
+        if not parts:
+            return None
+        first = parts[0][0]
+        if any(b.editor is not first.editor or b.host is not first.host for b, _ in parts):
             raise ValueError("only batches of one editor (or all of the base model) can decode together")
-        if len(batches) == 1:
-            return first
-        width = max(b.attention.shape[1] for b in batches)
-        attention = torch.cat([_left_pad(b.attention, width, 1) for b in batches])
-        parts = [_layers(b.cache) for b in batches]
-        layers = [(torch.cat([_left_pad(p[i][0], width, 2) for p in parts]),
-                   torch.cat([_left_pad(p[i][1], width, 2) for p in parts])) for i in range(len(parts[0]))]  # fmt: skip
+        if len(parts) == 1 and parts[0][1] == list(range(first.size)):
+            return first  # nothing joined or left
+        kept = []  # per part: row index, its attention, the first column a kept row attends to
+        for batch, rows in parts:
+            index = torch.tensor(rows, dtype=torch.long, device=batch.attention.device)
+            attention = batch.attention[index]
+            real = attention.any(dim=0).nonzero()  # columns only the leaving rows needed go
+            kept.append((index, attention, int(real[0]) if len(real) else attention.shape[1]))
+        width = max(attention.shape[1] - start for _, attention, start in kept)
+        layers = []
+        for k_and_v in zip(*(_layers(b.cache) for b, _ in parts), strict=True):  # per layer: each part's (keys, values)
+            layers.append(tuple(torch.cat([_left_pad(kv[which].index_select(0, index)[:, :, start:], width, 2)
+                                           for kv, (index, _, start) in zip(k_and_v, kept, strict=True)])
+                                for which in (0, 1)))  # fmt: skip
         routing = None
         if first.editor is not None:
-            routing = first.editor.regroup([(b.routing, torch.arange(b.size)) for b in batches])
-        return cls(first.host, first.editor, routing, _new_cache(layers), attention, torch.cat([b.positions for b in batches]),
-                   torch.cat([b.logits for b in batches]))  # fmt: skip
-
-    def select(self, rows: Sequence[int]) -> DecodeBatch:
-        """A batch of these rows only, in this order (the others ended)."""
-        index = torch.tensor(list(rows), dtype=torch.long)
-        attention = self.attention[index.to(self.attention.device)]
-        real = attention.any(dim=0).nonzero()  # columns some remaining row still attends to
-        start = int(real[0]) if len(real) else attention.shape[1]
-        routing = self.editor.regroup([(self.routing, index)]) if self.editor is not None else None
-        picked = index.to(self.logits.device)
-        layers = [(k[picked, :, start:], v[picked, :, start:]) for k, v in _layers(self.cache)]
-        return DecodeBatch(self.host, self.editor, routing, _new_cache(layers), attention[:, start:], self.positions[picked],
-                           self.logits[picked])  # fmt: skip
+            routing = first.editor.regroup([(b.routing, index.cpu()) for (b, _), (index, _, _) in zip(parts, kept, strict=True)])
+        attention = torch.cat([_left_pad(a[:, start:], width, 1) for _, a, start in kept])
+        positions = torch.cat([b.positions[index] for (b, _), (index, _, _) in zip(parts, kept, strict=True)])
+        logits = torch.cat([b.logits[index.to(b.logits.device)] for (b, _), (index, _, _) in zip(parts, kept, strict=True)])
+        return cls(first.host, first.editor, routing, _new_cache(layers), attention, positions, logits)
 
 
 def _new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:

@@ -247,22 +247,25 @@ def reference_phase(name: str, host: Any, prompts: Sequence[str], requests: int,
     return phase
 
 
-def engine_phase(name: str, engine: Any, prompts: Sequence[str], requests: int, batch: int, max_tokens: int,
+def engine_phase(name: str, engine: Any, prompts: Sequence[str], requests: int, clients: int, max_tokens: int,
                  *, chat: bool) -> Phase:  # fmt: skip
-    """The serving engine in process (no HTTP): `batch` requests at a time, like `reference_phase`."""
+    """The serving engine in process (no HTTP), as it serves: `clients` callers each submit
+    their next request when their last one ends (rows join and leave the running batch)."""
     from kmd.daemon.serving import GenerationRequest
 
     host = engine.host
     encode = (lambda p: host.chat.encode([{"role": "user", "content": p}])) if chat else host.encode
-    phase = Phase(name, "kmd engine (in process)", batch)
-    started = time.perf_counter()
-    for start in range(0, requests, batch):
-        chunk = [prompts[n % len(prompts)] for n in range(start, min(start + batch, requests))]
-        t0 = time.perf_counter()
-        streams = [engine.submit(GenerationRequest(encode(p), max_tokens)) for p in chunk]
-        for prompt, stream in zip(chunk, streams, strict=True):
-            stream.result(600)
-            phase.answers.append(Answer(prompt, True, time.perf_counter() - t0, len(stream.tokens),
-                                        text=host.tokenizer.decode(stream.tokens, skip_special_tokens=True)))  # fmt: skip
-    phase.seconds = time.perf_counter() - started
-    return phase
+
+    def ask(_: Any, prompt: str) -> Answer:
+        started = time.perf_counter()
+        first = last = None
+        stream = engine.submit(GenerationRequest(encode(prompt), max_tokens))
+        for _token in stream:
+            last = time.perf_counter()
+            first = first or last
+        tokens = len(stream.tokens)
+        per_token = (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else None
+        return Answer(prompt, True, time.perf_counter() - started, tokens, first - started if first else None, per_token,
+                      host.tokenizer.decode(stream.tokens, skip_special_tokens=True))  # fmt: skip
+
+    return run_clients(Phase(name, "kmd engine (in process)", clients), requests, prompts, ask, lambda: None)

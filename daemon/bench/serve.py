@@ -3,23 +3,25 @@ plain transformers `generate` of the unedited model in the same run.
 
 The real daemon on the demo policy (embedded model and RECIPE by default) serves its API
 on loopback; clients are the official `openai` client (chat completions when the model
-has a chat template, else completions), in threads of this process. In order:
+has a chat template, else completions) in a process of their own. In order:
 
 1. reference: the unedited model through transformers `generate` (no edit yet, so no
    hook is installed), one request at a time and in batches of `--clients`;
-2. `--edits` edits (1000) applied straight to an editor of the policy's backend and served
-   by the serving engine in process, against the reference (what edits cost at serving);
+2. what edits cost: `--edits` edits (1000) applied straight to an editor of the policy's
+   backend and served by the engine in process to `--clients` callers, against the
+   unedited model (transformers in batches, and the engine) on the same prompts;
 3. serial: one client, streamed answers (time to first token, per-token latency);
 4. `--clients` clients (16), streamed, idle;
 5. the same while an edit loop runs (a feed on loopback gains one entry at a time and
    the daemon runs a cycle for each: verify, apply, probe, commit); half the prompts ask
    for the facts being edited, and every answer names the state that answered
    (`system_fingerprint`), so an answer from a candidate edit ("stale") is caught;
-6. flood: `--flood` (80) anonymous clients ask non-streamed completions, and an operator
-   reverts an edit meanwhile: how long the revert (and /healthz) take.
+6. flood: `--flood` (80) anonymous clients ask non-streamed completions (the official
+   client, retrying a 429 after its Retry-After), and an operator reverts an edit
+   meanwhile: how long the revert (and /healthz) take.
 
-Pin it for timings: `OMP_NUM_THREADS=1 taskset -c 0 kmd bench-serve`; the load average
-is printed with the figures.
+Pin it for timings: `OMP_NUM_THREADS=1 taskset -c 0 kmd bench-serve` (the clients' process
+shares the core); the load average is printed with the figures.
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def _free_port() -> int:
 
 
 def _edited_serving(host: Any, backend: str, edits: int, clients: int, requests: int, max_tokens: int,
-                    chat: bool) -> tuple[Phase, Phase]:  # fmt: skip
-    """`edits` edits applied straight to an editor (no probes: what matters here is what they
-    cost at serving), served by the engine in process; the unedited model's reference on the
-    same prompts just before. Half the prompts ask for edited facts."""
+                    chat: bool) -> dict[str, Phase]:  # fmt: skip
+    """What edits cost at serving: `edits` edits applied straight to an editor (no probes),
+    served by the engine in process to `clients` callers, against the unedited model on the
+    same prompts (transformers `generate` in batches, and the engine). Half the prompts ask
+    for edited facts."""
     from kmd.daemon.serving import Budget, Scheduler, ServedState, ServingEngine
     from kmd.editors.protocol import EditRequest
     from kmd.editors.registry import get_backend
@@ -83,23 +86,30 @@ def _edited_serving(host: Any, backend: str, edits: int, clients: int, requests:
              for i in range(edits)]  # fmt: skip
     asked = [_question(s) for s, _ in facts[:: max(1, edits // 8)][:8]]
     prompts = [p for pair in zip(asked, GENERIC) for p in pair] or list(GENERIC)
-    reference = reference_phase(f"unedited, {clients} at once", host, prompts, requests, clients, max_tokens, chat=chat)
+    phases = {"edits reference": reference_phase(f"unedited, {clients} at once", host, prompts, requests, clients,
+                                                 max_tokens, chat=chat)}  # fmt: skip
+
+    def serve(name: str, editor: Any) -> Phase:
+        engine = ServingEngine(host, lambda: ServedState(editor, None),
+                               Scheduler({"token": Budget(clients, 4 * requests, 256)}, max_batch=clients))  # fmt: skip
+        try:
+            engine_phase("warm-up", engine, prompts, clients, clients, max_tokens, chat=chat)  # first retrievals fill caches
+            return engine_phase(name, engine, prompts, requests, clients, max_tokens, chat=chat)
+        finally:
+            engine.close()
+
+    phases["edits unedited engine"] = serve(f"unedited, {clients} clients", None)
     editor = get_backend(backend)(host)
     with editor.suspended():  # the working copy never acts; its snapshot serves (acting on its own rows only)
         for subject, person in facts:
             editor.apply(EditRequest(prompt=f"The CEO of {subject} is", target=person, subject=subject))
         served = editor.fork()
-        engine = ServingEngine(host, lambda: ServedState(served, None),
-                               Scheduler({"token": Budget(clients, 4 * requests, 256)}, max_batch=clients))  # fmt: skip
         try:
-            engine_phase("warm-up", engine, prompts, clients, clients, max_tokens, chat=chat)  # first retrievals fill caches
-            measured = engine_phase(f"{edits} edits, {clients} at once", engine, prompts, requests, clients, max_tokens,
-                                    chat=chat)  # fmt: skip
+            phases["edits served"] = serve(f"{edits} edits, {clients} clients", served)
         finally:
-            engine.close()
             served.retire()
             editor.revert_all()  # no hook of this editor stays on the model
-    return reference, measured
+    return phases
 
 
 def bench_serve(
@@ -155,8 +165,7 @@ def bench_serve(
                                                          max_tokens, chat=chat)  # fmt: skip
         if edits:
             console.print(f"{edits} edits served by the engine in process ...")
-            phases["edits reference"], phases["edits served"] = _edited_serving(
-                host, maintainer.editor.name, edits, clients, requests, max_tokens, chat)
+            phases |= _edited_serving(host, maintainer.editor.name, edits, clients, requests, max_tokens, chat)
 
         daemon.start_api()
         feed.add(0, *_fact(0))  # a first committed edit (it also pays the backend's one-off costs)
@@ -232,6 +241,8 @@ def bench_serve(
         "concurrent_over_reference": ratio(summaries["concurrent"]["tokens_per_s"], summaries["reference concurrent"]["tokens_per_s"]),
         "edited_cost_over_unedited": ratio(summaries["edits reference"]["tokens_per_s"], summaries["edits served"]["tokens_per_s"])
         if edits else None,
+        "edited_cost_over_unedited_engine": ratio(summaries["edits unedited engine"]["tokens_per_s"],
+                                                  summaries["edits served"]["tokens_per_s"]) if edits else None,
         "failed_requests": sum(summaries[k]["failed"] for k in ("serial", "concurrent", "during edits")),
     }  # fmt: skip
     _print(console, figures, max_tokens)
@@ -301,7 +312,8 @@ def _print(console: Any, figures: dict[str, Any], max_tokens: int) -> None:
         verdict = "-" if value is None else ("met" if met else "MISSED")
         console.print(f"  {label}: {fmt(value)} (target {op} {target}): {verdict}")
     console.print(f"  kmd / transformers tokens/s: serial {fmt(figures['serial_over_reference'])}, "
-                  f"concurrent {fmt(figures['concurrent_over_reference'])}")
+                  f"concurrent {fmt(figures['concurrent_over_reference'])}; {figures['edits_applied']} edits cost "
+                  f"{fmt(figures['edited_cost_over_unedited_engine'])}x the engine on the unedited model")
     if flood:
         console.print(f"  flood: revert {flood['revert_status']} in {fmt(flood['revert_s'])} s, /healthz in "
                       f"{flood['healthz_s'] * 1000:.0f} ms; {flood['answered']} answered, {flood['refused_429']} "

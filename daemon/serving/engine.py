@@ -7,10 +7,11 @@ the console comes from here.
 One thread runs the model. At every step it (1) asks the scheduler which waiting requests
 start, reads the served state once for them (the committed edits' snapshot: a candidate
 edit is never visible, and nothing here waits for the writer) and runs their prefill
-together; (2) merges them into the running batch of that snapshot, so they decode with the
-rows already running from the next step on; (3) for each running batch picks every row's
-next token with the row's own sampler, streams it, lets finished rows leave and runs one
-decode step for the rest. Rows on different snapshots (a commit happened while older rows
+together; (2) for each snapshot picks every row's next token with the row's own sampler,
+from the running rows' last decode step and the new rows' prefill, and streams it; (3)
+regroups the rows that go on, old and new, into one batch (finished rows leave) and runs
+one decode step for it. A request joins at the step after it is admitted and never waits
+for a batch to drain. Rows on different snapshots (a commit happened while older rows
 still ran: they finish on the state they started with) or on the base model (the console's
 "before" answers: no edit acts on them) are separate batches, one forward each per step.
 The model runner is `kmd.editors.decoding.DecodeBatch`.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from loguru import logger
 
 from kmd.daemon.serving.sampling import RowSampler, choose
@@ -107,14 +109,14 @@ class ServingEngine:
 
     def _step(self) -> bool:
         started = self.scheduler.admit()
-        if started:
-            self._prefill(started)
-        for key in list(self._running):
-            self._decode(key)
+        joining = self._prefill(started) if started else {}
+        for key in [*self._running, *(k for k in joining if k not in self._running)]:
+            self._advance(key, joining.get(key))
         return bool(started or self._running)
 
-    def _prefill(self, streams: list[TokenStream]) -> None:
-        """Run the prompts of requests that start now, then they join their snapshot's batch."""
+    def _prefill(self, streams: list[TokenStream]) -> dict[int, tuple[Editor | None, _Running]]:
+        """The prompts of the requests that start now, one forward per snapshot (the base
+        model counts as one); by snapshot, the batches that join its running rows."""
         from kmd.editors.decoding import DecodeBatch
 
         try:
@@ -122,71 +124,74 @@ class ServingEngine:
         except Exception as exc:
             for stream in streams:
                 self._leave(stream, error=exc)
-            return
+            return {}
         cohorts: dict[int, list[TokenStream]] = {}
         for stream in streams:
             cohorts.setdefault(0 if stream.request.base else id(served.editor), []).append(stream)
+        joining = {}
         for key, cohort in cohorts.items():
             editor = None if key == 0 else served.editor
             try:
                 batch = DecodeBatch.prefill(self.host, editor, [s.request.prompt_ids for s in cohort])
-                running = self._running[key][1] if key in self._running else None
-                joined = running is not None
-                if running is not None:
-                    running.batch = DecodeBatch.merge([running.batch, batch])
-                else:
-                    running = _Running(batch, [])
-                    self._running[key] = (editor, running)
             except Exception as exc:
                 logger.exception("prefill of {} requests failed", len(cohort))
                 for stream in cohort:
                     self._leave(stream, error=exc)
                 continue
-            running.streams += cohort
-            running.samplers += [RowSampler(s.request.sampling, self.host.device) for s in cohort]
+            samplers = [RowSampler(s.request.sampling, self.host.device) for s in cohort]
+            joining[key] = (editor, _Running(batch, cohort, samplers))
+            joined = key in self._running
             for stream in cohort:
                 stream._start(served, joined=joined)
-            stats = self.stats
-            stats.prefills += 1
-            stats.requests += len(cohort)
-            stats.joined += len(cohort) if joined else 0
+            self.stats.prefills += 1
+            self.stats.requests += len(cohort)
+            self.stats.joined += len(cohort) if joined else 0
+        return joining
 
-    def _decode(self, key: int) -> None:
-        """Each row's next token from the last forward's logits; finished rows leave; one step."""
-        _, running = self._running[key]
-        batch, streams = running.batch, running.streams
-        self.stats.largest_batch = max(self.stats.largest_batch, len(streams))
+    def _advance(self, key: int, joining: tuple[Editor | None, _Running] | None) -> None:
+        """Every row's next token from its last forward (the running rows' decode step, the
+        joining rows' prefill); finished rows leave, the others decode one step together."""
+        from kmd.editors.decoding import DecodeBatch
+
+        running = self._running.pop(key, None)
+        editor = (running or joining)[0]
+        parts = [entry[1] for entry in (running, joining) if entry is not None]  # the running rows first
         try:
-            tokens = choose(batch.logits, running.samplers)  # (B,)
-            staying = []
-            for row, (stream, token) in enumerate(zip(streams, tokens.tolist(), strict=True)):
-                if stream.cancelled:
-                    self._leave(stream, reason="cancelled")
-                    continue
-                stream._push(token)
-                self.stats.tokens += 1
-                if token in self._eos:
-                    self._leave(stream, reason="stop")
-                elif len(stream.tokens) >= stream.max_tokens:
-                    self._leave(stream, reason="length")
-                else:
-                    staying.append(row)
-            if not staying:
-                del self._running[key]
+            chosen = [(r, *self._emit(r)) for r in parts]  # (part, its tokens (B,), the rows that stay)
+            batch = DecodeBatch.regroup([(r.batch, staying) for r, _, staying in chosen])
+            if batch is None:
                 return
-            if len(staying) < len(streams):
-                running.batch = batch = batch.select(staying)
-                running.streams = [streams[i] for i in staying]
-                running.samplers = [running.samplers[i] for i in staying]
-                tokens = tokens[staying]
+            streams = [r.streams[i] for r, _, staying in chosen for i in staying]
+            samplers = [r.samplers[i] for r, _, staying in chosen for i in staying]
+            tokens = torch.cat([t[staying] for _, t, staying in chosen])
+            self.stats.largest_batch = max(self.stats.largest_batch, len(streams))
             batch.step(tokens)
             self.stats.steps += 1
+            self._running[key] = (editor, _Running(batch, streams, samplers))
         except Exception as exc:
-            logger.exception("decoding a batch of {} requests failed", len(running.streams))
-            self._running.pop(key, None)
-            for stream in running.streams:
-                if not stream.done:
-                    self._leave(stream, error=exc)
+            logger.exception("decoding a batch of {} requests failed", sum(len(r.streams) for r in parts))
+            for r in parts:
+                for stream in r.streams:
+                    if not stream.done:
+                        self._leave(stream, error=exc)
+
+    def _emit(self, running: _Running) -> tuple[torch.Tensor, list[int]]:
+        """Each row's next token by its own sampler, streamed; (the tokens (B,), the rows that go on)."""
+        tokens = choose(running.batch.logits, running.samplers)  # (B,)
+        staying = []
+        for row, (stream, token) in enumerate(zip(running.streams, tokens.tolist(), strict=True)):
+            if stream.cancelled:
+                self._leave(stream, reason="cancelled")
+                continue
+            stream._push(token)
+            self.stats.tokens += 1
+            if token in self._eos:
+                self._leave(stream, reason="stop")
+            elif len(stream.tokens) >= stream.max_tokens:
+                self._leave(stream, reason="length")
+            else:
+                staying.append(row)
+        return tokens, staying
 
     def _leave(self, stream: TokenStream, *, reason: str | None = None, error: BaseException | None = None) -> None:
         if error is not None:

@@ -40,16 +40,15 @@ def continuous(host, editor, arrivals: dict[int, list[tuple[list[int], int]]]) -
             rows += list(range(len(out), len(out) + joining.size))
             out += [[] for _ in arrivals[step]]
             limits += [n for _, n in arrivals[step]]
-            running = joining if running is None else DecodeBatch.merge([running, joining])
+            running = joining if running is None else DecodeBatch.regroup([(running, range(running.size)),
+                                                                          (joining, range(joining.size))])  # fmt: skip
         if running is not None and rows:
             tokens = running.logits.argmax(-1)  # (B,)
             for row, token in zip(rows, tokens.tolist(), strict=True):
                 out[row].append(token)
             staying = [i for i, row in enumerate(rows) if len(out[row]) < limits[row] and out[row][-1] != eos]
-            if len(staying) < len(rows):
-                running = running.select(staying) if staying else None
-                tokens = tokens[staying]
-                rows = [rows[i] for i in staying]
+            running = DecodeBatch.regroup([(running, staying)])
+            tokens, rows = tokens[staying], [rows[i] for i in staying]
             if running is not None:
                 running.step(tokens)
         step += 1
@@ -103,11 +102,12 @@ def test_base_model_rows_ignore_the_installed_edits(tiny_host):
     assert got == base
 
 
-def test_select_drops_the_columns_only_leaving_rows_needed(tiny_host):
+def test_leaving_rows_take_the_columns_only_they_needed(tiny_host):
     long, short = tiny_host.encode("the sky is blue and the sun is"), tiny_host.encode("the dog")
     batch = DecodeBatch.prefill(tiny_host, None, [long, short])
     assert batch.attention.shape == (2, len(long))
-    kept = batch.select([1])
+    assert DecodeBatch.regroup([(batch, [0, 1])]) is batch, "nothing joined or left: no copy"
+    kept = DecodeBatch.regroup([(batch, [1])])
     assert kept.attention.shape == (1, len(short)) and bool(kept.attention.all())
     keys = kept.cache.layers[0].keys
     assert keys.shape[0] == 1 and keys.shape[2] == len(short)

@@ -36,8 +36,8 @@ def test_bench_serve_reports_throughput_and_latency(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     phases = figures["phases"]
-    assert set(phases) == {"reference serial", "reference concurrent", "edits reference", "edits served", "serial",
-                           "concurrent", "during edits"}  # fmt: skip
+    assert set(phases) == {"reference serial", "reference concurrent", "edits reference", "edits unedited engine",
+                           "edits served", "serial", "concurrent", "during edits"}  # fmt: skip
     assert all(p["failed"] == 0 and p["tokens_per_s"] > 0 for p in phases.values())
     assert phases["serial"]["ttft_p50_s"] is not None and phases["concurrent"]["per_token_p50_s"] is not None
     assert figures["stale_answers"] == 0 and figures["failed_requests"] == 0
