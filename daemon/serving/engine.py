@@ -92,7 +92,7 @@ class ServingEngine:
     @property
     def rows(self) -> int:
         """Rows decoding now, all batches together."""
-        return sum(len(r.streams) for _, r in self._running.values())
+        return sum(len(r.streams) for _, r in tuple(self._running.values()))  # a copy: the model thread changes it
 
     # ----- the model thread -------------------------------------------------------------------
     def _loop(self) -> None:
