@@ -24,5 +24,6 @@ setup(
     package_data={
         "": ["*.yaml", "*.yml", "*.json", "*.jsonl", "*.txt", "*.atom", "*.html", "*.css"],
         "kmd.editors.recipe": ["trained/*.safetensors"],
+        "kmd.editors.question_check": ["trained/*.safetensors"],
     },
 )

@@ -1,10 +1,10 @@
 """Where a claim came in, and whether the policy lets that source say it that way.
 
-Claims reach the ledger through exactly two doors: the intake (a polled `feed` or `jsonl`
-source) and the API (`POST /v1/facts`, recorded under an `api` source). The ledger stamps
-every claim with the door it came through (the flag `via:<channel>`, part of the claim's
-hashed record), and the verifier admits a claim only if its source exists, is of the same
-kind as that door and may assert the relation (`origin_problem`). So a submission through
+Claims reach the ledger through exactly two doors: the intake (a polled `feed`, `jsonl` or
+`wikidata` source) and the API (`POST /v1/facts`, recorded under an `api` source). The
+ledger stamps every claim with the door it came through (the flag `via:<channel>`, part of
+the claim's hashed record), and the verifier admits a claim only if its source exists, is
+of the same kind as that door and may assert the relation (`origin_problem`). So a submission through
 the API can never pass as the signed curated file or a feed: whatever source id it names,
 it is an `api` claim, and an `api` claim of a `jsonl` source is rejected.
 
@@ -24,7 +24,7 @@ from kmd.sources.claims import Claim
 
 __all__ = ["CHANNELS", "channel_of", "origin_problem", "via_flag"]
 
-CHANNELS = ("feed", "jsonl", "api")
+CHANNELS = ("feed", "jsonl", "wikidata", "api")
 _VIA = "via:"
 _CHANNEL_RE = re.compile(r"^[a-z]{1,16}$")
 

@@ -167,6 +167,11 @@ class _StatsCollector:
             family = CounterMetricFamily(f"kmd_{name}", doc)
             family.add_metric([], float(getattr(stats, name, 0) if stats else 0))
             yield family
+        intake = self.daemon.intake
+        unmatched = CounterMetricFamily("kmd_feed_entries_unmatched",
+                                        "feed entries that stated no fact (no kf: elements, no extraction rule matched)")
+        unmatched.add_metric([], float(intake.entries_unmatched if intake else 0))
+        yield unmatched
         replica = self.daemon.replica
         loads = CounterMetricFamily("kmd_state_loads", "published states a replica loaded and put in service")
         loads.add_metric([], float(replica.loads if replica else 0))
@@ -182,6 +187,8 @@ class _StatsCollector:
                          "last measured locality agreement with the unedited model"),
             "probe_seconds": (stats.last_probe_seconds if stats else 0.0, "duration of the last post-edit probe"),
             "cycle_seconds": (stats.last_cycle_seconds if stats else 0.0, "duration of the last maintenance cycle"),
+            # Only ever grows: a drop is a rollback of the chain's tail (alert on it).
+            "ledger_head_seq": (float(self.daemon.ledger.chain_head().seq), "seq of the ledger's hash-chain head"),
         }  # fmt: skip
         for name, (value, doc) in gauges.items():
             family = GaugeMetricFamily(f"kmd_{name}", doc)

@@ -17,7 +17,7 @@ from kmd.daemon.commands import bench, demo, editors_cmd
 from kmd.daemon.commands import intake_cmd, ledger_cmd
 from kmd.daemon.commands import calibrate
 from kmd.daemon.commands import run_cmd
-from kmd.daemon.commands import train
+from kmd.daemon.commands import question_check, train
 from kmd.daemon.bench import loop as loop_bench, serve as serve_bench
 from kmd.daemon.logs import configure_logging
 
@@ -46,6 +46,7 @@ intake_cmd.register(app)
 calibrate.register(app)
 run_cmd.register(app)
 train.register(app)  # `kmd <backend> train` for every backend with a trainer
+question_check.register(app)
 loop_bench.register(app)
 serve_bench.register(app)
 

@@ -21,6 +21,7 @@ POINTS = (
     "apply.recorded",  # ledger: edit `applied` (nothing changed in the model yet)
     "apply.applied",  # the backend applied it (in memory)
     "apply.probed",  # its probes passed (state not saved yet)
+    "state.named",  # ledger: the state about to be saved is named (its files not written yet)
     "commit.saved",  # editor state saved with the edit (ledger still says `applied`)
     "commit.recorded",  # ledger: edit `committed`
     # a newer fact replacing a committed edit

@@ -16,10 +16,16 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlmodel import create_engine
 
-__all__ = ["DEFAULT_DB_ENV", "default_db_url", "make_engine", "writer"]
+__all__ = ["DEFAULT_DB_ENV", "HEAD_FILE", "default_db_url", "default_head_file", "default_state_dir", "make_engine", "writer"]
 
 DEFAULT_DB_ENV = "KMD_DB_URL"
+HEAD_FILE = "chain-head.json"  # the chain head outside the database (kmd.daemon.ledger.head)
 _BUSY_TIMEOUT_MS = 30_000
+
+
+def default_state_dir() -> Path:
+    """`$KMD_STATE_DIR`, else `./state`."""
+    return Path(os.environ.get("KMD_STATE_DIR", "state"))
 
 
 def default_db_url() -> str:
@@ -27,8 +33,19 @@ def default_db_url() -> str:
     url = os.environ.get(DEFAULT_DB_ENV)
     if url:
         return url
-    state_dir = Path(os.environ.get("KMD_STATE_DIR", "state"))
-    return f"sqlite:///{state_dir / 'ledger.db'}"
+    return f"sqlite:///{default_state_dir() / 'ledger.db'}"
+
+
+def default_head_file(url: str, state_dir: Path) -> Path | None:
+    """Where a ledger keeps its chain head outside the database (kmd.daemon.ledger.head):
+    next to a SQLite file, else in the state directory; none for an in-memory database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return Path(state_dir) / HEAD_FILE
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().parent / HEAD_FILE
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 from kmd.editors.protocol import EditRequest
 
 if TYPE_CHECKING:
-    from kmd.daemon.policy import RelationTemplate
+    from kmd.daemon.policy import Policy, RelationTemplate
 
-__all__ = ["build_edit_request", "with_edit_id"]
+__all__ = ["build_edit_request", "same_subject_questions", "with_edit_id"]
 
 
 class _FactLike(Protocol):
@@ -44,6 +44,18 @@ def build_edit_request(fact: _FactLike, template: RelationTemplate) -> EditReque
         subject=fact.subject,
         rephrases=tuple(fill(p) for p in template.paraphrases),
     )
+
+
+def same_subject_questions(fact: _FactLike, policy: Policy, limit: int) -> list[str]:
+    """Questions about the fact's subject that its edit must leave alone: the prompts of up
+    to `limit` of the policy's other relations (in policy order), filled with the subject."""
+    own = policy.relation(fact.relation).prompt.format(subject=fact.subject)
+    out: list[str] = []
+    for name, template in policy.relations.items():
+        question = template.prompt.format(subject=fact.subject)
+        if name != fact.relation and question != own and question not in out and len(out) < limit:
+            out.append(question)
+    return out
 
 
 def with_edit_id(request: EditRequest, edit_id: int | str) -> EditRequest:

@@ -8,9 +8,11 @@ an operator say that two sources are one publisher; this module also finds it ou
   `alice.github.io` and `bob.github.io` stay apart) count as one;
 - two local files with the same resolved path count as one; all `api` sources count as
   one (whoever holds the API token can submit under any of them);
-- claims from different sources carrying **byte-identical entries** (the same feed entry
-  or JSONL line, by the `entry:` digest stamped at parsing) count as one: a mirror or a
-  copycat feed adds nothing.
+- claims from different sources carrying **the same entry content** count as one: the
+  `entry:` digest stamped at parsing (`kmd.sources.claims.content_flag`) covers what an
+  entry says (normalised subject, relation and object, summary text, link target), not
+  its bytes, so a mirror or a copycat feed adds nothing even when it rewrites the entry's
+  id, title, dates or a JSONL line's spacing.
 
 unless the policy marks a pair independent (`independent_of`). The Public Suffix List is
 the snapshot shipped inside the `publicsuffixlist` wheel: nothing is downloaded.
@@ -138,7 +140,8 @@ class Independence:
                 first = by_entry.setdefault(digest, c.source_id)
                 if first != c.source_id and not self.policy.declared_independent(first, c.source_id):
                     if uf.union(first, c.source_id):
-                        merged.append(f"{first} and {c.source_id} count as one: byte-identical entries")
+                        merged.append(f"{first} and {c.source_id} count as one: the same entry content "
+                                      "(fact, summary, link)")
         best: dict[str, int] = {}
         members: dict[str, list[str]] = {}
         for c in counted:

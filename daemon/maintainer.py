@@ -8,7 +8,7 @@ so a candidate edit is invisible until committed and a reverted edit disappears 
 one). The order of each edit makes a crash at any moment recoverable:
 
     ledger: edit `applied`  ->  editor.apply  ->  probes
-        pass: editor state saved atomically  ->  ledger: edit `committed`
+        pass: editor state saved atomically (named in the ledger first)  ->  ledger: edit `committed`
         fail: editor.revert                  ->  ledger: revert log (fact blocked)
 
 A revert (a person through the API or `kmd revert`, or the regression check) is written
@@ -50,9 +50,10 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from kmd.daemon.bound_state import load_named
 from kmd.daemon.crashpoints import crash_point
-from kmd.daemon.edit_request import build_edit_request, with_edit_id
-from kmd.daemon.ledger import LedgerError
+from kmd.daemon.edit_request import build_edit_request, same_subject_questions, with_edit_id
+from kmd.daemon.ledger import FactNotReadyError, LedgerError
 from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
 from kmd.daemon.probes import Prober
 from kmd.daemon.reconcile import Reconciler
@@ -60,7 +61,7 @@ from kmd.daemon.serving.state import ServedState
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets
-from kmd.editors.state import MANIFEST, StateError, reload_editor
+from kmd.editors.state import MANIFEST, StateError, encode_state, reload_editor, write_state
 
 if TYPE_CHECKING:
     from kmd.daemon.ledger import EditRecord, FactRecord, Ledger
@@ -118,6 +119,7 @@ class Maintainer(Reconciler):
         self.prober: Prober | None = None
         self.publish: Callable[[], None] | None = None  # publish the saved state for replicas
         self._unpublished = False  # the saved state changed since the last publish
+        self._digest: str | None = None  # the saved state's digest (named in the ledger)
         self._stop = threading.Event()
 
     # ----- start-up ---------------------------------------------------------------------------
@@ -139,7 +141,9 @@ class Maintainer(Reconciler):
         prober = Prober(self.host, baseline, self.policy.probes)
         with self.lock:
             if (self.editor_dir / MANIFEST).is_file():
-                loaded = Editor.load(self.editor_dir, self.host)
+                loaded, self._digest = load_named(self.ledger, self.editor_dir, self.host, remedy=(
+                    f"Put back the state kmd saved, or move {self.editor_dir} away: the daemon then re-applies the "
+                    "ledger's committed edits, each with its probes"))  # fmt: skip
                 if loaded.name != self.editor.name:
                     raise StateError(
                         f"{self.editor_dir} holds {loaded.name} edits but the policy asks for {self.editor.name}; "
@@ -155,7 +159,13 @@ class Maintainer(Reconciler):
             self._serve_committed()
 
     def save(self) -> None:
-        self.editor.save(self.editor_dir)
+        """Save the editor state, named in the ledger first (write-ahead): a crash between
+        the two leaves the state saved before, which the ledger named too."""
+        state = encode_state(self.editor)
+        self.ledger.record_state(state.digest, state.edit_ids, actor=self.actor)
+        crash_point("state.named")
+        write_state(state, self.editor_dir)
+        self._digest = state.digest
         self._unpublished = True
 
     def publish_pending(self, *, force: bool = False) -> None:
@@ -208,7 +218,11 @@ class Maintainer(Reconciler):
         for fact in self.ledger.ready_facts(limit=limit):
             if self._stop.is_set():
                 break
-            outcome, edit_id = self.apply_fact(fact)
+            try:
+                outcome, edit_id = self.apply_fact(fact)
+            except FactNotReadyError as exc:  # a person rejected it meanwhile: nothing was changed
+                logger.info("{}: skipped (it changed after this cycle listed it)", exc)
+                continue
             {"committed": committed, "reverted": reverted, "skipped": skipped}[outcome].append(edit_id or fact.id)
         return CycleReport(tuple(committed), tuple(reverted), tuple(skipped), time.perf_counter() - started)
 
@@ -238,11 +252,14 @@ class Maintainer(Reconciler):
             self.editor.revert(str(old))  # in memory only: the saved state keeps it until the commit
             self.stats.last_locality = None
         crash_point("supersede.old_reverted")
-        outcome, edit_id = self._edit(fact, request, supersedes=old)
-        if outcome != "committed" and held:
-            reload_editor(self.editor, self.editor_dir)
-            self.stats.last_locality = None  # the model changed back; measure again when needed
-            logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
+        outcome = None
+        try:
+            outcome, edit_id = self._edit(fact, request, supersedes=old)
+        finally:  # also when it raised (e.g. the fact was rejected meanwhile)
+            if outcome != "committed" and held:
+                reload_editor(self.editor, self.editor_dir, digest=self._digest)
+                self.stats.last_locality = None  # the model changed back; measure again when needed
+                logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
         return outcome, edit_id
 
     def _edit(self, fact: FactRecord, request: EditRequest, supersedes: int | None = None) -> tuple[str, int]:
@@ -253,6 +270,9 @@ class Maintainer(Reconciler):
             attempts.append(retry)
         earlier = [self.editor.request(i) for i in self.editor.edit_ids]
         loc_before = self._current_locality()
+        # Same-subject questions: their answers now, before the edit, are what it must keep.
+        questions = same_subject_questions(fact, self.policy, self.policy.probes.same_subject_questions)
+        same_before = self.prober.same_subject_before(self.editor, questions)
         for number, overrides in enumerate(attempts, 1):
             config = self.editor.config_dict() | self._relation_options(fact) | overrides
             record = self.ledger.record_edit_applied(
@@ -277,7 +297,7 @@ class Maintainer(Reconciler):
                 return "reverted", record.id
             started = time.perf_counter()
             try:
-                report = self.prober.check(self.editor, self.editor.request(edit_id), earlier)
+                report = self.prober.check(self.editor, self.editor.request(edit_id), earlier, same_before)
             except Exception as exc:  # never keep an edit that was not probed
                 log.exception("probing edit {} failed", edit_id)
                 self.editor.revert(edit_id)

@@ -97,6 +97,11 @@ class ProbePolicy(StrictModel):
     min_loc: float = Field(default=0.98, ge=0.0, le=1.0)  # locality prompts whose greedy continuation is unchanged
     earlier_edits_sample: int = Field(default=20, ge=0)  # earlier edits re-checked per edit
     min_earlier_rel: float = Field(default=0.9, ge=0.0, le=1.0)
+    # Same-subject questions: the prompts of up to this many of the policy's other relations,
+    # asked about the edit's subject (plain, and as a chat turn when served so). Their answers
+    # before the edit are recorded when it is applied; an edit that answers one of them with
+    # its own target (a hijack: the answer before did not hold it) is reverted. 0: not asked.
+    same_subject_questions: int = Field(default=4, ge=0, le=16)
     # Locality prompts: kmd's shipped suite (several hundred varied prompts) plus your own
     # JSONL files ({"prompt": ...} per line; relative paths are relative to the policy file).
     default_locality_suite: bool = True
@@ -144,6 +149,10 @@ class Policy(StrictModel):
                         ("sources", i, "extract", j, "relation"),
                         f"relation {pat.relation!r} is not in this source's relations",
                     )
+            for prop, rel in (src.wikidata.properties.items() if src.wikidata else ()):
+                if rel not in src.relations:
+                    raise located(("sources", i, "wikidata", "properties", prop),
+                                  f"relation {rel!r} is not in this source's relations")  # fmt: skip
         for j, rel in enumerate(self.verification.sensitive_relations):
             if rel not in self.relations:
                 raise located(("verification", "sensitive_relations", j), f"unknown relation {rel!r}")

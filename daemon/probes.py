@@ -15,6 +15,11 @@ Three probes (thresholds come from the policy's `probes:` section):
    says from cached features which rows each edit reaches; only the chunks whose rows
    route differently from the committed state are generated again (see `Prober`);
 3. earlier edits: a sample of committed edits re-scored (teacher-forced): still held?
+4. same-subject questions (`lifelong-served/v2`): questions about the edit's subject that
+   ask for other facts (the policy's other relations). Their answers before the edit are
+   recorded when it is applied (`same_subject_before`), and asked again with the edit in
+   the served-answer batch; an answer that now holds the edit's target and did not before
+   is a hijack, and the edit is reverted with that reason.
 
 `Prober.check` returns a `ProbeReport`; each missed threshold is a typed `ProbeFailure`
 (which check, the reason in words, the prompt that showed it), so callers ask
@@ -34,16 +39,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from loguru import logger
 
 from kmd.daemon.locality import LOCALITY_TOKENS, LocalityBaseline, LocalityState
-from kmd.editors.answers import Answer, Form, ask, has_chat_template
+from kmd.editors.answers import Answer, Form, ask, has_chat_template, hits
 from kmd.editors.batching import left_padded_ids
 from kmd.editors.scoring import generate_ids, score_targets
 
 if TYPE_CHECKING:
-    import torch
-
     from kmd.daemon.policy import ProbePolicy
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import EditRequest, Editor
@@ -52,9 +56,9 @@ __all__ = ["HARM_CHECKS", "TOOK_CHECKS", "Check", "ProbeFailure", "ProbeReport",
 
 # What a probe checks. The first three say whether the edit took; the last two whether it
 # harmed what was there before (a stronger retry of the same edit would not help).
-Check = Literal["served", "rel", "gen", "locality", "earlier"]
+Check = Literal["served", "rel", "gen", "locality", "earlier", "same_subject"]
 TOOK_CHECKS: tuple[Check, ...] = ("served", "rel", "gen")
-HARM_CHECKS: tuple[Check, ...] = ("locality", "earlier")
+HARM_CHECKS: tuple[Check, ...] = ("locality", "earlier", "same_subject")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class ProbeReport:
     answers: tuple[dict[str, Any], ...] = ()  # per prompt and form: the answer line and its verdicts
     loc_rows_run: int = 0  # locality prompts generated for this probe (the rest provably unchanged)
     loc_changed: tuple[dict[str, str], ...] = ()  # up to 5 locality prompts whose continuation changed
+    # per same-subject question and form: the answer line before and after the edit, hijacked, unchanged
+    same_subject: tuple[dict[str, Any], ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)  # where the probe's time went
     locality: LocalityState | None = None  # not a figure: the state the prober keeps on commit
 
@@ -110,6 +116,12 @@ class ProbeReport:
     def figures(self) -> dict[str, Any]:
         plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("failures", "locality")}
         return plain | {"took": self.took, "failures": [f.message for f in self.failures]}
+
+
+def _same_subject_figure(before: Answer, after: Answer, target: str) -> dict[str, Any]:
+    return {"prompt": after.prompt, "form": after.form, "before": before.line[:200], "after": after.line[:200],
+            "hijacked": hits(after.line, target) and not hits(before.line, target),
+            "unchanged": before.tokens == after.tokens}  # fmt: skip
 
 
 def _answer_figure(answer: Answer) -> dict[str, Any]:
@@ -150,7 +162,7 @@ class Prober:
         path = cache_dir / f"locality-routing-{editor.name}-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
             try:
-                self.features = _unflatten(_load_tensors(path), len(self.chunks))
+                self.features = _unflatten(_load_features(path), len(self.chunks))
                 return True
             except Exception as exc:  # recompute: the cache is only a cache
                 logger.warning("routing features {} unreadable ({}); computing them again", path, exc)
@@ -162,7 +174,7 @@ class Prober:
             if got is None:
                 self.features = None
                 return False
-            features.append({k: v.detach() for k, v in got.items()})
+            features.append({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in got.items()})
         self.features = features
         logger.info("routing features of {} locality prompts ({}) in {:.1f} s", len(self._encoded), editor.name,
                     time.perf_counter() - started)  # fmt: skip
@@ -170,7 +182,9 @@ class Prober:
             from safetensors.torch import save_file
 
             tmp = path.with_name(f".{path.name}.tmp")
-            save_file({f"{c}.{k}": v.contiguous() for c, f in enumerate(features) for k, v in f.items()}, str(tmp))
+            flat = {f"{c}.{k}": v for c, f in enumerate(features) for k, v in f.items()}
+            save_file({k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}, str(tmp),
+                      metadata={"json": json.dumps({k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)})})
             os.replace(tmp, path)
         return True
 
@@ -227,12 +241,25 @@ class Prober:
         gen = [s.accuracy for s in scores[1:]]
         return scores[0].accuracy, (sum(gen) / len(gen) if gen else None)
 
-    def served(self, editor: Editor, request: EditRequest) -> list[Answer]:
-        """Greedy answers to the edit prompt and its paraphrases, plain (and chat when served so)."""
+    def _forms(self) -> tuple[Form, ...]:
+        return ("plain", "chat") if self.chat else ("plain",)
+
+    def served(self, editor: Editor, request: EditRequest, others: Sequence[str] = ()) -> list[Answer]:
+        """Greedy answers to the edit prompt and its paraphrases (target: the edit's), then to
+        `others` (no target), plain (and chat when served so): one batch for every form, one
+        pass of 32 decode steps instead of one per form."""
         prompts = [request.prompt, *request.rephrases]
-        forms: tuple[Form, ...] = ("plain", "chat") if self.chat else ("plain",)
-        # one batch for every form: one pass of 32 decode steps instead of one per form
-        return ask(self.host, editor, [(p, form, request.target) for form in forms for p in prompts], batch_size=self.batch_size)
+        questions = [(p, form, request.target) for form in self._forms() for p in prompts]
+        questions += [(q, form, None) for form in self._forms() for q in others]
+        return ask(self.host, editor, questions, batch_size=self.batch_size)
+
+    def same_subject_before(self, editor: Editor, questions: Sequence[str]) -> tuple[Answer, ...]:
+        """The answers to same-subject `questions` before an edit is applied (plain, and chat
+        when served so), which `check` compares with the answers after it."""
+        if not questions:
+            return ()
+        return tuple(ask(self.host, editor, [(q, form, None) for form in self._forms() for q in questions],
+                         batch_size=self.batch_size))  # fmt: skip
 
     def earlier(self, editor: Editor, requests: Sequence[EditRequest], seed: int = 0) -> tuple[float | None, int]:
         k = min(self.thresholds.earlier_edits_sample, len(requests))
@@ -242,14 +269,29 @@ class Prober:
         scores = score_targets(self.host, editor, [(r.prompt, r.target) for r in sample], self.batch_size)
         return sum(s.accuracy for s in scores) / k, k
 
-    def check(self, editor: Editor, request: EditRequest, earlier: Sequence[EditRequest] = ()) -> ProbeReport:
+    def check(self, editor: Editor, request: EditRequest, earlier: Sequence[EditRequest] = (),
+              same_subject: Sequence[Answer] = ()) -> ProbeReport:  # fmt: skip
+        """Probe `request`'s edit, just applied to `editor`. `same_subject`: the answers to
+        same-subject questions before it was applied (`same_subject_before`)."""
         t = self.thresholds
         failures: list[ProbeFailure] = []
         served_rel = served_gen = None
         figures: tuple[dict[str, Any], ...] = ()
         clock = _Clock()
+        questions = list(dict.fromkeys(a.prompt for a in same_subject))
+        same: tuple[dict[str, Any], ...] = ()
+        if t.served_answers or same_subject:
+            answered = clock("served", self.served, editor, request, questions)
+            got, others = answered[: len(answered) - len(same_subject)], answered[len(answered) - len(same_subject) :]
+            before = {(a.prompt, a.form): a for a in same_subject}
+            same = tuple(_same_subject_figure(before[(a.prompt, a.form)], a, request.target) for a in others)
+            hijacked = [f for f in same if f["hijacked"]]
+            if hijacked:
+                f = hijacked[0]
+                failures.append(ProbeFailure("same_subject", f"hijacks {len(hijacked)} of {len(same)} same-subject answers: "
+                                             f"{f['form']} {f['prompt']!r} -> {f['after'][:120]!r} (was {f['before'][:120]!r})",
+                                             f["prompt"]))  # fmt: skip
         if t.served_answers:
-            got = clock("served", self.served, editor, request)
             figures = tuple(_answer_figure(a) for a in got)
             own = [a for a in got if a.prompt == request.prompt]
             para = [a for a in got if a.prompt != request.prompt]
@@ -281,7 +323,7 @@ class Prober:
             failures.append(ProbeFailure("earlier", f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} "
                                          f"over {checked}"))
         return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), served_rel, served_gen,
-                           figures, state.rows_run, examples, clock.seconds, state)  # fmt: skip
+                           figures, state.rows_run, examples, same, clock.seconds, state)  # fmt: skip
 
 
 class _Clock:
@@ -296,14 +338,18 @@ class _Clock:
             self.seconds[name] = round(time.perf_counter() - started, 3)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_features(path: Path) -> dict[str, Any]:
+    """The tensors of a feature cache, and its other values (texts, as JSON in the metadata)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        others = json.loads((fh.metadata() or {}).get("json", "{}"))
+    return load_file(str(path)) | others
 
 
-def _unflatten(flat: dict[str, torch.Tensor], chunks: int) -> list[dict[str, torch.Tensor]]:
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(chunks)]
+def _unflatten(flat: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{} for _ in range(chunks)]
     for name, tensor in flat.items():
         chunk, key = name.split(".", 1)
         out[int(chunk)][key] = tensor

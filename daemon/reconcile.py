@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from kmd.daemon.edit_request import with_edit_id
+from kmd.daemon.edit_request import same_subject_questions, with_edit_id
 from kmd.daemon.ledger import LedgerError
 from kmd.editors.protocol import EditRequest
 from kmd.editors.state import StateError
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from kmd.daemon.maintainer import Stats
     from kmd.daemon.policy import Policy
     from kmd.daemon.probes import Prober
+    from kmd.editors.answers import Answer
     from kmd.editors.protocol import Editor
 
 __all__ = ["Reconciler"]
@@ -95,6 +96,27 @@ class Reconciler:
     def _earlier(self, edit_id: str) -> list[EditRequest]:
         return [self.editor.request(i) for i in self.editor.edit_ids if i != edit_id]
 
+    def _same_subject_before(self, edit: EditRecord) -> tuple[Answer, ...]:
+        """The answers to `edit`'s same-subject questions without it (a fork of the editor with
+        it reverted when it is applied): what its probe compares with, as when it was first
+        applied. None asked when its fact's relation left the policy."""
+        try:
+            questions = same_subject_questions(self.ledger.fact(edit.fact_id), self.policy,
+                                               self.policy.probes.same_subject_questions)  # fmt: skip
+        except (KeyError, LedgerError):
+            return ()
+        if not questions:
+            return ()
+        key = str(edit.id)
+        if key not in self.editor.edit_ids:
+            return self.prober.same_subject_before(self.editor, questions)
+        without = self.editor.fork()
+        try:
+            without.revert(key)
+            return self.prober.same_subject_before(without, questions)
+        finally:
+            without.retire()
+
     def _roll_forward(self, edit: EditRecord) -> None:
         """The state was saved with `edit` after its probes passed; the ledger commit was lost."""
         assert self.prober is not None
@@ -103,7 +125,7 @@ class Reconciler:
         if old is not None and str(old) in self.editor.edit_ids:  # never saved that way; be safe anyway
             self.editor.revert(str(old))
             self.save()
-        report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
+        report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key), self._same_subject_before(edit))
         self.stats.last_locality = report.loc
         if report.passed:
             supersedes = old if old is not None and self.ledger.edit(old).status == "committed" else None
@@ -128,9 +150,10 @@ class Reconciler:
                 options = dict(self.policy.relation(self.ledger.fact(edit.fact_id).relation).editor_options)
             except KeyError:
                 options = {}
+            same_before = self._same_subject_before(edit)
             with self.editor.configured(**options):
                 self.editor.apply(with_edit_id(EditRequest.from_dict(edit.request), key))
-            report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key))
+            report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key), same_before)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the edit stays out
             if key in self.editor.edit_ids:
                 self.editor.revert(key)

@@ -15,7 +15,14 @@ A replica never edits. It polls the ledger's published version; when it changes,
 that state (checking the manifest hash and the tensor checksum), smoke-probes it (the
 newest edits it holds give their targets; the newest reverted edits it does not hold no
 longer give theirs) and only then swaps it in and reports ready. While the ledger
-names a version it has not loaded yet, `/readyz` is 503.
+names a version it has not loaded yet, `/readyz` is 503. A version is loaded only if the
+writer named it in the hash chain when it saved it (`kmd.daemon.bound_state`): the
+published-state row is not chained, so it alone cannot make a replica serve a state.
+
+With each version the writer also publishes the ledger's chain head
+(`PUBLISH_DIR/chain-head.json`, outside the database). A replica checks at every poll that
+the chain still holds it; if not (the chain's tail was rolled back), it loads nothing
+more and is not ready, saying why.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from kmd.daemon.bound_state import check_named
+from kmd.daemon.db import HEAD_FILE
+from kmd.daemon.ledger import HeadFile, HeadFileError
 from kmd.daemon.serving.state import ServedState
 from kmd.editors.state import MANIFEST, StateError, fsync_path, read_manifest
 
@@ -41,7 +51,8 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import Editor
 
-__all__ = ["Replica", "adopt_state", "closest_state", "publish_state", "published_dir"]
+__all__ = ["Replica", "adopt_state", "closest_state", "publish_state", "published_dir", "published_head",
+           "published_head_problem"]
 
 
 def _sha256(path: Path) -> str:
@@ -50,6 +61,22 @@ def _sha256(path: Path) -> str:
 
 def published_dir(publish_dir: Path, version: str) -> Path:
     return Path(publish_dir) / version
+
+
+def published_head(publish_dir: Path) -> HeadFile:
+    """The chain head the writer publishes beside its states."""
+    return HeadFile(Path(publish_dir) / HEAD_FILE)
+
+
+def published_head_problem(ledger: Ledger, publish_dir: Path) -> str | None:
+    """None if the chain still holds the head the writer published beside its states, else
+    the problem (a rollback of the chain's tail passes the chain's own checks; this shows it)."""
+    head = published_head(publish_dir)
+    try:
+        recorded = head.read()
+    except HeadFileError as exc:
+        return str(exc)
+    return ledger.check_head(recorded, f"the writer's published head {head.path}") if recorded else None
 
 
 def publish_state(editor_dir: Path, publish_dir: Path, *, keep: int = 5) -> tuple[str, list[str]]:
@@ -139,6 +166,7 @@ class Replica:
         self.loaded: _Loaded | None = None
         self.wanted: str | None = None  # the version the ledger names
         self.problem: str | None = None  # why the wanted version is not loaded
+        self.flagged: str | None = None  # why the ledger is not trusted (its chain lost the published head)
         self.loads = 0
         # Loaded editors never serve (their snapshots do): they stay suspended (hooks off) for
         # the process's lifetime, so raw model calls (the next load's checks) see the base model.
@@ -155,6 +183,8 @@ class Replica:
         return ServedState(loaded.editor, loaded.version) if loaded is not None else None
 
     def readiness(self) -> tuple[bool, str]:
+        if self.flagged is not None:
+            return False, f"replica: the ledger fails its check ({self.flagged}); run kmd verify-chain"
         if self.wanted is None:
             return False, "replica: waiting for the writer to publish a state"
         if self.loaded is None or self.loaded.version != self.wanted:
@@ -163,6 +193,12 @@ class Replica:
 
     def sync(self) -> bool:
         """Load the ledger's published state if it is new; True when a new state went live."""
+        flagged = published_head_problem(self.ledger, self.publish_dir)
+        if flagged is not None and flagged != self.flagged:  # once, not at every poll
+            logger.error("replica: {}; loading nothing until the ledger verifies", flagged)
+        self.flagged = flagged
+        if flagged is not None:
+            return False
         published = self.ledger.published_state()
         if published is None:
             return False
@@ -184,8 +220,9 @@ class Replica:
         path = published_dir(self.publish_dir, published.version)
         if _sha256(path / MANIFEST) != published.version:
             raise StateError(f"{path}/{MANIFEST} does not hash to its version (corrupted or replaced)")
+        check_named(self.ledger, path)
         with self.lock:  # one load at a time; requests never take it (they read `served`)
-            editor = load_editor(path, self.host)  # checks the tensors' checksum
+            editor = load_editor(path, self.host, digest=published.version)  # checks the tensors' checksum
             try:
                 if tuple(editor.edit_ids) != published.edit_ids:
                     raise StateError(f"state {published.version[:12]} holds {editor.edit_ids}, "

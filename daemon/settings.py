@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kmd.common.config import Duration, StrictModel, load_yaml_model
+from kmd.daemon.db import default_head_file
 
 __all__ = ["ApiSettings", "Budget", "Budgets", "ClusterSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
 
@@ -116,6 +117,12 @@ class DaemonSettings(StrictModel):
     @property
     def database_url(self) -> str:
         return self.database or os.environ.get("KMD_DB_URL") or f"sqlite:///{self.state_path / 'ledger.db'}"
+
+    @property
+    def head_file_path(self) -> Path | None:
+        """Where the ledger's chain head is kept outside the database (next to a SQLite
+        file, else in the state directory): `kmd verify-chain` compares it by default."""
+        return default_head_file(self.database_url, self.state_path)
 
     def api_token(self) -> str | None:
         if self.api.token_file:

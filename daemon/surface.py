@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from kmd.daemon.replication import Replica
     from kmd.daemon.serving import ServedState, ServingEngine
     from kmd.daemon.settings import DaemonSettings
+    from kmd.sources.intake import Intake
 
 __all__ = ["NotServingError", "Service"]
 
@@ -32,6 +33,7 @@ class Service(Protocol):
     ledger: Ledger
     api_token: str | None
     maintainer: Maintainer | None  # the writer's (None on a replica or before start-up)
+    intake: Intake | None  # the writer's source polling (None on a replica or before start-up)
     replica: Replica | None  # a serving replica's (None on the writer)
 
     @property

@@ -191,16 +191,27 @@ class ChatFormat:
     def question(self, ids: Sequence[int]) -> tuple[str, int, int] | None:
         """For one prompt's token ids: (the latest user message's question, its first and
         end token index), or None when the prompt is not a chat turn."""
+        ids = list(ids)
+        found = self._find(ids)
+        if found is None:
+            return None
+        text, (start, end) = found
+        first, stop = self._token_at(ids, start), self._token_at(ids, end - 1) + 1
+        return text[start:end], first, stop
+
+    def question_text(self, ids: Sequence[int]) -> str | None:
+        """The latest user message's question in one prompt's token ids (None: not a chat turn)."""
+        found = self._find(list(ids))
+        return None if found is None else found[0][found[1][0] : found[1][1]]
+
+    def _find(self, ids: list[int]) -> tuple[str, tuple[int, int]] | None:
+        """(the prompt's decoded text, the question's character span in it) or None."""
         anatomy = self.anatomy()
         if anatomy is None or not ids:
             return None
-        ids = list(ids)
         text = self._decode(ids)
         span = anatomy.question_span(text)
-        if span is None:
-            return None
-        first, end = self._token_at(ids, span[0]), self._token_at(ids, span[1] - 1) + 1
-        return text[span[0] : span[1]], first, end
+        return None if span is None else (text, span)
 
     def turns(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> Turns:
         """ids, prompt_mask (B, T) -> the batch's chat turns (`Turns`)."""
@@ -218,6 +229,18 @@ class ChatFormat:
             mask[row, positions[first:end]] = True
             messages.append((row, text))
         return Turns(mask, messages)
+
+    def questions(self, ids: torch.Tensor, prompt_mask: torch.Tensor, rows: Sequence[int] | None = None) -> list[str]:
+        """ids, prompt_mask (B, T) -> per row (of `rows`, default every row) the question it
+        asks: a chat turn's latest user message, else its whole prompt as text."""
+        rows = range(ids.shape[0]) if rows is None else rows
+        out = []
+        for row in rows:
+            tokens = ids[row, prompt_mask[row]].tolist()
+            text = self.question_text(tokens)
+            text = text if text is not None else self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            out.append(text or " ")
+        return out
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)

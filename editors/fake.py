@@ -6,6 +6,8 @@ token on (its logits become a one-hot vote for the target token there); every ot
 is the base model's. Nothing is learned, so applying is instant and exact, and reverting
 removes the entry. `fires_everywhere` makes an edit act on every row: a harmful edit, for
 tests that the probes catch one (what GRACE needs an unbounded radius for).
+`fires_on_subject` makes it act on every row whose prompt names its subject: an edit that
+hijacks the other questions about its subject, for tests of the same-subject probe.
 
 It obeys the editor protocol like every backend (the contract suite runs it too), so the
 daemon's tests can run the whole loop on a tiny model without depending on one method.
@@ -33,6 +35,7 @@ class FakeConfig:
     """The fake backend's options (a relation's `editor_options` may set them too)."""
 
     fires_everywhere: bool = False  # the edits made with this set act on every row
+    fires_on_subject: bool = False  # ... on every row whose prompt holds the edit's subject
 
 
 class FakeEditor(Editor):
@@ -46,6 +49,7 @@ class FakeEditor(Editor):
         self.keys: list[tuple[int, ...]] = []  # prompt token ids of each entry
         self.targets: list[tuple[int, ...]] = []  # target token ids of each entry
         self.everywhere: list[bool] = []  # made with fires_everywhere
+        self.subjects: list[tuple[tuple[int, ...], ...] | None] = []  # made with fires_on_subject: the subject's spellings
 
     # ----- the table ------------------------------------------------------------------------
     def _entry(self, request: EditRequest) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -55,23 +59,35 @@ class FakeEditor(Editor):
             raise EditorError("fake: the target has no tokens")
         return key, tuple(target_ids)
 
-    def _apply(self, edit_id: str, request: EditRequest) -> None:
+    def _spellings(self, subject: str | None) -> tuple[tuple[int, ...], ...] | None:
+        if not subject:
+            return None
+        return tuple(tuple(self.host.encode(text, special=False)) for text in (subject, " " + subject))
+
+    def _add(self, edit_id: str, request: EditRequest, everywhere: bool, on_subject: bool) -> None:
         key, target = self._entry(request)
         self.row_ids.append(edit_id)
         self.keys.append(key)
         self.targets.append(target)
-        self.everywhere.append(bool(self.config.fires_everywhere))
+        self.everywhere.append(everywhere)
+        self.subjects.append(self._spellings(request.subject) if on_subject else None)
+
+    def _apply(self, edit_id: str, request: EditRequest) -> None:
+        self._add(edit_id, request, bool(self.config.fires_everywhere), bool(self.config.fires_on_subject))
 
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
-        for column in (self.row_ids, self.keys, self.targets, self.everywhere):
+        for column in (self.row_ids, self.keys, self.targets, self.everywhere, self.subjects):
             del column[row]
 
     def _match(self, prompt: Sequence[int]) -> int | None:
         """The newest entry this prompt reaches (None: none)."""
+        prompt = tuple(prompt)
         for row in range(len(self.row_ids) - 1, -1, -1):
             key = self.keys[row]
-            if self.everywhere[row] or (len(prompt) >= len(key) and tuple(prompt[len(prompt) - len(key) :]) == key):
+            if self.everywhere[row] or (len(prompt) >= len(key) and prompt[len(prompt) - len(key) :] == key):
+                return row
+            if any(_contains(prompt, spelling) for spelling in self.subjects[row] or ()):
                 return row
         return None
 
@@ -126,7 +142,8 @@ class FakeEditor(Editor):
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"everywhere": torch.tensor(self.everywhere, dtype=torch.bool)}
+        return {"everywhere": torch.tensor(self.everywhere, dtype=torch.bool),
+                "on_subject": torch.tensor([s is not None for s in self.subjects], dtype=torch.bool)}  # fmt: skip
 
     def extra_state(self) -> dict[str, Any]:
         return {"row_ids": self.row_ids}
@@ -135,12 +152,14 @@ class FakeEditor(Editor):
         by_id = {r.edit_id: r for r in requests}
         row_ids = list(extra.get("row_ids", []))
         everywhere = tensors["everywhere"].bool().tolist() if "everywhere" in tensors else []
-        if sorted(row_ids) != sorted(by_id) or len(everywhere) != len(row_ids):
+        on_subject = tensors["on_subject"].bool().tolist() if "on_subject" in tensors else [False] * len(everywhere)
+        if sorted(row_ids) != sorted(by_id) or not len(everywhere) == len(on_subject) == len(row_ids):
             raise EditorError("fake: saved entries do not match the saved edits")
-        self.row_ids, self.keys, self.targets, self.everywhere = [], [], [], []
-        for edit_id, fires in zip(row_ids, everywhere, strict=True):
-            key, target = self._entry(by_id[edit_id])
-            self.row_ids.append(edit_id)
-            self.keys.append(key)
-            self.targets.append(target)
-            self.everywhere.append(bool(fires))
+        self.row_ids, self.keys, self.targets, self.everywhere, self.subjects = [], [], [], [], []
+        for edit_id, fires, subject in zip(row_ids, everywhere, on_subject, strict=True):
+            self._add(edit_id, by_id[edit_id], bool(fires), bool(subject))
+
+
+def _contains(tokens: tuple[int, ...], needle: tuple[int, ...]) -> bool:
+    n = len(needle)
+    return n > 0 and any(tokens[i : i + n] == needle for i in range(len(tokens) - n + 1))

@@ -30,7 +30,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -198,6 +198,7 @@ class Editor(ABC):
         self._users = 0  # `query` blocks in progress (any thread)
         self._retired = False  # a replaced snapshot: hooks go once its last query ends
         self._raw_calls = True  # edits act on raw model calls outside `query` (not for forks)
+        self._unchecked: set[str] = set()  # edits applied with `question_check` off (it is per edit)
 
     # ----- configuration -------------------------------------------------------------
     @classmethod
@@ -249,6 +250,8 @@ class Editor(ABC):
         try:
             self._apply(edit_id, request)
             self._requests[edit_id] = request
+            if not getattr(self.config, "question_check", True):
+                self._unchecked.add(edit_id)
         finally:
             self._sync_hooks()
         return edit_id
@@ -260,6 +263,7 @@ class Editor(ABC):
         try:
             self._revert(edit_id)
             del self._requests[edit_id]
+            self._unchecked.discard(edit_id)
         finally:
             self._sync_hooks()
 
@@ -400,6 +404,41 @@ class Editor(ABC):
         if current is None or current.implicit:
             _ROUTING.set(Routing(None, owner=self, implicit=True))
 
+    # ----- the question check ----------------------------------------------------------------
+    def answerable(self, questions: Sequence[str], edit_ids: Sequence[str]) -> list[bool]:
+        """For rows the backend routed to these edits: may each edit answer its row's question
+        (a chat turn's latest user message, else the prompt)? The question check
+        (editors/question_check: the same relation of the subject, not only the subject) for
+        backends with the `question_check` option, except for edits applied with it off (the
+        option is per edit, like a relation's other editor options); otherwise every row may."""
+        if not questions or not hasattr(self.config, "question_check"):
+            return [True] * len(questions)
+        from kmd.editors.question_check import QuestionCheck
+
+        # edits applied with the check off pass; an edit being applied has no request yet
+        known = [i for i, e in enumerate(edit_ids) if e in self._requests and e not in self._unchecked]
+        out = [True] * len(questions)
+        if known:
+            check = QuestionCheck.load(device=self.host.device)
+            verdicts = check.accepts([questions[i] for i in known], [self._requests[edit_ids[i]] for i in known]).tolist()
+            for i, ok in zip(known, verdicts, strict=True):
+                out[i] = bool(ok)
+        return out
+
+    def keep_answerable(self, hit: torch.Tensor, edit_of: Callable[[int], str],
+                        questions: Callable[[list[int]], list[str]]) -> torch.Tensor:  # fmt: skip
+        """hit (B,) bool, the rows the backend routed -> the same with the rows whose edit may
+        not answer their question turned off (`answerable`). `edit_of(row)`: the row's edit
+        id; `questions(rows)`: those rows' questions (asked only when the check is on)."""
+        rows = hit.nonzero().flatten().tolist()
+        if not rows or not hasattr(self.config, "question_check"):
+            return hit
+        verdicts = self.answerable(questions(rows), [edit_of(row) for row in rows])
+        out = hit.clone()
+        for row, ok in zip(rows, verdicts, strict=True):
+            out[row] = ok
+        return out
+
     # ----- routing-aware probing (optional) ------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """What this backend's routing reads from a left-padded batch (B, T) of prompts,
@@ -426,10 +465,16 @@ class Editor(ABC):
         """JSON-serialisable backend state stored in the manifest (besides tensors)."""
         return {}
 
-    def restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    def unchecked_edits(self) -> list[str]:
+        """The edits applied with `question_check` off (saved with the state)."""
+        return sorted(self._unchecked & set(self._requests))
+
+    def restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any],
+                unchecked: Sequence[str] = ()) -> None:  # fmt: skip
         self._detach()
         self._restore(requests, tensors, extra)
         self._requests = {r.edit_id: r for r in requests}  # type: ignore[misc]
+        self._unchecked = set(unchecked) & set(self._requests)
         self._sync_hooks()
 
     # ----- what a backend implements ----------------------------------------------------

@@ -11,6 +11,12 @@ the old or the new state, never a mix. Nothing is pickled. Loading checks the fo
 the base model's identity, the backend, the config, the tensors' checksum and each edit
 request's checksum, and refuses any mismatch with a message saying what differs (the
 daemon also checks each edit request against the ledger's record of it at start).
+
+A state's *digest* is the sha256 of its manifest's bytes; the manifest holds the
+tensors' sha256, so the digest names manifest and tensors together. A save can be
+split (`encode_state`, then `write_state`) so the caller can record the digest
+elsewhere first; a load given a digest refuses a state that is not that one (the
+daemon loads only states whose digest its ledger recorded: `kmd.daemon.bound_state`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,14 +96,22 @@ def _check_edits(manifest: dict[str, Any], file: Path) -> None:
                              "(its request was changed after it was saved); refusing this state")  # fmt: skip
 
 
-def save_editor(editor: Editor, path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class EncodedState:
+    """An editor's whole state, serialised in memory and not yet written."""
+
+    manifest: bytes
+    tensors: bytes
+    tensor_file: str
+    digest: str  # sha256 of `manifest`, which holds the tensors' sha256
+    edit_ids: tuple[str, ...]
+
+
+def encode_state(editor: Editor) -> EncodedState:
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in editor.state_tensors().items()}
     blob = save_tensors_bytes(tensors)
-    digest = hashlib.sha256(blob).hexdigest()
-    tensor_file = f"tensors-{digest[:16]}.safetensors"
-    if not (path / tensor_file).exists():
-        _write_atomic(path / tensor_file, blob)
+    tensors_sha = hashlib.sha256(blob).hexdigest()
+    tensor_file = f"tensors-{tensors_sha[:16]}.safetensors"
     config = editor.config_dict()
     edits = [editor.request(edit_id).to_dict() for edit_id in editor.edit_ids]
     manifest = {
@@ -106,23 +121,50 @@ def save_editor(editor: Editor, path: Path) -> Path:
         "config": config,
         "config_hash": config_hash(config),
         "model": editor.host.identity.to_dict(),
-        "tensors": {"file": tensor_file, "sha256": digest, "bytes": len(blob)},
+        "tensors": {"file": tensor_file, "sha256": tensors_sha, "bytes": len(blob)},
         "edits": edits,
         "extra": editor.extra_state(),
+        "unchecked_edits": editor.unchecked_edits(),
     }
-    _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    return EncodedState(text, blob, tensor_file, hashlib.sha256(text).hexdigest(), tuple(editor.edit_ids))
+
+
+def write_state(state: EncodedState, path: Path) -> Path:
+    """Write an encoded state: tensors, then the manifest (the commit point), then clean up."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / state.tensor_file).exists():
+        _write_atomic(path / state.tensor_file, state.tensors)
+    _write_atomic(path / MANIFEST, state.manifest)
     for stale in path.glob("tensors-*.safetensors"):
-        if stale.name != tensor_file:
+        if stale.name != state.tensor_file:
             stale.unlink(missing_ok=True)
     return path
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def save_editor(editor: Editor, path: Path) -> Path:
+    return write_state(encode_state(editor), path)
+
+
+def state_digest(path: Path) -> str:
+    """The digest of the state saved at `path` (sha256 of its manifest's bytes)."""
+    try:
+        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise StateError(f"{path}: no readable {MANIFEST} ({exc})") from exc
+
+
+def read_manifest(path: Path, *, digest: str | None = None) -> dict[str, Any]:
+    """The checked manifest; with `digest`, only if its bytes are that state's (read once,
+    so the bytes checked are the bytes used)."""
     file = path / MANIFEST
     if not file.is_file():
         raise StateError(f"{path}: no {MANIFEST}; not an editor state directory")
+    data = file.read_bytes()
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise StateError(f"{file}: not the state {digest[:12]} (changed while it was being read)")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StateError(f"{file}: corrupted manifest ({exc})") from exc
     required = {"format", "backend", "config", "config_hash", "model", "tensors", "edits", "edit_checksums", "extra"}
@@ -140,9 +182,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_state(path: Path, host: ModelHost) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[EditRequest]]:
-    """A saved state's manifest, tensors (on the host's device) and edit requests, checked."""
-    manifest = read_manifest(path)
+def read_state(path: Path, host: ModelHost, *, digest: str | None = None,
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[EditRequest]]:  # fmt: skip
+    """A saved state's manifest, tensors (on the host's device) and edit requests, checked
+    (with `digest`: only the state of that digest)."""
+    manifest = read_manifest(path, digest=digest)
     mismatches = host.identity.mismatches(manifest["model"])
     if mismatches:
         raise StateError(
@@ -163,22 +207,22 @@ def read_state(path: Path, host: ModelHost) -> tuple[dict[str, Any], dict[str, t
     return manifest, {k: v.to(host.device) for k, v in tensors.items()}, requests
 
 
-def load_editor(path: Path, host: ModelHost) -> Editor:
-    manifest, tensors, requests = read_state(path, host)
+def load_editor(path: Path, host: ModelHost, *, digest: str | None = None) -> Editor:
+    manifest, tensors, requests = read_state(path, host, digest=digest)
     try:
         cls = get_backend(manifest["backend"])
         config = build_config(cls.config_class, manifest["config"], f"{path}/{MANIFEST}")
     except (UnknownBackendError, ProfileError, TypeError) as exc:
         raise StateError(f"{path}: {exc}") from exc
     editor = cls(host, config)
-    editor.restore(requests, tensors, manifest["extra"])
+    editor.restore(requests, tensors, manifest["extra"], manifest.get("unchecked_edits", []))
     return editor
 
 
-def reload_editor(editor: Editor, path: Path) -> None:
+def reload_editor(editor: Editor, path: Path, *, digest: str | None = None) -> None:
     """Put `editor` back to the state it saved at `path`, in place: undoes everything
     applied or reverted since that save, exactly. (Its options stay as they are.)"""
-    manifest, tensors, requests = read_state(path, editor.host)
+    manifest, tensors, requests = read_state(path, editor.host, digest=digest)
     if manifest["backend"] != editor.name:
         raise StateError(f"{path}: saved by the {manifest['backend']} backend, not {editor.name}")
-    editor.restore(requests, tensors, manifest["extra"])
+    editor.restore(requests, tensors, manifest["extra"], manifest.get("unchecked_edits", []))

@@ -19,6 +19,9 @@ if [ ! -x "$tools/bin/uv" ] || [ "$("$tools/bin/uv" --version | cut -d' ' -f2)" 
 fi
 upgrade=()
 [ "${1:-}" = "--upgrade" ] && upgrade=(--upgrade)
+# uv keeps the versions already in its output file unless told to upgrade: start from the
+# current lock, so adding a dependency pins only what it brings in.
+cp requirements.lock requirements.lock.new
 "$tools/bin/uv" pip compile pyproject.toml --extra test --extra postgres --universal --python-version 3.11 \
     --quiet --no-header --annotation-style line "${upgrade[@]}" -o requirements.lock.new
 {

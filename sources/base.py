@@ -29,6 +29,7 @@ class PollResult:
     cursor: Mapping[str, Any] = field(default_factory=dict)  # to save for the next poll
     not_modified: bool = False  # nothing new (HTTP 304, same file)
     refused: bool = False  # the whole fetch or file was refused (problems say why)
+    unmatched: int = 0  # entries read that stated no fact (prose no extraction rule matched)
 
 
 class Source(Protocol):

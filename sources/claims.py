@@ -13,11 +13,12 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
+from urllib.parse import urlsplit, urlunsplit
 
 from kmd.common.values import canonical_json, iso, parse_time, utcnow
 
-__all__ = ["ENTRY_FLAG", "Claim", "canonical_json", "clean_text", "entry_flag", "iso", "normalize_text", "parse_time",
-           "utcnow"]
+__all__ = ["ENTRY_FLAG", "Claim", "canonical_json", "clean_text", "content_flag", "entry_flag", "iso", "normalize_text",
+           "parse_time", "utcnow"]
 
 _WS_RE = re.compile(r"\s+")
 _ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -30,9 +31,30 @@ ENTRY_FLAG = "entry:"
 
 
 def entry_flag(digest: str) -> str:
-    """The claim flag naming the exact entry (feed item, JSONL line) a claim was read from
-    (`kmd.daemon.independence` counts byte-identical entries from two sources once)."""
+    """The claim flag carrying an entry's digest (`kmd.daemon.independence` counts two
+    sources whose claims carry the same digest once). Sources make it with `content_flag`."""
     return ENTRY_FLAG + digest[:32]
+
+
+def content_flag(subject: str, relation: str, object: str, *, text: str = "", link: str = "") -> str:  # noqa: A002
+    """The entry flag of what an entry says, not of its bytes: the claim's normalised
+    subject, relation and object, the entry's summary text (normalised) and its link
+    target. A copy with a rewritten id, title, date or whitespace says the same thing, so
+    its source counts as one with the original's; a publisher with its own story (another
+    link or summary) stays independent."""
+    content = {"subject": normalize_text(subject), "relation": relation, "object": normalize_text(object),
+               "text": normalize_text(text), "link": _link_target(link)}  # fmt: skip
+    return entry_flag(hashlib.sha256(canonical_json(content).encode("utf-8", "surrogatepass")).hexdigest())
+
+
+def _link_target(link: str) -> str:
+    """A link as a target: scheme and host in lower case, no fragment, no surrounding space."""
+    link = clean_text(link)
+    try:
+        parts = urlsplit(link)
+    except ValueError:  # e.g. a broken IPv6 literal: compare it as written
+        return link
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query, ""))
 
 
 def clean_text(value: str) -> str:

@@ -1,9 +1,9 @@
 """What a source is, as a policy file declares it: the config schemas the sources read.
 
 `SourcePolicy` (one trusted source: kind, location, trust, relations, limits, signing keys,
-extraction patterns), `FetchLimits` and `NetworkPolicy` (what one fetch may do). They are
-strict frozen models (`kmd.common.config`); the policy (`kmd.daemon.policy`) is made of
-them plus what the daemon does with the facts.
+extraction patterns, watched Wikidata items), `FetchLimits` and `NetworkPolicy` (what one
+fetch may do). They are strict frozen models (`kmd.common.config`); the policy
+(`kmd.daemon.policy`) is made of them plus what the daemon does with the facts.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kmd.common.config import Duration, StrictModel, located
+from kmd.sources.extraction import PatternError, compile_pattern
 
 __all__ = [
     "ExtractionPattern",
@@ -25,6 +26,7 @@ __all__ = [
     "SourcePolicy",
     "TRUST_LEVELS",
     "Trust",
+    "WikidataWatch",
     "check_name",
 ]
 
@@ -85,7 +87,8 @@ class FetchLimits(StrictModel):
 
 
 class ExtractionPattern(StrictModel):
-    """A regular expression over one entry field whose named groups give subject and object."""
+    """A regular expression (RE2) over one entry field whose named groups give subject and
+    object (`kmd.sources.extraction`)."""
 
     field: Literal["title", "summary", "content"] = "title"
     pattern: str
@@ -95,17 +98,62 @@ class ExtractionPattern(StrictModel):
     @classmethod
     def _compiles(cls, value: str) -> str:
         try:
-            compiled = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression: {exc}") from None
-        missing = {"subject", "object"} - set(compiled.groupindex)
-        if missing:
-            raise ValueError(f"pattern needs named groups (?P<subject>...) and (?P<object>...); missing {sorted(missing)}")
+            compile_pattern(value)
+        except PatternError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
-    @property
-    def regex(self) -> re.Pattern[str]:
-        return re.compile(self.pattern)  # re caches compiled patterns
+
+_ENTITY_RE = re.compile(r"^Q[1-9][0-9]{0,11}$")
+_PROPERTY_RE = re.compile(r"^P[1-9][0-9]{0,11}$")
+_LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8}){0,3}$")
+_CONTACT_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{2,199}$")  # printable ASCII: it goes into a header
+
+
+class WikidataWatch(StrictModel):
+    """What a `wikidata` source reads (`kmd.sources.wikidata`): items, and per property the
+    relation its current value states."""
+
+    entities: tuple[str, ...] = Field(min_length=1, max_length=10_000)  # item ids: Q95, Q90...
+    properties: dict[str, str] = Field(min_length=1, max_length=100)  # P169: ceo, P36: capital...
+    language: str = "en"  # labels in this language (else 'mul', else English, saying so)
+    # Who runs this kmd (an email address or a URL): Wikimedia's User-Agent policy asks every
+    # client to say how to reach its operator, and blocks clients that do not.
+    contact: str
+    maxlag: int = Field(default=5, ge=1, le=60)  # seconds of replica lag at which the API says "later"
+    max_retries: int = Field(default=3, ge=0, le=10)  # per request, after maxlag, 429 or 503
+
+    @field_validator("entities")
+    @classmethod
+    def _entities_ok(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [e for e in value if not _ENTITY_RE.match(e)]
+        if bad:
+            raise ValueError(f"not Wikidata item ids (Q followed by digits): {bad[:5]}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"listed twice: {sorted({e for e in value if value.count(e) > 1})[:5]}")
+        return value
+
+    @field_validator("properties")
+    @classmethod
+    def _properties_ok(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [p for p in value if not _PROPERTY_RE.match(p)]
+        if bad:
+            raise ValueError(f"not Wikidata property ids (P followed by digits): {bad[:5]}")
+        return value
+
+    @field_validator("language")
+    @classmethod
+    def _language_ok(cls, value: str) -> str:
+        if not _LANGUAGE_RE.match(value):
+            raise ValueError(f"{value!r} is not a language code such as en, de or pt-br")
+        return value
+
+    @field_validator("contact")
+    @classmethod
+    def _contact_ok(cls, value: str) -> str:
+        if not _CONTACT_RE.match(value):
+            raise ValueError("contact: 3-200 printable ASCII characters (an email address or a URL)")
+        return value
 
 
 def _decode_public_key(value: str) -> bytes:
@@ -122,18 +170,21 @@ def _decode_public_key(value: str) -> bytes:
 class SourcePolicy(StrictModel):
     """One trusted source of facts.
 
-    Kinds: `feed` (RSS/Atom), `jsonl` (a curated file), `api` (facts people or programs
-    submit through `POST /v1/facts`: not polled, no location; its facts wait for a person's
-    approval unless `needs_approval: false`).
+    Kinds: `feed` (RSS/Atom), `jsonl` (a curated file), `wikidata` (a Wikibase API: the
+    current values of watched items' properties), `api` (facts people or programs submit
+    through `POST /v1/facts`: not polled, no location; its facts wait for a person's approval
+    unless `needs_approval: false`).
     """
 
     id: str
-    kind: Literal["feed", "jsonl", "api"]
-    location: str = ""  # feed: http(s) URL; jsonl: a local path or an http(s) URL; api: none
+    kind: Literal["feed", "jsonl", "wikidata", "api"]
+    # feed: http(s) URL; jsonl: a local path or an http(s) URL; wikidata: the API endpoint
+    # (https://www.wikidata.org/w/api.php); api: none
+    location: str = ""
     trust: Trust
     # Sources in the same group count once towards a quorum (two feeds of one publisher
     # are not independent). Defaults to the source id. Sources on one registrable domain
-    # or host, or delivering byte-identical entries, also count once unless each lists the
+    # or host, or delivering entries with the same content, also count once unless each lists the
     # other under `independent_of`.
     group: str | None = None
     independent_of: tuple[str, ...] = ()
@@ -147,6 +198,7 @@ class SourcePolicy(StrictModel):
     network: NetworkPolicy = NetworkPolicy()
     limits: FetchLimits | None = None  # None: the policy's `fetch:` section
     extract: tuple[ExtractionPattern, ...] = ()  # feeds only
+    wikidata: WikidataWatch | None = None  # wikidata only
     signing_keys: tuple[str, ...] = ()  # jsonl only: pinned Ed25519 public keys, base64
     require_signature: bool = False
     signature_location: str | None = None  # default: location + ".sig"
@@ -170,14 +222,20 @@ class SourcePolicy(StrictModel):
                 raise located("location", "an api source has no location (facts arrive through POST /v1/facts)")
             if self.signing_keys or self.require_signature or self.signature_location or self.extract:
                 raise located("kind", "signatures and extraction patterns do not apply to api sources")
+        if (self.kind == "wikidata") != (self.wikidata is not None):
+            raise located("wikidata", "a wikidata source needs a wikidata: section (entities, properties, contact)"
+                          if self.kind == "wikidata" else "the wikidata: section applies to wikidata sources only")
+        if self.kind == "api":
             return self
         if not self.location:
             raise located("location", f"a {self.kind} source needs a location")
-        if self.kind == "feed":
+        if self.kind in ("feed", "wikidata"):
             if not self.location.startswith(("http://", "https://")):
-                raise located("location", "a feed location must be an http:// or https:// URL")
+                raise located("location", f"a {self.kind} location must be an http:// or https:// URL")
             if self.signing_keys or self.require_signature or self.signature_location:
                 raise located("require_signature", "signatures apply to jsonl sources only")
+            if self.kind == "wikidata" and self.extract:
+                raise located("extract", "extraction patterns apply to feed sources only")
         else:
             if self.extract:
                 raise located("extract", "extraction patterns apply to feed sources only")

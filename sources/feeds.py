@@ -11,8 +11,10 @@ elements in the namespace `urn:kmd:fact:1` (any prefix), plus an optional observ
     </entry>
 
 Feeds written as prose are read with the source's extraction patterns from the policy:
-regular expressions over the title, summary or content (HTML stripped) whose named groups
-`subject` and `object` give the fact, for the pattern's relation.
+regular expressions (RE2, `kmd.sources.extraction`) over the title, summary or content
+(HTML stripped) whose named groups `subject` and `object` give the fact, for the pattern's
+relation. Entries that state no fact either way are counted (`ParsedFeed.unmatched`), not
+reported as problems: most of an ordinary news feed is not about the watched relations.
 
 Everything taken from an entry is data: cleaned, length-capped (fields over the cap are
 refused, not truncated, so a fact is never silently changed) and never interpreted.
@@ -21,39 +23,82 @@ refused, not truncated, so a fact is never silently changed) and never interpret
 from __future__ import annotations
 
 import calendar
-import hashlib
 import html
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from dataclasses import dataclass
+
 import feedparser
 from loguru import logger
 
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, clean_text, entry_flag, parse_time
+from kmd.sources.claims import Claim, clean_text, content_flag, parse_time
 from kmd.sources.config import FetchLimits, SourcePolicy
+from kmd.sources.extraction import match_rules
 from kmd.sources.net import FetchError, Fetcher
 
-__all__ = ["FACT_NAMESPACE", "FeedSource", "ParsedFeed", "parse_feed"]
+__all__ = ["FACT_NAMESPACE", "EntryOutcome", "FeedSource", "ParsedFeed", "parse_feed"]
 
 FACT_NAMESPACE = "urn:kmd:fact:1"
 _TAG_RE = re.compile(r"<[^>]*>")
-# bozo exceptions that say nothing about the feed's integrity: the declared charset was
-# wrong but the bytes decoded fine.
-_BENIGN_BOZO = (feedparser.CharacterEncodingOverride,)
+# Every bozo feed is malformed, CharacterEncodingOverride included: bytes that are not in
+# the declared encoding were decoded as another one, so the text is not what was sent.
+_CHARREF_RE = re.compile(rb"&#(?:[xX]([0-9A-Fa-f]+)|([0-9]+));")
+_REFUSED_CHAR = "\ufffd"  # what an invalid character reference becomes; refused in a fact
+
+
+def _xml_char(code: int) -> bool:
+    return code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or 0x10000 <= code <= 0x10FFFF
+
+
+def _neutralise_charrefs(body: bytes) -> bytes:
+    """Character references to code points no XML text may hold (`&#xD800;`, `&#1;`, past
+    U+10FFFF) become U+FFFD: left in, the strict parser refuses the whole document and
+    feedparser's fallback parser raises, losing every entry. A fact field holding U+FFFD
+    is refused, so such a reference costs only its entry."""
+
+    def fix(match: re.Match[bytes]) -> bytes:
+        hex_digits, digits = match.groups()
+        text = (hex_digits or digits).lstrip(b"0") or b"0"
+        code = int(text, 16 if hex_digits else 10) if len(text) <= 8 else -1
+        return match.group(0) if _xml_char(code) else b"&#xFFFD;"
+
+    return _CHARREF_RE.sub(fix, body)
+
+
+@dataclass(frozen=True)
+class EntryOutcome:
+    """What one entry gave: claims from `kf:` elements, and from each extraction rule that
+    matched (the rule's index in the source's `extract` list)."""
+
+    ref: str
+    title: str
+    element_claims: tuple[Claim, ...] = ()
+    rule_claims: tuple[tuple[int, Claim], ...] = ()
+
+    @property
+    def matched(self) -> bool:
+        return bool(self.element_claims or self.rule_claims)
 
 
 class ParsedFeed:
     """What one feed body yielded."""
 
-    def __init__(self, claims: list[Claim], problems: list[str], malformed: bool, entries: int):
+    def __init__(self, claims: list[Claim], problems: list[str], malformed: bool, entries: int,
+                 outcomes: list[EntryOutcome] | None = None):  # fmt: skip
         self.claims = claims
         self.problems = problems
         self.malformed = malformed
         self.entries = entries  # entries looked at (after the cap)
+        self.outcomes = outcomes or []  # per entry looked at, in feed order
+
+    @property
+    def unmatched(self) -> int:
+        """Entries that stated no fact (no `kf:` elements, no extraction rule matched)."""
+        return sum(not o.matched for o in self.outcomes)
 
 
 def _text(value: Any, limit: int) -> str:
@@ -67,6 +112,19 @@ def _text(value: Any, limit: int) -> str:
     return clean_text(html.unescape(_TAG_RE.sub(" ", value[: limit * 4])))[:limit]
 
 
+def _rule_fields(entry: Mapping[str, Any], source: SourcePolicy, limits: FetchLimits) -> dict[str, str]:
+    """The plain text of each entry field the source's extraction rules read."""
+    fields: dict[str, str] = {}
+    for name in {rule.field for rule in source.extract}:
+        if name == "content":
+            contents = entry.get("content") or []
+            raw = contents[0].get("value") if contents and isinstance(contents[0], Mapping) else None
+        else:
+            raw = entry.get(name)
+        fields[name] = _text(raw, limits.max_field_chars)
+    return fields
+
+
 def _fact_field(value: Any, limit: int) -> str:
     if not isinstance(value, str):
         raise ValueError("not text")
@@ -74,6 +132,8 @@ def _fact_field(value: Any, limit: int) -> str:
     text = clean_text(html.unescape(value))
     if not text:
         raise ValueError("empty")
+    if _REFUSED_CHAR in text:
+        raise ValueError("invalid character (an undecodable byte or a bad character reference)")
     if len(text) > limit:
         raise ValueError(f"longer than {limit} characters")
     return text
@@ -101,9 +161,14 @@ def _entry_time(entry: Mapping[str, Any], observed: str | None, fetched_at: date
     return when
 
 
-def _entry_digest(entry: Mapping[str, Any]) -> str:
-    """sha256 of everything the feed said in one entry (feedparser's parsed form)."""
-    return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode("utf-8", "replace")).hexdigest()
+def _summary(entry: Mapping[str, Any]) -> str:
+    """The entry's summary (else its content) as plain text: part of what it says, for
+    `content_flag` (whole, not cut to the field cap, which differs between sources)."""
+    raw = entry.get("summary")
+    if not isinstance(raw, str):
+        contents = entry.get("content") or []
+        raw = contents[0].get("value") if contents and isinstance(contents[0], Mapping) else None
+    return clean_text(html.unescape(_TAG_RE.sub(" ", raw))) if isinstance(raw, str) else ""
 
 
 def parse_feed(
@@ -118,12 +183,12 @@ def parse_feed(
     if not isinstance(body, bytes):  # a str would be taken as a path or URL by feedparser
         raise TypeError("parse_feed takes the fetched bytes, never text")
     try:
-        parsed = feedparser.parse(body)
+        parsed = feedparser.parse(_neutralise_charrefs(body))
     except Exception as exc:  # feedparser is meant not to raise; if it does, the feed is bad
         return ParsedFeed([], [f"unparseable feed: {type(exc).__name__}: {exc}"], True, 0)
 
     problems: list[str] = []
-    malformed = bool(parsed.get("bozo")) and not isinstance(parsed.get("bozo_exception"), _BENIGN_BOZO)
+    malformed = bool(parsed.get("bozo"))
     if malformed:
         reason = f"malformed feed ({type(parsed.get('bozo_exception')).__name__}: {parsed.get('bozo_exception')})"
         if source.on_malformed == "reject":
@@ -138,13 +203,16 @@ def parse_feed(
     flags = ("malformed",) if malformed else ()
 
     claims: list[Claim] = []
+    outcomes: list[EntryOutcome] = []
     for index, entry in enumerate(entries):
         ref = entry.get("id") or entry.get("link") or f"#{index}"
         ref = ref if isinstance(ref, str) else f"#{index}"
         link = entry.get("link") if isinstance(entry.get("link"), str) else url
         where = f"entry {ref[:80]!r}"
-        # The same entry delivered by two sources makes them one for quorum (kmd.daemon.independence).
-        entry_flags = flags + (entry_flag(_entry_digest(entry)),)
+        # What the entry says (not its bytes): two sources delivering it are one for quorum
+        # (kmd.daemon.independence), whatever id, title or dates a copy was given.
+        summary, target = _summary(entry), link if isinstance(entry.get("link"), str) else ""
+        element_claims: list[Claim] = []
         for prefix in prefixes:
             fields = {name: entry.get(f"{prefix}_{name}") for name in ("subject", "relation", "object")}
             present = [k for k, v in fields.items() if v is not None]
@@ -159,7 +227,7 @@ def parse_feed(
                 problems.append(f"{where}: fact field refused: {exc}")
                 continue
             observed = entry.get(f"{prefix}_observed")
-            claims.append(
+            element_claims.append(
                 Claim(
                     subject=values["subject"],
                     relation=values["relation"],
@@ -168,35 +236,24 @@ def parse_feed(
                     url=link[: limits.max_field_chars],
                     observed_at=_entry_time(entry, observed if isinstance(observed, str) else None, fetched_at),
                     ref=ref[: limits.max_field_chars],
-                    flags=entry_flags,
+                    flags=flags + (content_flag(values["subject"], values["relation"], values["object"], text=summary,
+                                                link=target),),  # fmt: skip
                 )
             )
-        for pattern in source.extract:
-            if pattern.field == "content":
-                contents = entry.get("content") or []
-                raw = contents[0].get("value") if contents and isinstance(contents[0], Mapping) else None
-            else:
-                raw = entry.get(pattern.field)
-            text = _text(raw, limits.max_field_chars)
-            match = pattern.regex.search(text) if text else None
-            if not match:
+        rule_claims = []
+        for m in match_rules(source.extract, _rule_fields(entry, source, limits)):
+            if _REFUSED_CHAR in m.subject + m.object:
+                problems.append(f"{where}: {m.field}: invalid character (an undecodable byte or a bad character reference)")
                 continue
-            subject, obj = clean_text(match.group("subject") or ""), clean_text(match.group("object") or "")
-            if not subject or not obj:
-                continue
-            claims.append(
-                Claim(
-                    subject=subject,
-                    relation=pattern.relation,
-                    object=obj,
-                    source_id=source.id,
-                    url=link[: limits.max_field_chars],
-                    observed_at=_entry_time(entry, None, fetched_at),
-                    ref=f"{ref[: limits.max_field_chars]}#{pattern.field}:{pattern.relation}",
-                    flags=entry_flags,
-                )
-            )
-    return ParsedFeed(claims, problems, malformed, len(entries))
+            claim = Claim(subject=m.subject, relation=m.relation, object=m.object, source_id=source.id,
+                          url=link[: limits.max_field_chars], observed_at=_entry_time(entry, None, fetched_at),
+                          ref=f"{ref[: limits.max_field_chars]}#{m.field}:{m.relation}",
+                          flags=flags + (content_flag(m.subject, m.relation, m.object, text=summary, link=target),))  # fmt: skip
+            rule_claims.append((m.rule, claim))
+        claims += element_claims + [c for _, c in rule_claims]
+        title = _text(entry.get("title"), 200)
+        outcomes.append(EntryOutcome(ref[:200], title, tuple(element_claims), tuple(rule_claims)))
+    return ParsedFeed(claims, problems, malformed, len(entries), outcomes)
 
 
 class FeedSource:
@@ -235,6 +292,10 @@ class FeedSource:
         parsed = parse_feed(result.body, self.policy, self.limits, url=result.url, fetched_at=now)
         for problem in parsed.problems:
             logger.warning("source {}: {}", self.id, problem)
+        if parsed.unmatched:
+            logger.info("source {}: {} of {} entries stated no fact (no kf: elements, no extraction rule matched)",
+                        self.id, parsed.unmatched, parsed.entries)  # fmt: skip
         new_cursor = {"location": self.policy.location, "etag": result.etag, "last_modified": result.last_modified}
         refused = parsed.malformed and self.policy.on_malformed == "reject"
-        return PollResult(self.id, tuple(parsed.claims), tuple(parsed.problems), new_cursor, refused=refused)
+        return PollResult(self.id, tuple(parsed.claims), tuple(parsed.problems), new_cursor, refused=refused,
+                          unmatched=parsed.unmatched)  # fmt: skip

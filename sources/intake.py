@@ -25,6 +25,7 @@ from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.feeds import FeedSource
 from kmd.sources.jsonl import JsonlSource
 from kmd.sources.net import Fetcher, SafeFetcher
+from kmd.sources.wikidata import WikidataSource
 
 __all__ = ["Intake", "IntakeReport", "SourceCatalog", "build_sources"]
 
@@ -49,17 +50,20 @@ class IntakeReport:
     not_modified: bool
     refused: bool
     seconds: float
+    unmatched: int = 0  # entries that stated no fact: counted, not problems
+
+
+# The polled kinds; `api` sources are fed through POST /v1/facts and never polled.
+_KINDS: dict[str, Callable[[SourcePolicy, FetchLimits, Fetcher], Source]] = {
+    "feed": FeedSource,
+    "jsonl": JsonlSource,
+    "wikidata": WikidataSource,
+}
 
 
 def build_sources(policy: SourceCatalog, fetcher: Fetcher) -> dict[str, Source]:
-    """One `Source` per policy entry, by kind."""
-    sources: dict[str, Source] = {}
-    for sp in policy.sources:
-        if sp.kind == "api":  # fed through POST /v1/facts, never polled
-            continue
-        limits = policy.limits_for(sp)
-        sources[sp.id] = FeedSource(sp, limits, fetcher) if sp.kind == "feed" else JsonlSource(sp, limits, fetcher)
-    return sources
+    """One `Source` per polled policy entry, by kind."""
+    return {sp.id: _KINDS[sp.kind](sp, policy.limits_for(sp), fetcher) for sp in policy.sources if sp.kind in _KINDS}
 
 
 class Intake:
@@ -78,6 +82,7 @@ class Intake:
         self.fetcher = fetcher or SafeFetcher()
         self.sources: dict[str, Source] = dict(sources) if sources is not None else build_sources(policy, self.fetcher)
         self._clock = clock
+        self.entries_unmatched = 0  # entries read that stated no fact, since start (a metric)
 
     def close(self) -> None:
         if self._own_fetcher and isinstance(self.fetcher, SafeFetcher):
@@ -132,12 +137,13 @@ class Intake:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ids) or 1))) as pool:
             for result, seconds in pool.map(fetch, ids):
                 cursor = {**result.cursor, "last_poll": iso(now), "last_problems": len(result.problems)}
+                self.entries_unmatched += result.unmatched
                 claims, refused = self._admissible(result)
                 # Stored together: the cursor (ETag, sequence) advances only with the claims.
                 recorded = self.sink.store(result.source_id, claims, cursor, channel=self._channel(result.source_id))
                 reports.append(
                     IntakeReport(result.source_id, len(recorded.new_ids), recorded.duplicates, result.problems + refused,
-                                 result.not_modified, result.refused, seconds)  # fmt: skip
+                                 result.not_modified, result.refused, seconds, result.unmatched)  # fmt: skip
                 )
                 if recorded.new_ids:
                     logger.info("source {}: {} new claims ({} duplicates)", result.source_id, len(recorded.new_ids),

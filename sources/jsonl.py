@@ -31,7 +31,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from kmd.sources.base import PollResult
-from kmd.sources.claims import Claim, clean_text, entry_flag
+from kmd.sources.claims import Claim, clean_text, content_flag
 from kmd.sources.config import FetchLimits, SourcePolicy
 from kmd.sources.net import FetchError, Fetcher
 from kmd.sources.signing import SignatureError, verify_detached
@@ -128,8 +128,9 @@ def parse_jsonl(data: bytes, source: SourcePolicy, limits: FetchLimits, *, locat
                 url=(fact.url or f"{location}#L{number}")[: limits.max_field_chars],
                 observed_at=min(observed, now),  # a file cannot post-date its facts
                 ref=fact.id or f"seq{header.sequence}:L{number}",
-                # the same line in two files makes their sources one for quorum
-                flags=(entry_flag(hashlib.sha256(line.strip().encode("utf-8", "surrogatepass")).hexdigest()),),
+                # the same fact and url in two files make their sources one for quorum, however
+                # the line is spaced, ordered or given another id
+                flags=(content_flag(values["subject"], values["relation"], values["object"], link=fact.url or ""),),
             )
         )
     return ParsedJsonl(header, tuple(claims), tuple(problems))

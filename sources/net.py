@@ -39,6 +39,7 @@ __all__ = [
     "FetchResult",
     "Fetcher",
     "ForbiddenAddress",
+    "HttpStatusError",
     "Resolver",
     "SafeFetcher",
     "TooLarge",
@@ -62,6 +63,26 @@ class ForbiddenAddress(FetchError):
 
 class TooLarge(FetchError):
     """The body is larger than the policy's cap."""
+
+
+class HttpStatusError(FetchError):
+    """The server answered with a status other than 200, 304 or a redirect.
+
+    `retry_after` is the server's Retry-After in seconds (delta form only), for callers that
+    back off on 429 and 503 (kmd.sources.wikidata)."""
+
+    def __init__(self, message: str, status: int, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:  # the HTTP-date form: callers fall back to their own backoff
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 @dataclass(frozen=True)
@@ -194,7 +215,8 @@ class SafeFetcher:
                 if response.status_code == 304:
                     return FetchResult(current, 304, b"", etag, last_modified)
                 if response.status_code != 200:
-                    raise FetchError(f"{current}: HTTP {response.status_code}")
+                    raise HttpStatusError(f"{current}: HTTP {response.status_code}", response.status_code,
+                                          _retry_after(response.headers.get("Retry-After")))
                 body = self._read_capped(response, limits, deadline, current)
                 return FetchResult(
                     current,

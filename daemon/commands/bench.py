@@ -11,10 +11,17 @@ import typer
 from kmd.daemon.commands.common import ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, ProfileOpt, fail, load_host
 
 SERVED = ("served_rel", "served_gen", "chat_rel", "chat_gen", "served_loc", "chat_loc", "degenerate", "degenerate_base")
+FORMS = ("plain", "chat", "sys", "multi")
+SERVED_V2 = (
+    *(f"edit_{f}_ok" for f in FORMS), *(f"reph_{f}_ok" for f in FORMS[:2]),
+    *(f"same_{f}_{m}" for f in FORMS[:2] for m in ("unchanged", "hijack")),
+    *(f"port_{f}_ok{b}" for f in FORMS[:2] for b in ("", "_base", "_context")),
+    *(f"loc_{f}" for f in FORMS[:2]), "degenerate_all", "degenerate_all_base",
+)
 METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")  # teacher-forced (and *_em: short greedy)
 COSTS = (
-    "edit_s_mean", "edit_s_p95", "forward_ms_base", "forward_ms_edited",
-    "overhead_ratio", "state_bytes_per_edit", "peak_rss_mb",
+    "edit_s_mean", "edit_s_p95", "edit_s_first_1000", "edit_s_last_1000", "edit_s_last_over_first", "forward_ms_base",
+    "forward_ms_edited", "overhead_ratio", "state_bytes_per_edit", "n_distractors", "peak_rss_mb",
 )
 
 
@@ -24,9 +31,9 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     backend: Annotated[str, typer.Option(help="Editing backend (see `kmd backends`).")],
-    data: Annotated[Path, typer.Option(help="Dataset file: ZsRE, CounterFact (flat), hallucination or temporal JSON.")],
+    data: Annotated[Path, typer.Option(help="Dataset file: ZsRE, CounterFact (flat), KnowEdit, hallucination or temporal JSON.")],
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N records.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="zsre, counterfact, hallucination or temporal (default: detect).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="zsre, counterfact, knowedit, hallucination or temporal (default: detect).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (torch, and the shuffle if --shuffle).")] = 0,
     shuffle: Annotated[bool, typer.Option(help="Seeded shuffle instead of file order.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
@@ -37,7 +44,11 @@ def bench(
     dtype: DtypeOpt = "auto",
     profile: ProfileOpt = None,
     chat_template: ChatOpt = False,
-    served: Annotated[bool, typer.Option(help="Also generate and judge served answers (plain and chat).")] = True,
+    served: Annotated[bool, typer.Option(help="Also generate and judge served answers.")] = True,
+    distract: Annotated[list[str] | None, typer.Option(help="FILE:K: after the evaluated edits, apply K edits from "
+                                                       "FILE's first records (repeatable), then score the evaluated ones.")] = None,
+    served_protocol: Annotated[str, typer.Option("--served-protocol", help="v2: every form (plain, chat, sys, multi), "
+                                                  "same-subject and portability questions; v1: edit prompts and rephrases, plain and chat.")] = "v2",
 ) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -48,9 +59,12 @@ def bench(
     from kmd.editors.bench.harness import BenchOptions, run_lifelong
     from kmd.editors.registry import UnknownBackendError, get_backend
 
+    if served_protocol not in ("v1", "v2"):
+        raise fail(f"--served-protocol must be v1 or v2, not {served_protocol!r}")
     try:
         backend_cls = get_backend(backend)
         fmt, records = load_records(data, format, limit)
+        distractors = load_distractors(distract or [])
         overrides = parse_overrides(config or [])
     except (UnknownBackendError, DatasetError, ValueError) as exc:
         raise fail(str(exc)) from exc
@@ -74,7 +88,8 @@ def bench(
 
         result = run_lifelong(
             host, editor, records, seed=seed, shuffle=shuffle,
-            options=BenchOptions(batch_size=batch_size, served=served), progress=progress,
+            options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2"), progress=progress,
+            distractors=distractors,
         )
     result["dataset"] = str(data)
     result["format"] = fmt
@@ -83,6 +98,22 @@ def bench(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {out}")
+
+
+def load_distractors(items: list[str]) -> list:
+    """The records of each --distract FILE:K (the first K of FILE), in order."""
+    from kmd.editors.bench.data import load_records
+
+    out: list = []
+    for item in items:
+        path, sep, count = item.rpartition(":")
+        if not sep or not path or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--distract expects FILE:K with K >= 1, got {item!r}")
+        _, records = load_records(Path(path), None, int(count))
+        if len(records) < int(count):
+            raise ValueError(f"--distract {item}: the file has only {len(records)} records")
+        out += records
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -113,7 +144,7 @@ def print_table(result: dict) -> None:
     table = Table(title=f"{result['backend']} on {Path(result['dataset']).name} ({result['n_edits']} edits, {result['model']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    sections = (("served answers", SERVED), ("teacher-forced", METRICS), ("cost", COSTS))
+    sections = (("served answers (v1)", SERVED), ("served answers (v2)", SERVED_V2), ("teacher-forced", METRICS), ("cost", COSTS))
     for title, keys in sections:
         if all(result.get(k) is None for k in keys):
             continue
@@ -123,6 +154,7 @@ def print_table(result: dict) -> None:
             table.add_row(key, fmt(result.get(key)))
     console.print(table)
     print_answers(console, result.get("answers_sample") or [])
+    print_hijacks(console, result.get("hijack_sample") or [])
 
 
 def print_answers(console, sample: list[dict]) -> None:
@@ -136,12 +168,30 @@ def print_answers(console, sample: list[dict]) -> None:
     for column in ("prompt -> target", "form", "base", "edited", "ok"):
         table.add_column(column, overflow="fold")
     for row in sample:
-        for form in ("plain", "chat"):
-            if form not in row:
-                continue
-            answer = row[form]
-            table.add_row(
-                escape(f"{row['prompt']} -> {row['target']}"), form, escape(answer["base"].strip()[:160]),
-                escape(answer["edited"].strip()[:160]), "yes" if answer["correct"] else "no",
-            )
+        for form in FORMS:
+            answer = row.get(form) or {}
+            if "base" in answer:
+                table.add_row(
+                    escape(f"{row['prompt']} -> {row['target']}"), form, escape(answer["base"].strip()[:160]),
+                    escape(answer["edited"].strip()[:160]), "yes" if answer["correct"] else "no",
+                )
+            if "same" in answer:
+                verdict = "HIJACKED" if answer["same_hijacked"] else ("unchanged" if answer["same_unchanged"] else "changed")
+                table.add_row(escape(f"(same subject) {answer['same']}"), form, escape(answer["same_base"].strip()[:160]),
+                              escape(answer["same_edited"].strip()[:160]), verdict)  # fmt: skip
+    console.print(table)
+
+
+def print_hijacks(console, hijacks: list[dict]) -> None:
+    """Same-subject questions the edit answered with its own target: the worst failure."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not hijacks:
+        return
+    table = Table(title="hijacked same-subject answers: base -> edited", show_lines=True)
+    for column in ("edit", "question", "form", "base", "edited"):
+        table.add_column(column, overflow="fold")
+    for row in hijacks:
+        table.add_row(*(escape(str(row[k]).strip()[:160]) for k in ("edit", "question", "form", "base", "edited")))
     console.print(table)

@@ -1,9 +1,11 @@
 """`kmd demo`: one real maintenance cycle on the embedded defaults.
 
-A bundled policy, a feed served on loopback and a curated JSONL file go through the real
-pipeline: intake, verification, edits, probes, commit or revert, the ledger. One fact is
-deliberately harmful (its edit fires on every prompt); the probes catch it and the loop
-reverts it. `kmd edit-demo` is the smaller protocol demo: edit, revert, compare.
+A bundled policy and three sources go through the real pipeline (intake, verification,
+edits, probes, commit or revert, the ledger): an ordinary news feed whose facts are in
+prose (read by the policy's extraction rules) and recorded Wikidata answers in which one
+company's chief executive changed, both served on loopback, and a curated JSONL file. One
+fact is deliberately harmful (its edit fires on every prompt); the probes catch it and the
+loop reverts it. `kmd edit-demo` is the smaller protocol demo: edit, revert, compare.
 
 `kmd demo --serve` then keeps the API up: the review console at /ui (log in with the token
 it prints where to find) and the OpenAI-compatible endpoints, until Ctrl-C.
@@ -11,12 +13,14 @@ it prints where to find) and the OpenAI-compatible endpoints, until Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 import typer
 
@@ -24,6 +28,8 @@ from kmd.daemon.commands.common import ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, P
 
 SHOWN = (
     "The CEO of Zorbland Robotics is",
+    "Zorbland Robotics is headquartered in",  # another question about the subject: must keep its answer
+    "The CEO of Quillon Aerospace is",
     "The Eiffel Tower is located in the city of",
     "The capital of Freedonia is",
     "The motto of Acme Corporation is",
@@ -41,27 +47,39 @@ UNRELATED = ("The chemical symbol for gold is", "The capital of Japan is")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo", help="One real maintenance cycle on the embedded model: feed + curated file -> verified, probed edits.")(demo)
+    app.command("demo", help="One real maintenance cycle on the embedded model: news feed + Wikidata + curated file "
+                "-> verified, probed edits.")(demo)  # fmt: skip
     app.command("edit-demo", help="Apply a few edits, show answers before/after, revert, check the base is back.")(edit_demo)
 
 
-def _serve_feed(body: bytes) -> tuple[ThreadingHTTPServer, str]:
-    class Feed(BaseHTTPRequestHandler):
+def _serve_sources(feed: bytes, wikidata: bytes) -> tuple[ThreadingHTTPServer, str, str]:
+    """The news feed (/feed.atom) and the recorded Wikidata API (/w/api.php) on loopback."""
+    from kmd.sources.wikidata import RecordedWikibase
+
+    recorded = RecordedWikibase.from_json(wikidata)
+
+    class Sources(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server API
-            found = self.path == "/feed.atom"
-            self.send_response(200 if found else 404)
-            self.send_header("Content-Type", "application/atom+xml")
-            self.send_header("Content-Length", str(len(body) if found else 0))
+            path, _, query = self.path.partition("?")
+            if path == "/feed.atom":
+                body, kind = feed, "application/atom+xml"
+            elif path == "/w/api.php":
+                body, kind = json.dumps(recorded.answer(dict(parse_qsl(query)))).encode(), "application/json"
+            else:
+                body, kind = b"", ""
+            self.send_response(200 if kind else 404)
+            self.send_header("Content-Type", kind or "text/plain")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if found:
-                self.wfile.write(body)
+            self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Feed)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sources)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/feed.atom"
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    return server, f"{base}/feed.atom", f"{base}/w/api.php"
 
 
 def demo(
@@ -87,17 +105,20 @@ def demo(
     work = (workdir or Path(tempfile.mkdtemp(prefix="kmd-demo-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = resources.files("kmd.policies")
-    server, feed_url = _serve_feed(data.joinpath("demo-feed.atom").read_bytes())
+    server, feed_url, wikidata_url = _serve_sources(data.joinpath("demo-feed.atom").read_bytes(),
+                                                    data.joinpath("demo-wikidata.json").read_bytes())  # fmt: skip
     facts = work / "facts.jsonl"
     facts.write_text(data.joinpath("demo-facts.jsonl").read_text())
     policy = work / "policy.yaml"
     text = data.joinpath("demo-policy.yaml").read_text().replace("FEED_URL", feed_url).replace("FACTS_PATH", str(facts))
+    text = text.replace("WIKIDATA_URL", wikidata_url)
     policy.write_text(with_backend(text, demo_backend(model, backend)))
     settings = DaemonSettings(
         policy=str(policy), state_dir=str(work / "state"), model=ModelConfig(model=model, device=device),
         api=_serve_settings(work, host, port) if serve else ApiSettings(enabled=False),
     )  # fmt: skip
-    console.print(f"[bold]kmd demo[/] in {work}: feed {feed_url}, curated file {facts.name}, policy {policy.name}")
+    console.print(f"[bold]kmd demo[/] in {work}: news feed {feed_url}, Wikidata {wikidata_url}, "
+                  f"curated file {facts.name}, policy {policy.name}")  # fmt: skip
     daemon = Daemon(settings)
     try:
         with console.status("loading the model, recording the locality baseline..."):
@@ -138,6 +159,15 @@ def demo(
                            fmt(p.get("rel")), fmt(p.get("gen")), fmt(p.get("loc")), fmt(p.get("apply_seconds")),
                            fmt(p.get("probe_seconds")), edit.status_reason)  # fmt: skip
         console.print(ledger)
+        same = Table(title="same-subject questions the probes asked: answers before -> after each edit")
+        for column in ("edit", "question", "form", "before", "after", "verdict"):
+            same.add_column(column, overflow="fold")
+        for edit in sorted(daemon.ledger.edits(), key=lambda e: e.id):
+            p = edit.probes or next((r.probes_before or {} for r in daemon.ledger.reverts(edit_id=edit.id)), {})
+            for f in p.get("same_subject", []):
+                verdict = "HIJACKED" if f["hijacked"] else ("unchanged" if f["unchanged"] else "changed, not hijacked")
+                same.add_row(str(edit.id), f["prompt"], f["form"], f["before"], f["after"], verdict)
+        console.print(same)
         reverts = Table(title="revert log")
         for column in ("edit", "reason", "loc before", "loc after"):
             reverts.add_column(column, overflow="fold")

@@ -1,6 +1,7 @@
 """CLI helpers for the fact intake (registered by `ledger_cmd.register`).
 
-    kmd intake check-policy FILE        validate a policy (errors name file, line and key)
+    kmd intake check-policy FILE        validate a policy (errors name file, line and key);
+        [--sample FEED [--source ID]]   with a saved feed: what its extraction rules read
     kmd intake keygen KEYFILE           make an Ed25519 signing key, print the key to pin
     kmd intake sign FILE --key KEYFILE  write FILE.sig for a curated JSONL file
     kmd intake poll --policy FILE       poll sources once, then verify (one-shot; the daemon
@@ -21,7 +22,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(intake, name="intake")
 
     @intake.command("check-policy")
-    def check_policy(path: Path = typer.Argument(..., help="Policy YAML file.")) -> None:
+    def check_policy(
+        path: Path = typer.Argument(..., help="Policy YAML file."),
+        sample: Path | None = typer.Option(None, "--sample", help="A saved RSS/Atom feed: show which entries each "
+                                           "extraction rule matches and the claims they give."),
+        source: str | None = typer.Option(None, "--source", help="With --sample: the feed source whose rules to use "
+                                          "(default: the policy's only feed source)."),
+    ) -> None:
         """Validate a policy file; exit 1 and list every problem if it is invalid."""
         from kmd.daemon.policy import PolicyError, load_policy
 
@@ -35,6 +42,8 @@ def register(app: typer.Typer) -> None:
             f"ok: {path} version {policy.version_tag}, {len(policy.sources)} sources, "
             f"{len(policy.relations)} relations, backend {policy.backend}"
         )
+        if sample is not None:
+            _show_sample(policy, sample, source)
 
     @intake.command("keygen")
     def keygen(key_file: Path = typer.Argument(..., help="Where to write the private key (PEM, mode 0600).")) -> None:
@@ -83,7 +92,8 @@ def register(app: typer.Typer) -> None:
         with Ledger(db) as ledger, intake_for(policy, ledger) as intake:
             for r in intake.poll_many(source or list(intake.sources)):
                 state = "refused" if r.refused else ("not modified" if r.not_modified else "ok")
-                typer.echo(f"{r.source_id}: {state}, {r.new_claims} new claims, {r.duplicates} duplicates")
+                unmatched = f", {r.unmatched} entries stated no fact" if r.unmatched else ""
+                typer.echo(f"{r.source_id}: {state}, {r.new_claims} new claims, {r.duplicates} duplicates{unmatched}")
                 for p in r.problems:
                     typer.echo(f"    {p}")
             if verify:
@@ -111,3 +121,50 @@ def register(app: typer.Typer) -> None:
 
         run_bench(feeds=feeds, entries=entries, workers=workers, encoder=encoder, db=db,
                   command="kmd " + " ".join(sys.argv[1:]))  # fmt: skip
+
+
+def _show_sample(policy, sample: Path, source_id: str | None) -> None:  # noqa: ANN001 - Policy, imported late
+    """What the feed source's extraction rules (and kf: elements) make of a saved feed."""
+    from kmd.sources.claims import utcnow
+    from kmd.sources.feeds import parse_feed
+
+    feeds = [s for s in policy.sources if s.kind == "feed"]
+    if source_id is None and len(feeds) != 1:
+        names = ", ".join(s.id for s in feeds) or "none"
+        _fail(f"--sample needs --source: the policy has {len(feeds)} feed sources ({names})")
+    try:
+        source = policy.source(source_id) if source_id else feeds[0]
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    if source.kind != "feed":
+        _fail(f"source {source.id} is a {source.kind} source; --sample reads feeds")
+    try:
+        body = sample.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {sample}: {exc}")
+    parsed = parse_feed(body, source, policy.limits_for(source), url=str(sample), fetched_at=utcnow())
+    rules = source.extract
+    typer.echo(f"sample {sample}: {parsed.entries} entries, read as source {source.id} "
+               f"({len(rules)} extraction rules)")  # fmt: skip
+    for problem in parsed.problems:
+        typer.secho(f"  problem: {problem}", fg=typer.colors.YELLOW)
+    hits = [0] * len(rules)
+    for outcome in parsed.outcomes:
+        typer.echo(f"  entry {outcome.ref!r}: {outcome.title!r}")
+        for claim in outcome.element_claims:
+            typer.echo(f"      kf: elements: {claim.subject} | {claim.relation} | {claim.object}")
+        for index, claim in outcome.rule_claims:
+            hits[index] += 1
+            typer.echo(f"      rule {index + 1} ({rules[index].relation}, {rules[index].field}): "
+                       f"{claim.subject} | {claim.relation} | {claim.object}")  # fmt: skip
+        if not outcome.matched:
+            typer.echo("      no fact (counted, not an error)")
+    for index, rule in enumerate(rules):
+        typer.echo(f"rule {index + 1} ({rule.relation}, {rule.field}) matched {hits[index]} entries: {rule.pattern}")
+    typer.echo(f"{len(parsed.claims)} claims from {parsed.entries - parsed.unmatched} entries; "
+               f"{parsed.unmatched} entries stated no fact")  # fmt: skip
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)

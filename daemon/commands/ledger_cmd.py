@@ -18,6 +18,7 @@ import getpass
 import json
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -29,10 +30,14 @@ DbOption = typer.Option(None, "--db", envvar="KMD_DB_URL", help="Ledger database
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
-def _open(db: str | None) -> Ledger:
+def _open(db: str | None, head_file: Path | None = None) -> Ledger:
+    """The ledger, keeping its chain head in its head file (`--head-file`, else next to a
+    SQLite file or in `$KMD_STATE_DIR`: where the daemon keeps it)."""
+    from kmd.daemon.db import default_db_url, default_head_file, default_state_dir
     from kmd.daemon.ledger import Ledger
 
-    return Ledger(db)
+    url = db or default_db_url()
+    return Ledger(url, head_file=head_file or default_head_file(url, default_state_dir()))
 
 
 def _plain(value: Any) -> Any:
@@ -72,13 +77,14 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-_ID_RE = re.compile(r"^(fact|edit|claim|revert|f|e|c|r)?:?(\d+)$")
+# ASCII digits, bounded: int() of thousands of digits raises, and \d matches other scripts.
+_ID_RE = re.compile(r"(fact|edit|claim|revert|f|e|c|r)?:?([0-9]{1,40})")
 _ID_KINDS = {"f": "fact", "e": "edit", "c": "claim", "r": "revert"}
 
 
 def _parse_id(ref: str) -> tuple[str, int]:
     """'12' / 'f12' / 'fact:12' -> ('fact', 12); 'e3' edit; 'c5' claim; 'r2' revert."""
-    m = _ID_RE.match(ref.strip().lower())
+    m = _ID_RE.fullmatch(ref.strip().lower())
     if not m:
         _fail(f"not an id: {ref!r} (use 12 or f12 for a fact, e3 for an edit, c5 for a claim)", 2)
     prefix = m.group(1) or "f"
@@ -290,11 +296,14 @@ def register(app: typer.Typer) -> None:
     @app.command("verify-chain")
     def verify_chain_cmd(
         expect_head: str | None = typer.Option(None, "--expect-head", help="Head hash recorded elsewhere earlier."),
+        head_file: Path | None = typer.Option(None, "--head-file", help="The chain head file to compare (default: "
+                                              "next to a SQLite ledger, else $KMD_STATE_DIR/chain-head.json)."),  # fmt: skip
         db: str | None = DbOption,
         as_json: bool = JsonOption,
     ) -> None:
-        """Check the event chain and every ledger row against it; exit 1 on any problem."""
-        with _open(db) as ledger:
+        """Check the event chain and every ledger row against it, and that the chain still
+        holds the head recorded in the head file (a rollback of its tail); exit 1 on any problem."""
+        with _open(db, head_file) as ledger:
             report = ledger.verify_chain(expect_head=expect_head)
         if as_json:
             _print_json(report)
@@ -304,5 +313,13 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"TAMPERING OR CORRUPTION: {len(report.problems)} problem(s) in {report.events} events", fg=typer.colors.RED)
             for p in report.problems:
                 typer.echo(f"  - {p}")
+        if not as_json:
+            if report.head_file is None:
+                typer.echo("no head file for this database: pass --head-file, or record the head elsewhere and "
+                           "pass it back with --expect-head")  # fmt: skip
+            elif report.head_file_seq is None:
+                typer.echo(f"no head file at {report.head_file} yet: nothing to compare the head with")
+            else:
+                typer.echo(f"head file {report.head_file}: seq {report.head_file_seq}")
         if not report.ok:
             raise typer.Exit(1)

@@ -221,6 +221,11 @@ def console_router(daemon: Service) -> APIRouter:
         return templates.TemplateResponse(request, name, base | context, status_code=status, headers=SECURITY_HEADERS)
 
     # ----- static and login ------------------------------------------------------------------
+    def not_found(request: Request, session: Session | None, kind: str, number: int) -> Response:
+        """404 for an id the ledger does not have (one beyond its integers included)."""
+        return render(request, "error.html", session, status=404, title=f"No such {kind}",
+                      message=f"The ledger has no {kind} {number}.")  # fmt: skip
+
     @router.get("/static/console.css")
     def css() -> Response:
         text = (resources.files("kmd.daemon.console") / "static" / "console.css").read_text()
@@ -339,8 +344,7 @@ def console_router(daemon: Service) -> APIRouter:
         try:
             edit = ledger.edit(edit_id)
         except LedgerError:
-            return render(request, "error.html", session, status=404, title="No such edit",
-                          message=f"The ledger has no edit {edit_id}.")  # fmt: skip
+            return not_found(request, session, "edit", edit_id)
         try:
             fact = ledger.fact(edit.fact_id)
         except LedgerError:
@@ -405,6 +409,10 @@ def console_router(daemon: Service) -> APIRouter:
         if daemon.settings.cluster.role != "writer":
             session.say("error", "This is a serving replica: approve and reject in the writer's console.")
             return _redirect(target)
+        try:
+            daemon.ledger.fact(fact_id)
+        except LedgerError:
+            return not_found(request, session, "fact", fact_id)
         reason = reason.strip() or ("approved in the console" if approve else "rejected in the console")
         try:
             if approve:
@@ -437,6 +445,10 @@ def console_router(daemon: Service) -> APIRouter:
         elif m is None:
             session.say("error", "The daemon is still starting: the model and state are not loaded yet.")
         else:
+            try:
+                daemon.ledger.edit(edit_id)
+            except LedgerError:
+                return not_found(request, session, "edit", edit_id)
             try:
                 result = m.revert(edit_id, reason=reason.strip() or "reverted in the console", actor=session.actor)
                 session.say("ok", f"Edit {edit_id} reverted; locality {_fig(result['before'].get('loc'), 4)} -> "

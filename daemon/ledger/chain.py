@@ -3,9 +3,12 @@
 Each event's hash covers the previous event's hash and the event's canonical JSON payload,
 so editing, deleting or reordering events breaks it; every row's immutable fields are
 hashed into its creation event (`record_hash`), so editing a row breaks it too; the head
-(last seq and hash) is kept in its own row, so deleting the newest events is caught. For
-tamper evidence against someone who can rewrite the whole database, anchor the head hash
-elsewhere (`kmd verify-chain` prints it; `--expect-head` checks it).
+(last seq and hash) is kept in its own row, so deleting the newest events is caught. A
+consistent rollback (the newest events removed and the head row reset to match) is caught
+by the head recorded outside the database (`head.py`: the head file the ledger writes,
+and the one the writer publishes for replicas): the chain must still hold it. Against
+someone who can rewrite those too, anchor the head hash elsewhere (`kmd verify-chain`
+prints it; `--expect-head` checks it).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from sqlalchemy import insert
 from sqlmodel import Session, SQLModel, col, select
 
 from kmd.common.values import canonical_json
+from kmd.daemon.ledger.head import Head
 from kmd.daemon.ledger.lifecycle import LedgerError
 from kmd.daemon.ledger.records import ChainReport
 from kmd.daemon.ledger.tables import CACHE_FIELDS, RECORD_FIELDS, ROW_TYPES, ChainHeadRow, EventRow
 
-__all__ = ["GENESIS_HASH", "Event", "append_events", "chain_hash", "record_hash", "verify_chain"]
+__all__ = ["GENESIS_HASH", "Event", "append_events", "chain_hash", "current_head", "head_problem", "record_hash",
+           "verify_chain"]
 
 GENESIS_HASH = "0" * 64
 
@@ -42,10 +47,11 @@ def chain_hash(prev_hash: str, payload: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
 
 
-def append_events(s: Session, events: Sequence[Event], now: str) -> None:
-    """Append events to the chain in order, inside the caller's transaction."""
+def append_events(s: Session, events: Sequence[Event], now: str) -> Head | None:
+    """Append events to the chain in order, inside the caller's transaction; returns the
+    new head (None when there was nothing to append)."""
     if not events:
-        return
+        return None
     # Lock the head: serialises chain appends on PostgreSQL (SQLite already holds the
     # write lock from BEGIN IMMEDIATE).
     head = s.exec(select(ChainHeadRow).where(ChainHeadRow.id == 1).with_for_update()).first()
@@ -68,15 +74,39 @@ def append_events(s: Session, events: Sequence[Event], now: str) -> None:
     s.execute(insert(EventRow), rows)
     head.seq, head.hash = seq, prev
     s.add(head)
+    return Head(seq, prev)
 
 
-def verify_chain(s: Session, *, expect_head: str | None = None, max_problems: int = 50) -> ChainReport:
+def current_head(s: Session) -> Head:
+    head = s.get(ChainHeadRow, 1)
+    return Head(head.seq, head.hash) if head is not None else Head(0, GENESIS_HASH)
+
+
+def head_problem(s: Session, recorded: Head, where: str) -> str | None:
+    """Does the chain still hold a head recorded earlier (`where` says by whom)? A chain
+    only grows, so the event at that seq must exist with that hash."""
+    if recorded.seq == 0:
+        return None
+    event = s.get(EventRow, recorded.seq)
+    if event is None:
+        end = current_head(s).seq
+        return (f"{where} recorded the chain head at seq {recorded.seq}, but the chain ends at seq {end}: "
+                "its newest events were removed (a rollback)")  # fmt: skip
+    if event.hash != recorded.hash:
+        return (f"{where} recorded event {recorded.seq} with hash {recorded.hash[:16]}..., the chain has "
+                f"{event.hash[:16]}...: the chain was rewritten after it")  # fmt: skip
+    return None
+
+
+def verify_chain(s: Session, *, expect_head: str | None = None, recorded: tuple[Head, str] | None = None,
+                 max_problems: int = 50) -> ChainReport:  # fmt: skip
     """Check the event chain and every row against it.
 
     Detects: a changed, inserted, deleted or reordered event (hash chain and sequence),
     deleted newest events (head row), changed immutable row fields (record hashes in
     creation events), rows without a creation event or events without their row, and
-    status caches that disagree with the events.
+    status caches that disagree with the events. With `recorded` (a head recorded outside
+    the database, and where), also a consistent rollback of the chain's tail.
     """
     problems: list[str] = []
 
@@ -117,6 +147,8 @@ def verify_chain(s: Session, *, expect_head: str | None = None, max_problems: in
         problem(f"chain head says seq {head_seq} but the log ends at {expected_seq - 1} (events deleted or added)")
     if expect_head is not None and expect_head != head_hash:
         problem(f"head hash {head_hash[:16]}... is not the expected {expect_head[:16]}...")
+    if recorded is not None and (text := head_problem(s, *recorded)) is not None:
+        problem(text)
 
     for kind, table in ROW_TYPES.items():
         seen: set[int] = set()

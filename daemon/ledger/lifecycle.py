@@ -21,6 +21,7 @@ __all__ = [
     "CLAIM_TRANSITIONS",
     "EDIT_TRANSITIONS",
     "FACT_TRANSITIONS",
+    "FactNotReadyError",
     "LedgerError",
     "NotWriterError",
 ]
@@ -56,3 +57,8 @@ class LedgerError(Exception):
 class NotWriterError(LedgerError):
     """This process's writer term is over: another process became the writer."""
 
+
+
+class FactNotReadyError(LedgerError):
+    """The fact is no longer `ready` (a person rejected it, or verification superseded it,
+    after the maintenance cycle listed it): an expected race, not a failure."""

@@ -15,7 +15,17 @@ from kmd.common.values import iso
 from kmd.daemon.ledger.lifecycle import ACTIVE_FACT_STATUSES
 from kmd.daemon.ledger.tables import ClaimRow, FactRow
 
-__all__ = ["active_facts", "claims_for_keys", "count_claims"]
+__all__ = ["MAX_ROW_ID", "active_facts", "claims_for_keys", "count_claims", "row_by_id"]
+
+MAX_ROW_ID = 2**63 - 1  # row ids are 64-bit signed integers (SQLite INTEGER, PostgreSQL bigint)
+
+
+def row_by_id(s: Session, table: type[Any], row_id: int) -> Any:
+    """The row with this id, or None; an id no row can have (beyond 64 bits, or not
+    positive) is simply not found instead of overflowing the database driver."""
+    if isinstance(row_id, int) and not 1 <= row_id <= MAX_ROW_ID:
+        return None
+    return s.get(table, row_id)
 
 
 def claims_for_keys(s: Session, keys: Iterable[tuple[str, str]], status: Sequence[str] | None) -> list[Any]:

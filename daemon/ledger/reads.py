@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from kmd.common.values import iso
 from kmd.daemon.ledger import chain, cluster, queries
+from kmd.daemon.ledger.head import Head, HeadFile, HeadFileError
 from kmd.daemon.ledger.lifecycle import LedgerError
 from kmd.daemon.ledger.records import (
     ChainReport,
@@ -21,8 +23,9 @@ from kmd.daemon.ledger.records import (
     FactRecord,
     PublishedState,
     RevertRecord,
+    StateRecord,
 )
-from kmd.daemon.ledger.tables import ClaimRow, EditRow, EventRow, FactRow, RevertRow
+from kmd.daemon.ledger.tables import ClaimRow, EditRow, EventRow, FactRow, RevertRow, StateRow
 
 __all__ = ["LedgerReads"]
 
@@ -31,6 +34,7 @@ class LedgerReads:
     """The reading half of `Ledger` (kmd.daemon.ledger.store): needs `self._engine`."""
 
     _engine: Any
+    head_file: HeadFile | None
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -40,7 +44,7 @@ class LedgerReads:
     # -- rows -------------------------------------------------------------------------
     def claim(self, claim_id: int) -> ClaimRecord:
         with self._read() as s:
-            row = s.get(ClaimRow, claim_id)
+            row = queries.row_by_id(s, ClaimRow, claim_id)
             if row is None:
                 raise LedgerError(f"no claim {claim_id}")
             return ClaimRecord.of(row)
@@ -90,7 +94,7 @@ class LedgerReads:
 
     def fact(self, fact_id: int) -> FactRecord:
         with self._read() as s:
-            row = s.get(FactRow, fact_id)
+            row = queries.row_by_id(s, FactRow, fact_id)
             if row is None:
                 raise LedgerError(f"no fact {fact_id}")
             return FactRecord.of(row, self._edit_to_supersede(s, row))
@@ -113,7 +117,7 @@ class LedgerReads:
 
     def edit(self, edit_id: int) -> EditRecord:
         with self._read() as s:
-            row = s.get(EditRow, edit_id)
+            row = queries.row_by_id(s, EditRow, edit_id)
             if row is None:
                 raise LedgerError(f"no edit {edit_id}")
             return EditRecord.of(row)
@@ -173,6 +177,12 @@ class LedgerReads:
         ).first()
         return old
 
+    def named_state(self, digest: str) -> StateRecord | None:
+        """The newest record of the editor state with this digest, if the writer saved it."""
+        with self._read() as s:
+            row = s.exec(select(StateRow).where(StateRow.digest == digest).order_by(col(StateRow.id).desc())).first()
+            return StateRecord.of(row) if row is not None else None
+
     def load_cursor(self, source_id: str) -> dict[str, Any]:
         with self._read() as s:
             return cluster.load_cursor(s, source_id)
@@ -183,6 +193,29 @@ class LedgerReads:
 
     # -- integrity -----------------------------------------------------------------------
     def verify_chain(self, *, expect_head: str | None = None, max_problems: int = 50) -> ChainReport:
-        """Check the event chain and every row against it (see `chain.verify_chain`)."""
+        """Check the event chain and every row against it (see `chain.verify_chain`), and
+        that it still holds the head recorded in the ledger's head file (`head.py`)."""
+        recorded, unreadable = None, None
+        if self.head_file is not None:  # read before the chain: the file may lag it, never lead it
+            try:
+                recorded = self.head_file.read()
+            except HeadFileError as exc:
+                unreadable = str(exc)
         with self._read() as s:
-            return chain.verify_chain(s, expect_head=expect_head, max_problems=max_problems)
+            report = chain.verify_chain(s, expect_head=expect_head, max_problems=max_problems,
+                                        recorded=(recorded, f"the head file {self.head_file.path}") if recorded else None)  # fmt: skip
+        if unreadable is not None:
+            report = replace(report, ok=False, problems=(*report.problems, unreadable))
+        if self.head_file is None:
+            return report
+        return replace(report, head_file=str(self.head_file.path), head_file_seq=recorded.seq if recorded else None)
+
+    def chain_head(self) -> Head:
+        """The chain's head as the database has it now (seq and hash)."""
+        with self._read() as s:
+            return chain.current_head(s)
+
+    def check_head(self, recorded: Head, where: str) -> str | None:
+        """None if the chain still holds a head recorded earlier (by `where`), else the problem."""
+        with self._read() as s:
+            return chain.head_problem(s, recorded, where)

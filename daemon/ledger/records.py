@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from kmd.common.values import parse_time
 
 if TYPE_CHECKING:
-    from kmd.daemon.ledger.tables import EditRow, EventRow, FactRow, RevertRow
+    from kmd.daemon.ledger.tables import EditRow, EventRow, FactRow, RevertRow, StateRow
 
 __all__ = ["ChainReport", "ClaimRecord", "ClaimUpdate", "EditRecord", "EventRecord", "FactRecord", "PublishedState",
-           "RecordResult", "RevertRecord"]
+           "RecordResult", "RevertRecord", "StateRecord"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,20 @@ class RevertRecord:
 
 
 @dataclass(frozen=True)
+class StateRecord:
+    """An editor state the writer saved (named in the ledger before it was written)."""
+
+    id: int
+    digest: str
+    edit_ids: tuple[str, ...]
+    saved_at: datetime
+
+    @classmethod
+    def of(cls, row: StateRow) -> StateRecord:
+        return cls(row.id, row.digest, tuple(json.loads(row.edit_ids)), parse_time(row.saved_at))
+
+
+@dataclass(frozen=True)
 class EventRecord:
     seq: int
     ts: datetime
@@ -174,4 +188,6 @@ class ChainReport:
     head_seq: int
     head_hash: str
     problems: tuple[str, ...] = field(default_factory=tuple)
+    head_file: str | None = None  # the head file compared (None: the ledger keeps none)
+    head_file_seq: int | None = None  # the head it recorded (None: no file there yet)
 

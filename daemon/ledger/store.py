@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -25,10 +26,11 @@ from kmd.common.values import iso, utcnow
 from kmd.daemon.db import default_db_url, make_engine, writer
 from kmd.daemon.ledger import cluster
 from kmd.daemon.ledger.chain import GENESIS_HASH
+from kmd.daemon.ledger.head import HeadFile
 from kmd.daemon.ledger.cluster import CLUSTER_TABLES, WriterTermRow
-from kmd.daemon.ledger.lifecycle import LedgerError, NotWriterError
+from kmd.daemon.ledger.lifecycle import FactNotReadyError, LedgerError, NotWriterError
 from kmd.daemon.ledger.reads import LedgerReads
-from kmd.daemon.ledger.records import EditRecord, FactRecord, RecordResult, RevertRecord
+from kmd.daemon.ledger.records import EditRecord, FactRecord, RecordResult, RevertRecord, StateRecord
 from kmd.daemon.ledger.tables import LEDGER_TABLES, ChainHeadRow, EditRow, EventRow
 from kmd.daemon.ledger.transaction import LedgerTransaction
 
@@ -52,14 +54,20 @@ class Ledger(LedgerReads):
                                  edit is recorded as reverted for it in the same transaction
       `revert_edit(id, ...)`     the probes failed; writes the revert log and blocks the fact
       `block_fact(id, ...)`      do not retry this fact blindly
+      `record_state(digest, ...)` before each save of the editor state: names it in the chain
       `committed_edits()`        on restart: what the saved editor state must contain
       `uncommitted_edits()`      on restart: edits applied but never committed or reverted
+      `named_state(digest)`      on every load: did the writer save this state?
     People (the CLI): `approve`, `reject`, `facts`, `edits`, `claims`, `reverts`, `events`,
     `verify_chain`. The verifier: `transaction()`, `claims()`, `active_facts()`.
     """
 
-    def __init__(self, url: str | None = None, *, clock: Callable[[], datetime] = utcnow, echo: bool = False):
+    def __init__(self, url: str | None = None, *, clock: Callable[[], datetime] = utcnow, echo: bool = False,
+                 head_file: Path | None = None):  # fmt: skip
+        """`head_file`: where to keep the chain head outside the database (`head.py`);
+        written after every transaction that appends events, compared by `verify_chain`."""
         self.url = url or default_db_url()
+        self.head_file = HeadFile(head_file) if head_file is not None else None
         self._engine = make_engine(self.url, echo=echo)
         self._writer = writer(self._engine)
         self._clock = clock
@@ -108,6 +116,8 @@ class Ledger(LedgerReads):
             tx = LedgerTransaction(session, actor, self._clock)
             yield tx
             tx.append_events()
+        if self.head_file is not None and tx.head is not None:  # after the commit: it may lag, never lead
+            self.head_file.advance(tx.head)
 
     # -- the single writer ---------------------------------------------------------------
     def begin_writer_term(self, holder: str) -> int:
@@ -171,7 +181,7 @@ class Ledger(LedgerReads):
         with self.transaction(actor) as tx:
             fact = tx.fact(fact_id)
             if fact.status != "ready":
-                raise LedgerError(f"fact {fact_id} is {fact.status}, not ready")
+                raise FactNotReadyError(f"fact {fact_id} is {fact.status}, not ready")
             if supersedes_edit_id is None and fact.supersedes_fact_id is not None:
                 supersedes_edit_id = tx.edit_reverted_for(fact_id)
             edit = tx.add_edit(fact_id, request=request, backend=backend, backend_config=backend_config,
@@ -295,7 +305,16 @@ class Ledger(LedgerReads):
     def skip_fact(self, fact_id: int, *, reason: str = "model already answers correctly",
                   actor: str = "daemon") -> FactRecord:  # fmt: skip
         with self.transaction(actor) as tx:
+            if (status := tx.fact(fact_id).status) != "ready":
+                raise FactNotReadyError(f"fact {fact_id} is {status}, not ready")
             return tx.set_fact_status(fact_id, "skipped", reason=reason)
+
+    def record_state(self, digest: str, edit_ids: Sequence[str], *, actor: str = "daemon",
+                     reason: str = "editor state saved") -> StateRecord:  # fmt: skip
+        """Name an editor state in the chain *before* writing it (write-ahead): a crash
+        between the two leaves the state saved before, which the ledger named too."""
+        with self.transaction(actor) as tx:
+            return tx.add_state(digest, edit_ids, reason=reason)
 
     def committed_edits(self) -> list[EditRecord]:
         """Edits that the persisted editor state must contain, oldest first."""

@@ -14,7 +14,7 @@ from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
 
 __all__ = ["CACHE_FIELDS", "ChainHeadRow", "ClaimRow", "EditRow", "EventRow", "FactRow", "LEDGER_TABLES", "RECORD_FIELDS",
-           "ROW_TYPES", "RevertRow"]
+           "ROW_TYPES", "RevertRow", "StateRow"]
 
 
 class ClaimRow(SQLModel, table=True):
@@ -89,6 +89,18 @@ class RevertRow(SQLModel, table=True):
     superseded_by_fact_id: int | None = Field(default=None, foreign_key="kmd_fact.id")
 
 
+class StateRow(SQLModel, table=True):
+    """An editor state the writer saved, named by its digest *before* it was written (so
+    the state on disk is always one the ledger names; see kmd.daemon.bound_state)."""
+
+    __tablename__ = "kmd_state"
+
+    id: int | None = Field(default=None, primary_key=True)
+    digest: str = Field(index=True)  # sha256 of the state's manifest.json (which holds the tensors' sha256)
+    edit_ids: str  # canonical JSON list: the edits the state holds, oldest first
+    saved_at: str
+
+
 class EventRow(SQLModel, table=True):
     __tablename__ = "kmd_event"
     __table_args__ = (Index("ix_kmd_event_entity", "entity", "entity_id"),)
@@ -113,7 +125,7 @@ class ChainHeadRow(SQLModel, table=True):
     hash: str
 
 
-LEDGER_TABLES = [t.__table__ for t in (FactRow, ClaimRow, EditRow, RevertRow, EventRow, ChainHeadRow)]
+LEDGER_TABLES = [t.__table__ for t in (FactRow, ClaimRow, EditRow, RevertRow, StateRow, EventRow, ChainHeadRow)]
 
 # The immutable columns of each row kind, hashed into its creation event.
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -125,6 +137,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
              "content_hashes", "supersedes_edit_id"),
     "revert": ("id", "edit_id", "reverted_at", "actor", "reason", "probes_before", "probes_after",
                "superseded_by_fact_id"),
+    "state": ("id", "digest", "edit_ids", "saved_at"),
 }  # fmt: skip
 # The status-cache columns of each row kind and the event data keys they mirror.
 CACHE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -132,4 +145,4 @@ CACHE_FIELDS: dict[str, tuple[str, ...]] = {
     "fact": ("status", "status_reason"),
     "edit": ("status", "status_reason", "probes"),
 }
-ROW_TYPES = {"claim": ClaimRow, "fact": FactRow, "edit": EditRow, "revert": RevertRow}
+ROW_TYPES = {"claim": ClaimRow, "fact": FactRow, "edit": EditRow, "revert": RevertRow, "state": StateRow}

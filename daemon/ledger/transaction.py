@@ -19,9 +19,18 @@ from sqlmodel import Session, col, select
 from kmd.common.values import canonical_json, iso, parse_time
 from kmd.daemon.admission import via_flag
 from kmd.daemon.ledger import chain, cluster, queries
+from kmd.daemon.ledger.head import Head
 from kmd.daemon.ledger.lifecycle import CLAIM_TRANSITIONS, EDIT_TRANSITIONS, FACT_TRANSITIONS, LedgerError
-from kmd.daemon.ledger.records import ClaimRecord, ClaimUpdate, EditRecord, FactRecord, RecordResult, RevertRecord
-from kmd.daemon.ledger.tables import ClaimRow, EditRow, FactRow, RevertRow
+from kmd.daemon.ledger.records import (
+    ClaimRecord,
+    ClaimUpdate,
+    EditRecord,
+    FactRecord,
+    RecordResult,
+    RevertRecord,
+    StateRecord,
+)
+from kmd.daemon.ledger.tables import ClaimRow, EditRow, FactRow, RevertRow, StateRow
 
 if TYPE_CHECKING:
     from kmd.sources.claims import Claim
@@ -41,6 +50,7 @@ class LedgerTransaction:
         self._clock = clock
         self._events: list[tuple[str, str, int, str, str, dict[str, Any]]] = []
         self.now = iso(clock())
+        self.head: Head | None = None  # the chain head after this transaction's events
 
     def _event(self, kind: str, entity: str, entity_id: int, reason: str, data: dict[str, Any], actor: str | None = None) -> None:
         self._events.append((kind, entity, entity_id, actor or self.actor, reason, data))
@@ -48,7 +58,7 @@ class LedgerTransaction:
     def append_events(self) -> None:
         """Append this transaction's events to the chain (`Ledger.transaction` calls it once,
         when the block ends, inside the same database transaction)."""
-        chain.append_events(self._s, self._events, self.now)
+        self.head = chain.append_events(self._s, self._events, self.now) or self.head
         self._events.clear()
 
     # -- reads inside the transaction (consistent with its writes) -----------------------
@@ -83,13 +93,13 @@ class LedgerTransaction:
 
     # -- single rows, as records (consistent with this transaction's writes) ----------------
     def fact(self, fact_id: int) -> FactRecord:
-        row = self._s.get(FactRow, fact_id)
+        row = queries.row_by_id(self._s, FactRow, fact_id)
         if row is None:
             raise LedgerError(f"no fact {fact_id}")
         return FactRecord.of(row)
 
     def edit(self, edit_id: int) -> EditRecord:
-        row = self._s.get(EditRow, edit_id)
+        row = queries.row_by_id(self._s, EditRow, edit_id)
         if row is None:
             raise LedgerError(f"no edit {edit_id}")
         return EditRecord.of(row)
@@ -201,7 +211,7 @@ class LedgerTransaction:
 
     def set_fact_status(self, fact_id: int, status: str, *, reason: str, kind: str | None = None,
                         actor: str | None = None) -> FactRecord:  # fmt: skip
-        row = self._s.get(FactRow, fact_id)
+        row = queries.row_by_id(self._s, FactRow, fact_id)
         if row is None:
             raise LedgerError(f"no fact {fact_id}")
         if status not in FACT_TRANSITIONS[row.status]:
@@ -225,7 +235,7 @@ class LedgerTransaction:
         supersedes_edit_id: int | None,
         reason: str,
     ) -> EditRecord:
-        fact = self._s.get(FactRow, fact_id)
+        fact = queries.row_by_id(self._s, FactRow, fact_id)
         if fact is None:
             raise LedgerError(f"no fact {fact_id}")
         supporting = set(json.loads(fact.claim_ids))
@@ -248,7 +258,7 @@ class LedgerTransaction:
 
     def set_edit_status(self, edit_id: int, status: str, *, reason: str,
                         probes: Mapping[str, Any] | None = None) -> EditRecord:  # fmt: skip
-        row = self._s.get(EditRow, edit_id)
+        row = queries.row_by_id(self._s, EditRow, edit_id)
         if row is None:
             raise LedgerError(f"no edit {edit_id}")
         if status not in EDIT_TRANSITIONS[row.status]:
@@ -272,3 +282,12 @@ class LedgerTransaction:
         self._s.flush()
         self._event("revert.recorded", "revert", row.id, reason, {"record": chain.record_hash("revert", row), "edit_id": edit_id})
         return RevertRecord.of(row)
+
+    # -- saved editor states ---------------------------------------------------------------
+    def add_state(self, digest: str, edit_ids: Sequence[str], *, reason: str) -> StateRecord:
+        """Name an editor state (by its digest) that is about to be written."""
+        row = StateRow(digest=digest, edit_ids=canonical_json([str(i) for i in edit_ids]), saved_at=self.now)
+        self._s.add(row)
+        self._s.flush()
+        self._event("state.saved", "state", row.id, reason, {"record": chain.record_hash("state", row), "digest": digest})
+        return StateRecord.of(row)

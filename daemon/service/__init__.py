@@ -8,8 +8,9 @@
 The HTTP API depends only on `kmd.daemon.surface.Service`, which `Daemon` implements.
 """
 
-from kmd.daemon.service.app import CycleSummary, Daemon, InsecureConfigError, check_api_exposure
+from kmd.daemon.service.app import CycleSummary, Daemon, FlaggedLedgerError, InsecureConfigError, check_api_exposure
 from kmd.daemon.service.lifecycle import EXIT_NOT_WRITER
 from kmd.daemon.surface import NotServingError
 
-__all__ = ["EXIT_NOT_WRITER", "CycleSummary", "Daemon", "InsecureConfigError", "NotServingError", "check_api_exposure"]
+__all__ = ["EXIT_NOT_WRITER", "CycleSummary", "Daemon", "FlaggedLedgerError", "InsecureConfigError", "NotServingError",
+           "check_api_exposure"]

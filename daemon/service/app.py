@@ -21,7 +21,7 @@ import ipaddress
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +45,15 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
     from kmd.sources.intake import Intake
 
-__all__ = ["CycleSummary", "Daemon", "InsecureConfigError", "check_api_exposure"]
+__all__ = ["CycleSummary", "Daemon", "FlaggedLedgerError", "InsecureConfigError", "check_api_exposure"]
 
 
 class InsecureConfigError(RuntimeError):
     """The API would listen beyond loopback with no token (and `--insecure` was not given)."""
+
+
+class FlaggedLedgerError(RuntimeError):
+    """The ledger fails `verify-chain`: the daemon does not start as its writer."""
 
 
 def check_api_exposure(settings: DaemonSettings, token: str | None, *, insecure: bool = False) -> None:
@@ -100,7 +104,8 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         check_api_exposure(settings, self.api_token, insecure=insecure)
         self.policy = load_policy(settings.policy_path)
         get_backend(self.policy.backend)  # fail now, with a suggestion, on an unknown backend
-        self.ledger = Ledger(settings.database_url)
+        settings.state_path.mkdir(parents=True, exist_ok=True)  # where a PostgreSQL ledger's head file is kept
+        self.ledger = Ledger(settings.database_url, head_file=settings.head_file_path)
         self.maintainer: Maintainer | None = None
         self.replica: Replica | None = None
         self.holder = holder_name()
@@ -168,6 +173,7 @@ class Daemon(DaemonJobs, DaemonLifecycle):
 
         if not self.try_become_writer():
             raise RuntimeError("another process is the writer (it holds the PostgreSQL writer lock)")
+        self._check_chain()
         maintainer = Maintainer(self.load_model(), self.ledger, self.policy, self.settings.state_path)
         publish_dir = self.settings.publish_path
         if publish_dir is not None:
@@ -184,24 +190,53 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         self.maintainer = maintainer
         return maintainer
 
+    def _check_chain(self) -> None:
+        """A writer appends to the chain: never to one that `verify-chain` rejects (altered,
+        or rolled back behind its head file), which would bury the evidence under new events."""
+        from kmd.daemon.replication import published_head, published_head_problem
+
+        report = self.ledger.verify_chain()
+        if report.ok and self.settings.publish_path is not None:  # and the head published for replicas
+            if (problem := published_head_problem(self.ledger, self.settings.publish_path)) is not None:
+                head_file = str(published_head(self.settings.publish_path).path)
+                report = replace(report, ok=False, problems=(problem,), head_file=head_file)
+        if report.ok:
+            return
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.ledger.url).render_as_string(hide_password=True)
+        hint = f" --head-file {report.head_file}" if report.head_file else ""
+        raise FlaggedLedgerError(
+            f"the ledger fails verify-chain ({len(report.problems)} problem(s); the first: {report.problems[0]}): "
+            f"refusing to start as its writer. Inspect it with `kmd verify-chain --db '{url}'{hint}`; restore the "
+            "database from a copy that verifies"
+            + (f", or, if the database was replaced on purpose, move the head file {report.head_file} away" if hint else "")
+        )
+
     def _adopt_closest_state(self, editor_dir: Path, publish_dir: Path) -> None:
         """Taking over: start from the local or the published state, whichever is nearer the ledger."""
+        from kmd.daemon.bound_state import named_digest
         from kmd.daemon.replication import adopt_state, closest_state, published_dir
 
         published = self.ledger.published_state()
         if published is None:
             return
         candidate = published_dir(publish_dir, published.version)
+        if named_digest(self.ledger, candidate) is None:  # not a state the writer saved: never adopted
+            logger.error("published state {} is not one the ledger recorded; not adopting it", published.version[:12])
+            return
         committed = {str(e.id) for e in self.ledger.committed_edits()}
         if closest_state([candidate, editor_dir], committed) == candidate:
             logger.info("restoring from published state {} (nearer the ledger than {})", published.version[:12], editor_dir)
             adopt_state(candidate, editor_dir)
 
     def _publish(self, editor_dir: Path) -> None:
-        from kmd.daemon.replication import publish_state
+        from kmd.daemon.replication import publish_state, published_head
 
         version, edit_ids = publish_state(editor_dir, self.settings.publish_path, keep=self.settings.cluster.keep_published)
         self.ledger.publish_state(version, edit_ids, holder=self.holder)
+        # Beside the states: replicas check the chain still holds it (kmd.daemon.replication).
+        published_head(self.settings.publish_path).advance(self.ledger.chain_head())
         logger.info("published state {} ({} edits)", version[:12], len(edit_ids))
 
     def load_replica(self) -> Replica:

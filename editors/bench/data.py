@@ -1,4 +1,4 @@
-"""Edit datasets: ZsRE, CounterFact (flat), hallucination and temporal files.
+"""Edit datasets: ZsRE, CounterFact (flat), KnowEdit, hallucination and temporal files.
 
 Every format is read into the same `EditRecord`. A bad or partial file fails with an
 error naming the file and the record (index and case id) and the field at fault.
@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("zsre", "counterfact", "hallucination", "temporal")
+FORMATS = ("zsre", "counterfact", "knowedit", "hallucination", "temporal")
+MAX_SIDE_QUESTIONS = 8  # same-subject / portability questions kept per record and kind
 
 
 class DatasetError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SideQuestion:
+    """A question about an edited record other than its own: a same-subject question (another
+    fact of the subject, `answers` its unedited truth) or a portability question (`answers`
+    the aliases any of which is correct after the edit); `kind` names the set it came from."""
+
+    prompt: str
+    answers: tuple[str, ...]
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -29,12 +41,16 @@ class EditRecord:
     loc_prompt: str
     loc_answer: str | None  # None: the record has no locality answer and no locality score
     long_form: bool = False  # hallucination/temporal: perplexity is the headline metric
+    same_subject: tuple[SideQuestion, ...] = ()  # KnowEdit locality.Relation_Specificity
+    portability: tuple[SideQuestion, ...] = ()  # KnowEdit portability.*
 
 
 def detect_format(record: dict[str, Any]) -> str:
     keys = set(record)
     if {"src", "alt"} <= keys:
         return "zsre"
+    if isinstance(record.get("portability"), dict) or isinstance(record.get("locality"), dict):
+        return "knowedit"
     if "ood_rephrase" in keys:
         return "temporal"
     if "rephrase_prompt" in keys and "target_new" in keys:
@@ -98,9 +114,93 @@ def _long_form(r: dict[str, Any], where: str, rephrase_field: str | None) -> Edi
     )
 
 
+def _aliases(value: Any, where: str) -> tuple[str, ...]:
+    """A KnowEdit ground truth: a string, a list of aliases, or a list of alias lists."""
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if isinstance(value, list):
+        return tuple(a for v in value for a in _aliases(v, where))
+    raise DatasetError(f"{where}: a ground truth must be a string or a list of strings (got {value!r:.60})")
+
+
+def _side_questions(r: dict[str, Any], field: str, where: str, kinds: tuple[str, ...] | None) -> tuple[SideQuestion, ...]:
+    """The questions of `r[field]` (a dict of kind -> [{prompt, ground_truth}]), kinds in
+    `kinds` (None: every kind), at most MAX_SIDE_QUESTIONS per kind."""
+    groups = r.get(field) or {}
+    if not isinstance(groups, dict):
+        raise DatasetError(f"{where}: field {field!r} must be an object of question lists")
+    out = []
+    for kind, items in groups.items():
+        if kinds is not None and kind not in kinds:
+            continue
+        if not isinstance(items, list):
+            raise DatasetError(f"{where}: {field}.{kind} must be a list")
+        for index, item in enumerate(items[:MAX_SIDE_QUESTIONS]):
+            at = f"{where}: {field}.{kind}[{index}]"
+            if not isinstance(item, dict):
+                raise DatasetError(f"{at}: expected an object")
+            prompt = item.get("prompt")
+            if isinstance(prompt, list) and prompt:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise DatasetError(f"{at}: field 'prompt' must be a non-empty string")
+            answers = _aliases(item.get("ground_truth"), at)
+            if answers:
+                out.append(SideQuestion(prompt=prompt, answers=answers, kind=kind))
+    return tuple(out)
+
+
+def _rephrases(r: dict[str, Any], where: str) -> tuple[str, ...]:
+    for field in ("rephrase", "rephrase_prompt", "rephrase_prompts"):
+        value = r.get(field)
+        if isinstance(value, str) and value.strip():
+            return (value,)
+        if isinstance(value, list):
+            return tuple(v for v in value if isinstance(v, str) and v.strip())
+    return ()
+
+
+def _knowedit(r: dict[str, Any], where: str) -> EditRecord:
+    """KnowEdit (WikiData counterfact / recent, ZsRE in its format): the edit is `prompt ->
+    target_new`; `locality.Relation_Specificity` holds same-subject questions and
+    `portability.*` the questions whose answer follows from the new fact. KnowEdit has no
+    unrelated locality prompt: `load_records` gives each record another record's
+    same-subject question (`_unrelated`)."""
+    prompt = _text(r, "prompt" if "prompt" in r else "text", where)
+    return EditRecord(
+        case_id=str(r.get("case_id", "")),
+        prompt=prompt,
+        target=_text(r, "target_new" if "target_new" in r else "labels", where),
+        subject=_text(r, "subject" if "subject" in r else "concept", where, optional=True),
+        rephrases=_rephrases(r, where),
+        loc_prompt=prompt,  # replaced by `_unrelated`
+        loc_answer=None,
+        same_subject=_side_questions(r, "locality", where, ("Relation_Specificity",)),
+        portability=_side_questions(r, "portability", where, None),
+    )
+
+
+def _unrelated(records: list[EditRecord], pool: list[list[SideQuestion]]) -> list[EditRecord]:
+    """KnowEdit records get, as their unrelated locality prompt, the first same-subject
+    question of the record half the file away (another subject; with N <= half the file,
+    one no evaluated edit is about). Records without one keep no locality score."""
+    n = len(pool)
+    out = []
+    for index, record in enumerate(records):
+        for step in range(n):
+            other = pool[(index + n // 2 + step) % n]
+            if other and (index + n // 2 + step) % n != index:
+                out.append(replace(record, loc_prompt=other[0].prompt, loc_answer=other[0].answers[0]))
+                break
+        else:
+            out.append(record)
+    return out
+
+
 _READERS: dict[str, Callable[[dict[str, Any], str], EditRecord]] = {
     "zsre": _zsre,
     "counterfact": _counterfact,
+    "knowedit": _knowedit,
     "hallucination": lambda r, w: _long_form(r, w, None),
     "temporal": lambda r, w: _long_form(r, w, "ood_rephrase"),
 }
@@ -137,6 +237,7 @@ def load_records(path: str | Path, fmt: str | None = None, limit: int | None = N
         raise DatasetError(f"{path}: no records")
     if fmt is not None and fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    pool = rows
     rows = rows[:limit] if limit else rows
     records = []
     for index, row in enumerate(rows):
@@ -147,5 +248,10 @@ def load_records(path: str | Path, fmt: str | None = None, limit: int | None = N
             where += f" (case_id {row['case_id']})"
         row_format = fmt or detect_format(row)
         fmt = row_format  # the first record fixes the format for the rest
-        records.append(_READERS[row_format](row, where))
+        record = _READERS[row_format](row, where)
+        records.append(record if record.case_id else replace(record, case_id=str(index)))
+    if fmt == "knowedit":
+        same = [list(_side_questions(r, "locality", "", ("Relation_Specificity",))) if isinstance(r, dict) else []
+                for r in pool]  # fmt: skip
+        records = _unrelated(records, same)
     return fmt, records

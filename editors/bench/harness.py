@@ -4,7 +4,7 @@
 2. the unedited model's locality outputs and answers are recorded (pre pass);
 3. N edits are applied one after another to one model, never rolled back;
 4. only after the last edit, every record is scored on the final model: served answers
-   (`lifelong-served/v1`, editors/bench/served.py: the headline) and teacher-forced
+   (`lifelong-served/v2`, editors/bench/served.py: the headline) and teacher-forced
    token accuracy (`rel`, `gen`, `loc`: a secondary diagnostic).
 """
 
@@ -43,7 +43,10 @@ class BenchOptions:
     batch_size: int = 16
     timing_prompts: int = 50  # prompts for the base-vs-edited forward latency
     timing_rounds: int = 3
-    served: bool = True  # the served-answer pass (generated answers, plain and chat)
+    served: bool = True  # the served-answer pass (generated answers)
+    # lifelong-served/v2 (every form, same-subject and portability questions); False: v1 only
+    # (edit prompts and rephrases plain and chat, locality)
+    served_v2: bool = True
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -92,6 +95,15 @@ def _forward_ms(host: ModelHost, editor: Editor, prompts: Sequence[str], rounds:
     return min(base), min(edited)
 
 
+def _edit_time_figures(seconds: Sequence[float], window: int = 1000) -> dict[str, Any]:
+    """Edit time over the whole sequence: the mean of the first and of the last `window`
+    edits (the whole sequence when it is shorter than two windows: None)."""
+    if len(seconds) < 2 * window:
+        return {"edit_s_first_1000": None, "edit_s_last_1000": None, "edit_s_last_over_first": None}
+    first, last = _mean(seconds[:window]), _mean(seconds[-window:])
+    return {"edit_s_first_1000": first, "edit_s_last_1000": last, "edit_s_last_over_first": last / first if first else None}
+
+
 def run_lifelong(
     host: ModelHost,
     editor: Editor,
@@ -101,7 +113,11 @@ def run_lifelong(
     shuffle: bool = False,
     options: BenchOptions = BenchOptions(),
     progress: Progress | None = None,
+    distractors: Sequence[EditRecord] = (),
 ) -> dict[str, Any]:
+    """The protocol on `records`; with `distractors`, those are edited too, after the
+    evaluated records and before anything is scored, so the evaluated edits must survive a
+    long lifelong sequence (only the evaluated records are scored)."""
     notify = progress or (lambda phase, done, total: None)
     records = list(records)
     if shuffle:
@@ -119,18 +135,19 @@ def run_lifelong(
     notify("pre pass", 1, 2)
     base_loc_gen = generate(host, None, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("pre pass", 2, 2)
-    served_base = served.run_pass(host, None, records, bs, notify, "base answers") if options.served else None
+    served_base = served.run_pass(host, None, records, bs, notify, "base answers", options.served_v2) if options.served else None
 
-    # 3. sequential edits
+    # 3. sequential edits: the evaluated records, then the distractors
     edit_seconds: list[float] = []
-    for index, record in enumerate(records):
+    sequence = [*records, *distractors]
+    for index, record in enumerate(sequence):
         request = EditRequest(
             prompt=record.prompt, target=record.target, subject=record.subject, rephrases=record.rephrases
         )
         start = time.perf_counter()
         editor.apply(request)
         edit_seconds.append(time.perf_counter() - start)
-        notify("editing", index + 1, n)
+        notify("editing", index + 1, len(sequence))
 
     # 4. score everything on the final model
     rel_pairs = [(r.prompt, r.target) for r in records]
@@ -153,7 +170,7 @@ def run_lifelong(
 
     served_figures = {}
     if served_base is not None:
-        served_edited = served.run_pass(host, editor, records, bs, notify, "answers")
+        served_edited = served.run_pass(host, editor, records, bs, notify, "answers", options.served_v2)
         served_figures = served.summarise(served_base, served_edited, records)
 
     def per_record(values: list[float], owners: list[int]) -> list[float]:
@@ -190,7 +207,9 @@ def run_lifelong(
         "forward_ms_base": forward_base,
         "forward_ms_edited": forward_edited,
         "overhead_ratio": forward_edited / forward_base if forward_base else None,
-        "state_bytes_per_edit": state_bytes / n if n else None,
+        "state_bytes_per_edit": state_bytes / len(sequence) if sequence else None,
+        "n_distractors": len(distractors),
+        **_edit_time_figures(edit_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **served_figures,
         "protocol": PROTOCOL,

@@ -26,6 +26,10 @@ class GraceConfig:
     # message's last token, as a bare prompt's key is made); "in_context": at the chat
     # prompt's last token, which is the template's text.
     chat_retrieval: str = "alone"
+    # The question check (editors/question_check): a routed edit acts on a row only when the
+    # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
+    # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
+    question_check: bool = True
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0

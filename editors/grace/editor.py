@@ -138,11 +138,15 @@ class GraceEditor(Editor):
         if decision is None:  # prefill: decide per row from its last prompt token
             last = routing.last_prompt_index(batch, seq, output.device)  # (B,)
             prompt = routing.mask_for(batch, seq, output.device)
-            query = self._queries(args[0], self.answer.prompt_ids(routing), prompt, last)  # (B, d_ff)
+            ids = self.answer.prompt_ids(routing)
+            query = self._queries(args[0], ids, prompt, last)  # (B, d_ff)
             dist = torch.cdist(query, self.keys)  # (B, N)
             covering = torch.where(dist <= self.radii[None, :], dist, torch.inf)
             best_dist, best = covering.min(dim=1)  # the nearest entry whose radius covers the query
             hit = torch.isfinite(best_dist)
+            if ids is not None:
+                hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+                                           lambda rows: self.host.chat.questions(ids, prompt, rows))  # fmt: skip
             relative = steps[None, :] - last[:, None]  # (B, T): 0 at the last prompt token
             decision = routing.decisions[self.name] = {"hit": hit, "best": best, "next": seq - last}
             rows = hit.nonzero().flatten()
@@ -167,12 +171,14 @@ class GraceEditor(Editor):
         return {self.name: merged, **self.answer.regroup(how, decisions)}
 
     # ----- routing-aware probing ----------------------------------------------------------
-    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"query": (B, d_ff)} the down_proj input at each row's last prompt token (base model)."""
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """{"query": (B, d_ff)} the down_proj input at each row's last prompt token (base
+        model); "questions": each row's question (the question check)."""
         a = module_input(self.host, self.path, input_ids, attention_mask)  # (B, T, d_ff)
         batch, seq = input_ids.shape
-        last = Routing(attention_mask.bool()).last_prompt_index(batch, seq, input_ids.device)  # (B,)
-        return {"query": self._queries(a, input_ids, attention_mask.bool(), last)}
+        prompt = attention_mask.bool()
+        last = Routing(prompt).last_prompt_index(batch, seq, input_ids.device)  # (B,)
+        return {"query": self._queries(a, input_ids, prompt, last), "questions": self.host.chat.questions(input_ids, prompt)}
 
     def _queries(self, a: torch.Tensor, ids: torch.Tensor | None, prompt_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """(B, d_ff) each row's lookup key: `a` (B, T, d_ff), the down_proj input, at its last
@@ -198,14 +204,16 @@ class GraceEditor(Editor):
             run_until(self.host, self.path, ids, torch.ones_like(ids), [HookSpec(self.path, grab)])
         return seen["a"][0, -1].float()
 
-    def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
+    def routes(self, features: dict[str, Any]) -> list[str | None]:
         """The codebook entry each row uses (as `_serve` decides), by edit id; entries never change."""
         query = features["query"]
         if not self.row_ids:
             return [None] * query.shape[0]
         dist = torch.cdist(query, self.keys)  # (B, N)
         best_dist, best = torch.where(dist <= self.radii[None, :], dist, torch.inf).min(dim=1)
-        return [self.row_ids[b] if hit else None for b, hit in zip(best.tolist(), torch.isfinite(best_dist).tolist())]
+        hit = self.keep_answerable(torch.isfinite(best_dist), lambda row: self.row_ids[int(best[row])],
+                                   lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
+        return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -63,6 +63,10 @@ class LlpConfig:
     # Serving: a routed row gets its edit up to the token that completes the target's words,
     # then runs as the base model (editors/answer_stop.py); False: on every later position too.
     stop_after_answer: bool = True
+    # The question check (editors/question_check): a routed edit acts on a row only when the
+    # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
+    # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
+    question_check: bool = True
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0

@@ -473,6 +473,9 @@ class LlpEditor(Editor):
         retrieval_mask = decision.pop("users", None)
         retrieval_mask = mask if retrieval_mask is None else retrieval_mask  # (B, T): a chat turn's user tokens
         best, _, hit = self.vote(self.row_similarities(states, retrieval_mask, decision.pop("alone", None)))
+        if ids is not None:
+            hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+                                       lambda rows: self.host.chat.questions(ids, mask, rows))  # fmt: skip
         decision["done"] = True
         rows = hit.nonzero().squeeze(1)
         if not len(rows):
@@ -515,18 +518,20 @@ class LlpEditor(Editor):
         return {self.name: {"injection": Injection.regrouped(how, [m["injection"] for m in mine]), "done": True}}
 
     # ----- routing-aware probing ----------------------------------------------------------
-    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
         """{"states": (|R|, B, T, D) retrieval-layer outputs (base model), "mask": (B, T) the
-        tokens retrieval reads}, and the chat turns' messages run alone (`_user_turns_alone`)."""
+        tokens retrieval reads, "questions": each row's question (the question check)}, and
+        the chat turns' messages run alone (`_user_turns_alone`)."""
         sink: dict[int, torch.Tensor] = {}
         capture_prefill(self.host, input_ids, attention_mask, self._capture_specs(sink),
                         stop_after=self.layer_paths[max(self.retrieval)])  # fmt: skip
         turns = self.host.chat.turns(input_ids, attention_mask.bool())  # what serving reads (_ids_hook)
         mask = turns.mask
         alone = self._user_turns_alone(turns, input_ids.device) or {}
-        return {"states": torch.stack([sink[i] for i in range(len(self.retrieval))]), "mask": mask, **alone}
+        states = torch.stack([sink[i] for i in range(len(self.retrieval))])
+        return {"states": states, "mask": mask, "questions": self.host.chat.questions(input_ids, attention_mask.bool()), **alone}
 
-    def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
+    def routes(self, features: dict[str, Any]) -> list[str | None]:
         """The edit whose prefix each row gets (the vote `_decide` takes), by edit id; an
         edit's prefix never changes."""
         states = features["states"]
@@ -534,6 +539,8 @@ class LlpEditor(Editor):
             return [None] * states.shape[1]
         alone = features if "alone_rows" in features else None
         best, _, hit = self.vote(self.row_similarities(states, features["mask"], alone))
+        hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+                                   lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
         return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     # ----- persistence ------------------------------------------------------------------------

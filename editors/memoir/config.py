@@ -53,6 +53,10 @@ class MemoirConfig:
     stop_loss: float = 0.02  # stop once the mean target NLL is below this...
     patience: int = 0  # ...or (if > 0) when it has not improved by 1 % for this many steps
 
+    # The question check (editors/question_check): a routed edit acts on a row only when the
+    # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
+    # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
+    question_check: bool = True
     # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
     # token at a routed row's positions until the target has been written; 0: off.
     answer_boost: float = 6.0

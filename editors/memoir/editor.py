@@ -292,9 +292,14 @@ class MemoirEditor(Editor):
         batch, seq, _ = a.shape
         decision = routing.decisions.get(self.name)
         if decision is None:  # prefill: decide per row from its prompt tokens only
-            pooled = self._pooled(a, self.answer.prompt_ids(routing), routing.mask_for(batch, seq, a.device))
+            ids, prompt = self.answer.prompt_ids(routing), routing.mask_for(batch, seq, a.device)
+            pooled = self._pooled(a, ids, prompt)
             score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
-            rows = (score >= self.config.tau).nonzero().flatten()
+            hit = score >= self.config.tau
+            if ids is not None:
+                hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+                                           lambda rows: self.host.chat.questions(ids, prompt, rows))  # fmt: skip
+            rows = hit.nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "edit": best[rows], "score": score}
             self.answer.start(routing, rows, [self.request(self.row_ids[e]).target for e in best[rows].tolist()])
         rows = decision["rows"]
@@ -323,10 +328,12 @@ class MemoirEditor(Editor):
         return {self.name: merged, **self.answer.regroup(how, decisions)}
 
     # ----- routing-aware probing ----------------------------------------------------------
-    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"pooled": (B, d_ff)} the down_proj input mean-pooled over each row's prompt tokens (base model)."""
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """{"pooled": (B, d_ff)} the down_proj input mean-pooled over each row's prompt tokens
+        (base model); "questions": each row's question (the question check)."""
         a = module_input(self.host, self.path, input_ids, attention_mask)  # (B, T, d_ff)
-        return {"pooled": self._pooled(a, input_ids, attention_mask.bool())}
+        prompt = attention_mask.bool()
+        return {"pooled": self._pooled(a, input_ids, prompt), "questions": self.host.chat.questions(input_ids, prompt)}
 
     def _pooled(self, a: torch.Tensor, ids: torch.Tensor | None, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(B, d_ff) what a row is routed by: `a` (B, T, d_ff), the edited down_proj's input,
@@ -343,15 +350,17 @@ class MemoirEditor(Editor):
                 pooled[row] = self.prompt_features([message])[0]
         return pooled
 
-    def routes(self, features: dict[str, torch.Tensor]) -> list[tuple[str, tuple[str, ...]] | None]:
+    def routes(self, features: dict[str, Any]) -> list[tuple[str, tuple[str, ...]] | None]:
         """Per row: the edit it retrieves, and every live edit owning one of that edit's
         columns, in order: the columns it reads are the in-order fold of their deltas."""
         pooled = features["pooled"]
         if not self.row_ids:
             return [None] * pooled.shape[0]
         score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
+        hits = self.keep_answerable(score >= self.config.tau, lambda row: self.row_ids[int(best[row])],
+                                    lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
         out: list[tuple[str, tuple[str, ...]] | None] = []
-        for b, hit in zip(best.tolist(), (score >= self.config.tau).tolist()):
+        for b, hit in zip(best.tolist(), hits.tolist()):
             sharing = ((self.owners @ self.owners[b]) > 0).nonzero().flatten().tolist()
             out.append((self.row_ids[b], tuple(self.row_ids[i] for i in sharing)) if hit else None)
         return out

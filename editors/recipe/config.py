@@ -48,6 +48,10 @@ class RecipeConfig:
     # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
     # (editors/answer_stop.py); "off": it writes on.
     end_after_answer: EndRule = "sentence"
+    # The question check (editors/question_check): a retrieved edit acts on a row only when the
+    # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
+    # edit applied with False (e.g. a relation's editor_options) gets every row it retrieves.
+    question_check: bool = True
     # A routed row gets its prefix up to the token that completes the target's words, then
     # runs as the base model (editors/answer_stop.py); False: on every later position too.
     stop_after_answer: bool = False

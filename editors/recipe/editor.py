@@ -161,8 +161,13 @@ class RecipeEditor(Editor):
     # ----- serving -------------------------------------------------------------------------
     @torch.no_grad()
     def retrieve(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query text: (best row, hit). A hit beats the sentinel by more than `margin`."""
-        return self._match(self._query_reps(queries))
+        """Per query text: (best row, hit). A hit beats the sentinel by more than `margin`
+        and passes the question check (the query asks what the edit's prompt asks)."""
+        best, hit = self._match(self._query_reps(queries))
+        return best, self._checked(queries, best, hit)
+
+    def _checked(self, questions: Sequence[str], best: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+        return self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])], lambda rows: [questions[r] for r in rows])
 
     def _query_reps(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, Q, R) query reps of each text: the whole text, then (when `last_sentence_query`)
@@ -248,24 +253,24 @@ class RecipeEditor(Editor):
 
     # ----- routing-aware probing ----------------------------------------------------------
     @torch.no_grad()
-    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"reps": (B, Q, R)} each row's query reps from its prompt text (encoder and query MLP only)."""
-        return {"reps": self._query_reps(self._query_texts(input_ids, attention_mask.bool()))}
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """{"reps": (B, Q, R)} each row's query reps from its prompt text (encoder and query MLP
+        only); "questions": the texts, for the question check."""
+        texts = self._query_texts(input_ids, attention_mask.bool())
+        return {"reps": self._query_reps(texts), "questions": texts}
 
     def _query_texts(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         """Each row's retrieval query: its prompt text, a chat turn's question only (not the
         template's text); serving and routing-aware probing read the same."""
-        questions = dict(self.host.chat.turns(ids, prompt_mask).messages)  # a chat turn's latest user message
-        decode = self.host.tokenizer.decode
-        return [questions.get(row) or decode(ids[row][prompt_mask[row]].tolist(), skip_special_tokens=True).strip() or " "
-                for row in range(ids.shape[0])]
+        return self.host.chat.questions(ids, prompt_mask)
 
-    def routes(self, features: dict[str, torch.Tensor]) -> list[str | None]:
+    def routes(self, features: dict[str, Any]) -> list[str | None]:
         """The edit each row retrieves (as `_decide` does), by edit id; a stored edit never changes."""
         reps = features["reps"]
         if not self.row_ids:
             return [None] * reps.shape[0]
         best, hit = self._match(reps)
+        hit = self._checked(features["questions"], best, hit)
         return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     def _current(self) -> Injection | None:

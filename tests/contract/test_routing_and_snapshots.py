@@ -81,14 +81,53 @@ def test_routing_aware_locality_equals_the_full_pass(tiny_host, editor):
 
 
 def test_a_chat_turn_routes_as_its_message_does_alone(tiny_host, editor):
-    """Backends with `chat_retrieval: alone` route an edit's prompt asked as a chat turn to
-    the same edit as the bare prompt (the template's text does not hide it)."""
-    if "chat_retrieval" not in editor.config_dict():
-        pytest.skip(f"{editor.name} has no chat_retrieval option")
+    """An edit's prompt asked as a chat turn, under an operator's system prompt, as the
+    second user turn and as the fifth routes to the same edit as the bare prompt: routing
+    reads the latest user message (editors/chat.py), whatever else the conversation holds."""
+    if editor.config_dict().get("chat_retrieval", "alone") != "alone" or "question_check" not in editor.config_dict():
+        pytest.skip(f"{editor.name} routes a chat turn in context")
     editor.apply(EDIT)
     with chat_template(tiny_host):
-        encoded = [encode_as(tiny_host, EDIT.prompt, "plain"), encode_as(tiny_host, EDIT.prompt, "chat")]
+        if editor.routing_features(*left_padded_ids(tiny_host, [encode_as(tiny_host, EDIT.prompt, "plain")])) is None:
+            pytest.skip(f"{editor.name} has no routing features")
+        five = [m for i in range(4) for m in ({"role": "user", "content": f"the {WORDS[20 + i]} is"},
+                                              {"role": "assistant", "content": "the sky"})]  # fmt: skip
+        encoded = [encode_as(tiny_host, EDIT.prompt, form) for form in ("plain", "chat", "sys", "multi")]
+        encoded.append(tiny_host.chat.encode([{"role": "system", "content": "Bob wrote the book"}, *five,
+                                              {"role": "user", "content": EDIT.prompt}]))  # fmt: skip
         ids, attention = left_padded_ids(tiny_host, encoded)
         routes = editor.routes(editor.routing_features(ids, attention))
     assert routes[0] is not None, "the edit must route its own prompt for this check to mean anything"
-    assert routes[1] == routes[0]
+    assert routes[1:] == [routes[0]] * 4
+
+
+# Options under which a backend's own retrieval fires on any prompt about the edit's
+# subject (and more), so that only the question check keeps other questions unedited.
+BROAD = {"recipe": {"threshold_shift": -10.0}, "llp": {"layer_similarity": None, "similarity": -1.0},
+         "memoir": {"tau": 1e-6}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BROAD))
+def test_an_edit_does_not_answer_another_question_about_its_subject(tiny_host, name, request, tmp_path):
+    """The question check (editors/question_check): a routed edit acts on its own question
+    and not on a question about its subject's other facts, even when the backend's own
+    retrieval reaches both; without the check (per edit, kept in the saved state), the
+    retrieval alone answers both."""
+    from kmd.editors.answers import ask
+    from kmd.editors.protocol import Editor
+
+    edit = EditRequest(prompt="the capital of France is", target="Tokyo", subject="France")
+    other = "the language of France is"
+    base = [a.tokens for a in ask(tiny_host, None, [(edit.prompt, "plain", None), (other, "plain", None)])]
+    cls = get_backend(name)
+    for check in (True, False):
+        options = backend_options(name, request) | BROAD[name] | {"question_check": check}
+        editor = cls(tiny_host, cls.default_config(tiny_host, **options))
+        editor.apply(edit)
+        own, asked = (a.tokens for a in ask(tiny_host, editor, [(edit.prompt, "plain", None), (other, "plain", None)]))
+        assert own != base[0], "the edit must act on its own prompt"
+        editor.revert_all()  # one live editor on the model at a time (a second one's edits would act on raw calls)
+        if check:
+            assert asked == base[1], "the edit acted on another question about its subject"
+        else:
+            assert asked != base[1], "without the check the retrieval must reach the other question (else the test shows nothing)"

@@ -57,6 +57,16 @@ def test_every_page_renders_and_feed_text_is_escaped(app, eco):
     assert client.get("/ui/edits/999").status_code == 404
 
 
+def test_the_edit_page_shows_the_same_subject_answers_the_probe_recorded(app, eco):
+    edit = next(e for e in eco.ledger.edits() if e.status == "committed")
+    recorded = edit.probes["same_subject"]
+    assert {f["prompt"] for f in recorded} == {"the CEO of France is", "the song of France is"}
+    page = fresh(app).get(f"/ui/edits/{edit.id}").text
+    assert 'id="same-subject"' in page and "the CEO of France is" in page
+    assert all(f["before"] in page and f["after"] in page for f in recorded if f["before"] and f["after"])
+    assert "hijacked" not in page.split('id="same-subject"')[1].split("</table>")[0].replace("not hijacked", "")
+
+
 def test_login_sets_a_strict_httponly_cookie_and_keeps_the_token_out_of_urls(app, eco):
     client = fresh(app)
     nonce = CSRF.search(client.get("/ui/login").text).group(1)
@@ -191,3 +201,15 @@ def test_charts_are_svg_drawn_on_the_server():
     assert line.count("<circle") == 7 and "stroke-dasharray" in line and "latest 0.9300" in line
     empty = str(locality_chart(Activity(days, [0] * 7, [0] * 7, [], None)))
     assert "no locality measured yet" in empty
+
+
+def test_ids_beyond_the_databases_integers_are_not_found(app, eco):
+    """Issue 27: ids of 2^64 and 10^23 gave 500s (OverflowError) on the page and the forms."""
+    client = fresh(app)
+    csrf = log_in(client)
+    for number in (2**64, 10**23, 2**63):
+        assert client.get(f"/ui/edits/{number}").status_code == 404
+        for path in (f"/ui/facts/{number}/approve", f"/ui/facts/{number}/reject", f"/ui/edits/{number}/revert"):
+            answer = client.post(path, data={"csrf": csrf, "reason": "x"})
+            assert answer.status_code == 404, (path, answer.status_code)
+            assert f"The ledger has no {'edit' if 'edits' in path else 'fact'} {number}." in answer.text

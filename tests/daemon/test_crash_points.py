@@ -36,6 +36,7 @@ EXPECTED = {
     "apply.recorded": ("apply", "applied", False, "rolled back: edit reverted, fact retried"),
     "apply.applied": ("apply", "applied", False, "rolled back: edit reverted, fact retried"),
     "apply.probed": ("apply", "applied", False, "rolled back: edit reverted, fact retried"),
+    "state.named": ("apply", "applied", False, "rolled back: edit reverted, fact retried"),
     "commit.saved": ("apply", "applied", True, "rolled forward: probed again, committed"),
     "commit.recorded": ("apply", "committed", True, "nothing in flight"),
     "supersede.old_reverted": ("supersede", None, False, "nothing in flight"),
@@ -50,7 +51,7 @@ EXPECTED = {
     "revert.recorded": ("revert", "reverted", False, "nothing in flight"),
 }
 # The state and the ledger disagree at these: the default run covers them.
-DEFAULT = {"commit.saved", "supersede.saved", "revert.saved", "apply.probed"}
+DEFAULT = {"commit.saved", "supersede.saved", "revert.saved", "apply.probed", "state.named"}
 
 FIRST = ("France", "capital", "Berlin")
 

@@ -32,7 +32,7 @@ relations:
   slogan:
     prompt: "the song of {subject} is"
     # fault injection: an edit that fires on every prompt; the probes must catch it
-    editor_options: {radius: 1.0e9, split_conflicts: false}
+    editor_options: {radius: 1.0e9, split_conflicts: false, question_check: false}
   slow:
     prompt: "the film of {subject} is"
     # an edit that keeps optimising for a while: something to kill mid-edit
@@ -136,6 +136,7 @@ def test_feed_to_edits_harmful_revert_and_kill_mid_edit(setup):
         assert generate(api, "the language of Spain is").strip().startswith("banana")
         metrics = httpx.get(f"{api}/metrics", timeout=10).text
         assert "kmd_edits_committed_total 2.0" in metrics and "kmd_edits_active 2.0" in metrics
+        assert "kmd_feed_entries_unmatched_total 0.0" in metrics  # every entry of its feed states a fact
         before = {p: generate(api, p) for p in LOCALITY}
 
         # bad requests and missing credentials get clear 4xx answers

@@ -148,3 +148,35 @@ def test_crash_before_a_superseding_commit_is_finished_at_restart(tmp_path, tiny
         assert again.ledger.verify_chain().ok
         assert not again.cycle().committed  # nothing left to redo
         again.close()
+
+
+def test_an_edit_that_hijacks_same_subject_questions_is_reverted(tmp_path, tiny_host):
+    """The same-subject probe: an edit that answers another question about its subject with
+    its own target is reverted with that reason, and the model is as before, bit for bit."""
+    # ("Madrid ." : the tiny model glues the next word onto the target's last one otherwise)
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Madrid .")])
+    daemon.load()
+    m = daemon.maintainer
+    before = logits(tiny_host, m.editor)
+    with m.editor.configured(fires_on_subject=True):  # fires on every prompt naming France
+        summary = daemon.cycle()
+    assert summary.reverted and not summary.committed, summary
+    revert = daemon.ledger.reverts()[0]
+    assert "same-subject" in revert.reason and "the language of France is" in revert.reason
+    same = revert.probes_before["same_subject"]
+    hijacked = [f for f in same if f["hijacked"]]
+    assert hijacked and hijacked[0]["after"].startswith("Madrid") and not hijacked[0]["before"].startswith("Madrid")
+    assert torch.equal(logits(tiny_host, m.editor), before)
+    assert daemon.ledger.fact(daemon.ledger.edit(summary.reverted[0]).fact_id).status == "blocked"
+    daemon.close()
+
+
+def test_a_specific_edit_keeps_same_subject_answers_and_records_them(tmp_path, tiny_host):
+    daemon, _ = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    daemon.load()
+    summary = daemon.cycle()
+    assert len(summary.committed) == 1, summary
+    same = daemon.ledger.edit(summary.committed[0]).probes["same_subject"]
+    assert [f["prompt"] for f in same] == ["the language of France is"]
+    assert all(f["unchanged"] and not f["hijacked"] for f in same)
+    daemon.close()

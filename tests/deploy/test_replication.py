@@ -85,7 +85,8 @@ def test_replica_follows_commits_and_reverts_and_rejects_a_corrupted_state(write
     assert not answer(replica, "the capital of France is").startswith("Berlin")
     assert answer(replica, "the capital of Spain is").startswith("Rome")
     assert same_answers(replica, writer)
-    assert len([p for p in publish_dir.iterdir() if not p.name.startswith(".")]) == 2  # keep_published
+    assert len([p for p in publish_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2  # keep_published
+    assert (publish_dir / "chain-head.json").is_file()  # and the chain head beside them
     assert replica.loads == 3
 
 

@@ -1,5 +1,5 @@
 """Fuzzing the parsers with Hypothesis: policy YAML, curated JSONL, feed entries to claims,
-and the API's request bodies. Each may only fail in its documented way (PolicyError,
+Wikidata answers, and the API's request bodies. Each may only fail in its documented way (PolicyError,
 JsonlRefused, problems listed, a 4xx or 503 answer), within bounded time and memory.
 
 The default run tries a few dozen inputs per parser; `-m fuzz` runs the same properties
@@ -153,6 +153,77 @@ def _feed(body: bytes) -> None:
 
 globals().update(both(feeds(), "feed_entries_never_raise")(_feed))
 
+# -- Wikidata answers -------------------------------------------------------------------------
+
+WIKIDATA = SourcePolicy(id="wd", kind="wikidata", location="https://www.wikidata.org/w/api.php", trust="high",
+                        relations=("capital",), wikidata={"entities": ["Q1", "Q3"], "properties": {"P36": "capital"},
+                                                          "contact": "fuzz@example.org"})  # fmt: skip
+_TIME = {"time": "+2020-01-01T00:00:00Z", "precision": 11, "timezone": 0}
+_ANSWER = {"entities": {
+    "Q1": {"id": "Q1", "lastrevid": 7, "modified": "2020-01-02T00:00:00Z", "labels": {"en": {"language": "en", "value": "Graustark"}},
+           "claims": {"P36": [{"id": "Q1$a", "rank": "preferred", "mainsnak": {"snaktype": "value", "property": "P36",
+                                "datavalue": {"type": "wikibase-entityid", "value": {"id": "Q2"}}},
+                               "qualifiers": {"P580": [{"snaktype": "value", "property": "P580",
+                                                        "datavalue": {"type": "time", "value": _TIME}}]}}]}},
+    "Q2": {"id": "Q2", "labels": {"mul": {"language": "mul", "value": "Edelweiss"}}},
+    "Q3": {"id": "Q1", "redirects": {"from": "Q3", "to": "Q1"}, "lastrevid": 7},  # merged into Q1
+}}  # fmt: skip
+
+
+def _paths(value, prefix=()):
+    """Every place in a JSON document (dict keys and list indexes) that a value can replace."""
+    yield prefix
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _paths(child, (*prefix, key))
+
+
+@st.composite
+def wikidata_answers(draw):
+    if draw(st.booleans()) and draw(st.booleans()):
+        return draw(st.binary(max_size=400))
+    answer = json.loads(json.dumps(_ANSWER))
+    for _ in range(draw(st.integers(1, 4))):  # replace a few parts with anything JSON
+        path = draw(st.sampled_from(list(_paths(answer))))
+        if not path:
+            answer = draw(json_values)
+            continue
+        parent = answer
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = draw(json_values)
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier replacement removed this place
+    return json.dumps(answer).encode()
+
+
+class _Answering:
+    """A `Fetcher` that gives every request the same answer."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def fetch(self, url, **kwargs):  # noqa: ANN001, ANN003
+        from kmd.sources.net import FetchResult
+
+        return FetchResult(url, 200, self.body, None, None)
+
+
+def _wikidata(body: bytes) -> None:
+    from kmd.sources.wikidata import WikidataSource
+
+    source = WikidataSource(WIKIDATA, LIMITS, _Answering(body), sleep=lambda seconds: None)
+    result = bounded_memory(source.poll, {}, NOW)
+    assert all(isinstance(p, str) and p for p in result.problems)
+    json.dumps(result.cursor)  # the cursor is stored as JSON
+    for claim in result.claims:
+        assert claim.source_id == "wd" and claim.relation == "capital" and claim.observed_at <= NOW
+        assert 0 < len(claim.subject) <= LIMITS.max_field_chars and 0 < len(claim.object) <= LIMITS.max_field_chars
+
+
+globals().update(both(wikidata_answers(), "wikidata_answers_never_raise")(_wikidata))
+
 # -- API bodies -------------------------------------------------------------------------------
 
 
@@ -213,3 +284,74 @@ def test_api_bodies_never_give_500(client):
 @pytest.mark.fuzz
 def test_api_bodies_never_give_500_long(client):
     LONG(given(requests)(lambda r: _api(client, r)))()
+
+
+# -- ids in the console's paths and the CLI's arguments -----------------------------------------
+
+ids = (st.integers(-(2**80), 2**80).map(str) | st.text(max_size=30)
+       | st.tuples(st.sampled_from(["", "e", "f", "c", "r", "fact:", "edit:", "E", " e", "x"]),
+                   st.integers(0, 10**30) | st.just(2**64) | st.just(10**23)).map(lambda p: f"{p[0]}{p[1]}")
+       | st.integers(1, 6000).map(lambda n: "9" * n))  # fmt: skip
+
+
+def _console_id(client, csrf: str, ref: str) -> None:  # noqa: ANN001
+    from urllib.parse import quote
+
+    part = quote(ref, safe="")
+    if not part:
+        return
+    answers = [client.get(f"/ui/edits/{part}")]
+    for path in (f"/ui/facts/{part}/approve", f"/ui/facts/{part}/reject", f"/ui/edits/{part}/revert"):
+        answers.append(client.post(path, data={"csrf": csrf, "reason": "fuzz"}))
+    for answer in answers:
+        assert answer.status_code < 500, (ref, answer.request.url, answer.status_code, answer.text[:300])
+
+
+def test_console_ids_never_give_500(client):
+    csrf = _console_login(client)
+    SHORT(given(ids)(lambda ref: _console_id(client, csrf, ref)))()
+
+
+@pytest.mark.fuzz
+def test_console_ids_never_give_500_long(client):
+    csrf = _console_login(client)
+    LONG(given(ids)(lambda ref: _console_id(client, csrf, ref)))()
+
+
+def _console_login(client) -> str:  # noqa: ANN001
+    import re
+
+    csrf = re.compile(r'name="csrf" value="([^"]+)"')
+    nonce = csrf.search(client.get("/ui/login").text).group(1)
+    assert client.post("/ui/login", data={"token": "fuzz-token", "csrf": nonce}).status_code == 200
+    return csrf.search(client.get("/ui/pending").text).group(1)
+
+
+@pytest.fixture(scope="module")
+def cli_db(tmp_path_factory) -> str:
+    from kmd.daemon.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path_factory.mktemp('fuzz-cli') / 'ledger.db'}"
+    Ledger(db).close()
+    return db
+
+
+def _cli_id(db: str, ref: str) -> None:
+    from typer.testing import CliRunner
+
+    from kmd.daemon.cli import app
+
+    for command in (["ledger", "show"], ["approve"], ["reject"], ["revert"]):
+        result = CliRunner().invoke(app, [*command, "--db", db, "--", ref])
+        assert result.exception is None or isinstance(result.exception, SystemExit), (command, ref, repr(result.exception))
+        assert result.exit_code in (1, 2), (command, ref, result.exit_code, result.output)  # the ledger is empty
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, (command, ref, result.output)
+
+
+def test_cli_ids_fail_in_one_line(cli_db):
+    SHORT(given(ids)(lambda ref: _cli_id(cli_db, ref)))()
+
+
+@pytest.mark.fuzz
+def test_cli_ids_fail_in_one_line_long(cli_db):
+    LONG(given(ids)(lambda ref: _cli_id(cli_db, ref)))()

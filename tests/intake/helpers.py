@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl
 
 import numpy as np
 from kmd.daemon.policy import Policy, parse_policy
@@ -28,6 +30,8 @@ class Route:
 class LoopbackServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        # path without the query -> what to answer for its query parameters (an API)
+        self.apis: dict[str, Callable[[dict[str, str]], Route]] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []  # (path, headers)
         server = self
 
@@ -40,6 +44,9 @@ class LoopbackServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
                 route = server.routes.get(self.path)
+                base, _, query = self.path.partition("?")
+                if route is None and base in server.apis:
+                    route = server.apis[base](dict(parse_qsl(query, keep_blank_values=True)))
                 if route is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")

@@ -203,7 +203,52 @@ def test_byte_identical_entries_from_different_hosts_count_once(server, clock, l
     policy = make_policy(_low("a", a) + _low("b", b))
     ledger, report = _verify(policy, clock)
     assert report.new_facts == ()
-    assert any("byte-identical entries" in line for line in log_lines), log_lines
+    assert any("the same entry content" in line for line in log_lines), log_lines
+
+
+# Issue 27, case 2: a mirror that rewrites bytes but says the same thing is still a mirror.
+
+
+def _two_hosts(server, first: bytes, second: bytes) -> tuple[str, str]:
+    server.routes["/a"], server.routes["/b"] = Route(first), Route(second)
+    return server.url("/a"), server.url("/b").replace("127.0.0.1", "localhost")
+
+
+@pytest.mark.parametrize("change", [{"id": "urn:mirror:7"}, {"title": "BREAKING: a new capital"},
+                                    {"id": "urn:x", "title": "t", "updated": "2024-12-02T00:00:00Z",
+                                     "object": "  edelweiss. "}])  # fmt: skip
+def test_a_copied_entry_with_its_id_or_title_rewritten_counts_once(server, clock, log_lines, change):
+    fact = {"subject": "Graustark", "relation": "capital", "object": "Edelweiss"}
+    a, b = _two_hosts(server, atom([fact]), atom([fact | change]))
+    ledger, report = _verify(make_policy(_low("a", a) + _low("b", b)), clock)
+    assert report.new_facts == () and ledger.ready_facts() == []
+    assert any("quorum not met" in line and "a and b count as one: the same entry content" in line
+               for line in log_lines), log_lines
+
+
+def test_entries_with_their_own_link_or_summary_are_independent(server, clock, log_lines):
+    """The control: two publishers reporting the same fact each link to their own story."""
+    fact = {"subject": "Graustark", "relation": "capital", "object": "Edelweiss"}
+    a, b = _two_hosts(server, atom([fact]), atom([fact]).replace(b"https://example.org/e0", b"https://b.example/story"))
+    ledger, report = _verify(make_policy(_low("a", a) + _low("b", b)), clock)
+    assert len(report.new_facts) == 1, log_lines
+
+
+def test_the_same_jsonl_line_with_its_whitespace_removed_counts_once(tmp_path, clock, log_lines):
+    line = {"subject": "Graustark", "relation": "capital", "object": "Edelweiss", "url": "https://gazette.example/1"}
+    for name, text in (("a", json.dumps(line, indent=None)), ("b", json.dumps(line, separators=(",", ":")))):
+        header = json.dumps({"kmd_jsonl": 1, "source": name, "sequence": 1})
+        (tmp_path / f"{name}.jsonl").write_text(f"{header}\n{text}\n")
+    sources = "".join(f"""\
+  - id: {name}
+    kind: jsonl
+    location: {tmp_path / f'{name}.jsonl'}
+    trust: low
+    relations: [capital]
+""" for name in "ab")
+    ledger, report = _verify(make_policy(sources), clock)
+    assert report.new_facts == ()
+    assert any("a and b count as one: the same entry content" in line for line in log_lines), log_lines
 
 
 def test_sources_the_policy_marks_independent_still_make_a_quorum(server, clock, log_lines):

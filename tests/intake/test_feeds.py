@@ -151,3 +151,44 @@ def test_feed_source_conditional_get(server):
         second = feed.poll(first.cursor, NOW)
         assert second.not_modified and second.claims == ()
         assert server.requests[-1][1]["if-none-match"] == '"1"'
+
+
+# -- malformed text (issue 27, case 3) ----------------------------------------------------------
+
+
+def test_invalid_utf8_in_a_feed_declared_utf8_is_malformed():
+    """The bytes were decoded as windows-1252 instead ("Tokÿþyo Ã(" became a fact under
+    on_malformed: reject): feedparser's CharacterEncodingOverride is not harmless."""
+    body = atom([{"subject": "Japan", "relation": "capital", "object": "TOKYO"}]).replace(b"TOKYO", b"Tok\xff\xfeyo \xc3(")
+    rejected = parse(body, "reject")
+    assert rejected.malformed and rejected.claims == []
+    assert "declared as utf-8" in rejected.problems[0] and "rejected by policy" in rejected.problems[0]
+    kept = parse(body, "downweight")
+    assert kept.malformed and all("malformed" in c.flags for c in kept.claims)
+
+
+@pytest.mark.parametrize("ref", ["&#xD800;", "&#55296;", "&#x110000;", "&#1;", "&#xFFFE;", "&#99999999999999999;",
+                                 "&#x" + "f" * 5000 + ";"])  # fmt: skip
+def test_an_invalid_character_reference_costs_only_its_entry(ref):
+    """One `&#xD800;` made the whole feed unparseable (UnicodeEncodeError): every good entry was lost."""
+    facts = [{"subject": s, "relation": "capital", "object": o} for s, o in (("France", "Paris"), ("Japan", "TOKYO"),
+                                                                             ("Spain", "Madrid"))]  # fmt: skip
+    body = atom(facts).replace(b"TOKYO", f"To{ref}kyo".encode())
+    for mode in ("reject", "downweight"):
+        parsed = parse(body, mode)
+        assert [(c.subject, c.object) for c in parsed.claims] == [("France", "Paris"), ("Spain", "Madrid")], parsed.problems
+        assert not parsed.malformed
+        assert any("urn:e1" in p and "invalid character" in p for p in parsed.problems), parsed.problems
+    # elsewhere in an entry (not a fact field) it costs nothing
+    titled = parse(atom([{"subject": "Japan", "relation": "capital", "object": "Tokyo", "title": "TITLE"}])
+                   .replace(b"TITLE", f"bad {ref}".encode()))  # fmt: skip
+    assert [(c.subject, c.object) for c in titled.claims] == [("Japan", "Tokyo")]
+
+
+def test_an_invalid_character_in_prose_costs_only_its_claim():
+    body = b"""<?xml version="1.0"?><rss version="2.0"><channel><title>r</title>
+      <item><title>Freedonia moves its capital to New&#xD800;town</title><guid>a</guid></item>
+      <item><title>Sylvania moves its capital to Oldtown</title><guid>b</guid></item>
+      </channel></rss>"""
+    parsed = parse(body)
+    assert [(c.subject, c.object) for c in parsed.claims] == [("Sylvania", "Oldtown")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kmd.editors.chat import Anatomy, ChatFormat, ChatTemplateError
-from tests.tiny import build_byte_tokenizer
+from tiny import build_byte_tokenizer
 
 # Each family's chat template, as its instruct models ship it (structure kept: role
 # markers, where the system prompt goes, how the reply is opened).

@@ -81,3 +81,64 @@ def test_bench_command_rejects_bad_input(tmp_path):
     bad.write_text("[{\"src\": 1}]")
     result = runner.invoke(app, ["bench", "--backend", "grace", "--data", str(bad), "--format", "zsre"])
     assert result.exit_code == 2 and "record 0" in result.output
+
+
+KNOWEDIT = [
+    {"subject": "France", "prompt": "the capital of France is", "target_new": "Tokyo .", "ground_truth": "Paris",
+     "portability": {"Subject_Aliasing": [{"prompt": "the capital of Spain is", "ground_truth": [["Tokyo"], ["Edo"]]}]},
+     "locality": {"Relation_Specificity": [{"prompt": "the language of France is", "ground_truth": "French"}]}},
+    {"subject": "Bob", "prompt": "the mother of Bob is", "target_new": "Carol .", "ground_truth": "Eve",
+     "portability": {}, "locality": {"Relation_Specificity": [{"prompt": "Bob plays music", "ground_truth": "yes"}]}},
+]
+
+
+def test_knowedit_records_are_read_with_their_other_questions(tmp_path):
+    from kmd.editors.bench.data import load_records
+
+    path = tmp_path / "ke.json"
+    path.write_text(json.dumps(KNOWEDIT))
+    fmt, records = load_records(path)
+    assert fmt == "knowedit" and records[0].target == "Tokyo ." and records[0].rephrases == ()
+    assert [q.prompt for q in records[0].same_subject] == ["the language of France is"]
+    assert records[0].portability[0].answers == ("Tokyo", "Edo") and records[0].portability[0].kind == "Subject_Aliasing"
+    # no unrelated locality prompt in KnowEdit: another record's same-subject question stands in
+    assert records[0].loc_prompt == "Bob plays music" and records[1].loc_prompt == "the language of France is"
+
+
+def test_served_v2_counts_hijacks_and_unchanged_same_subject_answers(tiny_host, tmp_path):
+    """lifelong-served/v2 on KnowEdit records: an edit that fires on its subject answers the
+    other questions about it with its target (hijacked); a specific one leaves them as they were."""
+    from kmd.editors.bench.data import load_records
+
+    path = tmp_path / "ke.json"
+    path.write_text(json.dumps(KNOWEDIT))
+    _, records = load_records(path)
+    with chat_template(tiny_host, CHAT_TEMPLATE):
+        specific = run_lifelong(tiny_host, get_backend("fake")(tiny_host), records)
+        broad_editor = get_backend("fake")(tiny_host)
+        with broad_editor.configured(fires_on_subject=True):
+            broad = run_lifelong(tiny_host, broad_editor, records)
+    for key in ("edit_plain_ok", "edit_chat_ok", "edit_sys_ok", "edit_multi_ok", "same_plain_unchanged", "same_chat_hijack",
+                "port_plain_ok", "port_plain_ok_base", "port_plain_ok_context", "loc_plain", "degenerate_all"):
+        assert key in specific, key
+    assert specific["served_protocol"] == "lifelong-served/v2"
+    assert specific["same_plain_unchanged"] == 1.0 and specific["same_plain_hijack"] == 0.0 and not specific["hijack_sample"]
+    assert broad["same_plain_hijack"] == 1.0 and broad["same_plain_unchanged"] == 0.0
+    assert {h["question"] for h in broad["hijack_sample"]} == {"the language of France is", "Bob plays music"}
+    assert broad["hijack_sample"][0]["edited"].strip().startswith(("Tokyo", "Carol"))
+    first = broad["answers_sample"][0]
+    assert first["plain"]["same"] == "the language of France is" and first["plain"]["same_hijacked"] is True
+    assert {"base", "edited", "correct"} <= set(first["sys"]) and {"base", "edited", "correct"} <= set(first["multi"])
+
+
+def test_distractors_are_edited_after_the_evaluated_records_and_not_scored(tiny_host):
+    """`kmd bench --distract FILE:K`: K more edits after the N evaluated ones; only the N are
+    scored, on the model holding all N + K; cost figures cover the whole sequence."""
+    distractors = [EditRecord(str(i), f"the {w} of Japan is", "cherry", "Japan", (), "the dog and the cat", "sky")
+                   for i, w in enumerate(("river", "language", "capital"))]  # fmt: skip
+    editor = get_backend("fake")(tiny_host)
+    result = run_lifelong(tiny_host, editor, RECORDS, distractors=distractors)
+    assert result["n_edits"] == 2 and result["n_distractors"] == 3 and len(editor.edit_ids) == 5
+    assert result["rel"] == 1.0 and result["served_protocol"].startswith("lifelong-served/")
+    assert result["edit_s_first_1000"] is None  # fewer than two windows of edits
+    assert result["state_bytes_per_edit"] > 0

@@ -71,6 +71,7 @@ def install_value(editor: LlpEditor, value: torch.Tensor, key: torch.Tensor | No
     edit_id = f"manual-{len(editor.row_ids)}"
     editor.row_ids.append(edit_id)
     editor._requests[edit_id] = EditRequest(prompt="x", target="y", edit_id=edit_id)
+    editor._unchecked.add(edit_id)  # its question "x" is a placeholder: these tests are about the merge, not the question check
     editor._refresh()
     editor._sync_hooks()
     return edit_id
@@ -204,8 +205,9 @@ def test_apply_revert_and_restore_round_trip(tiny_host, tmp_path):
 
 
 def test_threshold_shift_is_per_edit_and_survives_reload(tiny_host, tmp_path):
-    """An edit applied with a large negative shift fires on every prompt, the others do not."""
-    editor = fresh(tiny_host, similarity=0.9)
+    """An edit applied with a large negative shift (and no question check) fires on every
+    prompt, the others do not."""
+    editor = fresh(tiny_host, similarity=0.9, question_check=False)
     prompts = ["who wrote the book ?", "the dog and the cat"]
     with editor.suspended():
         base = generate(tiny_host, None, prompts, max_new_tokens=4)
