@@ -4,42 +4,40 @@
     GET  /readyz                  200 once model and state are loaded (edits in flight do
                                   not change that); 503 before start-up finished
     GET  /metrics                 Prometheus text, `kmd_` prefix, no per-edit labels
-    POST /v1/generate             greedy generation through the committed edits, batched
-                                  with concurrent requests; 429 + Retry-After when saturated
+    POST /v1/generate             greedy generation through the committed edits (the serving
+                                  engine); 429 + Retry-After when the caller's budget is spent
     GET  /v1/edits[/{id}]         the edit ledger;  GET /v1/reverts  the revert log
     POST /v1/facts                submit a fact (a claim of the policy's `api` source)
     POST /v1/edits/{id}/revert    revert one edit now (the writer only: 409 on a replica)
 
-Writes need `Authorization: Bearer <token>` (the token from the daemon config; with no
-token configured, writes are refused). Reads are open unless `protect_reads` is set.
-
-Limits that hold before anything else runs: a request body over `api.max_body_bytes` is
-refused with 413 by `BodyLimit` (before routing and auth); `/healthz` and `/readyz` run on
-the event loop, never in the worker threads generation occupies; generation has a
-concurrency budget per kind of caller (with and without a token; 429 when it is spent)
-and callers without a token a smaller `max_new_tokens`.
+Auth (`kmd.daemon.auth`): writes need the bearer token; reads are open unless
+`protect_reads` is set. Limits that hold before anything else runs: a request body over
+`api.max_body_bytes` is refused with 413 by `BodyLimit` (before routing and auth).
+Generation (here, the OpenAI-compatible endpoints and the console's answers) goes through
+one serving engine (`kmd.daemon.serving`) with per-caller budgets, and its routes are
+coroutines that hold no worker thread while they wait for tokens: health checks, the
+ledger and operator actions (revert, approve, reject, release) never wait behind it.
 The same app serves the OpenAI-compatible endpoints (`kmd.daemon.openai_api`) and the
 review console at /ui (`kmd.daemon.console`), each from its own module.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import threading
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
+from kmd.daemon.auth import Read, Write, caller
 from kmd.daemon.ledger import LedgerError
-from kmd.daemon.serving import QueueFull
+from kmd.daemon.serving import GenerationRequest, Refused
 from kmd.daemon.surface import NotServingError
 
 if TYPE_CHECKING:
@@ -198,42 +196,11 @@ class _StatsCollector:
             yield family
 
 
-def _token_ok(request: Request) -> bool:
-    token = request.app.state.daemon.api_token
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if not token or scheme.lower() != "bearer":
-        return False
-    # Compare bytes: compare_digest refuses non-ASCII str (a 500 before). Header text is
-    # the raw bytes decoded as latin-1, so this gets the bytes the client sent back.
-    return hmac.compare_digest(given.strip().encode("latin-1", "replace"), token.encode("utf-8"))
-
-
-def _writer(request: Request) -> None:
-    if not request.app.state.daemon.api_token:
-        raise HTTPException(403, "writes are disabled: no API token is configured")
-    if not _token_ok(request):
-        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
-
-def _reader(request: Request) -> None:
-    if request.app.state.daemon.settings.api.protect_reads and not _token_ok(request):
-        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
-
-# Module level: with postponed annotations FastAPI resolves these names in module globals.
-Read = Annotated[None, Depends(_reader)]
-Write = Annotated[None, Depends(_writer)]
-
-
 def create_app(daemon: Service) -> FastAPI:
     app = FastAPI(title="kmd", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.daemon = daemon
     limits = daemon.settings.api
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    # Generation budgets: threads that may generate at once, for callers with the token
-    # and for the others (non-blocking: a full budget answers 429 at once).
-    slots = {True: threading.BoundedSemaphore(limits.generate_concurrency),
-             False: threading.BoundedSemaphore(limits.anonymous_generate_concurrency)}  # fmt: skip
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatsCollector(daemon))  # type: ignore[arg-type]
 
@@ -265,23 +232,22 @@ def create_app(daemon: Service) -> FastAPI:
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/generate")
-    def generate(body: GenerateBody, request: Request, _: Read) -> dict[str, Any]:
-        authenticated = _token_ok(request)
-        if not authenticated and body.max_new_tokens > limits.anonymous_max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens: at most {limits.anonymous_max_new_tokens} without the API token")
-        slot = slots[authenticated]
-        if not slot.acquire(blocking=False):
-            raise HTTPException(429, "too many generations in flight; retry shortly", headers={"Retry-After": "1"})
+    async def generate(body: GenerateBody, request: Request, _: Read) -> dict[str, Any]:
         try:
-            text, got = daemon.generate_result(body.prompt, body.max_new_tokens)
+            engine, who = daemon.engine(), caller(request)
+            engine.scheduler.check(who, body.max_new_tokens)  # refused before any work is spent on the request
+            prompt_ids = engine.host.encode(engine.host.format_prompt(body.prompt))
+            stream = engine.submit(GenerationRequest(prompt_ids, body.max_new_tokens, caller=who))
+            tokens = [token async for token in stream]
         except NotServingError as exc:
             raise HTTPException(503, str(exc)) from exc
-        except QueueFull as exc:
-            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
-        finally:
-            slot.release()
+        except Refused as exc:
+            status = 422 if exc.status == 400 else exc.status  # this route's bad bodies are 422s
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            raise HTTPException(status, f"max_new_tokens: {exc}" if status == 422 else str(exc), headers=headers) from exc
+        text = engine.host.tokenizer.decode(tokens, skip_special_tokens=True)
         # `edits`: committed edits in the state that answered (lets clients see which state they read)
-        return {"prompt": body.prompt, "text": text, "edits": got.edits}
+        return {"prompt": body.prompt, "text": text, "edits": stream.state.edits if stream.state else 0}
 
     @app.get("/v1/edits")
     def edits(_: Read, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:

@@ -39,6 +39,7 @@ ledger, so replicas only ever see committed states.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ from kmd.daemon.ledger import FactNotReadyError, LedgerError
 from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
 from kmd.daemon.probes import Prober
 from kmd.daemon.reconcile import Reconciler
+from kmd.daemon.serving.state import ServedState
 from kmd.editors.protocol import EditRequest, Editor
 from kmd.editors.registry import get_backend
 from kmd.editors.scoring import score_targets
@@ -112,7 +114,7 @@ class Maintainer(Reconciler):
         self.lock = threading.RLock()  # the one writer (serving does not take it: see `serving`)
         self.stats = Stats()
         self.editor = editor or get_backend(policy.backend)(host)  # the writer's working editor
-        self.serving: Editor | None = None  # what requests are answered with: the committed edits
+        self.served: ServedState | None = None  # what requests are answered with: the committed edits
         self._suite = suite if suite is not None else self._suite_prompts()
         self.prober: Prober | None = None
         self.publish: Callable[[], None] | None = None  # publish the saved state for replicas
@@ -178,11 +180,21 @@ class Maintainer(Reconciler):
     def ready(self) -> bool:
         return self.prober is not None and self.serving is not None
 
+    @property
+    def serving(self) -> Editor | None:
+        """The snapshot of the committed edits that answers requests."""
+        served = self.served
+        return served.editor if served is not None else None
+
     def _serve_committed(self) -> None:
-        """Serve what the working editor holds now (call only when that is the committed state)."""
-        if self.serving is not None and self.serving.edit_ids == self.editor.edit_ids:
+        """Serve what the working editor holds now (call only when that is the committed state,
+        which is then also the saved one: its manifest's hash is the state's id)."""
+        old = self.serving
+        if old is not None and old.edit_ids == self.editor.edit_ids:
             return  # the same edits (a reverted candidate, a failed update reloaded)
-        old, self.serving = self.serving, self.editor.fork()
+        manifest = self.editor_dir / MANIFEST
+        version = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+        self.served = ServedState(self.editor.fork(), version)  # one assignment: editor and id together
         if old is not None:
             old.retire()  # its hooks go when the requests still running on it end
 

@@ -42,6 +42,7 @@ from loguru import logger
 from kmd.daemon.bound_state import check_named
 from kmd.daemon.db import HEAD_FILE
 from kmd.daemon.ledger import HeadFile, HeadFileError
+from kmd.daemon.serving.state import ServedState
 from kmd.editors.state import MANIFEST, StateError, fsync_path, read_manifest
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def adopt_state(source: Path, editor_dir: Path) -> None:
 @dataclass
 class _Loaded:
     version: str
-    editor: Editor
+    editor: Editor  # a snapshot (`fork`) of the loaded state: it acts only on its own requests' forwards
 
 
 class Replica:
@@ -167,12 +168,19 @@ class Replica:
         self.problem: str | None = None  # why the wanted version is not loaded
         self.flagged: str | None = None  # why the ledger is not trusted (its chain lost the published head)
         self.loads = 0
-        # Editors taken out of service stay suspended (hooks off) for the process's lifetime.
+        # Loaded editors never serve (their snapshots do): they stay suspended (hooks off) for
+        # the process's lifetime, so raw model calls (the next load's checks) see the base model.
         self._retired = ExitStack()
 
     @property
     def editor(self) -> Editor | None:
+        """The snapshot that serves the loaded state."""
         return self.loaded.editor if self.loaded else None
+
+    @property
+    def served(self) -> ServedState | None:
+        loaded = self.loaded  # one read: editor and version together
+        return ServedState(loaded.editor, loaded.version) if loaded is not None else None
 
     def readiness(self) -> tuple[bool, str]:
         if self.flagged is not None:
@@ -213,25 +221,19 @@ class Replica:
         if _sha256(path / MANIFEST) != published.version:
             raise StateError(f"{path}/{MANIFEST} does not hash to its version (corrupted or replaced)")
         check_named(self.ledger, path)
-        with self.lock:
-            attempt = ExitStack()
-            if self.editor is not None:
-                attempt.enter_context(self.editor.suspended())  # base model while loading and probing
+        with self.lock:  # one load at a time; requests never take it (they read `served`)
+            editor = load_editor(path, self.host, digest=published.version)  # checks the tensors' checksum
             try:
-                editor = load_editor(path, self.host, digest=published.version)  # checks the tensors' checksum
                 if tuple(editor.edit_ids) != published.edit_ids:
                     raise StateError(f"state {published.version[:12]} holds {editor.edit_ids}, "
                                      f"the ledger says {list(published.edit_ids)}")  # fmt: skip
-                try:
-                    self._smoke(editor)
-                except BaseException:
-                    self._retired.enter_context(editor.suspended())
-                    raise
-            except BaseException:
-                attempt.close()  # the old state serves again (still unready)
-                raise
-            self._retired.push(attempt)  # the old editor stays suspended for good
-            self.loaded = _Loaded(published.version, editor)
+                self._smoke(editor)
+                serving = editor.fork()
+            finally:
+                self._retired.enter_context(editor.suspended())  # the old state serves on meanwhile
+            old, self.loaded = self.loaded, _Loaded(published.version, serving)
+            if old is not None:
+                old.editor.retire()  # its hooks go when the requests still running on it end
             self.loads += 1
         logger.info("replica: state {} live ({} edits)", published.version[:12], len(editor.edit_ids))
 

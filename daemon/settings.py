@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from kmd.common.config import Duration, StrictModel, load_yaml_model
 from kmd.daemon.db import default_head_file
 
-__all__ = ["ApiSettings", "ClusterSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
+__all__ = ["ApiSettings", "Budget", "Budgets", "ClusterSettings", "DaemonSettings", "ModelConfig", "ScheduleSettings", "load_settings"]
 
 
 class ModelConfig(StrictModel):
@@ -31,6 +31,19 @@ class ModelConfig(StrictModel):
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
 
 
+class Budget(StrictModel):
+    """One kind of caller's share of generation (docs/daemon.md, "Serving")."""
+
+    concurrent: int = Field(ge=0)  # requests decoding at once (0: this caller may not generate)
+    queued: int = Field(ge=0)  # requests waiting to start; one more gets 429 with Retry-After
+    max_tokens: int = Field(ge=1, le=256)  # new tokens one request may ask for
+
+
+class Budgets(StrictModel):
+    token: Budget = Budget(concurrent=16, queued=64, max_tokens=256)  # callers with the API token
+    anonymous: Budget = Budget(concurrent=8, queued=16, max_tokens=64)  # everyone else
+
+
 class ApiSettings(StrictModel):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -39,14 +52,12 @@ class ApiSettings(StrictModel):
     token_file: str | None = None  # ... or from this file (first line)
     protect_reads: bool = False  # reads need the token too
     max_body_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies: 413, before auth
-    generate_concurrency: int = Field(default=32, ge=1)  # requests in flight (batched) for token holders
-    anonymous_generate_concurrency: int = Field(default=16, ge=0)  # ... and for callers without it
-    anonymous_max_new_tokens: int = Field(default=64, ge=1, le=256)  # cap without the token
-    # /v1/generate: requests arriving within `batch_window_ms` of each other share one batched
-    # forward (at most `max_batch`); past `max_queue` waiting requests the API answers 429.
+    # Generation (one serving engine for every route): requests decode together, joining and
+    # leaving the running batch at any step; at most `max_batch` rows at once, and at most
+    # `max_prefill_tokens` prompt tokens start per step (a long prefill stalls running rows).
     max_batch: int = Field(default=16, ge=1, le=256)
-    max_queue: int = Field(default=64, ge=1)
-    batch_window_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    max_prefill_tokens: int = Field(default=512, ge=1)
+    budgets: Budgets = Budgets()  # per caller: concurrent, queued, max_tokens
 
 
 class ScheduleSettings(StrictModel):

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from kmd.daemon.maintainer import Maintainer
     from kmd.daemon.policy import Policy
     from kmd.daemon.replication import Replica
-    from kmd.daemon.serving import Generated
+    from kmd.daemon.serving import ServedState, ServingEngine
     from kmd.daemon.settings import DaemonSettings
     from kmd.sources.intake import Intake
 
@@ -43,8 +43,14 @@ class Service(Protocol):
         """(ready, why): what /readyz answers."""
         ...
 
-    def generate_result(self, prompt: str, max_new_tokens: int) -> tuple[str, Generated]:
-        """Greedy text through the served edits; raises NotServingError or serving.QueueFull."""
+    def served_state(self) -> ServedState:
+        """What answers requests now: the committed edits' snapshot and its state id
+        (NotServingError before the model and state are loaded)."""
+        ...
+
+    def engine(self) -> ServingEngine:
+        """The one serving engine every generated token comes from (NotServingError before
+        the model and state are loaded)."""
         ...
 
     def submit_fact(self, subject: str, relation: str, obj: str, source_id: str | None, url: str) -> dict[str, Any]:

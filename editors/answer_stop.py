@@ -35,6 +35,7 @@ touches logits at all, i.e. with the pointer or an end rule):
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -111,6 +112,22 @@ class AnswerTracker:
         self._word_end: dict[int, bool] = {}
         # per row, per position of the forward in progress: the token ids to boost there
         self.pointed: list[list[tuple[int, ...]]] = [[] for _ in targets]
+
+    # what a tracker keeps per row (the rest is shared settings)
+    _PER_ROW = ("needles", "written", "done", "text", "mark", "done_len", "ended", "rules", "before", "pointed")
+
+    @classmethod
+    def regrouped(cls, parts: Sequence[tuple[AnswerTracker, Sequence[int]]]) -> AnswerTracker:
+        """A tracker of rows taken, in order, from others: (tracker, its rows) per part (a
+        running batch regrouped, editors/regroup.py). Each row keeps its whole state."""
+        first = parts[0][0]
+        if any((t.boost, t.end, t.restate) != (first.boost, first.end, first.restate) for t, _ in parts):
+            raise ValueError("cannot regroup answer trackers with different rules")
+        tracker = copy.copy(first)  # shared: tokenizer, rules, EOS, the word-end cache
+        names = cls._PER_ROW + (("spellings",) if first.spellings else ())
+        for name in names:
+            setattr(tracker, name, [copy.copy(getattr(t, name)[i]) for t, rows in parts for i in rows])
+        return tracker
 
     @property
     def shapes_logits(self) -> bool:
@@ -289,6 +306,24 @@ class RowPointer:
         state.rows = rows
         state.tracker = AnswerTracker(self.tokenizer, targets, boost=self.boost, end=self.end, restate=self.restate)
         state.answering = state.tracker.full(ids[rows], routing.last_prompt_index(batch, seq, ids.device)[rows])
+
+    def regroup(self, how: Any, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """The pointer's entry of a regrouped batch's decisions (`Editor._regroup`): each kept
+        routed row keeps its tracker state. `how`: an `editors.regroup.Regroup`."""
+        from kmd.editors.regroup import entries
+
+        states = entries(decisions, self.key)
+        if states is None:
+            return {}
+        if not all(s.started for s in states):
+            raise ValueError("cannot regroup a batch before its prefill")
+        rows, picks = how.routed([s.rows for s in states])
+        state = _RowState()
+        state.started = True
+        live = [(s, p.tolist()) for s, p in zip(states, picks, strict=True) if p.numel()]
+        if live and all(s.tracker is not None for s, _ in live):
+            state.rows, state.tracker = rows, AnswerTracker.regrouped([(s.tracker, p) for s, p in live])
+        return {self.key: state}
 
     def prompt_ids(self, routing: Any) -> torch.Tensor | None:
         """(B, T) the token ids of the prefill in progress, before `start` (None: not seen)."""

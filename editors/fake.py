@@ -23,6 +23,7 @@ import torch
 
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.regroup import Regroup, entries
 
 __all__ = ["FakeConfig", "FakeEditor"]
 
@@ -131,6 +132,13 @@ class FakeEditor(Editor):
                     forced[b, t] = -_VOTE
                     forced[b, t, target[r]] = _VOTE
         return forced
+
+    def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A regrouped batch (continuous batching): each row keeps its entry and its count."""
+        mine = entries(decisions, self.name)
+        if mine is None:
+            return {}
+        return {self.name: {"rows": how.dense_list([m["rows"] for m in mine]), "next": how.dense([m["next"] for m in mine])}}
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -263,6 +263,42 @@ class Injection:
         answering = self.tracker.full(ids[self.rows], last)
         self.answering = answering if stop_after_answer else None
 
+    @staticmethod
+    def regrouped(how: Any, parts: Sequence[Injection | None]) -> Injection | None:
+        """The injection of a regrouped batch (`Editor._regroup`; `how`: an
+        `editors.regroup.Regroup`, `parts`: each part's injection, None where no row was
+        routed): each kept routed row keeps its prefix, its positions and its answer tracking.
+        Prefixes of different lengths are left-padded and masked, as within one batch."""
+        rows, picks = how.routed([p.rows if p is not None else None for p in parts])
+        live = [(p, k.to(p.keys.device)) for p, k in zip(parts, picks, strict=True) if p is not None and k.numel()]
+        if not live:
+            return None
+        width = max(p.keys.shape[2] for p, _ in live)  # prefix positions n (RECIPE's differ per edit)
+        keys, values, masks = [], [], []
+        for p, k in live:
+            n = p.keys.shape[2]
+            mask = p.prefix_mask[k] if p.prefix_mask is not None else torch.ones(len(k), n, dtype=torch.bool, device=k.device)
+            part_keys, part_values = p.keys[k], p.values[k]  # (Bh_k, L, n, n_kv, hd)
+            if n < width:  # left padding: the real positions stay just before the row's first token
+                pad = (*part_keys.shape[:2], width - n, *part_keys.shape[3:])
+                part_keys = torch.cat([part_keys.new_zeros(pad), part_keys], dim=2)
+                part_values = torch.cat([part_values.new_zeros(pad), part_values], dim=2)
+                mask = torch.cat([mask.new_zeros(len(k), width - n), mask], dim=1)
+            keys.append(part_keys)
+            values.append(part_values)
+            masks.append(mask)
+        prefix_mask = torch.cat(masks)
+        first = live[0][0]
+        trackers = [p.tracker for p, _ in live]
+        if any((t is None) != (first.tracker is None) for t in trackers):
+            raise ValueError("cannot regroup injections with and without answer tracking")
+        tracker = None if first.tracker is None else AnswerTracker.regrouped([(p.tracker, k.tolist()) for p, k in live])
+        # `answering` and `roped` are recomputed by the next forward (decode_step, the merge hook)
+        return Injection(rows=rows, keys=torch.cat(keys), values=torch.cat(values),
+                         p_first=torch.cat([p.p_first[k] for p, k in live]),
+                         prefix_mask=None if bool(prefix_mask.all()) else prefix_mask,
+                         tracker=tracker, stop_after_answer=first.stop_after_answer)  # fmt: skip
+
     def decode_step(self, ids: torch.Tensor) -> None:
         """ids (B, 1) a decode step's new tokens (the whole batch): update where the prefix acts."""
         if self.tracker is not None:

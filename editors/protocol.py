@@ -15,8 +15,11 @@ Concurrency: the routing context of a forward lives in a context variable (one p
 thread), not on the editor, and names the editor whose edits act on that forward. So
 several editors may have hooks on one model (a serving snapshot made with `fork()` and
 the writer's working editor), and concurrent forwards in other threads never see each
-other's routing. Two optional methods, `routing_features` and `routes`, let callers
-(the daemon's locality probes) tell from prompt tokens alone which rows an edit reaches.
+other's routing. A served batch that rows join and leave (continuous batching) keeps its
+routing context between forwards: `resume` re-enters it and `regroup` carries each row's
+decision into a new batch (backends implement `_regroup`). Two optional methods,
+`routing_features` and `routes`, let callers (the daemon's locality probes) tell from
+prompt tokens alone which rows an edit reaches.
 """
 
 from __future__ import annotations
@@ -283,7 +286,15 @@ class Editor(ABC):
     @contextmanager
     def query(self, prompt_mask: torch.Tensor | None) -> Iterator[Routing]:
         """Route the forwards inside this block (this thread only) by `prompt_mask` (B, T) bool."""
-        routing = Routing(prompt_mask, owner=self)
+        with self.resume(Routing(prompt_mask, owner=self)) as routing:
+            yield routing
+
+    @contextmanager
+    def resume(self, routing: Routing) -> Iterator[Routing]:
+        """Run more forwards (this thread only) in a routing context made before, by `query`
+        or `regroup`: the decode steps of a served batch that is kept between blocks."""
+        if routing.owner is not self:
+            raise ValueError(f"{self.name}: that routing context belongs to another editor")
         with self._lock:
             self._users += 1
             self._sync_hooks()  # a retired snapshot still serves the requests that hold it
@@ -308,6 +319,26 @@ class Editor(ABC):
             with self._lock:
                 self._suspended -= 1
                 self._sync_hooks()
+
+    def regroup(self, parts: Sequence[tuple[Routing, torch.Tensor]]) -> Routing:
+        """The routing context of a batch made of rows of batches whose prefill ran under this
+        editor (continuous batching: rows leave a running batch, others join it): part k gives
+        its rows `keep_k` ((n_k,) indices into its batch, in the new order), after those of
+        part k - 1. Each row keeps its decision and answer tracking, so the new batch's decode
+        steps compute for every row what they would in its own batch (contract suite)."""
+        from kmd.editors.regroup import Regroup
+
+        if any(routing.owner is not self for routing, _ in parts):
+            raise ValueError(f"{self.name}: cannot regroup routing contexts of another editor")
+        how = Regroup(tuple(keep.long().cpu() for _, keep in parts))
+        decisions = [routing.decisions for routing, _ in parts]
+        merged = self._regroup(how, decisions) if any(decisions) else {}
+        return Routing(None, merged, owner=self)
+
+    def _regroup(self, how: Any, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A backend's entries of the regrouped decisions (`how`: an `editors.regroup.Regroup`;
+        `decisions`: each part's `Routing.decisions` after its prefill)."""
+        raise NotImplementedError(f"{self.name}: its routing decisions cannot be regrouped (no _regroup)")
 
     def routing(self) -> Routing:
         """The routing context for the forward in progress (used by backend hooks)."""

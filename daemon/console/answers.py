@@ -1,13 +1,12 @@
 """Base vs edited answers for the console, generated when a page asks, with a small cache.
 
-The base answer comes from the same model with the editor's hooks suspended; the edited
-answer from the model as it serves now. Both are generated as `/v1/generate` serves a
-prompt (`host.format_prompt`, greedy), under the serving lock, so neither sees a model
-half-way through an edit. Base answers never change (cached by prompt); edited answers
-are cached by prompt and the set of edits applied, so any commit or revert refreshes them.
-
-This is the console's one seam to the model (like `openai_api.token_stream` for the
-OpenAI endpoints): a batched serving engine can take over its body.
+Both come from the serving engine, the one path every generated token takes: the edited
+answer from the committed state as it serves now, the base answer from the same engine
+with no edit acting on that row (`GenerationRequest(base=True)`: the editor is suspended
+for those rows only, while other requests keep their edits). Prompts are formatted as
+`/v1/generate` formats them (greedy, 16 tokens), and spend the viewer's generation budget.
+Base answers never change (cached by prompt); edited answers are cached by prompt and the
+state that answered, so any commit or revert refreshes them.
 """
 
 from __future__ import annotations
@@ -19,18 +18,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kmd.daemon.serving import GenerationRequest, Refused
+from kmd.daemon.surface import NotServingError
 from kmd.editors.answers import answer_line
 
 if TYPE_CHECKING:
+    from kmd.daemon.serving import ServedState, TokenStream
     from kmd.daemon.surface import Service
 
 MAX_NEW_TOKENS = 16
 CACHE_SIZE = 512
-LOCK_WAIT_SECONDS = 10.0  # an edit in flight holds the lock; the page says so rather than hang
+WAIT_SECONDS = 30.0  # the page says the model is busy rather than hang longer
 
 
 class ModelBusy(RuntimeError):
-    """The model is busy (an edit or revert in flight) or not loaded yet."""
+    """No answers now: the model is not loaded yet, or generation is saturated."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,19 @@ class Pair:
         return self.base != self.edited
 
 
+def _state_key(state: ServedState) -> str:
+    """The served state's id (the saved state's hash, else its editor and edits)."""
+    editor = state.editor
+    edits = "\n".join(editor.edit_ids) if editor is not None else ""
+    return state.version or f"{id(editor)}:{hashlib.sha256(edits.encode()).hexdigest()}"
+
+
 class AnswerCache:
     def __init__(self, daemon: Service, *, size: int = CACHE_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
-                 wait: float = LOCK_WAIT_SECONDS) -> None:  # fmt: skip
+                 wait: float = WAIT_SECONDS) -> None:  # fmt: skip
         self.daemon, self.size, self.max_new_tokens, self.wait = daemon, size, max_new_tokens, wait
         self._cache: OrderedDict[tuple[str, ...], str] = OrderedDict()
-        self._mutex = threading.Lock()  # guards the dict only; generation runs under the serving lock
+        self._mutex = threading.Lock()
         self.generated = 0  # prompts generated (not served from the cache): for tests and curiosity
 
     def _get(self, key: tuple[str, ...]) -> str | None:
@@ -74,47 +83,38 @@ class AnswerCache:
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
 
-    def pairs(self, prompts: Sequence[str]) -> list[Pair]:
-        from kmd.editors.scoring import generate_text
-
-        source = self.daemon.replica or self.daemon.maintainer
-        if source is None or source.editor is None:
-            raise ModelBusy("the model is not loaded yet")
-        if not source.lock.acquire(timeout=self.wait):
-            raise ModelBusy("the model is busy with an edit or revert; reload the page in a moment")
+    def pairs(self, prompts: Sequence[str], caller: str) -> list[Pair]:
+        """Base and edited answers to `prompts` (blocks while they generate); ModelBusy when
+        there are none to give now."""
         try:
-            editor, host = source.editor, source.host
-            state = hashlib.sha256("\n".join(editor.edit_ids).encode()).hexdigest()
-            base_keys = [("base", p) for p in prompts]
-            edited_keys = [("edited", str(id(editor)), state, p) for p in prompts]
-            missing_base = list(dict.fromkeys(k[-1] for k in base_keys if self._get(k) is None))
-            missing_edited = list(dict.fromkeys(k[-1] for k in edited_keys if self._get(k) is None))
-            if missing_edited:
-                texts = generate_text(host, editor, missing_edited, self.max_new_tokens)
-                for p, t in zip(missing_edited, texts, strict=True):
-                    self._put(("edited", str(id(editor)), state, p), t)
-            if missing_base:
-                with editor.suspended():  # the base model: no edit hooks attached
-                    texts = generate_text(host, None, missing_base, self.max_new_tokens)
-                for p, t in zip(missing_base, texts, strict=True):
-                    self._put(("base", p), t)
-            self.generated += len(missing_base) + len(missing_edited)
-            out = []
-            for p, bk, ek in zip(prompts, base_keys, edited_keys, strict=True):
-                base, edited = self._get(bk), self._get(ek)
-                if base is None or edited is None:  # evicted by a huge page: generate without the cache
-                    return self._uncached(prompts)
-                out.append(Pair(p, base, edited))
-            return out
+            engine, served = self.daemon.engine(), self.daemon.served_state()
+        except NotServingError as exc:
+            raise ModelBusy("the model is not loaded yet") from exc
+        base = {p: self._get(("base", p)) for p in prompts}
+        edited = {p: self._get(("edited", _state_key(served), p)) for p in prompts}
+        wanted = [(True, p) for p in dict.fromkeys(p for p in prompts if base[p] is None)]
+        wanted += [(False, p) for p in dict.fromkeys(p for p in prompts if edited[p] is None)]
+        host = engine.host
+        streams: list[tuple[bool, str, TokenStream]] = []
+        try:
+            for is_base, prompt in wanted:
+                request = GenerationRequest(host.encode(host.format_prompt(prompt)), self.max_new_tokens, caller=caller,
+                                            base=is_base)  # fmt: skip
+                streams.append((is_base, prompt, engine.submit(request)))
+            for is_base, prompt, stream in streams:
+                text = host.tokenizer.decode(stream.result(self.wait), skip_special_tokens=True)
+                if is_base:
+                    base[prompt] = text
+                    self._put(("base", prompt), text)
+                else:  # cached under the state that answered (a commit may have come in between)
+                    edited[prompt] = text
+                    self._put(("edited", _state_key(stream.state), prompt), text)
+        except (Refused, TimeoutError) as exc:
+            raise ModelBusy("generation is busy; reload the page in a moment") from exc
+        except NotServingError as exc:
+            raise ModelBusy("the model is not loaded yet") from exc
         finally:
-            source.lock.release()
-
-    def _uncached(self, prompts: Sequence[str]) -> list[Pair]:
-        from kmd.editors.scoring import generate_text
-
-        source = self.daemon.replica or self.daemon.maintainer
-        editor, host = source.editor, source.host
-        edited = generate_text(host, editor, list(prompts), self.max_new_tokens)
-        with editor.suspended():
-            base = generate_text(host, None, list(prompts), self.max_new_tokens)
-        return [Pair(p, b, e) for p, b, e in zip(prompts, base, edited, strict=True)]
+            for _, _, stream in streams:
+                stream.cancel()  # no-op for the finished ones
+        self.generated += len(wanted)
+        return [Pair(p, base[p], edited[p]) for p in prompts]  # type: ignore[arg-type]

@@ -30,10 +30,11 @@ from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from kmd.daemon.api import _token_ok
+from kmd.daemon.auth import ANONYMOUS_CALLER, TOKEN_CALLER, token_ok
 from kmd.daemon.console.answers import AnswerCache, ModelBusy, Pair
 from kmd.daemon.console.charts import activity, locality_chart, per_day_chart
-from kmd.daemon.console.sessions import COOKIE, COOKIE_PATH, LOGIN_COOKIE, NAME_RE, Session, Sessions, tokens_equal
+from kmd.daemon.console.sessions import (COOKIE, COOKIE_PATH, LOGIN_COOKIE, NAME_RE, LoginThrottle, Session, Sessions,
+                                        tokens_equal)
 from kmd.daemon.ledger import LedgerError
 from kmd.editors.answers import hits
 
@@ -182,6 +183,7 @@ def console_router(daemon: Service) -> APIRouter:
     router = APIRouter(prefix=COOKIE_PATH, include_in_schema=False)
     templates = Jinja2Templates(env=_environment())
     sessions = Sessions()
+    throttle = LoginThrottle()
     answers = AnswerCache(daemon)
     router.answers = answers  # type: ignore[attr-defined]  # reachable for tests
 
@@ -195,9 +197,13 @@ def console_router(daemon: Service) -> APIRouter:
     def viewer(request: Request) -> Session | None:
         """Who reads: a session or nobody; with `protect_reads`, nobody is sent to log in."""
         session = session_of(request)
-        if daemon.settings.api.protect_reads and session is None and not _token_ok(request):
+        if daemon.settings.api.protect_reads and session is None and not token_ok(request):
             raise HTTPException(303, "log in to read the console", headers={"Location": login_url(request)})
         return session
+
+    def caller_of(request: Request, session: Session | None) -> str:
+        """Whose generation budget the page's answers spend (a session was opened with the token)."""
+        return TOKEN_CALLER if session is not None or token_ok(request) else ANONYMOUS_CALLER
 
     def writer_session(request: Request, csrf: str) -> Session:
         session = session_of(request)
@@ -244,12 +250,20 @@ def console_router(daemon: Service) -> APIRouter:
             return render(request, "login.html", None, status=status, login_csrf=request.cookies.get(LOGIN_COOKIE, ""),
                           next=target, error=error, token_configured=bool(daemon.api_token))  # fmt: skip
 
+        address = request.client.host if request.client else "unknown"
+        wait = throttle.retry_after(address)
+        if wait is not None:  # too many wrong tokens lately: no more guesses for a while
+            refused = again(f"Too many failed logins: try again in {wait} s.", 429)
+            refused.headers["Retry-After"] = str(wait)
+            return refused
         if not tokens_equal(csrf, request.cookies.get(LOGIN_COOKIE, "")):
             return again("The login form expired: please try again.", 403)
         if not daemon.api_token:
             return again("Writes are disabled: no API token is configured for this daemon.", 403)
         if not tokens_equal(token.strip(), daemon.api_token):
+            throttle.failed(address)
             return again("That is not the API token.", 401)
+        throttle.succeeded(address)
         name = name.strip()
         if name and not NAME_RE.match(name):
             return again("A name is 1-40 letters, digits or . _ @ -", 400)
@@ -343,7 +357,7 @@ def console_router(daemon: Service) -> APIRouter:
         pairs: list[Pair] = []
         busy = None
         try:
-            pairs = answers.pairs(prompts)
+            pairs = answers.pairs(prompts, caller_of(request, session))
         except ModelBusy as exc:
             busy = str(exc)
         source = daemon.replica or daemon.maintainer
@@ -372,7 +386,7 @@ def console_router(daemon: Service) -> APIRouter:
         busy = None
         served: dict[str, Pair] = {}
         try:
-            served = {p.prompt: p for p in answers.pairs(list(dict.fromkeys(p for p in prompts if p)))}
+            served = {p.prompt: p for p in answers.pairs(list(dict.fromkeys(p for p in prompts if p)), caller_of(request, session))}
         except ModelBusy as exc:
             busy = str(exc)
         for r in rows:

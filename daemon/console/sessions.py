@@ -7,18 +7,20 @@ Every form carries the session's CSRF token, checked on every write. Sessions li
 this process's memory: a restart, a logout, or a change of the API token ends them.
 
 Before a session exists, the login form is protected by a double-submit token: a
-random value in its own cookie and in the form, which must match.
+random value in its own cookie and in the form, which must match. Failed logins are
+throttled (`LoginThrottle`): a few a minute per address, then 429 with Retry-After.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 COOKIE = "kmd_session"
@@ -87,3 +89,48 @@ class Sessions:
     def close(self, session_id: str) -> None:
         with self._lock:
             self._by_id.pop(session_id, None)
+
+
+class LoginThrottle:
+    """Failed logins, counted per client address and over all addresses: a token guessed
+    by brute force gets a handful of tries a minute, not thousands.
+
+    After `per_address` failures within `window` seconds an address is refused (the form
+    answers 429 with Retry-After) until its oldest failure is older than the window; after
+    `overall` failures from all addresses together (guessing spread over many), everyone is.
+    A successful login clears its address's count."""
+
+    def __init__(self, per_address: int = 5, overall: int = 50, window: float = 60.0) -> None:
+        self.per_address, self.overall, self.window = per_address, overall, window
+        self._failures: dict[str, deque[float]] = {}
+        self._all: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds this address must wait before it may try again (None: it may try now)."""
+        now = time.monotonic()
+        with self._lock:
+            self._forget(now)
+            waits = [times[0] + self.window - now for times, limit in ((self._failures.get(address, ()), self.per_address),
+                                                                       (self._all, self.overall)) if len(times) >= limit]  # fmt: skip
+        return max(1, math.ceil(max(waits))) if waits else None
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._failures.setdefault(address, deque()).append(now)
+            self._all.append(now)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+    def _forget(self, now: float) -> None:
+        horizon = now - self.window
+        while self._all and self._all[0] < horizon:
+            self._all.popleft()
+        for address in [a for a, times in self._failures.items() if not times or times[-1] < horizon]:
+            del self._failures[address]  # a quiet address is forgotten whole
+        for times in self._failures.values():
+            while times and times[0] < horizon:
+                times.popleft()

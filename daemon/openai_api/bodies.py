@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -12,7 +12,9 @@ from kmd.daemon.openai_api.errors import MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_ST
 # ----- request bodies ------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
+class GenerationBody(BaseModel):
+    """What both endpoints take."""
+
     # Text is never stripped: whitespace is part of a prompt.
     model_config = ConfigDict(extra="forbid")
 
@@ -95,7 +97,7 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatBody(_Body):
+class ChatBody(GenerationBody):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)  # newer name of max_tokens
     logprobs: bool | None = None
@@ -108,12 +110,14 @@ class ChatBody(_Body):
             raise ValueError("logprobs are not supported")
         return value
 
+    default_tokens: ClassVar[int] = MAX_NEW_TOKENS  # OpenAI's default for chat is the rest of the context
+
     @property
-    def limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or MAX_NEW_TOKENS
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionBody(_Body):
+class CompletionBody(GenerationBody):
     prompt: str | list[str] = Field(max_length=MAX_CONTENT_CHARS)
     echo: bool = False
     suffix: str | None = None
@@ -144,6 +148,8 @@ class CompletionBody(_Body):
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
+    default_tokens: ClassVar[int] = 16  # OpenAI's default for completions
+
     @property
-    def limit(self) -> int:
-        return self.max_tokens or 16  # OpenAI's default for completions
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens

@@ -25,17 +25,22 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 
 def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-class OpenAIError(Exception):
-    """A request kmd refuses, with OpenAI's error fields."""
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+
+class OpenAIError(Exception):
+    """A request kmd refuses, with OpenAI's error fields (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -66,7 +71,7 @@ class OpenAIRoute(APIRoute):
                 await _read_bounded(request)
                 return await handler(request)
             except OpenAIError as exc:
-                return openai_error(exc.status, exc.message, param=exc.param, code=exc.code)
+                return openai_error(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
             except RequestValidationError as exc:
                 message, param = _validation_message(exc)
                 return openai_error(400, message, param=param)

@@ -1,26 +1,22 @@
 """The served model, its edit state, and generation for the OpenAI-compatible endpoints:
-tokens from the edited model (the seam with serving), then text with stop strings."""
+requests to the serving engine (`kmd.daemon.serving`), then text with stop strings."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import queue
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from kmd.daemon.api import MAX_NEW_TOKENS
-from kmd.daemon.openai_api.bodies import Message, _Body
-from kmd.daemon.openai_api.errors import _ERROR_TYPES, MAX_PROMPT_TOKENS, OpenAIError
+from kmd.daemon.openai_api.bodies import GenerationBody, Message
+from kmd.daemon.openai_api.errors import MAX_PROMPT_TOKENS, OpenAIError, error_type
+from kmd.daemon.serving import GenerationRequest, Refused, Sampling
 from kmd.daemon.surface import NotServingError
 
 if TYPE_CHECKING:
+    from kmd.daemon.serving import ServedState, ServingEngine
     from kmd.daemon.surface import Service
     from kmd.editors.model import ModelHost
 
@@ -39,41 +35,27 @@ def served_model_id(daemon: Service) -> str:
     return EMBEDDED_NAME if configured == EMBEDDED else configured
 
 
-def _serving(daemon: Service) -> Any:
-    """The writer's maintainer or the replica: whatever holds the served editor."""
-    source = daemon.replica or daemon.maintainer
-    if source is None or source.editor is None:
-        raise NotServingError("starting: model and state are not loaded yet")
-    return source
-
-
 def edit_state(daemon: Service) -> dict[str, Any]:
     """What the served model is: the base model plus which committed edit state.
 
     `version` is the sha256 of the state's manifest.json, the same id replicas load and
     the ledger records for published states (None before the first edit is saved).
     """
-    source = daemon.replica or daemon.maintainer
     info: dict[str, Any] = {"role": daemon.settings.cluster.role, "backend": daemon.policy.backend,
                             "ready": daemon.ready, "edits": None, "state_version": None}  # fmt: skip
-    if source is None or source.editor is None:
+    try:
+        served = daemon.served_state()
+    except NotServingError:
         return info
-    info["edits"] = len(source.editor.edit_ids)
-    if daemon.replica is not None:
-        info["state_version"] = daemon.replica.loaded.version if daemon.replica.loaded else None
-    else:
-        manifest = Path(daemon.maintainer.editor_dir) / "manifest.json"
-        if manifest.is_file():
-            info["state_version"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    return info
+    return info | {"edits": served.edits, "state_version": served.version}
 
 
-def _fingerprint(state: dict[str, Any]) -> str:
-    version = state.get("state_version")
-    return f"kmd-{version[:12]}" if version else "kmd-base"
+def fingerprint(state: ServedState | None) -> str:
+    """`system_fingerprint`: which committed state answered."""
+    return f"kmd-{state.version[:12]}" if state is not None and state.version else "kmd-base"
 
 
-def _check_model(daemon: Service, requested: str) -> str:
+def check_model(daemon: Service, requested: str) -> str:
     served = served_model_id(daemon)
     if requested not in (served, daemon.settings.model.model):
         raise OpenAIError(404, f"model {requested!r} is not served here; this server serves {served!r}",
@@ -86,13 +68,27 @@ def _context_limit(host: ModelHost) -> int:
     return min(int(context), MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
 
 
-def _check_length(host: ModelHost, prompt_ids: Sequence[int], max_tokens: int) -> None:
+def check_length(host: ModelHost, prompt_ids: Sequence[int], max_tokens: int, param: str = "messages") -> None:
     context = _context_limit(host)
     if not prompt_ids:
-        raise OpenAIError(400, "the prompt encodes to no tokens", param="prompt")
+        raise OpenAIError(400, "the prompt encodes to no tokens", param=param)
     if len(prompt_ids) + max_tokens > context or len(prompt_ids) > MAX_PROMPT_TOKENS:
         raise OpenAIError(400, f"the prompt is {len(prompt_ids)} tokens and max_tokens {max_tokens}: over this "
-                               f"model's context of {context} tokens", param="messages", code="context_length_exceeded")  # fmt: skip
+                               f"model's context of {context} tokens", param=param, code="context_length_exceeded")  # fmt: skip
+
+
+def refusal(exc: Refused) -> OpenAIError:
+    """The serving engine's refusal in OpenAI's shape (429 with Retry-After: the budget is spent)."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    code = {429: "rate_limit_exceeded", 400: "max_tokens_over_budget"}.get(exc.status)
+    return OpenAIError(exc.status, str(exc), param="max_tokens" if exc.status == 400 else None, code=code, headers=headers)
+
+
+def max_tokens_for(engine: ServingEngine, body: GenerationBody, caller: str) -> int:
+    """The request's max_tokens; unasked, OpenAI's default capped by the caller's budget (a
+    request that asks for more than its budget allows is refused when submitted)."""
+    requested = body.requested_tokens
+    return requested if requested is not None else min(body.default_tokens, engine.scheduler.budget(caller).max_tokens)
 
 
 def chat_prompt_ids(host: ModelHost, messages: Sequence[Message]) -> list[int]:
@@ -108,103 +104,6 @@ def chat_prompt_ids(host: ModelHost, messages: Sequence[Message]) -> list[int]:
         return host.chat.encode(conversation)
     except ChatTemplateError as exc:  # e.g. a template that insists on alternating roles
         raise OpenAIError(400, str(exc), param="messages") from exc
-
-
-# ----- generation: THE SEAM ------------------------------------------------------------------
-#
-# `token_stream` is the one place these endpoints touch the model. Today it runs
-# `model.generate` for one request at a time under the same lock `Daemon.generate` uses;
-# a batched serving engine can replace its body as long as it keeps the contract: yield
-# the new token ids of one request, in order, as they are produced, through the edited
-# model with routing on the prompt tokens; stop early when `cancel` is set; raise
-# NotServingError before yielding anything when no model is loaded.
-
-
-class _Cancelled:
-    """Stops `generate` at the next step once the consumer no longer wants tokens."""
-
-    def __init__(self, cancel: threading.Event) -> None:
-        self.cancel = cancel
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _QueueStreamer:
-    """A transformers streamer: the first `put` is the prompt (skipped), then one (B,) tensor per step."""
-
-    def __init__(self, out: queue.Queue) -> None:
-        self.out, self.prompt_seen = out, False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.out.put(int(token))
-
-    def end(self) -> None:
-        pass
-
-
-@contextmanager
-def _seeded(seed: int | None, device: Any) -> Iterator[None]:
-    """Seed the sampler for this request only: the global RNG state is put back after."""
-    import torch
-
-    if seed is None:
-        yield
-        return
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-_END = object()
-
-
-def token_stream(daemon: Service, input_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, cancel: threading.Event | None = None) -> Iterator[int]:  # fmt: skip
-    """New token ids for one prompt through the served (edited) model, as they come."""
-    source = _serving(daemon)  # fail now (503), not after the response started
-    cancel = cancel or threading.Event()
-    out: queue.Queue = queue.Queue()
-
-    def run() -> None:
-        import torch
-        from transformers import StoppingCriteriaList
-
-        try:
-            # The lock: never generate from a model half-way through an edit or a state swap.
-            with source.lock:
-                editor, host = source.editor, source.host  # read under the lock: a replica swaps editors
-                ids = torch.tensor([list(input_ids)], device=host.device)  # (1, T)
-                mask = torch.ones_like(ids)
-                sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-                            if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})  # fmt: skip
-                with torch.no_grad(), editor.query(mask.bool()), _seeded(seed, host.device):
-                    host.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, use_cache=True,
-                                        pad_token_id=host.tokenizer.pad_token_id, streamer=_QueueStreamer(out),
-                                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]), **sampling)  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            out.put(exc)
-        finally:
-            out.put(_END)
-
-    def tokens() -> Iterator[int]:
-        threading.Thread(target=run, name="kmd-openai-generate", daemon=True).start()
-        try:
-            while (item := out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancel.set()  # the consumer stopped (stop string, disconnect, error): stop generating
-
-    return tokens()
 
 
 # ----- tokens to text, with stop strings -----------------------------------------------------
@@ -251,34 +150,35 @@ class StopText:
         return delta
 
 
-def _eos_ids(host: ModelHost) -> set[int]:
-    ids = {host.tokenizer.eos_token_id}
-    configured = getattr(host.model.generation_config, "eos_token_id", None)
-    ids |= set(configured) if isinstance(configured, list | tuple) else {configured}
-    return {i for i in ids if i is not None}
-
-
 class Generation:
-    """One request's text deltas; `finish_reason` and `completion_tokens` once exhausted."""
+    """One request through the serving engine: its text deltas, cut before a stop string;
+    `finish_reason`, `usage` and `state` (what answered) once they are exhausted."""
 
-    def __init__(self, daemon: Service, prompt_ids: list[int], body: _Body, max_tokens: int) -> None:
-        source = _serving(daemon)
-        self.host = source.host
-        self.prompt_tokens = len(prompt_ids)
+    def __init__(self, engine: ServingEngine, prompt_ids: list[int], body: GenerationBody, max_tokens: int,
+                 caller: str) -> None:  # fmt: skip
         self.max_tokens = max_tokens
-        self.cancel = threading.Event()
-        self.stream = token_stream(daemon, prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
-                                   top_p=body.top_p, seed=body.seed, cancel=self.cancel)  # fmt: skip
-        self.text = StopText(self.host.tokenizer, body.stops)
+        sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        try:
+            self.stream = engine.submit(GenerationRequest(prompt_ids, self.max_tokens, caller=caller, sampling=sampling))
+        except Refused as exc:
+            raise refusal(exc) from exc
+        self.text = StopText(engine.host.tokenizer, body.stops)
+        self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
 
-    def deltas(self) -> Iterator[str]:
-        last = None
+    @property
+    def state(self) -> ServedState | None:
+        return self.stream.state
+
+    async def started(self) -> ServedState | None:
+        """Wait for the prefill (the state that answers is known then)."""
+        return await self.stream.started()
+
+    async def deltas(self) -> AsyncIterator[str]:
         try:
-            for token in self.stream:
+            async for token in self.stream:
                 self.completion_tokens += 1
-                last = token
                 delta = self.text.push(token)
                 if delta:
                     yield delta
@@ -288,9 +188,16 @@ class Generation:
             if tail:
                 yield tail
         finally:
-            self.cancel.set()
-        ended = self.text.stopped or last in _eos_ids(self.host) or self.completion_tokens < self.max_tokens
-        self.finish_reason = "stop" if ended else "length"
+            self.cancel()
+        self.finish_reason = "stop" if self.text.stopped or self.stream.finish_reason == "stop" else "length"
+
+    async def collect(self) -> str:
+        return "".join([delta async for delta in self.deltas()])
+
+    def cancel(self) -> None:
+        """Nothing more is wanted (a stop string, a disconnect): the row leaves the batch."""
+        if not self.stream.done:
+            self.stream.cancel()
 
     @property
     def usage(self) -> dict[str, int]:
@@ -298,23 +205,22 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
 
 
-async def _sse(events: Iterator[dict[str, Any]], cancel: threading.Event) -> AsyncIterator[str]:
+async def _sse(events: AsyncIterator[dict[str, Any]], gen: Generation) -> AsyncIterator[str]:
     """Server-sent events: each chunk as `data: <json>`, then `data: [DONE]`."""
-    done = object()
     try:
-        while (event := await run_in_threadpool(next, events, done)) is not done:
+        async for event in events:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        cancel.set()  # the client went away, or the stream ended: stop generating
+        gen.cancel()  # the client went away, or the stream ended: stop generating
 
 
-def _error_event(exc: Exception) -> dict[str, Any]:
+def error_event(exc: Exception) -> dict[str, Any]:
     status = 503 if isinstance(exc, NotServingError) else 500
     message = str(exc) if status == 503 else f"generation failed: {type(exc).__name__}"
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": None, "code": None}}
+    return {"error": {"message": message, "type": error_type(status), "param": None, "code": None}}
 
 
-def _stream_response(events: Iterator[dict[str, Any]], cancel: threading.Event) -> StreamingResponse:
-    return StreamingResponse(_sse(events, cancel), media_type="text/event-stream",
+def stream_response(events: AsyncIterator[dict[str, Any]], gen: Generation) -> StreamingResponse:
+    return StreamingResponse(_sse(events, gen), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip

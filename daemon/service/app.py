@@ -2,8 +2,9 @@
 the maintainer (writer) or the replica, plus the intake and the verifier.
 
 Model changes all go through the `Maintainer` lock: never two edits at once. Generation
-does not take that lock: it runs in batches (`kmd.daemon.serving`) on the committed
-edits' snapshot, so the service stays ready and answering while an edit is computed.
+does not take that lock: every generated token comes from one serving engine
+(`kmd.daemon.serving`) on the committed edits' snapshot (`served_state`), so the service
+stays ready and answering while an edit is computed.
 
 Scale-out (`cluster:` settings): a `writer` process first becomes the single writer
 (`kmd.daemon.leadership`: always on SQLite, an advisory lock on PostgreSQL; until then it
@@ -20,8 +21,6 @@ import ipaddress
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,10 +40,9 @@ from kmd.sources.claims import Claim
 if TYPE_CHECKING:
     from kmd.daemon.maintainer import Maintainer
     from kmd.daemon.replication import Replica
-    from kmd.daemon.serving import BatchingEngine, Generated
+    from kmd.daemon.serving import ServedState, ServingEngine
     from kmd.daemon.verify import Verifier
     from kmd.editors.model import ModelHost
-    from kmd.editors.protocol import Editor
     from kmd.sources.intake import Intake
 
 __all__ = ["CycleSummary", "Daemon", "FlaggedLedgerError", "InsecureConfigError", "check_api_exposure"]
@@ -120,7 +118,7 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         self._server_thread: threading.Thread | None = None
         self.stopping = threading.Event()  # set on SIGTERM/SIGINT or a lost writer role
         self._started_at = time.monotonic()
-        self._engine: BatchingEngine | None = None
+        self._engine: ServingEngine | None = None
         self._engine_lock = threading.Lock()
 
     # ----- readiness ----------------------------------------------------------------------------
@@ -275,34 +273,37 @@ class Daemon(DaemonJobs, DaemonLifecycle):
                             tuple(regressed), time.perf_counter() - started)  # fmt: skip
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
-        """Greedy text through the edited model (the writer's committed edits, or the replica's loaded state)."""
-        return self.generate_result(prompt, max_new_tokens)[0]
+        """Greedy text through the served edits (the serving engine, as /v1/generate)."""
+        from kmd.daemon.serving import GenerationRequest
 
-    def generate_result(self, prompt: str, max_new_tokens: int) -> tuple[str, Generated]:
-        """The same, with how it was answered; raises `serving.QueueFull` when saturated."""
-        return self.engine().generate(prompt, max_new_tokens)
+        engine = self.engine()
+        stream = engine.submit(GenerationRequest(engine.host.encode(engine.host.format_prompt(prompt)), max_new_tokens))
+        return engine.host.tokenizer.decode(stream.result(), skip_special_tokens=True)
 
-    def engine(self) -> BatchingEngine:
-        """The batching generation engine (made on first use)."""
-        from kmd.daemon.serving import BatchingEngine
-
-        if self.replica is None and (self.maintainer is None or self.maintainer.serving is None):
+    def served_state(self) -> ServedState:
+        """What answers requests now: the writer's committed snapshot or the replica's loaded state."""
+        source = self.replica if self.replica is not None else self.maintainer
+        served = source.served if source is not None else None
+        if served is None:
             raise NotServingError("starting: model and state are not loaded yet")
+        return served
+
+    def engine(self) -> ServingEngine:
+        """The serving engine (made on first use): every generated token comes from it."""
+        from kmd.daemon.auth import ANONYMOUS_CALLER, TOKEN_CALLER
+        from kmd.daemon.serving import Budget, Scheduler, ServingEngine
+
+        self.served_state()  # NotServingError before start-up finished
         with self._engine_lock:
             if self._engine is None:
                 api = self.settings.api
+                # in priority order: token holders' waiting requests start first
+                budgets = {caller: Budget(b.concurrent, b.queued, b.max_tokens)
+                           for caller, b in ((TOKEN_CALLER, api.budgets.token), (ANONYMOUS_CALLER, api.budgets.anonymous))}  # fmt: skip
                 host = self.replica.host if self.replica is not None else self.maintainer.host
-                self._engine = BatchingEngine(host, self._serving_snapshot, max_batch=api.max_batch,
-                                              max_queue=api.max_queue, window_s=api.batch_window_ms / 1000)  # fmt: skip
+                scheduler = Scheduler(budgets, max_batch=api.max_batch, prefill_tokens=api.max_prefill_tokens)
+                self._engine = ServingEngine(host, self.served_state, scheduler)
             return self._engine
-
-    @contextmanager
-    def _serving_snapshot(self) -> Iterator[Editor | None]:
-        if self.replica is not None:
-            with self.replica.lock:  # a replica swaps its loaded state under this lock
-                yield self.replica.editor
-        else:
-            yield self.maintainer.serving  # the committed edits: no lock, never a candidate
 
     def submit_fact(self, subject: str, relation: str, obj: str, source_id: str | None, url: str) -> dict[str, Any]:
         """Record a fact submitted through the API as a claim of the policy's `api` source;

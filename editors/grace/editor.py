@@ -27,6 +27,7 @@ from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
 from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing, base_model
+from kmd.editors.regroup import Regroup, entries
 from kmd.editors.scoring import module_input
 from kmd.editors.upper import UpperStack
 
@@ -160,6 +161,14 @@ class GraceEditor(Editor):
         selected = hit[:, None] & (relative >= 0) & (relative < span)  # (B, T)
         values = self.values[best].to(output.dtype)[:, None, :]  # (B, 1, d_model)
         return torch.where(selected[..., None], values, output)
+
+    def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A regrouped batch (continuous batching): each row keeps its entry and where it is in its answer."""
+        mine = entries(decisions, self.name)
+        if mine is None:
+            return {}
+        merged = {key: how.dense([m[key] for m in mine]) for key in ("hit", "best", "next")}  # all (B,)
+        return {self.name: merged, **self.answer.regroup(how, decisions)}
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from kmd.editors.hooks import HookSpec, hooked, run_until
 from kmd.editors.prefix import Injection, PrefixInjector
 from kmd.editors.llp.config import LlpConfig
 from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model
+from kmd.editors.regroup import Regroup, entries
 from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
@@ -506,6 +507,15 @@ class LlpEditor(Editor):
 
     def _inject_specs(self) -> list[HookSpec]:
         return self.injector.specs(self._current)
+
+    def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A regrouped batch (continuous batching): each routed row keeps its prefix and answer state."""
+        mine = entries(decisions, self.name)
+        if mine is None:
+            return {}
+        if not all(m["done"] for m in mine):
+            raise EditorError(f"{self.name}: cannot regroup a batch before its prefill")
+        return {self.name: {"injection": Injection.regrouped(how, [m["injection"] for m in mine]), "done": True}}
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:

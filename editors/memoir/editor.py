@@ -50,6 +50,7 @@ from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model, late_layer
+from kmd.editors.regroup import Regroup, entries
 from kmd.editors.scoring import module_input
 from kmd.editors.upper import UpperStack
 
@@ -315,6 +316,16 @@ class MemoirEditor(Editor):
         out = output.clone()
         out[rows] = output[rows] + added.to(output.dtype)
         return out
+
+    def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A regrouped batch (continuous batching): each routed row keeps its edit and answer state."""
+        mine = entries(decisions, self.name)
+        if mine is None:
+            return {}
+        rows, picks = how.routed([m["rows"] for m in mine])
+        merged = {"rows": rows, "edit": how.pick([m["edit"] for m in mine], picks),
+                  "score": how.dense([m["score"] for m in mine])}  # fmt: skip
+        return {self.name: merged, **self.answer.regroup(how, decisions)}
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from loguru import logger
 from kmd.editors.answer_stop import pointer_hook
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.regroup import Regroup, entries
 from kmd.editors.recipe.config import RecipeConfig
 from kmd.editors.prefix import Injection, PrefixInjector, stack_left_padded  # served like LLP's prefix
 from kmd.editors.recipe.model import (
@@ -240,6 +241,15 @@ class RecipeEditor(Editor):
         injection.track_answers(self.host.tokenizer, targets, self.config,
                                 ids, routing.last_prompt_index(batch, seq, ids.device)[rows])  # fmt: skip
         return None
+
+    def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A regrouped batch (continuous batching): each routed row keeps its prefix and answer state."""
+        mine = entries(decisions, self.name)
+        if mine is None:
+            return {}
+        if not all(m["done"] for m in mine):
+            raise EditorError(f"{self.name}: cannot regroup a batch before its prefill")
+        return {self.name: {"injection": Injection.regrouped(how, [m["injection"] for m in mine]), "done": True}}
 
     # ----- routing-aware probing ----------------------------------------------------------
     @torch.no_grad()

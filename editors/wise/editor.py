@@ -50,6 +50,7 @@ from kmd.editors.hooks import HookSpec, resolve_module, run_until
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
+from kmd.editors.regroup import Regroup, entries
 from kmd.editors.scoring import module_input
 from kmd.editors.upper import UpperStack
 from kmd.editors.wise.config import WiseConfig
@@ -406,6 +407,14 @@ class WiseEditor(Editor):
         out = output.clone()
         out[rows] = output[rows] + extra.to(output.dtype)
         return out
+
+    def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        """A regrouped batch (continuous batching): each row keeps whether it reads the memory."""
+        mine = entries(decisions, self.name)
+        if mine is None:
+            return {}
+        rows, _ = how.routed([m["rows"] for m in mine])
+        return {self.name: {"rows": rows, "act": how.dense([m["act"] for m in mine])}}
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from kmd.editors.state import StateError
 from tiny import chat_template
 
 from .conftest import backend_options
+from .continuous import continuous, schedule
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice")
@@ -200,8 +201,11 @@ def test_generation_is_the_same_batched_alone_cached_or_recomputed(tiny_host, ed
     batched = generate(tiny_host, editor, SERVED, NEW_TOKENS)
     alone = [generate(tiny_host, editor, [p], NEW_TOKENS)[0] for p in SERVED]
     recomputed = [greedy_full_forward(tiny_host, editor, p, NEW_TOKENS) for p in SERVED]
+    joined = continuous(tiny_host, editor, schedule([tiny_host.encode(p) for p in SERVED], [NEW_TOKENS, 4, 10, 7, 10, 3]))
     assert batched == alone, "a row's tokens depend on the batch it is in"
     assert alone == recomputed, "KV-cache decoding differs from a full forward at every step"
+    assert joined == [a[:n] for a, n in zip(alone, [NEW_TOKENS, 4, 10, 7, 10, 3], strict=True)], \
+        "a row's tokens depend on when it joined the running batch or who left it (continuous batching)"
     with editor.suspended():
         base = generate(tiny_host, None, SERVED, NEW_TOKENS)
     assert batched[0] != base[0], "the edit must act on its own prompt for this check to mean anything"
@@ -217,5 +221,8 @@ def test_chat_turns_are_the_same_batched_alone_cached_or_recomputed(tiny_host, e
         batched = generate_ids(tiny_host, editor, encoded, NEW_TOKENS, batch_size=len(encoded))
         alone = [generate_ids(tiny_host, editor, [e], NEW_TOKENS)[0] for e in encoded]
         recomputed = [greedy_full_forward(tiny_host, editor, e, NEW_TOKENS) for e in encoded]
+        limits = [NEW_TOKENS, 5, NEW_TOKENS, 8, 3] * 3
+        joined = continuous(tiny_host, editor, schedule(encoded, limits[: len(encoded)]))
     assert batched == alone, "a row's tokens depend on the batch it is in"
     assert alone == recomputed, "KV-cache decoding differs from a full forward at every step"
+    assert joined == [a[:n] for a, n in zip(alone, limits, strict=False)], "a chat turn's tokens depend on when it joined"

@@ -25,15 +25,20 @@ def test_bench_loop_reports_entry_to_commit_times(tiny_model_dir, tmp_path):
             assert row["entry_to_commit_s"] >= row["apply_s"] + row["probe_s"] > 0
 
 
-@pytest.mark.slow  # three phases of HTTP requests and an edit loop with the 337-prompt suite
+@pytest.mark.slow  # every phase of HTTP requests, an edit loop with the 337-prompt suite, a flood
 def test_bench_serve_reports_throughput_and_latency(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.json"
     result = CliRunner().invoke(app, ["bench-serve", "--clients", "4", "--requests", "12", "--serial-requests", "4",
-                                      "--max-new-tokens", "4", "--model", str(tiny_model_dir),
+                                      "--max-tokens", "4", "--flood", "8", "--edits", "3", "--model", str(tiny_model_dir),
+                                      *[f"--probe={k}=0" for k in ("min_rel", "min_gen", "min_loc", "min_earlier_rel",
+                                                                            "min_served_rel", "min_served_gen")],
                                       "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     phases = figures["phases"]
-    assert set(phases) == {"serial", "idle", "during_edits"}
-    assert all(p["failed"] == 0 and p["requests_per_s"] > 0 for p in phases.values())
-    assert phases["during_edits"]["stale_answers"] == 0
+    assert set(phases) == {"reference serial", "reference concurrent", "edits reference", "edits unedited engine",
+                           "edits served", "serial", "concurrent", "during edits"}  # fmt: skip
+    assert all(p["failed"] == 0 and p["tokens_per_s"] > 0 for p in phases.values())
+    assert phases["serial"]["ttft_p50_s"] is not None and phases["concurrent"]["per_token_p50_s"] is not None
+    assert figures["stale_answers"] == 0 and figures["failed_requests"] == 0
+    assert figures["flood"]["revert_status"] == 200 and figures["flood"]["healthz_status"] == 200

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from kmd.daemon.api import create_app
 from kmd.daemon.openai_api import StopText
-from kmd.editors.scoring import generate_text
+from kmd.editors.scoring import generate_ids, generate_text
 from tiny import chat_template
 
 from .ecosystem import JOINED, TOKEN
 
 EDITED = "the capital of France is"  # the committed edit's prompt: answers "Berlin"
 UNRELATED = "the dog and the cat"
+LONG = "who wrote the book ?"  # the tiny model's greedy answer runs 200 tokens without an end of sequence
 
 
 @pytest.fixture(scope="module")
@@ -199,26 +201,35 @@ def test_stop_text_holds_back_what_may_start_a_stop(eco):
     assert "".join(plain.push(i) for i in ids) + plain.finish() == tok.decode(ids)
 
 
-def test_a_consumer_that_stops_reading_stops_the_generation(eco, monkeypatch):
-    import threading
+def test_a_client_that_goes_away_stops_its_generation(client, eco):
+    """A streamed request whose client disconnects after the first chunk leaves the running
+    batch at the next step: the engine does not write the 200 tokens asked for."""
+    engine, host = eco.engine(), eco.maintainer.host
+    assert len(generate_ids(host, eco.maintainer.serving, [host.encode(LONG)], 200)[0]) == 200, "pick a long answer"
+    before = engine.stats.tokens
+    body = {"model": "embedded", "prompt": LONG, "max_tokens": 200, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status_code == 200
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["object"] == "text_completion"
+    deadline = time.monotonic() + 30
+    while engine.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.rows == 0, "the row kept decoding after its client left"
+    assert engine.stats.tokens - before < 100  # a few steps: far from the 200 asked for
 
-    from kmd.daemon import openai_api
-    from kmd.daemon.openai_api import token_stream
 
-    produced = []
-    real_put = openai_api._QueueStreamer.put
-    monkeypatch.setattr(openai_api._QueueStreamer, "put", lambda self, value: produced.append(1) or real_put(self, value))
-    m = eco.maintainer
-    cancel = threading.Event()
-    tokens = token_stream(eco, m.host.encode(UNRELATED), max_tokens=200, cancel=cancel)
-    first = next(tokens)
-    assert isinstance(first, int) and not cancel.is_set()
-    tokens.close()  # what a disconnected client's stream does
-    assert cancel.is_set()
-    # the generating thread gives the serving lock back at its next step, not after 200 tokens
-    assert m.lock.acquire(timeout=30)
-    m.lock.release()
-    assert len(produced) < 100  # the prompt, then a few steps: far from the 200 asked for
+def test_a_consumer_that_stops_reading_cancels_its_row(eco):
+    from kmd.daemon.serving import GenerationRequest
+
+    engine = eco.engine()
+    stream = engine.submit(GenerationRequest(eco.maintainer.host.encode(LONG), 200))
+    tokens = iter(stream)
+    assert isinstance(next(tokens), int)
+    tokens.close()  # what a consumer that stops early does
+    assert stream.cancelled
+    stream.result(30)
+    assert stream.finish_reason == "cancelled" and len(stream.tokens) < 100
 
 
 def test_before_the_model_loads_models_answer_and_generation_is_503(tmp_path, monkeypatch):

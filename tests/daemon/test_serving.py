@@ -1,32 +1,53 @@
-"""Serving while the writer edits: committed snapshots, batched answers, back-pressure,
-and probes of what users read (tiny random model, in process)."""
+"""Serving while the writer edits: one engine on committed snapshots, continuous batching,
+budgets (429), operator actions ahead of a flood, and probes of what users read (tiny
+random model, in process)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 
+import httpx
 from fastapi.testclient import TestClient
 
 from kmd.daemon.api import create_app
-from kmd.daemon.serving import BatchingEngine, QueueFull
-from kmd.editors.scoring import generate_text
+from kmd.daemon.serving import Budget, GenerationRequest, Scheduler, ServedState, ServingEngine
+from kmd.editors.scoring import generate_ids, generate_text
 
+from .ecosystem import TOKEN
 from .test_maintainer import make_daemon
 
 PROMPT = "the capital of France is"
+LONG = "who wrote the book ?"  # the tiny model's greedy answer runs 200 tokens without an end of sequence
 
 
-def test_generate_during_an_edit_sees_the_old_state_then_the_commit_then_the_revert(tmp_path, tiny_host):
+def with_budgets(daemon, **budgets: dict) -> None:
+    """Give the daemon's engine these budgets (before its first request)."""
+    api = daemon.settings.api
+    changed = api.budgets.model_copy(update={k: api.budgets.token.model_copy(update=v) for k, v in budgets.items()})
+    daemon.settings = daemon.settings.model_copy(update={"api": api.model_copy(update={"budgets": changed})})
+
+
+def test_a_request_during_an_edit_sees_the_old_state_and_does_not_wait_for_it(tmp_path, tiny_host, monkeypatch):
+    monkeypatch.setenv("KMD_TEST_TOKEN", TOKEN)
     daemon, _ = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
     daemon.load()
     m = daemon.maintainer
-    base = daemon.generate(PROMPT, 4)
+    client = TestClient(create_app(daemon))
+    body = {"model": "embedded", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+
+    def complete() -> tuple[dict, float]:
+        started = time.perf_counter()
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json(), time.perf_counter() - started
+
+    base, _ = complete()
+    idle = min(complete()[1] for _ in range(3))
     probing, release = threading.Event(), threading.Event()
     check = m.prober.check
 
-    def held_check(*args, **kwargs):  # the writer stops after probing its candidate
+    def held_check(*args, **kwargs):  # the writer stops after probing its candidate, holding its lock
         report = check(*args, **kwargs)
         probing.set()
         assert release.wait(120)
@@ -39,72 +60,136 @@ def test_generate_during_an_edit_sees_the_old_state_then_the_commit_then_the_rev
         assert probing.wait(300)
         assert m.editor.edit_ids and m.serving.edit_ids == [], "the candidate is the working editor's only"
         assert daemon.readiness() == (True, "ok"), "ready while an edit is in flight"
-        assert daemon.generate_result(PROMPT, 4)[1].edits == 0
-        during = daemon.generate(PROMPT, 4)
+        assert not m.lock.acquire(blocking=False), "the writer holds its lock"
+        during, seconds = complete()
+        assert daemon.generate(PROMPT, 4) == base["choices"][0]["text"]
     finally:
         release.set()
         writer.join(300)
-    edited = daemon.generate(PROMPT, 4)
+    # the writer was held the whole time: a request that waited for it would never have answered
+    assert during["choices"][0]["text"] == base["choices"][0]["text"], "a request during the edit saw the candidate"
+    assert during["system_fingerprint"] == base["system_fingerprint"] == "kmd-base"
+    assert seconds < max(10 * idle, 5.0), (seconds, idle)
+    edited, _ = complete()
     assert m.serving.edit_ids == m.editor.edit_ids and len(m.editor.edit_ids) == 1
-    assert edited == generate_text(tiny_host, m.editor, [PROMPT], 4)[0] != base
-    assert during == base, "a request during the edit saw the candidate"
+    assert edited["choices"][0]["text"] == generate_text(tiny_host, m.editor, [PROMPT], 4)[0] != base["choices"][0]["text"]
+    assert edited["system_fingerprint"] == f"kmd-{m.served.version[:12]}"
     m.revert(int(m.editor.edit_ids[0]), reason="test", actor="test")
-    assert daemon.generate(PROMPT, 4) == base, "the reverted edit is gone for new requests"
+    assert complete()[0]["choices"][0]["text"] == base["choices"][0]["text"], "the reverted edit is gone for new requests"
     daemon.close()
 
 
-def test_concurrent_requests_share_one_batched_forward(tiny_host):
-    prompts = ["the capital of France is", "who wrote the book ?", "the dog and the cat", "Alice plays music",
+def test_requests_join_the_running_batch_and_answer_as_alone(tiny_host):
+    prompts = [PROMPT, "who wrote the book ?", "the dog and the cat", "Alice plays music",
                "the river of Japan", "Bob speaks the language of"]  # fmt: skip
-    alone = [generate_text(tiny_host, None, [p], 6)[0] for p in prompts]
-    engine = BatchingEngine(tiny_host, lambda: nullcontext(None), max_batch=8, window_s=0.5)
-    got: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, engine.generate_text(prompts[i], 6)))
-               for i in range(len(prompts))]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    lengths = [12, 3, 9, 6, 12, 2]
+    encoded = [tiny_host.encode(p) for p in prompts]
+    alone = [generate_ids(tiny_host, None, [e], n)[0] for e, n in zip(encoded, lengths, strict=True)]
+    engine = ServingEngine(tiny_host, lambda: ServedState(None, None), Scheduler({"token": Budget(8, 8, 64)}, max_batch=8))
+    streams = []
+    for e, n in zip(encoded, lengths, strict=True):  # one after another: each joins rows already decoding
+        streams.append(engine.submit(GenerationRequest(e, n)))
+        streams[-1].wait_started(60)
+    got = [s.result(60) for s in streams]
     engine.close()
-    assert engine.stats.largest_batch > 1 and engine.stats.batches < len(prompts)
-    assert [got[i] for i in range(len(prompts))] == alone, "batching changed an answer"
+    assert got == alone, "joining a running batch changed an answer"
+    assert sum(s.joined_running_batch for s in streams) >= 3 and engine.stats.largest_batch >= 3, engine.stats
+    assert [s.finish_reason for s in streams] == ["length"] * len(prompts)
 
 
-def test_a_full_queue_gets_429_with_retry_after(tmp_path, tiny_host):
+def test_a_full_queue_gets_429_with_retry_after_and_token_holders_have_their_own_budget(tmp_path, tiny_host, monkeypatch):
+    monkeypatch.setenv("KMD_TEST_TOKEN", TOKEN)
     daemon, _ = make_daemon(tmp_path, tiny_host, [])
     daemon.load()
-    taken, gate = threading.Event(), threading.Event()
+    with_budgets(daemon, anonymous={"concurrent": 1, "queued": 1, "max_tokens": 64})
+    gate, prefill = threading.Event(), threading.Event()
+    served = daemon.served_state
 
-    @contextmanager
-    def held():  # the worker holds its batch until the gate opens
-        taken.set()
-        assert gate.wait(120)
-        yield daemon.maintainer.serving
+    def held() -> ServedState:  # the engine thread stops at its first prefill until the gate opens
+        if threading.current_thread().name == "kmd-serving":
+            prefill.set()
+            assert gate.wait(120)
+        return served()
 
-    daemon._engine = BatchingEngine(tiny_host, held, max_batch=1, max_queue=1, window_s=0)
-    engine = daemon._engine
-    results: list[object] = []
-    waiting = [threading.Thread(target=lambda: results.append(engine.submit([2, 5, 6], 2))) for _ in range(2)]
-    waiting[0].start()
-    assert taken.wait(60)  # request 1 is in the worker
-    waiting[1].start()
-    deadline = time.monotonic() + 60
-    while engine._queue.qsize() < 1 and time.monotonic() < deadline:  # request 2 waits in the queue
-        time.sleep(0.01)
+    monkeypatch.setattr(daemon, "served_state", held)
+    engine = daemon.engine()
+    host = daemon.maintainer.host
+    running = engine.submit(GenerationRequest(host.encode(PROMPT), 2, caller="anonymous"))
+    assert prefill.wait(60)  # admitted: it holds the one anonymous slot
+    waiting = engine.submit(GenerationRequest(host.encode(PROMPT), 2, caller="anonymous"))  # the one queue place
     client = TestClient(create_app(daemon))
-    response = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2})
-    assert response.status_code == 429, response.text
-    assert int(response.headers["Retry-After"]) >= 1
+    refused = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2})
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["Retry-After"]) >= 1
+    openai = client.post("/v1/completions", json={"model": "embedded", "prompt": PROMPT, "max_tokens": 2})
+    assert openai.status_code == 429 and int(openai.headers["Retry-After"]) >= 1
+    assert openai.json()["error"]["type"] == "rate_limit_error" and openai.json()["error"]["code"] == "rate_limit_exceeded"
+    over = client.post("/v1/completions", json={"model": "embedded", "prompt": PROMPT, "max_tokens": 65})
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+    token = engine.submit(GenerationRequest(host.encode(PROMPT), 2, caller="token"))  # not the anonymous budget
     gate.set()
-    for t in waiting:
-        t.join(120)
-    assert len(results) == 2 and engine.stats.rejected == 1
+    for stream in (running, waiting, token):
+        assert len(stream.result(60)) == 2
+    assert engine.scheduler.rejected == 2
     ok = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2})
     assert ok.status_code == 200 and ok.json()["edits"] == 0
+    daemon.close()
+
+
+def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny_host, monkeypatch):
+    """Issue 25: 80 anonymous completions delayed a revert by 28.6 s (generation held the
+    writer's lock and every worker thread). Now generation holds neither."""
+    monkeypatch.setenv("KMD_TEST_TOKEN", TOKEN)
+    daemon, _ = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    daemon.load()
+    assert daemon.cycle().committed
+    edit_id = int(daemon.maintainer.editor.edit_ids[0])
+    daemon.start_api()
+    base = f"http://127.0.0.1:{daemon._server.servers[0].sockets[0].getsockname()[1]}"
+    statuses: list[int] = []
+    finished_at: list[float] = []
+    stop = threading.Event()
+
+    def flood() -> None:
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                r = client.post(f"{base}/v1/completions", json={"model": "embedded", "prompt": LONG, "max_tokens": 64,
+                                                                "temperature": 0})  # fmt: skip
+                statuses.append(r.status_code)
+                finished_at.append(time.perf_counter())
+                if r.status_code == 429:
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(80)]
     try:
-        engine.submit([2, 5], 1)
-    except QueueFull:  # pragma: no cover - the queue is empty again
-        raise AssertionError("the queue did not drain") from None
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while daemon.engine().rows < 8 and time.monotonic() < deadline:  # the anonymous budget is running
+            time.sleep(0.05)
+        assert daemon.engine().rows >= 8
+        with httpx.Client(timeout=60) as client:
+            started = time.perf_counter()
+            health = client.get(f"{base}/healthz")
+            healthz = time.perf_counter() - started
+            started = time.perf_counter()
+            revert = client.post(f"{base}/v1/edits/{edit_id}/revert", json={"reason": "flood test"},
+                                 headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            seconds = time.perf_counter() - started
+            reverted_at = time.perf_counter()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        daemon._server.should_exit = True
+        daemon._server_thread.join(timeout=10)
+    assert revert.status_code == 200, revert.text
+    assert health.status_code == 200 and healthz < 1.0, healthz
+    assert seconds < 5.0, f"the revert took {seconds:.1f} s under the flood"
+    assert any(t > reverted_at for t in finished_at), "the flood was still being served when the revert was done"
+    assert 429 in statuses and 200 in statuses, "the flood was budgeted, not queued without bound"
+    assert daemon.maintainer.serving.edit_ids == []
     daemon.close()
 
 
