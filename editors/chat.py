@@ -191,16 +191,27 @@ class ChatFormat:
     def question(self, ids: Sequence[int]) -> tuple[str, int, int] | None:
         """For one prompt's token ids: (the latest user message's question, its first and
         end token index), or None when the prompt is not a chat turn."""
+        ids = list(ids)
+        found = self._find(ids)
+        if found is None:
+            return None
+        text, (start, end) = found
+        first, stop = self._token_at(ids, start), self._token_at(ids, end - 1) + 1
+        return text[start:end], first, stop
+
+    def question_text(self, ids: Sequence[int]) -> str | None:
+        """The latest user message's question in one prompt's token ids (None: not a chat turn)."""
+        found = self._find(list(ids))
+        return None if found is None else found[0][found[1][0] : found[1][1]]
+
+    def _find(self, ids: list[int]) -> tuple[str, tuple[int, int]] | None:
+        """(the prompt's decoded text, the question's character span in it) or None."""
         anatomy = self.anatomy()
         if anatomy is None or not ids:
             return None
-        ids = list(ids)
         text = self._decode(ids)
         span = anatomy.question_span(text)
-        if span is None:
-            return None
-        first, end = self._token_at(ids, span[0]), self._token_at(ids, span[1] - 1) + 1
-        return text[span[0] : span[1]], first, end
+        return None if span is None else (text, span)
 
     def turns(self, ids: torch.Tensor, prompt_mask: torch.Tensor) -> Turns:
         """ids, prompt_mask (B, T) -> the batch's chat turns (`Turns`)."""
@@ -226,8 +237,8 @@ class ChatFormat:
         out = []
         for row in rows:
             tokens = ids[row, prompt_mask[row]].tolist()
-            found = self.question(tokens)
-            text = found[0] if found is not None else self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            text = self.question_text(tokens)
+            text = text if text is not None else self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             out.append(text or " ")
         return out
 

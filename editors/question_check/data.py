@@ -10,8 +10,9 @@ Both texts are masked with the edit's subject (model.mask_subject). Sources, eac
   another name (positive: the name stays unmasked); a Relation_Specificity question asks
   another fact of the subject (negative);
 - the relations file (relations.yaml): two phrasings of one relation (positive), of two
-  relations (negative), in declarative, question and possessive styles; some questions
-  name the subject by another name, unmasked, as an alias would;
+  relations (negative), in declarative, question, possessive and bare-label ("X taxon
+  rank") styles; some questions name the subject by another name, unmasked, as an alias
+  would;
 - unrelated questions (a ZsRE record's locality question) against an edit prompt (negative);
 - across styles (`cross_style_pairs`): a record's question against a declarative template
   of another relation (the KnowEdit and relations-file templates, filled with the same
@@ -52,10 +53,12 @@ class Pair:
 
 
 def load_relations(path: Path = RELATIONS_FILE) -> dict[str, list[str]]:
+    """relation -> its phrasings; each relation is also asked as "<subject> <relation>" (the
+    bare label after the name, as KnowEdit's ZsRE asks "Epaspidoceras taxon rank")."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not all(isinstance(v, list) and len(v) >= 2 for v in data.values()):
         raise ValueError(f"{path}: expected relation -> list of 2+ phrasings with '{{}}' for the subject")
-    return {str(k): [str(p) for p in v] for k, v in data.items()}
+    return {str(k): [str(p) for p in v] + ["{} " + str(k)] for k, v in data.items()}
 
 
 def _subject_swapped(question: str, old: str | None, new: str | None) -> str | None:

@@ -58,6 +58,16 @@ def test_every_page_renders_and_feed_text_is_escaped(app, eco):
     assert client.get("/ui/edits/999").status_code == 404
 
 
+def test_the_edit_page_shows_the_same_subject_answers_the_probe_recorded(app, eco):
+    edit = next(e for e in eco.ledger.edits() if e.status == "committed")
+    recorded = edit.probes["same_subject"]
+    assert {f["prompt"] for f in recorded} == {"the CEO of France is", "the song of France is"}
+    page = fresh(app).get(f"/ui/edits/{edit.id}").text
+    assert 'id="same-subject"' in page and "the CEO of France is" in page
+    assert all(f["before"] in page and f["after"] in page for f in recorded if f["before"] and f["after"])
+    assert "hijacked" not in page.split('id="same-subject"')[1].split("</table>")[0].replace("not hijacked", "")
+
+
 def test_login_sets_a_strict_httponly_cookie_and_keeps_the_token_out_of_urls(app, eco):
     client = fresh(app)
     nonce = CSRF.search(client.get("/ui/login").text).group(1)
