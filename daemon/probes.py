@@ -422,7 +422,7 @@ class Prober:
         if served_rel >= t.min_served_rel and (served_gen is None or served_gen >= t.min_served_gen):
             return served_rel, served_gen, []
         a = next(a for a in own + para if not a.correct)
-        why = "misses the target" if not a.hit else "degenerate"
+        why = "degenerate" if a.degenerate else "misses the target"  # a row stopped early is degenerate only if in full
         return served_rel, served_gen, [ProbeFailure(
             "served", f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), served_gen "
             f"{'-' if served_gen is None else f'{served_gen:.2f}'} (min {t.min_served_gen}); {a.form} {a.prompt!r} -> "

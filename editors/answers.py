@@ -28,8 +28,11 @@ verdict is exactly the one the whole continuation (up to `max_new_tokens`) would
 A row whose target is written and that goes on is decoded to the end: a repetition later
 would still make it degenerate (the backends' end rule closes such rows with EOS right
 after the sentence that states the target). A stopped row's `text` and `tokens` are what
-was written: `line` and `hit` are those of the whole continuation, `degenerate` reads the
-shorter text (only ever for a row that misses). Rows are first decoded with a small
+was written (a prefix of the whole continuation) and its verdict (`correct`) is the whole
+continuation's; `line` and `hit` are too when it stopped on a finished line, and
+`degenerate` reads the shorter text (`tests/unit/test_answers.py` compares verdicts with
+and without stopping). A same-subject row stopped on its line keeps its answer line, so
+comparing its tokens before and after an edit compares that line. Rows are first decoded with a small
 budget (`FIRST_PASS` tokens, in which almost every served answer ends) and the few still
 undecided are decoded again, from their prompts and together, to the full limit: a row's
 tokens do not depend on its batch (the contract suite checks it), so they are the same

@@ -9,7 +9,7 @@ from kmd.daemon.settings import load_settings
 from kmd.editors.fake import FakeEditor
 from kmd.editors.protocol import EditRequest
 
-from .helpers import write_curated, write_setup
+from .helpers import add_motto_relation, write_curated, write_setup
 from .test_maintainer import logits
 
 GOOD = [("France", "capital", "Berlin"), ("Spain", "language", "banana"), ("Japan", "capital", "river"),
@@ -17,14 +17,9 @@ GOOD = [("France", "capital", "Berlin"), ("Spain", "language", "banana"), ("Japa
 
 
 def batch_setup(tmp_path, facts, *, bad_options: str = "{fires_everywhere: true}", **kw):
-    """The test policy plus a relation `motto` whose edits are bad (the fake backend's fault
-    injection, per relation as a policy would set it)."""
+    """The test policy plus a relation `motto` whose edits are bad."""
     config = write_setup(tmp_path, facts, **kw)
-    policy = tmp_path / "policy.yaml"
-    text = policy.read_text().replace(
-        "relations:\n", f"relations:\n  motto:\n    prompt: \"the motto of {{subject}} is\"\n    editor_options: {bad_options}\n", 1
-    ).replace("relations: [capital, language]", "relations: [capital, language, motto]")
-    policy.write_text(text)
+    add_motto_relation(tmp_path / "policy.yaml", bad_options)
     return config
 
 
