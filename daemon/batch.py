@@ -67,6 +67,7 @@ class Settlement:
     culprits: dict[int, ProbeReport]  # each culprit's report in the probe that convicted it
     states_probed: int
     locality: LocalityState | None  # the kept state's (None: nothing kept)
+    seconds: dict[str, float]  # where the probes' time went, summed over the states probed
 
 
 def settle(prober: Prober, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], earlier: Sequence[EditRequest],
@@ -75,6 +76,7 @@ def settle(prober: Prober, editor: Editor, plan: ProbePlan, edit_ids: Sequence[s
     together, find the culprits (module doc) and revert them from `editor`."""
     culprits: dict[int, ProbeReport] = {}
     probed = 0
+    seconds: dict[str, float] = {}
 
     def probe(present: list[int]) -> dict[int, ProbeReport]:
         nonlocal probed
@@ -84,7 +86,10 @@ def settle(prober: Prober, editor: Editor, plan: ProbePlan, edit_ids: Sequence[s
             for m in members:
                 if m not in present:
                     view.revert(edit_ids[m])
-            return dict(zip(present, prober.check(view, plan, edit_ids, earlier, members=present), strict=True))
+            reports = prober.check(view, plan, edit_ids, earlier, members=present)
+            for part, t in reports[0].seconds.items():  # one check: its reports share its clock
+                seconds[part] = round(seconds.get(part, 0.0) + t, 3)
+            return dict(zip(present, reports, strict=True))
         finally:
             if view is not editor:
                 view.retire()
@@ -110,7 +115,7 @@ def settle(prober: Prober, editor: Editor, plan: ProbePlan, edit_ids: Sequence[s
         editor.revert(edit_ids[m])
     accepted = {m: reports[m] for m in kept}
     locality = next(iter(accepted.values())).locality if accepted else None
-    return Settlement(accepted, culprits, probed, locality)
+    return Settlement(accepted, culprits, probed, locality, seconds)
 
 
 class BatchOwner(Protocol):
@@ -262,7 +267,8 @@ class Batches:
         seconds = time.perf_counter() - started
         crash_point("batch.probed")
         size, outcomes, retries = len(members), [], []
-        batch = {"size": size, "states_probed": settlement.states_probed, "culprits": len(settlement.culprits)}
+        batch = {"size": size, "states_probed": settlement.states_probed, "culprits": len(settlement.culprits),
+                 "probe_parts_s": settlement.seconds}  # fmt: skip
         after = {"loc": settlement.locality.loc if settlement.locality is not None else loc_before}
 
         def figures(m: int, report: ProbeReport) -> dict[str, Any]:

@@ -221,8 +221,9 @@ def bench_loop(
                       f"batches of up to {settings.schedule.edit_batch}); "
                       f"load + locality baseline {load_s:.1f} s")  # fmt: skip
         for b in bursts["batches"]:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(b.get("probe_parts_s", {}).items()))
             console.print(f"  a batch of {b['size']}: {b['states_probed']} states probed, {b['culprits']} culprits, "
-                          f"probes {fmt(b['probe_s'])} s")  # fmt: skip
+                          f"probes {fmt(b['probe_s'])} s ({parts})")  # fmt: skip
         _write(out, result)
         return
     table = Table(title=f"feed entry -> committed edit ({result['backend']}, {result['model']})")
