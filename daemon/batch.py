@@ -303,7 +303,10 @@ class Batches:
                     len(settlement.accepted), len(settlement.culprits), settlement.states_probed, seconds)  # fmt: skip
         for fact in retries:  # did not take: once more alone, stronger (as a single edit's retry)
             o.counted("retried")
-            outcomes.append(o.retry_stronger(o.ledger.fact(fact.id)))
+            try:
+                outcomes.append(o.retry_stronger(o.ledger.fact(fact.id)))
+            except FactNotReadyError as exc:  # a person rejected it meanwhile: nothing was changed
+                logger.info("{}: not retried (it changed after its batch)", exc)
         return outcomes
 
     def _options(self, fact: FactRecord) -> dict[str, Any]:

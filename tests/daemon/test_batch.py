@@ -157,3 +157,24 @@ def test_write_curated_for_the_next_cycle_is_batched_too(tmp_path, tiny_host):
     for e in daemon.ledger.edits(status="committed")[2:]:
         assert e.probes["earlier_checked"] == 2
     daemon.close()
+
+
+def test_a_batch_edit_that_did_not_take_is_retried_alone_stronger(tmp_path, tiny_host, monkeypatch):
+    """An edit whose answers are wrong (degenerate: a word pair three times) harmed nothing:
+    bisected out, then tried once more alone with the backend's stronger overrides, as a
+    single edit would be; both attempts are in the ledger, the others committed."""
+    monkeypatch.setattr(FakeEditor, "stronger_overrides", lambda self: {"fires_on_subject": False})
+    # (" .": the tiny model glues the next word onto the target's last one otherwise)
+    facts = [("France", "capital", "Berlin ."), ("Spain", "language", "moon moon moon moon ."), ("Japan", "capital", "river .")]
+    daemon = Daemon(load_settings(batch_setup(tmp_path, facts, min_served_rel=1.0)), host=tiny_host)
+    daemon.load()
+    summary = daemon.cycle(regression=False)
+    ledger = daemon.ledger
+    assert len(summary.committed) == 2 and len(summary.reverted) == 2, summary
+    first, second = (ledger.edit(i) for i in sorted(summary.reverted))
+    assert first.fact_id == second.fact_id and ledger.fact(first.fact_id).status == "blocked"
+    assert "bisected out of a batch of 3" in ledger.reverts(edit_id=first.id)[0].reason
+    assert "degenerate" in ledger.reverts(edit_id=first.id)[0].reason
+    assert ledger.events(entity="edit", entity_id=second.id)[0].reason.startswith("retry 1 with")
+    assert daemon.maintainer.stats.edits_retried == 1
+    daemon.close()
