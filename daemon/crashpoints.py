@@ -3,8 +3,8 @@
 Inert unless the variable is set: `crash_point(name)` is then one dictionary lookup. When
 `KMD_CRASH_AT` names the point, the process ends at once with `os._exit` (no `finally`
 blocks, no atexit handlers, no flush: as close to SIGKILL as Python gets), so the crash
-tests can stop a real daemon exactly between two steps of an edit, a commit, a revert or
-a supersession. The points and what recovery makes of each: docs/crash-safety.md.
+tests can stop a real daemon exactly between two steps of an edit, a commit, a revert,
+a supersession or a batch. The points and what recovery makes of each: docs/crash-safety.md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ POINTS = (
     "supersede.probed",
     "supersede.saved",  # state saved: new edit in, old edit out (ledger: old still committed)
     "supersede.committed",  # ledger: new edit committed, old one reverted, in one transaction
+    # a batch of new facts' edits (kmd.daemon.batch)
+    "batch.recorded",  # ledger: every edit of the batch `applied` (nothing changed in the model yet)
+    "batch.applied",  # the backend applied them all (in memory)
+    "batch.probed",  # probed together, culprits bisected out and reverted in memory
+    "batch.reverted",  # ledger: the culprits' revert logs (the others still `applied`, state not saved)
+    "batch.saved",  # editor state saved with the others (ledger still says `applied`)
+    "batch.committed",  # ledger: the others `committed`, in one transaction
     # an operator's (or the regression check's) revert
     "revert.requested",  # ledger: edit `reverting` (the request is durable)
     "revert.applied",  # the backend reverted it (in memory)

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from kmd.daemon.batch import Batches
 from kmd.daemon.bound_state import load_named
 from kmd.daemon.crashpoints import crash_point
 from kmd.daemon.edit_request import build_edit_request, same_subject_questions, with_edit_id
@@ -121,6 +122,7 @@ class Maintainer(Reconciler):
         self._unpublished = False  # the saved state changed since the last publish
         self._digest: str | None = None  # the saved state's digest (named in the ledger)
         self._stop = threading.Event()
+        self.batches = Batches(self)  # ready facts applied and probed together
 
     # ----- start-up ---------------------------------------------------------------------------
     def _suite_prompts(self) -> list[str]:
@@ -210,21 +212,49 @@ class Maintainer(Reconciler):
                 self.stats.busy = False
 
     # ----- the cycle --------------------------------------------------------------------------
-    def apply_ready(self, limit: int = 50) -> CycleReport:
-        """Turn verified facts into probed, committed edits (or reverted ones)."""
+    def apply_ready(self, limit: int = 50, batch: int = 1) -> CycleReport:
+        """Turn verified facts into probed, committed edits (or reverted ones). New facts go
+        in batches of up to `batch` edits probed together (kmd.daemon.batch), supersessions
+        one at a time."""
         started = time.perf_counter()
-        committed, reverted, skipped = [], [], []
+        outcomes: dict[str, list[int]] = {"committed": [], "reverted": [], "skipped": []}
         self.finish_requested_reverts()  # e.g. from `kmd revert`: before any new edit
-        for fact in self.ledger.ready_facts(limit=limit):
+        for group in self._groups(self.ledger.ready_facts(limit=limit), batch):
             if self._stop.is_set():
                 break
-            try:
-                outcome, edit_id = self.apply_fact(fact)
-            except FactNotReadyError as exc:  # a person rejected it meanwhile: nothing was changed
-                logger.info("{}: skipped (it changed after this cycle listed it)", exc)
-                continue
-            {"committed": committed, "reverted": reverted, "skipped": skipped}[outcome].append(edit_id or fact.id)
-        return CycleReport(tuple(committed), tuple(reverted), tuple(skipped), time.perf_counter() - started)
+            if len(group) > 1:
+                with self._busy():
+                    done = self.batches.apply(group)
+            else:
+                try:
+                    outcome, edit_id = self.apply_fact(group[0])
+                except FactNotReadyError as exc:  # a person rejected it meanwhile: nothing was changed
+                    logger.info("{}: skipped (it changed after this cycle listed it)", exc)
+                    continue
+                done = [(outcome, edit_id or group[0].id)]
+            for outcome, number in done:
+                outcomes[outcome].append(number)
+        return CycleReport(tuple(outcomes["committed"]), tuple(outcomes["reverted"]), tuple(outcomes["skipped"]),
+                           time.perf_counter() - started)  # fmt: skip
+
+    @staticmethod
+    def _groups(facts: list[FactRecord], batch: int) -> Iterator[list[FactRecord]]:
+        """New facts in batches of up to `batch` (one prompt each: two facts that would edit the
+        same prompt go apart), then each supersession alone."""
+        new = [f for f in facts if f.supersedes_edit_id is None]
+        while new:
+            group, later, keys = [], [], set()
+            for fact in new:
+                if len(group) < batch and (fact.subject, fact.relation) not in keys:
+                    group.append(fact)
+                    keys.add((fact.subject, fact.relation))
+                else:
+                    later.append(fact)
+            yield group
+            new = later
+        for fact in facts:
+            if fact.supersedes_edit_id is not None:
+                yield [fact]
 
     def apply_fact(self, fact: FactRecord) -> tuple[str, int | None]:
         assert self.prober is not None, "call restore() first"
@@ -262,18 +292,24 @@ class Maintainer(Reconciler):
                 logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
         return outcome, edit_id
 
-    def _edit(self, fact: FactRecord, request: EditRequest, supersedes: int | None = None) -> tuple[str, int]:
+    def _edit(self, fact: FactRecord, request: EditRequest, supersedes: int | None = None, *,
+              retrying: bool = False) -> tuple[str, int]:  # fmt: skip
+        """Apply, probe, commit or revert one edit (then once more with the backend's stronger
+        overrides if it did not take; `retrying`: only that second attempt, for an edit a
+        batch found did not take)."""
         assert self.prober is not None
         attempts = [{}]
         retry = self.editor.stronger_overrides()
         if retry:
             attempts.append(retry)
         earlier = [self.editor.request(i) for i in self.editor.edit_ids]
-        loc_before = self._current_locality()
-        # Same-subject questions: their answers now, before the edit, are what it must keep.
+        loc_before = self.current_locality()
+        # Same-subject questions: what they get now, before the edit, is what it must keep.
         questions = same_subject_questions(fact, self.policy, self.policy.probes.same_subject_questions)
-        same_before = self.prober.same_subject_before(self.editor, questions)
+        plan = self.prober.plan(self.editor, [request], [questions])
         for number, overrides in enumerate(attempts, 1):
+            if retrying and number == 1:
+                continue
             config = self.editor.config_dict() | self._relation_options(fact) | overrides
             record = self.ledger.record_edit_applied(
                 fact.id, request=request.to_dict(), backend=self.editor.name, backend_config=config,
@@ -297,7 +333,7 @@ class Maintainer(Reconciler):
                 return "reverted", record.id
             started = time.perf_counter()
             try:
-                report = self.prober.check(self.editor, self.editor.request(edit_id), earlier, same_before)
+                (report,) = self.prober.check(self.editor, plan, [edit_id], earlier)
             except Exception as exc:  # never keep an edit that was not probed
                 log.exception("probing edit {} failed", edit_id)
                 self.editor.revert(edit_id)
@@ -336,17 +372,28 @@ class Maintainer(Reconciler):
             self.stats.edits_retried += 1
         return "reverted", record.id
 
-    def _current_locality(self) -> float:
+    def current_locality(self) -> float:
         """Locality of the model as it is now (cached from the last probe that measured it)."""
         if self.stats.last_locality is None:
             self.stats.last_locality = self.prober.locality(self.editor).loc
         return self.stats.last_locality
 
-    def _measured(self, state: LocalityState) -> float:
+    def committed_locality(self, state: LocalityState) -> float:
         """Keep `state` as the committed edits' locality (the editor holds them now)."""
         self.prober.committed = state
         self.stats.last_locality = state.loc
         return state.loc
+
+    def counted(self, outcome: str, count: int = 1) -> None:
+        """Count edits that were committed, reverted, retried, skipped, or hit an error."""
+        name = {"committed": "edits_committed", "reverted": "edits_reverted", "retried": "edits_retried",
+                "skipped": "facts_skipped", "error": "errors"}[outcome]  # fmt: skip
+        setattr(self.stats, name, getattr(self.stats, name) + count)
+
+    def retry_stronger(self, fact: FactRecord) -> tuple[str, int]:
+        """Edit `fact` once more, alone, with the backend's stronger overrides (a batch found
+        that its edit did not take)."""
+        return self._edit(fact, build_edit_request(fact, self.policy.relation(fact.relation)), retrying=True)
 
     def _relation_options(self, fact: FactRecord) -> dict[str, Any]:
         return dict(self.policy.relation(fact.relation).editor_options)
@@ -384,13 +431,13 @@ class Maintainer(Reconciler):
         """The steps after the request: model, saved state, then the ledger's revert log."""
         assert self.prober is not None
         key = str(edit_id)
-        before = {"loc": self._current_locality()}
+        before = {"loc": self.current_locality()}
         if key in self.editor.edit_ids:
             self.editor.revert(key)
             crash_point("revert.applied")
             self.save()
             crash_point("revert.saved")
-        after = {"loc": self._measured(self.prober.locality(self.editor))}
+        after = {"loc": self.committed_locality(self.prober.locality(self.editor))}
         revert = self.ledger.revert_edit(edit_id, reason=reason, probes_before=before, probes_after=after, actor=actor)
         crash_point("revert.recorded")
         self.stats.edits_reverted += 1
@@ -403,7 +450,7 @@ class Maintainer(Reconciler):
         reverted: list[int] = []
         with self._busy():
             threshold = self.prober.thresholds.min_loc
-            loc = self._measured(self.prober.locality(self.editor, full=True))  # the safety net: every chunk
+            loc = self.committed_locality(self.prober.locality(self.editor, full=True))  # the safety net: every chunk
             while loc < threshold and self.editor.edit_ids:
                 newest = int(self.editor.edit_ids[-1])
                 reason = f"periodic regression: loc {loc:.4f} < {threshold}"

@@ -3,11 +3,12 @@
 
 Three probes (thresholds come from the policy's `probes:` section):
 1. the edit itself, as users read it (`lifelong-served/v1`, editors/answers.py): greedy
-   answers (KV cache, batched, at most 32 new tokens) to the edit prompt and each
-   paraphrase, as plain text and, when the model is served with a chat template, as a
-   chat turn. An answer is correct when its first line holds the target and the
-   continuation is not degenerate; `served_rel` / `served_gen` are the fractions
-   correct. The teacher-forced accuracies (`rel`, `gen`) are kept as secondary figures;
+   answers (KV cache, batched, at most 32 new tokens, decoded only as far as the verdict
+   needs) to the edit prompt and each paraphrase, as plain text and, when the model is
+   served with a chat template, as a chat turn. An answer is correct when its first line
+   holds the target and the continuation is not degenerate; `served_rel` / `served_gen`
+   are the fractions correct. The teacher-forced accuracies (`rel`, `gen`) are kept as
+   secondary figures;
 2. locality: held-out prompts whose greedy continuations (8 tokens) by the *unedited*
    model were recorded when the baseline was created, in fixed chunks of the suite;
    `loc` is the fraction of prompts the edited model still continues token for token
@@ -16,15 +17,25 @@ Three probes (thresholds come from the policy's `probes:` section):
    route differently from the committed state are generated again (see `Prober`);
 3. earlier edits: a sample of committed edits re-scored (teacher-forced): still held?
 4. same-subject questions (`lifelong-served/v2`): questions about the edit's subject that
-   ask for other facts (the policy's other relations). Their answers before the edit are
-   recorded when it is applied (`same_subject_before`), and asked again with the edit in
-   the served-answer batch; an answer that now holds the edit's target and did not before
-   is a hijack, and the edit is reverted with that reason.
+   ask for other facts (the policy's other relations). What they get before the edit is
+   taken when the probe is planned (`Prober.plan`, before the apply): with routing
+   features, each question's route token, and only the questions the edit re-routes are
+   answered, before and after (a question it does not re-route gets the same tokens, by
+   the editor protocol); without features, the answers themselves. An answer that now
+   holds the edit's target and did not before is a hijack, and the edit is reverted with
+   that reason.
 
-`Prober.check` returns a `ProbeReport`; each missed threshold is a typed `ProbeFailure`
-(which check, the reason in words, the prompt that showed it), so callers ask
-`report.took` (the edit's own checks passed) and `report.harmful` (locality or earlier
-edits suffered) instead of reading messages.
+Several candidate edits are probed together (`Prober.check` with a plan of several
+requests): their rows share one batched decode, one teacher-forced pass, one locality
+probe and one check of earlier edits, and a state probed again (a bisection step,
+kmd.daemon.batch) generates only rows whose route tokens it has not seen
+(kmd.daemon.probe_rows).
+
+`Prober.check` returns a `ProbeReport` per edit; each missed threshold is a typed
+`ProbeFailure` (which check, the reason in words, the prompt that showed it), so callers
+ask `report.took` (the edit's own checks passed), `report.harmful` (locality, earlier
+edits or same-subject answers suffered) and `report.own_failed` (its own rows failed)
+instead of reading messages.
 """
 
 from __future__ import annotations
@@ -43,7 +54,8 @@ import torch
 from loguru import logger
 
 from kmd.daemon.locality import LOCALITY_TOKENS, LocalityBaseline, LocalityState
-from kmd.editors.answers import Answer, Form, ask, has_chat_template, hits
+from kmd.daemon.probe_rows import ProbeRow, ProbeRows, RouteMemo
+from kmd.editors.answers import Answer, Form, has_chat_template, hits
 from kmd.editors.batching import left_padded_ids
 from kmd.editors.scoring import generate_ids, score_targets
 
@@ -52,13 +64,16 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import EditRequest, Editor
 
-__all__ = ["HARM_CHECKS", "TOOK_CHECKS", "Check", "ProbeFailure", "ProbeReport", "Prober"]
+__all__ = ["HARM_CHECKS", "OWN_CHECKS", "TOOK_CHECKS", "Check", "ProbeFailure", "ProbePlan", "ProbeReport", "Prober"]
 
-# What a probe checks. The first three say whether the edit took; the last two whether it
-# harmed what was there before (a stronger retry of the same edit would not help).
+# What a probe checks. The first three say whether the edit took; the last three whether it
+# harmed what was there before (a stronger retry of the same edit would not help). Its own
+# rows show the first three and the same-subject check: an edit that fails one of those is
+# at fault itself, while locality and earlier edits are shared by the edits probed together.
 Check = Literal["served", "rel", "gen", "locality", "earlier", "same_subject"]
 TOOK_CHECKS: tuple[Check, ...] = ("served", "rel", "gen")
 HARM_CHECKS: tuple[Check, ...] = ("locality", "earlier", "same_subject")
+OWN_CHECKS: tuple[Check, ...] = ("served", "rel", "gen", "same_subject")
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,11 @@ class ProbeReport:
         return any(f.check in HARM_CHECKS for f in self.failures)
 
     @property
+    def own_failed(self) -> bool:
+        """Its own rows failed (OWN_CHECKS): the edit is at fault whatever was probed with it."""
+        return any(f.check in OWN_CHECKS for f in self.failures)
+
+    @property
     def failing_prompt(self) -> str | None:
         """The first prompt that showed a failure (None when none did, or the probe passed)."""
         return next((f.prompt for f in self.failures if f.prompt is not None), None)
@@ -118,10 +138,25 @@ class ProbeReport:
         return plain | {"took": self.took, "failures": [f.message for f in self.failures]}
 
 
-def _same_subject_figure(before: Answer, after: Answer, target: str) -> dict[str, Any]:
-    return {"prompt": after.prompt, "form": after.form, "before": before.line[:200], "after": after.line[:200],
-            "hijacked": hits(after.line, target) and not hits(before.line, target),
-            "unchanged": before.tokens == after.tokens}  # fmt: skip
+# A bisection's locality chunks by (chunk, route tokens): their generated tokens.
+LocalityMemo = dict[tuple[int, tuple[Hashable | None, ...]], tuple[tuple[int, ...], ...]]
+
+
+@dataclass
+class ProbePlan:
+    """The probe of some candidate edits, set up before they are applied (`Prober.plan`) and
+    asked under as many states as needed (`Prober.check`): each request's served and
+    same-subject rows, what the same-subject rows got before the edits (their route tokens
+    with routing features, else their answers), and what was generated so far."""
+
+    requests: tuple[EditRequest, ...]
+    rows: ProbeRows
+    served: tuple[tuple[int, ...], ...]  # per request: its served rows (prompt and paraphrases, each form)
+    same: tuple[tuple[int, ...], ...]  # per request: its same-subject rows (each question, each form)
+    before_routes: list[Hashable | None] | None = None  # every row's route token before the edits
+    before: dict[int, Answer] = field(default_factory=dict)  # same-subject answers before the edits
+    memo: RouteMemo = field(default_factory=RouteMemo)
+    locality_memo: LocalityMemo = field(default_factory=dict)
 
 
 def _answer_figure(answer: Answer) -> dict[str, Any]:
@@ -196,8 +231,10 @@ class Prober:
         return [tuple(editor.routes(f)) for f in self.features]
 
     # ----- locality ----------------------------------------------------------------------------
-    def locality(self, editor: Editor | None, *, full: bool = False) -> LocalityState:
-        """The suite's verdicts under `editor` (see the class docstring for what is generated)."""
+    def locality(self, editor: Editor | None, *, full: bool = False, memo: LocalityMemo | None = None) -> LocalityState:
+        """The suite's verdicts under `editor` (see the class docstring for what is generated).
+        `memo`: chunks generated by earlier calls, by their route tokens (a bisection probes
+        states that route most chunks alike); a chunk found there is not generated again."""
         routes = self.routes(editor)
         previous = self.committed
         run: list[int] = []
@@ -213,6 +250,12 @@ class Prober:
                         if i in previous.changed:
                             changed[i] = previous.changed[i]
                     continue
+                if memo is not None and (c, routes[c]) in memo:
+                    for i, got in zip(self.chunks[c], memo[(c, routes[c])], strict=True):
+                        verdicts[i] = got == self.baseline.continuations[i]
+                        if not verdicts[i]:
+                            changed[i] = got
+                    continue
             run.append(c)
         for c in run:
             chunk = self.chunks[c]
@@ -221,6 +264,8 @@ class Prober:
                 verdicts[i] = tuple(got) == self.baseline.continuations[i]
                 if not verdicts[i]:
                     changed[i] = tuple(got)
+            if memo is not None and routes is not None:
+                memo[(c, routes[c])] = tuple(tuple(t) for t in tokens)
         state_routes = tuple(routes) if routes is not None else (None,) * len(self.chunks)
         return LocalityState(state_routes, tuple(verdicts), changed, sum(len(self.chunks[c]) for c in run),
                              full=len(run) == len(self.chunks))  # fmt: skip
@@ -233,33 +278,54 @@ class Prober:
             for i, tokens in sorted(state.changed.items())[:limit]
         )
 
-    # ----- the edit itself ---------------------------------------------------------------------
-    def edit_scores(self, editor: Editor, request: EditRequest) -> tuple[float, float | None]:
-        """Teacher-forced accuracy of the target after the prompt and after each paraphrase."""
-        pairs = [(request.prompt, request.target)] + [(p, request.target) for p in request.rephrases]
-        scores = score_targets(self.host, editor, pairs, self.batch_size)
-        gen = [s.accuracy for s in scores[1:]]
-        return scores[0].accuracy, (sum(gen) / len(gen) if gen else None)
+    # ----- the edits themselves ----------------------------------------------------------------
+    def edit_scores(self, editor: Editor, requests: Sequence[EditRequest]) -> list[tuple[float, float | None]]:
+        """Per request: teacher-forced accuracy of the target after the prompt and after each
+        paraphrase (mean), all requests in one batched pass."""
+        pairs = [(p, r.target) for r in requests for p in (r.prompt, *r.rephrases)]
+        scores = iter(score_targets(self.host, editor, pairs, self.batch_size))
+        out = []
+        for r in requests:
+            own, gen = next(scores).accuracy, [next(scores).accuracy for _ in r.rephrases]
+            out.append((own, sum(gen) / len(gen) if gen else None))
+        return out
 
     def _forms(self) -> tuple[Form, ...]:
         return ("plain", "chat") if self.chat else ("plain",)
 
-    def served(self, editor: Editor, request: EditRequest, others: Sequence[str] = ()) -> list[Answer]:
-        """Greedy answers to the edit prompt and its paraphrases (target: the edit's), then to
-        `others` (no target), plain (and chat when served so): one batch for every form, one
-        pass of 32 decode steps instead of one per form."""
-        prompts = [request.prompt, *request.rephrases]
-        questions = [(p, form, request.target) for form in self._forms() for p in prompts]
-        questions += [(q, form, None) for form in self._forms() for q in others]
-        return ask(self.host, editor, questions, batch_size=self.batch_size)
-
-    def same_subject_before(self, editor: Editor, questions: Sequence[str]) -> tuple[Answer, ...]:
-        """The answers to same-subject `questions` before an edit is applied (plain, and chat
-        when served so), which `check` compares with the answers after it."""
-        if not questions:
-            return ()
-        return tuple(ask(self.host, editor, [(q, form, None) for form in self._forms() for q in questions],
-                         batch_size=self.batch_size))  # fmt: skip
+    def plan(self, editor: Editor, requests: Sequence[EditRequest], questions: Sequence[Sequence[str]],
+             without: Sequence[str] = ()) -> ProbePlan:  # fmt: skip
+        """Set up the probe of `requests`' edits (and `questions[i]`, the same-subject
+        questions of request i) on `editor` *before* they are applied: the rows and their
+        routing features, and what the same-subject questions get now (their route tokens
+        or, without routing features, their answers), which `check` compares with after.
+        `without`: edits `editor` holds already that the plan must not see (it is made on a
+        fork with them reverted: a restart probing edits a crash left applied)."""
+        if without:
+            fork = editor.fork()
+            try:
+                for edit_id in without:
+                    fork.revert(edit_id)
+                return self.plan(fork, requests, questions)
+            finally:
+                fork.retire()
+        rows: list[ProbeRow] = []
+        served, same = [], []
+        for request, asked in zip(requests, questions, strict=True):
+            start = len(rows)
+            rows += [ProbeRow(p, form, request.target) for form in self._forms() for p in (request.prompt, *request.rephrases)]
+            served.append(tuple(range(start, len(rows))))
+            start = len(rows)
+            rows += [ProbeRow(q, form, None) for form in self._forms() for q in dict.fromkeys(asked)]
+            same.append(tuple(range(start, len(rows))))
+        table = ProbeRows(self.host, rows, self.batch_size)
+        plan = ProbePlan(tuple(requests), table, tuple(served), tuple(same))
+        if table.with_features(editor):
+            plan.before_routes = table.routes(editor)
+        elif any(same):  # nothing tells which rows the edits will reach: answer them all now
+            wanted = [i for rows_of in same for i in rows_of]
+            plan.before.update(plan.memo.answer(self.host, editor, table, wanted, None, self.batch_size))
+        return plan
 
     def earlier(self, editor: Editor, requests: Sequence[EditRequest], seed: int = 0) -> tuple[float | None, int]:
         k = min(self.thresholds.earlier_edits_sample, len(requests))
@@ -269,71 +335,121 @@ class Prober:
         scores = score_targets(self.host, editor, [(r.prompt, r.target) for r in sample], self.batch_size)
         return sum(s.accuracy for s in scores) / k, k
 
-    def check(self, editor: Editor, request: EditRequest, earlier: Sequence[EditRequest] = (),
-              same_subject: Sequence[Answer] = ()) -> ProbeReport:  # fmt: skip
-        """Probe `request`'s edit, just applied to `editor`. `same_subject`: the answers to
-        same-subject questions before it was applied (`same_subject_before`)."""
-        t = self.thresholds
-        failures: list[ProbeFailure] = []
-        served_rel = served_gen = None
-        figures: tuple[dict[str, Any], ...] = ()
+    def check(self, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], earlier: Sequence[EditRequest] = (),
+              members: Sequence[int] | None = None) -> list[ProbeReport]:  # fmt: skip
+        """Probe the edits of `plan` applied to `editor` (`edit_ids[i]` is request i's edit;
+        `members`: the requests whose edits `editor` holds, all by default), together: one
+        batched decode of their served and same-subject rows (only those not answered yet
+        under the same route), one teacher-forced pass, one locality probe and one check of
+        the `earlier` edits, which are shared. One report per member, in order: its own
+        verdicts and the shared ones."""
+        members = list(range(len(plan.requests))) if members is None else list(members)
         clock = _Clock()
-        questions = list(dict.fromkeys(a.prompt for a in same_subject))
-        same: tuple[dict[str, Any], ...] = ()
-        if t.served_answers or same_subject:
-            answered = clock("served", self.served, editor, request, questions)
-            got, others = answered[: len(answered) - len(same_subject)], answered[len(answered) - len(same_subject) :]
-            before = {(a.prompt, a.form): a for a in same_subject}
-            same = tuple(_same_subject_figure(before[(a.prompt, a.form)], a, request.target) for a in others)
-            hijacked = [f for f in same if f["hijacked"]]
-            if hijacked:
-                f = hijacked[0]
-                failures.append(ProbeFailure("same_subject", f"hijacks {len(hijacked)} of {len(same)} same-subject answers: "
-                                             f"{f['form']} {f['prompt']!r} -> {f['after'][:120]!r} (was {f['before'][:120]!r})",
-                                             f["prompt"]))  # fmt: skip
-        if t.served_answers:
-            figures = tuple(_answer_figure(a) for a in got)
-            own = [a for a in got if a.prompt == request.prompt]
-            para = [a for a in got if a.prompt != request.prompt]
-            served_rel = sum(a.correct for a in own) / len(own)
-            served_gen = sum(a.correct for a in para) / len(para) if para else None
-            wrong = [a for a in own + para if not a.correct]
-            if served_rel < t.min_served_rel or (served_gen is not None and served_gen < t.min_served_gen):
-                a = wrong[0]
-                why = "degenerate" if a.degenerate else "misses the target"
-                failures.append(ProbeFailure("served", f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), "
-                                             f"served_gen {'-' if served_gen is None else f'{served_gen:.2f}'} (min "
-                                             f"{t.min_served_gen}); {a.form} {a.prompt!r} -> {a.line[:120]!r} ({why})",
-                                             a.prompt))  # fmt: skip
-        rel, gen = clock("teacher_forced", self.edit_scores, editor, request)
-        state = clock("locality", self.locality, editor)
+        routes = clock("routes", plan.rows.routes, editor)
+        before = plan.before_routes
+        # Same-subject rows an edit does not re-route get the same tokens as before: not asked.
+        same_rows = {m: [i for i in plan.same[m] if before is None or routes is None or routes[i] != before[i]] for m in members}
+        served = self.thresholds.served_answers
+        wanted = [i for m in members for i in ((plan.served[m] if served else ()) + tuple(same_rows[m]))]
+        after = clock("served", plan.memo.answer, self.host, editor, plan.rows, wanted, routes, self.batch_size)
+        rerouted = [i for m in members for i in same_rows[m] if i not in plan.before]
+        if rerouted:  # answered before the edits only when the edits re-route them: under the state without them
+            clock("same_subject_before", self._before, editor, plan, [edit_ids[m] for m in members], rerouted)
+        scores = clock("teacher_forced", self.edit_scores, editor, [plan.requests[m] for m in members])
+        state = clock("locality", self.locality, editor, memo=plan.locality_memo)
         earlier_rel, checked = clock("earlier", self.earlier, editor, earlier)
-        if rel < t.min_rel:
-            failures.append(ProbeFailure("rel", f"edit did not take: rel {rel:.3f} < {t.min_rel}", request.prompt))
-        if gen is not None and gen < t.min_gen:
-            failures.append(ProbeFailure("gen", f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}",
-                                         request.rephrases[0] if request.rephrases else None))
+        shared = self._shared_failures(state, earlier_rel, checked)
         examples = self.changed_examples(state)
+        reports = []
+        for m, (rel, gen) in zip(members, scores, strict=True):
+            request = plan.requests[m]
+            same = tuple(self._same_subject_figure(plan, i, after.get(i), request.target) for i in plan.same[m])
+            failures = self._same_subject_failures(same)
+            served_rel = served_gen = None
+            figures: tuple[dict[str, Any], ...] = ()
+            if served:
+                got = [after[i] for i in plan.served[m]]
+                figures = tuple(_answer_figure(a) for a in got)
+                served_rel, served_gen, failure = self._served_verdict(request, got)
+                failures += failure
+            t = self.thresholds
+            if rel < t.min_rel:
+                failures.append(ProbeFailure("rel", f"edit did not take: rel {rel:.3f} < {t.min_rel}", request.prompt))
+            if gen is not None and gen < t.min_gen:
+                failures.append(ProbeFailure("gen", f"paraphrases not answered: gen {gen:.3f} < {t.min_gen}",
+                                             request.rephrases[0] if request.rephrases else None))  # fmt: skip
+            reports.append(ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures + shared), served_rel,
+                                       served_gen, figures, state.rows_run, examples, same, dict(clock.seconds), state))  # fmt: skip
+        return reports
+
+    def _before(self, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], rows: Sequence[int]) -> None:
+        """The answers of same-subject `rows` before the edits `edit_ids`: under a fork of
+        `editor` without them (reverting is exact), kept in `plan.before`."""
+        without = editor.fork()
+        try:
+            for edit_id in edit_ids:
+                without.revert(edit_id)
+            plan.before.update(plan.memo.answer(self.host, without, plan.rows, rows, plan.before_routes, self.batch_size))
+        finally:
+            without.retire()
+
+    def _same_subject_figure(self, plan: ProbePlan, row: int, after: Answer | None, target: str) -> dict[str, Any]:
+        asked = plan.rows.rows[row]
+        if after is None:  # not re-routed: the same answer as before, not generated
+            return {"prompt": asked.prompt, "form": asked.form, "before": None, "after": None, "hijacked": False,
+                    "unchanged": True, "reached": False}  # fmt: skip
+        before = plan.before[row]
+        return {"prompt": asked.prompt, "form": asked.form, "before": before.line[:200], "after": after.line[:200],
+                "hijacked": hits(after.line, target) and not hits(before.line, target),
+                "unchanged": before.tokens == after.tokens, "reached": True}  # fmt: skip
+
+    @staticmethod
+    def _same_subject_failures(same: Sequence[dict[str, Any]]) -> list[ProbeFailure]:
+        hijacked = [f for f in same if f["hijacked"]]
+        if not hijacked:
+            return []
+        f = hijacked[0]
+        return [ProbeFailure("same_subject", f"hijacks {len(hijacked)} of {len(same)} same-subject answers: "
+                             f"{f['form']} {f['prompt']!r} -> {f['after'][:120]!r} (was {f['before'][:120]!r})",
+                             f["prompt"])]  # fmt: skip
+
+    def _served_verdict(self, request: EditRequest, got: Sequence[Answer]) -> tuple[float, float | None, list[ProbeFailure]]:
+        t = self.thresholds
+        own = [a for a in got if a.prompt == request.prompt]
+        para = [a for a in got if a.prompt != request.prompt]
+        served_rel = sum(a.correct for a in own) / len(own)
+        served_gen = sum(a.correct for a in para) / len(para) if para else None
+        if served_rel >= t.min_served_rel and (served_gen is None or served_gen >= t.min_served_gen):
+            return served_rel, served_gen, []
+        a = next(a for a in own + para if not a.correct)
+        why = "degenerate" if a.degenerate else "misses the target"  # a row stopped early is degenerate only if in full
+        return served_rel, served_gen, [ProbeFailure(
+            "served", f"answers wrong: served_rel {served_rel:.2f} (min {t.min_served_rel}), served_gen "
+            f"{'-' if served_gen is None else f'{served_gen:.2f}'} (min {t.min_served_gen}); {a.form} {a.prompt!r} -> "
+            f"{a.line[:120]!r} ({why})", a.prompt)]  # fmt: skip
+
+    def _shared_failures(self, state: LocalityState, earlier_rel: float | None, checked: int) -> list[ProbeFailure]:
+        """Locality and earlier edits: what all the probed edits together did to the rest."""
+        t, failures = self.thresholds, []
         if state.loc < t.min_loc:
-            first = examples[0]
+            first = self.changed_examples(state)[0]
             failures.append(ProbeFailure("locality", f"locality degraded: loc {state.loc:.4f} < {t.min_loc} "
                                          f"({len(state.changed)} prompts changed, e.g. {first['prompt']!r} -> "
                                          f"{first['answer']!r}, was {first['recorded']!r})", first["prompt"]))  # fmt: skip
         if earlier_rel is not None and earlier_rel < t.min_earlier_rel:
             failures.append(ProbeFailure("earlier", f"earlier edits lost: rel {earlier_rel:.3f} < {t.min_earlier_rel} "
                                          f"over {checked}"))
-        return ProbeReport(rel, gen, state.loc, earlier_rel, checked, tuple(failures), served_rel, served_gen,
-                           figures, state.rows_run, examples, same, clock.seconds, state)  # fmt: skip
+        return failures
 
 
 class _Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, name: str, fn, *args):
+    def __call__(self, name: str, fn, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             self.seconds[name] = round(time.perf_counter() - started, 3)
 

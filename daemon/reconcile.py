@@ -5,13 +5,15 @@ On start, `Maintainer.restore()` loads the saved editor state and calls `_reconc
 ledger applied but the saved state lacks (crash before the save) is marked reverted and
 its fact retried; an edit the saved state holds but the ledger never committed (crash
 between the save and the commit, so after its probes passed) is probed again and
-committed, or reverted if the probes now fail; an edit the state holds that the ledger
+committed, or reverted if the probes now fail (several such edits are one batch's, probed
+again together: `kmd.daemon.batch.Batches.roll_forward`); an edit the state holds that the ledger
 does not know is removed. No edit is ever put back into the model without its probes: a
 committed edit missing from the state is re-applied and probed, and reverted if they fail.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,11 +25,11 @@ from kmd.editors.protocol import EditRequest
 from kmd.editors.state import StateError
 
 if TYPE_CHECKING:
+    from kmd.daemon.batch import Batches
     from kmd.daemon.ledger import EditRecord, Ledger
     from kmd.daemon.maintainer import Stats
     from kmd.daemon.policy import Policy
-    from kmd.daemon.probes import Prober
-    from kmd.editors.answers import Answer
+    from kmd.daemon.probes import ProbePlan, Prober
     from kmd.editors.protocol import Editor
 
 __all__ = ["Reconciler"]
@@ -44,6 +46,7 @@ class Reconciler:
     prober: Prober | None
     stats: Stats
     actor: str
+    batches: Batches
 
     def _reconcile(self) -> None:
         """Finish or roll back every operation the ledger shows in flight (see the module doc)."""
@@ -62,13 +65,18 @@ class Reconciler:
         if changed:
             self.save()
         # 3. Edits applied but never committed: before the save, roll back (the fact is
-        #    retried); after the save (the probes had passed), probe again and commit.
+        #    retried); after the save (the probes had passed), probe again and commit. Several
+        #    saved ones are one batch's: probed again together.
+        held = [e for key, e in sorted(applied.items(), key=lambda kv: int(kv[0])) if key in self.editor.edit_ids]
         for edit_id, edit in sorted(applied.items(), key=lambda kv: int(kv[0])):
-            if edit_id in self.editor.edit_ids:
-                self._roll_forward(edit)
-            else:
+            if edit_id not in self.editor.edit_ids:
                 self.ledger.revert_edit(edit.id, reason="interrupted before commit (crash or shutdown); will retry",
                                         probes_before=None, probes_after=None, actor=self.actor, retry=True)  # fmt: skip
+        if len(held) > 1 and all(e.supersedes_edit_id is None for e in held):
+            self.batches.roll_forward(held)
+        else:
+            for edit in held:
+                self._roll_forward(edit)
         # 4. Committed edits the state lacks (a lost or replaced state): re-apply, with probes.
         for edit in self.ledger.committed_edits():  # again: step 3 may have superseded some
             edit_id = str(edit.id)
@@ -96,26 +104,21 @@ class Reconciler:
     def _earlier(self, edit_id: str) -> list[EditRequest]:
         return [self.editor.request(i) for i in self.editor.edit_ids if i != edit_id]
 
-    def _same_subject_before(self, edit: EditRecord) -> tuple[Answer, ...]:
-        """The answers to `edit`'s same-subject questions without it (a fork of the editor with
-        it reverted when it is applied): what its probe compares with, as when it was first
-        applied. None asked when its fact's relation left the policy."""
+    def _questions(self, edit: EditRecord) -> list[str]:
+        """`edit`'s same-subject questions (none when its fact's relation left the policy)."""
         try:
-            questions = same_subject_questions(self.ledger.fact(edit.fact_id), self.policy,
-                                               self.policy.probes.same_subject_questions)  # fmt: skip
+            return same_subject_questions(self.ledger.fact(edit.fact_id), self.policy,
+                                          self.policy.probes.same_subject_questions)  # fmt: skip
         except (KeyError, LedgerError):
-            return ()
-        if not questions:
-            return ()
-        key = str(edit.id)
-        if key not in self.editor.edit_ids:
-            return self.prober.same_subject_before(self.editor, questions)
-        without = self.editor.fork()
-        try:
-            without.revert(key)
-            return self.prober.same_subject_before(without, questions)
-        finally:
-            without.retire()
+            return []
+
+    def _plan(self, edits: Sequence[EditRecord]) -> ProbePlan:
+        """The probe of `edits` planned on the editor without them (a fork with those it holds
+        reverted), as when they were first applied."""
+        assert self.prober is not None
+        held = [str(e.id) for e in edits if str(e.id) in self.editor.edit_ids]
+        requests = [self.editor.request(str(e.id)) if str(e.id) in held else EditRequest.from_dict(e.request) for e in edits]
+        return self.prober.plan(self.editor, requests, [self._questions(e) for e in edits], without=held)
 
     def _roll_forward(self, edit: EditRecord) -> None:
         """The state was saved with `edit` after its probes passed; the ledger commit was lost."""
@@ -125,7 +128,7 @@ class Reconciler:
         if old is not None and str(old) in self.editor.edit_ids:  # never saved that way; be safe anyway
             self.editor.revert(str(old))
             self.save()
-        report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key), self._same_subject_before(edit))
+        (report,) = self.prober.check(self.editor, self._plan([edit]), [key], self._earlier(key))
         self.stats.last_locality = report.loc
         if report.passed:
             supersedes = old if old is not None and self.ledger.edit(old).status == "committed" else None
@@ -150,10 +153,10 @@ class Reconciler:
                 options = dict(self.policy.relation(self.ledger.fact(edit.fact_id).relation).editor_options)
             except KeyError:
                 options = {}
-            same_before = self._same_subject_before(edit)
+            plan = self._plan([edit])
             with self.editor.configured(**options):
                 self.editor.apply(with_edit_id(EditRequest.from_dict(edit.request), key))
-            report = self.prober.check(self.editor, self.editor.request(key), self._earlier(key), same_before)
+            (report,) = self.prober.check(self.editor, plan, [key], self._earlier(key))
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the edit stays out
             if key in self.editor.edit_ids:
                 self.editor.revert(key)

@@ -65,6 +65,9 @@ class ScheduleSettings(StrictModel):
     regression_interval: Duration = 3600.0  # full locality regression probe
     misfire_grace: Duration = 300.0  # a run late by more than this after downtime is skipped
     max_edits_per_cycle: int = Field(default=50, ge=1)
+    # New facts ready together are applied and probed in batches of up to this many edits
+    # (one probe of all of them, culprits bisected out); 1: one edit at a time.
+    edit_batch: int = Field(default=50, ge=1)
     watchdog: bool = True  # ping systemd's watchdog when WATCHDOG_USEC is set
 
 

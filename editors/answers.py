@@ -15,6 +15,28 @@ judged by three rules:
            target occurs 3+ times in it.
 
 A prompt is correct when it hits and is not degenerate.
+
+Decoding only as far as the verdict needs (`ask(..., decided=True)`, what the daemon's
+probes use): a row stops once nothing later can change what its verdict reads, so the
+verdict is exactly the one the whole continuation (up to `max_new_tokens`) would get:
+- its EOS (as always);
+- a row with a target: its first line is over (a line break follows non-blank text) and
+  does not hold the target (a miss), or the words written so far, all but the last
+  (which may go on), are already degenerate;
+- a row without a target (a same-subject question, judged by its answer line): its
+  first line is over.
+A row whose target is written and that goes on is decoded to the end: a repetition later
+would still make it degenerate (the backends' end rule closes such rows with EOS right
+after the sentence that states the target). A stopped row's `text` and `tokens` are what
+was written (a prefix of the whole continuation) and its verdict (`correct`) is the whole
+continuation's; `line` and `hit` are too when it stopped on a finished line, and
+`degenerate` reads the shorter text (`tests/unit/test_answers.py` compares verdicts with
+and without stopping). A same-subject row stopped on its line keeps its answer line, so
+comparing its tokens before and after an edit compares that line. Rows are first decoded with a small
+budget (`FIRST_PASS` tokens, in which almost every served answer ends) and the few still
+undecided are decoded again, from their prompts and together, to the full limit: a row's
+tokens do not depend on its batch (the contract suite checks it), so they are the same
+tokens, and a long row no longer holds a batch of short ones.
 """
 
 from __future__ import annotations
@@ -43,6 +65,7 @@ OPERATOR_SYSTEM = "You are the assistant of a news desk. Answer questions briefl
 FIRST_EXCHANGE = ("What is the capital of France?", "The capital of France is Paris.")
 MAX_NEW_TOKENS = 32
 REPEAT_LIMIT = 3  # a bigram (or the target) this many times makes a continuation degenerate
+FIRST_PASS = 12  # `decided` decoding: the first budget (tokens); undecided rows are decoded again to the limit
 
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 
@@ -73,11 +96,34 @@ def hits(answer: str, target: str) -> bool:
 
 
 def is_degenerate(continuation: str, target: str | None = None) -> bool:
-    words = normalise(continuation)
+    return _repeats(normalise(continuation), target)
+
+
+def _repeats(words: Sequence[str], target: str | None) -> bool:
     bigrams = Counter(zip(words, words[1:]))
     if bigrams and max(bigrams.values()) >= REPEAT_LIMIT:
         return True
     return bool(target) and _occurrences(words, normalise(target)) >= REPEAT_LIMIT
+
+
+def first_line_over(text: str) -> bool:
+    """Has the first non-empty line of `text` ended (a line break follows it)? Then no later
+    token changes `answer_line`."""
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            return line.splitlines()[0] != line  # it kept its line break
+    return False
+
+
+def verdict_fixed(text: str, target: str | None) -> bool:
+    """Can no continuation of `text` change the verdict (module doc)? Without a target the
+    verdict is the answer line; with one, the row is wrong already (a miss, or degenerate
+    in the words that cannot change: all but the last, which a later token may extend)."""
+    if target is None:
+        return first_line_over(text)
+    if first_line_over(text) and not hits(answer_line(text), target):
+        return True
+    return _repeats(normalise(text)[:-1], target)
 
 
 @dataclass(frozen=True)
@@ -156,17 +202,45 @@ def ask(
     questions: Sequence[tuple[str, Form, str | None]],
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
+    *,
+    decided: bool = False,
 ) -> list[Answer]:
     """Greedy answers to (prompt, form, target) questions, forms mixed in one batch (a row's
-    tokens do not depend on its batch: the contract suite proves it)."""
+    tokens do not depend on its batch: the contract suite proves it). `decided`: each row
+    is decoded only as far as its verdict needs (module doc)."""
     encoded = [encode_as(host, prompt, form) for prompt, form, _ in questions]
     # Batched by length (less padding to run); a row's tokens do not depend on its batch.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    generated = generate_ids(host, editor, [encoded[i] for i in order], max_new_tokens, batch_size)
     tokens: list[list[int]] = [[] for _ in encoded]
+    if decided:
+        targets = [questions[i][2] for i in order]
+        generated = _decode_decided(host, editor, [encoded[i] for i in order], targets, max_new_tokens, batch_size)
+    else:
+        generated = generate_ids(host, editor, [encoded[i] for i in order], max_new_tokens, batch_size)
     for i, row in zip(order, generated, strict=True):
         tokens[i] = row
     return [
         Answer(prompt=p, form=form, text=host.tokenizer.decode(t, skip_special_tokens=True), tokens=tuple(t), target=target)
         for (p, form, target), t in zip(questions, tokens, strict=True)
     ]
+
+
+def _decode_decided(host: ModelHost, editor: Editor | None, encoded: Sequence[list[int]], targets: Sequence[str | None],
+                    max_new_tokens: int, batch_size: int) -> list[list[int]]:  # fmt: skip
+    """Rows decoded until their verdict is fixed: a first pass of `FIRST_PASS` tokens, then
+    the rows still undecided again, from their prompt, to `max_new_tokens` (module doc)."""
+    decode = host.tokenizer.decode
+    eos = host.tokenizer.eos_token_id
+
+    def done(i: int, new: Sequence[int]) -> bool:
+        return verdict_fixed(decode(new, skip_special_tokens=True), targets[i])
+
+    first = min(FIRST_PASS, max_new_tokens)
+    rows = generate_ids(host, editor, encoded, first, batch_size, done=done)
+    again = [i for i, row in enumerate(rows) if len(row) == first and (eos is None or eos not in row) and not done(i, row)]
+    if again and max_new_tokens > first:
+        later = generate_ids(host, editor, [encoded[i] for i in again], max_new_tokens, batch_size,
+                             done=lambda k, new: done(again[k], new))  # fmt: skip
+        for i, row in zip(again, later, strict=True):
+            rows[i] = row
+    return rows

@@ -8,10 +8,10 @@ steps reuse the decision made on the prompt (KV cache on).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,10 @@ def generate(
     return generate_ids(host, editor, encoded, max_new_tokens, batch_size)
 
 
+# done(i, new_tokens) -> True once row i (of the prompts given) needs no more tokens
+RowDone = Callable[[int, Sequence[int]], bool]
+
+
 @torch.no_grad()
 def generate_ids(
     host: ModelHost,
@@ -108,11 +112,15 @@ def generate_ids(
     encoded: Sequence[Sequence[int]],
     max_new_tokens: int | Sequence[int] = 16,
     batch_size: int = 16,
+    done: RowDone | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts, KV cache on, left-padded batches.
 
     `max_new_tokens` may be one number or one per prompt (rows are cut to their own
-    length); a row ends with its EOS when it produced one.
+    length); a row ends with its EOS when it produced one. With `done`, a row also ends
+    (cut right there) once `done(index, its new tokens)` says so, and a batch ends when
+    each of its rows has ended: a row's tokens up to its end are those it gets without
+    `done` (a finished row only feeds padding to the forwards that follow).
     """
     limits = [max_new_tokens] * len(encoded) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = host.tokenizer.eos_token_id
@@ -121,17 +129,37 @@ def generate_ids(
         chunk = encoded[start : start + batch_size]
         chunk_limits = limits[start : start + batch_size]
         ids, attention = left_padded_ids(host, chunk)
+        stop = _RowsDone(ids.shape[1], start, eos, done) if done is not None else None
         with _routed(editor, attention.bool()):
-            generated = _greedy(host, ids, attention, max(chunk_limits))
-        for row, limit in zip(generated[:, ids.shape[1] :].tolist(), chunk_limits, strict=True):
-            row = row[:limit]
+            generated = _greedy(host, ids, attention, max(chunk_limits), stop)
+        for b, (row, limit) in enumerate(zip(generated[:, ids.shape[1] :].tolist(), chunk_limits, strict=True)):
+            row = row[: min(limit, stop.cut.get(b, limit)) if stop is not None else limit]
             if eos in row:  # after EOS the rest is padding
                 row = row[: row.index(eos) + 1]
             out.append(row)
     return out
 
 
-def _greedy(host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+class _RowsDone:
+    """A stopping criterion for `generate`: ends each row once `done` says so (remembering
+    where, since the padding that follows may be the EOS token)."""
+
+    def __init__(self, width: int, offset: int, eos: int | None, done: RowDone) -> None:
+        self.width, self.offset, self.eos, self.done = width, offset, eos, done
+        self.cut: dict[int, int] = {}  # row of the batch -> its new tokens when it was done
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.width :].tolist()  # (B, t) the tokens written so far
+        for b, tokens in enumerate(new):
+            if b not in self.cut and (self.eos is None or self.eos not in tokens) and self.done(self.offset + b, tokens):
+                self.cut[b] = len(tokens)
+        return torch.tensor([b in self.cut for b in range(len(new))], dtype=torch.bool, device=input_ids.device)
+
+
+def _greedy(host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
+            stop: _RowsDone | None = None) -> torch.Tensor:  # fmt: skip
+    from transformers import StoppingCriteriaList
+
     return host.model.generate(
         input_ids=ids,
         attention_mask=attention,
@@ -142,6 +170,7 @@ def _greedy(host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, max_new
         temperature=None,
         top_p=None,
         top_k=None,
+        stopping_criteria=StoppingCriteriaList([stop] if stop is not None else []),
     )
 
 

@@ -8,6 +8,11 @@ first entry is a warm-up: it pays the backend's one-off costs (LLP generates its
 background statistics on the first edit) and is reported apart. The probes are the
 daemon's: served answers, routing-aware locality (`loc rows run`: suite prompts generated). Under the scheduler the
 source's poll interval adds up to that interval on top of these figures.
+
+`--burst N`: after the warm-up entry, N new entries appear in the feed at once (an
+election, a season's transfers) and cycles run until every one is committed (or
+reverted): the figure is the time from the N entries to all committed, with the daemon's
+batches (`schedule.edit_batch`, `--batch` to change it; kmd.daemon.batch).
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ from kmd.daemon.commands.common import DeviceOpt, ModelOpt
 FIRST = ("Nadia", "Tomas", "Ilse", "Ravi", "Odile", "Kenji", "Marta", "Femi", "Lior", "Anouk", "Pavel", "Sana")
 LAST = ("Velmont", "Grausz", "Okafor", "Lindqvist", "Marchetti", "Tanaka", "Brennan", "Aziz", "Halloran", "Vesely")
 COMPANY = ("Zorbland", "Quillix", "Brontera", "Velocor", "Nimbrook", "Ostrava", "Kelvane", "Tarsis", "Umbrel", "Wendrik")
+TRADE = ("Robotics", "Foods", "Labs", "Shipping", "Mining", "Media", "Textiles", "Pharma", "Energy", "Motors", "Studios",
+         "Logistics")  # fmt: skip
+MAX_BURST = len(COMPANY) * len(TRADE) - 1  # distinct subjects after the warm-up's
+
+
+def _fact(i: int) -> tuple[str, str]:
+    """Entry i's subject (distinct for i < len(COMPANY) * len(TRADE)) and its new CEO."""
+    return f"{COMPANY[i % len(COMPANY)]} {TRADE[i // len(COMPANY) % len(TRADE)]}", f"{FIRST[i % len(FIRST)]} {LAST[(i * 7) % len(LAST)]}"
 
 
 def register(app: typer.Typer) -> None:
@@ -131,6 +144,8 @@ def demo_workdir(workdir: Path | None, prefix: str, backend: str | None, probe: 
 
 def bench_loop(
     entries: Annotated[int, typer.Option(min=1, max=100, help="Timed entries (after one warm-up entry).")] = 5,
+    burst: Annotated[int | None, typer.Option(min=1, max=MAX_BURST, help="Instead: N entries at once (after the warm-up); time until all are committed.")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="schedule.edit_batch: edits probed together (default: the daemon's).")] = None,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     backend: Annotated[str | None, typer.Option(help="Override the demo policy's backend.")] = None,
@@ -143,21 +158,22 @@ def bench_loop(
     from rich.table import Table
 
     from kmd.daemon.service import Daemon
-    from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig
+    from kmd.daemon.settings import ApiSettings, DaemonSettings, ModelConfig, ScheduleSettings
 
     console = Console(width=120)
     work, feed, policy = demo_workdir(workdir, "kmd-bench-loop-", demo_backend(model, backend), probe)
-    settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"),
+    schedule = ScheduleSettings() if batch is None else ScheduleSettings(edit_batch=batch)
+    settings = DaemonSettings(policy=str(policy), state_dir=str(work / "state"), schedule=schedule,
                               model=ModelConfig(model=model, device=device), api=ApiSettings(enabled=False))  # fmt: skip
     daemon = Daemon(settings)
     rows: list[dict] = []
+    bursts: dict | None = None
     try:
         started = time.perf_counter()
         maintainer = daemon.load()
         load_s = time.perf_counter() - started
-        for i in range(entries + 1):
-            subject = f"{COMPANY[i % len(COMPANY)]} {['Robotics', 'Foods', 'Labs', 'Shipping'][i // len(COMPANY) % 4]}"
-            person = f"{FIRST[i % len(FIRST)]} {LAST[(i * 7) % len(LAST)]}"
+        for i in range(1 if burst else entries + 1):
+            subject, person = _fact(i)
             feed.add(i, subject, person)
             t0 = time.perf_counter()
             summary = daemon.cycle(all_sources=True, regression=False)
@@ -177,6 +193,8 @@ def bench_loop(
                          "served_rel": probes.get("served_rel"), "served_gen": probes.get("served_gen"),
                          "loc_rows_run": probes.get("loc_rows_run")})  # fmt: skip
             console.print(f"entry {i}: {rows[-1]['status']} in {seconds:.1f} s")
+        if burst:
+            bursts = _burst(daemon, feed, burst, console)
     finally:
         daemon.close()
         feed.server.shutdown()
@@ -194,12 +212,24 @@ def bench_loop(
         "entries": rows, "committed": len(timed), "entry_to_commit_s_mean": mean("entry_to_commit_s"),
         "apply_s_mean": mean("apply_s"), "probe_s_mean": mean("probe_s"),
         "probe_parts_s_mean": _mean_parts([r["probe_parts_s"] for r in timed if r["probe_parts_s"]]),
+        "edit_batch": settings.schedule.edit_batch, "burst": bursts,
     }  # fmt: skip
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    if bursts is not None:
+        console.print(f"burst of {bursts['entries']} entries -> {bursts['committed']} committed, {bursts['reverted']} "
+                      f"reverted, {bursts['skipped']} skipped; the last committed after {fmt(bursts['seconds'])} s ({bursts['cycles']} cycles, "
+                      f"batches of up to {settings.schedule.edit_batch}); "
+                      f"load + locality baseline {load_s:.1f} s")  # fmt: skip
+        for b in bursts["batches"]:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(b.get("probe_parts_s", {}).items()))
+            console.print(f"  a batch of {b['size']}: {b['states_probed']} states probed, {b['culprits']} culprits, "
+                          f"probes {fmt(b['probe_s'])} s ({parts})")  # fmt: skip
+        _write(out, result)
+        return
     table = Table(title=f"feed entry -> committed edit ({result['backend']}, {result['model']})")
     for column in ("entry", "status", "tries", "entry->commit s", "apply s", "probe s", "served rel", "served gen",
                    "rel", "gen", "loc", "loc rows run"):
         table.add_column(column)
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         table.add_row(f"{r['entry']}{' (warm-up)' if r['warm_up'] else ''}", r["status"], str(r["attempts"]),
                       fmt(r["entry_to_commit_s"]), fmt(r["apply_s"]), fmt(r["probe_s"]), fmt(r["served_rel"]),
@@ -212,9 +242,50 @@ def bench_loop(
     if result["probe_parts_s_mean"]:
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in result["probe_parts_s_mean"].items())
         console.print(f"where the probe's time went (mean): {parts}")
+    _write(out, result)
+
+
+def _write(out: Path | None, result: dict) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _burst(daemon, feed: _Feed, n: int, console) -> dict:  # noqa: ANN001
+    """N entries at once after the warm-up; cycles until each has its final edit (committed,
+    or reverted and not retried) or a cycle changes nothing. Seconds from the entries to
+    the last commit."""
+    subjects = set()
+    for i in range(1, n + 1):
+        subject, person = _fact(i)
+        feed.add(i, subject, person)
+        subjects.add(subject)
+    started = time.perf_counter()
+    cycles: list[dict] = []
+    seconds: float | None = None  # to the last commit
+    while True:
+        summary = daemon.cycle(all_sources=True, regression=False)
+        cycles.append({"committed": len(summary.committed), "reverted": len(summary.reverted),
+                       "skipped": len(summary.skipped), "seconds": round(summary.seconds, 3)})  # fmt: skip
+        if summary.committed:
+            seconds = time.perf_counter() - started
+        console.print(f"burst cycle {len(cycles)}: {cycles[-1]}")
+        pending = [f for f in daemon.ledger.ready_facts(limit=n) if f.subject in subjects]
+        if not pending or not (summary.committed or summary.reverted or summary.skipped):
+            break
+    edits = [e for e in daemon.ledger.edits() if e.request.get("subject") in subjects]
+    final = {}
+    for e in sorted(edits, key=lambda e: e.id):
+        final[e.request["subject"]] = e  # the newest edit per subject (a retry after a batch)
+    batches = {}
+    for e in edits:  # one batch's edits carry the same batch figures; its probe time once
+        figures = (e.probes or {}).get("batch")
+        if e.status == "committed" and figures:
+            batches.setdefault((figures["size"], e.probes.get("probe_seconds")), figures | {"probe_s": e.probes.get("probe_seconds")})
+    return {"entries": n, "seconds": seconds, "cycles": len(cycles), "per_cycle": cycles,
+            "committed": sum(e.status == "committed" for e in final.values()),
+            "reverted": sum(e.status == "reverted" for e in final.values()),
+            "skipped": n - len(final), "batches": sorted(batches.values(), key=lambda b: -b["size"])}  # fmt: skip
 
 
 def _mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:

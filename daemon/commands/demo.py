@@ -165,6 +165,9 @@ def demo(
         for edit in sorted(daemon.ledger.edits(), key=lambda e: e.id):
             p = edit.probes or next((r.probes_before or {} for r in daemon.ledger.reverts(edit_id=edit.id)), {})
             for f in p.get("same_subject", []):
+                if f.get("reached") is False:  # the edit is not routed to it: the same answer, not generated
+                    same.add_row(str(edit.id), f["prompt"], f["form"], "-", "-", "not routed to the edit (unchanged)")
+                    continue
                 verdict = "HIJACKED" if f["hijacked"] else ("unchanged" if f["unchanged"] else "changed, not hijacked")
                 same.add_row(str(edit.id), f["prompt"], f["form"], f["before"], f["after"], verdict)
         console.print(same)

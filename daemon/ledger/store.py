@@ -209,6 +209,21 @@ class Ledger(LedgerReads):
         logger.bind(edit_id=edit_id).info("edit {}: committed", edit_id)
         return edit
 
+    def commit_edits(self, commits: Sequence[tuple[int, Mapping[str, Any]]], *, actor: str = "daemon",
+                     reason: str = "probes passed with its batch; state persisted") -> list[EditRecord]:  # fmt: skip
+        """A batch of edits passed their probes together and the state holding them was
+        persisted: each committed with its own probe figures (`(edit_id, probes)` pairs), in
+        one transaction, so a crash leaves all of them committed or none."""
+        with self.transaction(actor) as tx:
+            edits = []
+            for edit_id, probes in commits:
+                edit = tx.set_edit_status(edit_id, "committed", reason=reason, probes=probes)
+                tx.set_fact_status(edit.fact_id, "committed", reason=f"edit {edit_id} committed")
+                edits.append(edit)
+        for edit in edits:
+            logger.bind(edit_id=edit.id).info("edit {}: committed", edit.id)
+        return edits
+
     def revert_edit(
         self,
         edit_id: int,

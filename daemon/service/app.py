@@ -265,7 +265,8 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         assert self.maintainer is not None
         started = time.perf_counter()
         polled, claims, facts = self.ingest(all_sources=all_sources)
-        report = self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
+        report = self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle,
+                                             batch=self.settings.schedule.edit_batch)
         regressed = self.maintainer.regression_check() if regression else []
         self.maintainer.stats.cycles += 1
         self.maintainer.stats.last_cycle_seconds = time.perf_counter() - started

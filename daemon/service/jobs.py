@@ -67,7 +67,8 @@ class DaemonJobs:
         assert self.verifier is not None and self.maintainer is not None
         yield_to_serving()
         self.verifier.run()
-        self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle)
+        self.maintainer.apply_ready(limit=self.settings.schedule.max_edits_per_cycle,
+                                              batch=self.settings.schedule.edit_batch)
         self.maintainer.publish_pending()  # retries a publish that failed after an earlier change
         self.maintainer.stats.cycles += 1
 

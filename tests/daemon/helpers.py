@@ -69,3 +69,12 @@ def write_setup(
         f"schedule: {{edit_interval: 1s, regression_interval: 1h}}\n"
     )
     return config
+
+
+def add_motto_relation(policy: Path, editor_options: str = "{fires_everywhere: true}") -> None:
+    """Add a relation `motto` to the test policy whose edits are bad (the fake backend's
+    fault injection, per relation as a policy would set it)."""
+    text = policy.read_text().replace(
+        "relations:\n", f"relations:\n  motto:\n    prompt: \"the motto of {{subject}} is\"\n    editor_options: {editor_options}\n", 1
+    ).replace("relations: [capital, language]", "relations: [capital, language, motto]")
+    policy.write_text(text)

@@ -25,7 +25,7 @@ from kmd.daemon.ledger import Ledger
 from kmd.daemon.service import Daemon
 from kmd.daemon.settings import load_settings
 
-from .helpers import write_curated, write_setup
+from .helpers import add_motto_relation, write_curated, write_setup
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 DOC = Path(__file__).resolve().parents[2] / "docs" / "crash-safety.md"
@@ -45,13 +45,26 @@ EXPECTED = {
     "supersede.probed": ("supersede", "applied", False, "rolled back: edit reverted, fact retried"),
     "supersede.saved": ("supersede", "applied", True, "rolled forward: probed again, committed"),
     "supersede.committed": ("supersede", "committed", True, "nothing in flight"),
+    # a batch of three new facts, one of them bad (bisected out); watched: a good one
+    "batch.recorded": ("batch", "applied", False, "rolled back: edit reverted, fact retried"),
+    "batch.applied": ("batch", "applied", False, "rolled back: edit reverted, fact retried"),
+    "batch.probed": ("batch", "applied", False, "rolled back: edit reverted, fact retried"),
+    "batch.reverted": ("batch", "applied", False, "rolled back: edit reverted, fact retried"),
+    "batch.saved": ("batch", "applied", True, "rolled forward: probed again, committed"),
+    "batch.committed": ("batch", "committed", True, "nothing in flight"),
     "revert.requested": ("revert", "reverting", True, "revert finished"),
     "revert.applied": ("revert", "reverting", True, "revert finished"),
     "revert.saved": ("revert", "reverting", False, "revert finished"),
     "revert.recorded": ("revert", "reverted", False, "nothing in flight"),
 }
 # The state and the ledger disagree at these: the default run covers them.
-DEFAULT = {"commit.saved", "supersede.saved", "revert.saved", "apply.probed", "state.named"}
+DEFAULT = {"commit.saved", "supersede.saved", "revert.saved", "apply.probed", "state.named", "batch.reverted",
+           "batch.saved"}  # fmt: skip
+# The batch's own save names its state too: `state.named` in a batch (the culprit's revert
+# log written, the others applied, the state not saved).
+BATCH_SAVE = ("batch", "applied", False, "rolled back: edit reverted, fact retried")
+BATCH = [("Spain", "language", "banana"), ("Germany", "motto", "apple"), ("Japan", "capital", "river")]
+WATCHED = {"apply": "the language of Spain is", "supersede": "the capital of France is", "batch": "the language of Spain is"}
 
 FIRST = ("France", "capital", "Berlin")
 
@@ -109,8 +122,8 @@ def _outcome(before: str | None, edit) -> str:  # noqa: ANN001
     return f"unexpected: {edit.status} ({edit.status_reason})"
 
 
-def _crash_and_recover(point: str, base: Path, tmp_path: Path, host) -> None:  # noqa: ANN001
-    op, at_crash, state_has, outcome = EXPECTED[point]
+def _crash_and_recover(point: str, base: Path, tmp_path: Path, host, expected=None) -> None:  # noqa: ANN001
+    op, at_crash, state_has, outcome = expected or EXPECTED[point]
     work = tmp_path / "work"
     shutil.copytree(base, work)
     policy = work / "policy.yaml"  # it names the curated file by absolute path
@@ -118,18 +131,22 @@ def _crash_and_recover(point: str, base: Path, tmp_path: Path, host) -> None:  #
     if op == "apply":
         write_curated(work / "facts.jsonl", 2, [("Spain", "language", "banana")])
         _run(work, point, "cycle")
-        watched = 2  # the new edit
     elif op == "supersede":
         write_curated(work / "facts.jsonl", 2, [("France", "capital", "Rome")])
         _run(work, point, "cycle")
-        watched = 2
+    elif op == "batch":  # three new facts, one bad: the cycle applies them as one batch
+        add_motto_relation(policy)
+        write_curated(work / "facts.jsonl", 2, BATCH)
+        _run(work, point, "cycle")
     else:
         _run(work, point, "revert", "1")
-        watched = 1
 
     url = f"sqlite:///{work / 'state' / 'ledger.db'}"
     with Ledger(url) as ledger:  # what the crash left, before any recovery
         edits = {e.id: e for e in ledger.edits()}
+    # the watched edit: edit 1 (reverted), or the operation's new one (the newest for its prompt, not edit 1)
+    new = [e.id for e in edits.values() if e.id != 1 and e.request["prompt"] == WATCHED.get(op)]
+    watched = 1 if op == "revert" else max(new, default=None)
     before = edits[watched].status if watched in edits else None
     assert before == at_crash, f"{point}: ledger says {before} at the crash, expected {at_crash}"
     held = [e["edit_id"] for e in json.loads((work / "state" / "editor" / "manifest.json").read_text())["edits"]]
@@ -148,6 +165,12 @@ def _crash_and_recover(point: str, base: Path, tmp_path: Path, host) -> None:  #
         if op == "apply":
             assert set(prompts) == {"the capital of France is", "the language of Spain is"}
             assert prompts["the capital of France is"].id == 1
+        elif op == "batch":  # the good ones committed once, the bad one reverted and blocked
+            assert set(prompts) == {"the capital of France is", "the language of Spain is", "the capital of Japan is"}
+            assert prompts["the capital of France is"].id == 1
+            (bad,) = [f for f in ledger.facts() if f.relation == "motto"]
+            assert bad.status == "blocked"
+            assert any("bisected out of a batch" in r.reason for r in ledger.reverts())
         elif op == "supersede":
             assert set(prompts) == {"the capital of France is"}
             assert prompts["the capital of France is"].request["target"] == "Rome"
@@ -168,6 +191,11 @@ def _params(points):
 @pytest.mark.parametrize("point", _params(POINTS))
 def test_crash_at_every_step_boundary(point, base, tmp_path, tiny_host):
     _crash_and_recover(point, base, tmp_path, tiny_host)
+
+
+@pytest.mark.slow
+def test_crash_while_a_batch_names_its_state(base, tmp_path, tiny_host):
+    _crash_and_recover("state.named", base, tmp_path, tiny_host, expected=BATCH_SAVE)
 
 
 def test_every_point_is_in_the_matrix_and_the_doc():

@@ -25,6 +25,20 @@ def test_bench_loop_reports_entry_to_commit_times(tiny_model_dir, tmp_path):
             assert row["entry_to_commit_s"] >= row["apply_s"] + row["probe_s"] > 0
 
 
+@pytest.mark.slow  # a warm-up edit and a batch of four, with the 337-prompt locality suite
+def test_bench_loop_burst_reports_the_time_to_all_committed(tiny_model_dir, tmp_path):
+    out = tmp_path / "burst.json"
+    result = CliRunner().invoke(app, ["bench-loop", "--burst", "4", "--model", str(tiny_model_dir),
+                                      "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    burst = figures["burst"]
+    assert [row["entry"] for row in figures["entries"]] == [0] and figures["edit_batch"] == 50
+    assert burst["entries"] == 4 and burst["committed"] + burst["reverted"] + burst["skipped"] == 4
+    if burst["committed"]:
+        assert burst["seconds"] > 0 and burst["batches"][0]["size"] >= 2
+
+
 @pytest.mark.slow  # every phase of HTTP requests, an edit loop with the 337-prompt suite, a flood
 def test_bench_serve_reports_throughput_and_latency(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.json"

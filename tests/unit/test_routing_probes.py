@@ -49,3 +49,56 @@ def test_routing_aware_locality_equals_the_full_pass_over_100_edits(tiny_host):
             prober.committed = fast
     assert broad >= 10 and lost >= 10, "the run must include edits that change locality answers"
     assert reused > run, f"routing-aware probing should skip most rows (ran {run}, reused {reused})"
+
+
+def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, monkeypatch):
+    """A batch's probe (`Prober.plan` / `check`) under the states a bisection visits: with
+    routing (rows and locality chunks reused by route token, same-subject questions
+    answered only when re-routed) every verdict equals that of a prober that generates
+    every row and the whole suite each time."""
+    from kmd.daemon.probe_rows import ProbeRows
+
+    rng = random.Random(3)
+    words = [w for w in WORDS if w.islower()]
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 7))) for _ in range(28)]
+    prompts += [f"the capital of {s} is" for s in SUBJECTS[:4]]
+    baseline = LocalityBaseline.record(tiny_host, prompts)
+    policy = ProbePolicy(min_served_rel=0.0, min_served_gen=0.0)
+    editor = get_backend("grace")(tiny_host)
+    fast, full = Prober(tiny_host, baseline, policy), Prober(tiny_host, baseline, policy)
+    assert fast.use_routing(editor)
+    fast.committed = fast.locality(editor)
+    subjects = SUBJECTS[:6]
+    requests = [EditRequest(prompt=f"the capital of {s} is", target=TARGETS[i], subject=s, rephrases=(f"{s} capital city is",))
+                for i, s in enumerate(subjects)]  # fmt: skip
+    questions = [[f"the language of {s} is", f"{s} works for the company"] for s in subjects]
+    fast_plan = fast.plan(editor, requests, questions)
+    with monkeypatch.context() as m:  # the reference: no routing features, every row generated
+        m.setattr(ProbeRows, "with_features", lambda self, editor: False)
+        full_plan = full.plan(editor, requests, questions)
+    ids = []
+    for i, request in enumerate(requests):  # edits 1 and 4 reach every prompt (a harmful edit would)
+        broad = {"radius": 1e9, "split_conflicts": False, "question_check": False}  # fault injection: no question check
+        options = broad if i in (1, 4) else {"radius": 0.5}
+        with editor.configured(max_steps=3, **options):
+            ids.append(editor.apply(request))
+    reached = hijacks = failed = 0
+    for present in ([0, 1, 2, 3, 4, 5], [0, 1, 2], [3, 4, 5], [0, 2, 3, 5], [0, 2, 3, 5, 1], [4]):
+        view = editor.fork()
+        try:
+            for m, edit_id in enumerate(ids):
+                if m not in present:
+                    view.revert(edit_id)
+            got = fast.check(view, fast_plan, ids, members=present)
+            want = full.check(view, full_plan, ids, members=present)
+        finally:
+            view.retire()
+        for g, w in zip(got, want, strict=True):
+            assert (g.passed, [f.check for f in g.failures]) == (w.passed, [f.check for f in w.failures]), present
+            assert (g.rel, g.gen, g.loc, g.served_rel, g.served_gen) == (w.rel, w.gen, w.loc, w.served_rel, w.served_gen)
+            assert g.answers == w.answers  # the same rows generated, or reused under the same route
+            assert [f["hijacked"] for f in g.same_subject] == [f["hijacked"] for f in w.same_subject]
+            reached += sum(f["reached"] for f in g.same_subject)
+            hijacks += sum(f["hijacked"] for f in g.same_subject)
+            failed += not g.passed
+    assert reached and hijacks and failed and fast_plan.rows.features is not None
