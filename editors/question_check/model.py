@@ -54,7 +54,8 @@ def _words(text: str) -> list[str]:
 def subject_named(question: str, subject: str | None, fraction: float = 0.5) -> bool:
     """Does `question` name `subject`? At least `fraction` of the subject's words (not
     stop words) occur in it, a word also counting when one of the two starts with the other
-    and the shorter has 4+ letters ("Karashimas" names "Karashima"). True without a
+    and the shorter has 4+ letters ("Karashimas" names "Karashima"); a word with a digit
+    must occur as it is (a year or an edition tells alike subjects apart). True without a
     subject. A backend's retrieval can reach a question about another subject with the
     same relation ("The gender of Y is" for an edit of "The gender of X is"); the relation
     check alone would let it through."""
@@ -62,6 +63,8 @@ def subject_named(question: str, subject: str | None, fraction: float = 0.5) -> 
     if not wanted:
         return True
     present = set(_words(question))
+    if any(any(c.isdigit() for c in w) and w not in present for w in wanted):
+        return False  # a number names one of many alike ("1990 ... Championships" is not "1989 ...")
 
     def found(word: str) -> bool:
         return word in present or any(min(len(word), len(p)) >= 4 and (p.startswith(word) or word.startswith(p)) for p in present)
