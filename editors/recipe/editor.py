@@ -99,6 +99,7 @@ class RecipeEditor(Editor):
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
         self.row_ids: list[str] = []
         self.shifts = torch.empty(0, device=device)  # (N,) per-edit threshold_shift (cosine units)
+        self._buffers: dict[str, torch.Tensor] = {}  # name -> the buffer that the tensor above is a prefix of (_append_row)
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
         if self.config.context not in ("statement", "trained"):
@@ -118,10 +119,30 @@ class RecipeEditor(Editor):
         encoded = encode_texts([statement(request.prompt, request.target)], self.host.device)
         rep = self.networks.knowledge_reps(encoded)  # (1, R)
         vectors = edit_prompts(self.networks, self.host, rep, [request.target])  # (1, n, D)
-        self.reps = torch.cat([self.reps, rep])
-        self.prompts = torch.cat([self.prompts, vectors])
-        self.shifts = torch.cat([self.shifts, torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device)])
+        self._append_row("reps", rep)
+        self._append_row("prompts", vectors)
+        self._append_row("shifts", torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device))
         self.row_ids.append(edit_id)
+
+    def _append_row(self, name: str, row: torch.Tensor) -> None:
+        """`self.<name>` (N, ...) gains `row` (1, ...) in amortised O(1): the tensor is a
+        prefix view of a buffer with spare rows, reallocated at twice the size when full
+        (a torch.cat per edit copied the whole store: 0.018 s per edit over the first 1000
+        of 10,000 edits, 0.073 s over the last). A fork's views stay valid, because the
+        editor that owns the buffer only writes past its own rows and a fork owns none
+        (`_forked`); a revert or a load makes new tensors, which the next append copies."""
+        current = getattr(self, name)
+        n = current.shape[0]
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] <= n or buffer.data_ptr() != current.data_ptr() or buffer.shape[1:] != current.shape[1:]:
+            buffer = torch.empty((max(16, 2 * (n + 1)), *current.shape[1:]), dtype=current.dtype, device=current.device)
+            buffer[:n] = current
+            self._buffers[name] = buffer
+        buffer[n] = row[0]
+        setattr(self, name, buffer[: n + 1])
+
+    def _forked(self) -> None:
+        self._buffers = {}  # the parent may still write past its rows into the shared buffers
 
     @torch.no_grad()
     def _prefix_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:

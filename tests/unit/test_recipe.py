@@ -241,3 +241,27 @@ def test_the_shipped_editor_is_for_the_embedded_model_only(tiny_host):
     meta = read_metadata(shipped[0])
     assert meta["model"]["name"] == "SmolLM2-135M-Instruct" and meta["shape"]["rep_dim"] == 384
     assert packaged_checkpoint(tiny_host) is None  # another model: no shipped editor, a clear error instead
+
+
+def test_appended_rows_grow_in_place_without_touching_forks_or_saved_states(tiny_host, trained, tmp_path):
+    """Rows are appended into buffers with spare room (amortised O(1) per edit); a fork taken
+    midway keeps its rows while the parent writes past them, and a save/load round trip of
+    the grown store is exact."""
+    editor = make(tiny_host, trained)
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle", "mirror", "garden"]
+    requests = [EditRequest(prompt=f"the favourite thing of person {i} is", target=words[i % len(words)], edit_id=f"r{i}")
+                for i in range(40)]  # fmt: skip
+    for request in requests[:10]:
+        editor.apply(request)
+    fork = editor.fork()
+    before = {name: getattr(fork, name).clone() for name in ("reps", "prompts", "shifts")}
+    for request in requests[10:]:
+        editor.apply(request)  # past 16 and 32 rows: two reallocations, writes into the fork's buffer first
+    assert all(torch.equal(getattr(fork, name), before[name]) for name in before)
+    assert editor.reps.shape[0] == 40 and editor.reps.data_ptr() == editor._buffers["reps"].data_ptr()
+    editor.revert("r5")
+    editor.apply(requests[5])  # after a revert (new tensors) the next append starts a new buffer
+    saved = editor.save(tmp_path / "state")
+    loaded = Editor.load(saved, tiny_host)
+    assert loaded.edit_ids == editor.edit_ids
+    assert all(torch.equal(getattr(loaded, name), getattr(editor, name)) for name in before)
