@@ -425,15 +425,16 @@ class Editor(ABC):
                 out[i] = bool(ok)
         return out
 
-    def keep_answerable(self, hit: torch.Tensor, edit_of: Callable[[int], str],
+    def keep_answerable(self, hit: torch.Tensor, best: torch.Tensor, row_ids: Sequence[str],
                         questions: Callable[[list[int]], list[str]]) -> torch.Tensor:  # fmt: skip
         """hit (B,) bool, the rows the backend routed -> the same with the rows whose edit may
-        not answer their question turned off (`answerable`). `edit_of(row)`: the row's edit
-        id; `questions(rows)`: those rows' questions (asked only when the check is on)."""
+        not answer their question turned off (`answerable`). `best` (B,): each row's edit as
+        an index into `row_ids`; `questions(rows)`: those rows' questions (asked only when
+        the check is on)."""
         rows = hit.nonzero().flatten().tolist()
         if not rows or not hasattr(self.config, "question_check"):
             return hit
-        verdicts = self.answerable(questions(rows), [edit_of(row) for row in rows])
+        verdicts = self.answerable(questions(rows), [row_ids[int(best[row])] for row in rows])
         out = hit.clone()
         for row, ok in zip(rows, verdicts, strict=True):
             out[row] = ok

@@ -157,16 +157,22 @@ def print_table(result: dict) -> None:
     print_hijacks(console, result.get("hijack_sample") or [])
 
 
+def _answer_table(title: str, columns: tuple[str, ...]):
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
 def print_answers(console, sample: list[dict]) -> None:
     """Base and edited answers side by side: people read answers, not numbers."""
     from rich.markup import escape
-    from rich.table import Table
 
     if not sample:
         return
-    table = Table(title="answers (first records): base -> edited", show_lines=True)
-    for column in ("prompt -> target", "form", "base", "edited", "ok"):
-        table.add_column(column, overflow="fold")
+    table = _answer_table("answers (first records): base -> edited", ("prompt -> target", "form", "base", "edited", "ok"))
     for row in sample:
         for form in FORMS:
             answer = row.get(form) or {}
@@ -185,13 +191,11 @@ def print_answers(console, sample: list[dict]) -> None:
 def print_hijacks(console, hijacks: list[dict]) -> None:
     """Same-subject questions the edit answered with its own target: the worst failure."""
     from rich.markup import escape
-    from rich.table import Table
 
     if not hijacks:
         return
-    table = Table(title="hijacked same-subject answers: base -> edited", show_lines=True)
-    for column in ("edit", "question", "form", "base", "edited"):
-        table.add_column(column, overflow="fold")
+    columns = ("edit", "question", "form", "base", "edited")
+    table = _answer_table("hijacked same-subject answers: base -> edited", columns)
     for row in hijacks:
-        table.add_row(*(escape(str(row[k]).strip()[:160]) for k in ("edit", "question", "form", "base", "edited")))
+        table.add_row(*(escape(str(row[k]).strip()[:160]) for k in columns))
     console.print(table)

@@ -474,7 +474,7 @@ class LlpEditor(Editor):
         retrieval_mask = mask if retrieval_mask is None else retrieval_mask  # (B, T): a chat turn's user tokens
         best, _, hit = self.vote(self.row_similarities(states, retrieval_mask, decision.pop("alone", None)))
         if ids is not None:
-            hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+            hit = self.keep_answerable(hit, best, self.row_ids,
                                        lambda rows: self.host.chat.questions(ids, mask, rows))  # fmt: skip
         decision["done"] = True
         rows = hit.nonzero().squeeze(1)
@@ -539,7 +539,7 @@ class LlpEditor(Editor):
             return [None] * states.shape[1]
         alone = features if "alone_rows" in features else None
         best, _, hit = self.vote(self.row_similarities(states, features["mask"], alone))
-        hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+        hit = self.keep_answerable(hit, best, self.row_ids,
                                    lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
         return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 

@@ -297,7 +297,7 @@ class MemoirEditor(Editor):
             score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
             hit = score >= self.config.tau
             if ids is not None:
-                hit = self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])],
+                hit = self.keep_answerable(hit, best, self.row_ids,
                                            lambda rows: self.host.chat.questions(ids, prompt, rows))  # fmt: skip
             rows = hit.nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "edit": best[rows], "score": score}
@@ -357,7 +357,7 @@ class MemoirEditor(Editor):
         if not self.row_ids:
             return [None] * pooled.shape[0]
         score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
-        hits = self.keep_answerable(score >= self.config.tau, lambda row: self.row_ids[int(best[row])],
+        hits = self.keep_answerable(score >= self.config.tau, best, self.row_ids,
                                     lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
         out: list[tuple[str, tuple[str, ...]] | None] = []
         for b, hit in zip(best.tolist(), hits.tolist()):

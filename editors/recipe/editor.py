@@ -188,7 +188,7 @@ class RecipeEditor(Editor):
         return best, self._checked(queries, best, hit)
 
     def _checked(self, questions: Sequence[str], best: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
-        return self.keep_answerable(hit, lambda row: self.row_ids[int(best[row])], lambda rows: [questions[r] for r in rows])
+        return self.keep_answerable(hit, best, self.row_ids, lambda rows: [questions[r] for r in rows])
 
     def _query_reps(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, Q, R) query reps of each text: the whole text, then (when `last_sentence_query`)
