@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 SERVED_PROTOCOL_V2 = "lifelong-served/v2"
 SAMPLE_RECORDS = 10
 HIJACK_SAMPLE = 30
+MISS_SAMPLE = 60
 
 Kind = Literal["edit", "reph", "same", "port", "context", "loc"]
 Notify = Callable[[str, int, int], None]
@@ -176,6 +177,7 @@ def summarise(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord
         "n_port": sum(len(r.portability) for r in records),
         "answers_sample": sample(base, edited, records),
         "hijack_sample": hijack_sample(base, edited, records),
+        "miss_sample": miss_sample(base, edited, records),
     }
     return out
 
@@ -219,6 +221,19 @@ def hijack_sample(base: ServedPass, edited: ServedPass, records: Sequence[EditRe
         if q.kind == "same" and _hijacked(records[q.record].target, b, e):
             r = records[q.record]
             out.append({"edit": f"{r.prompt} -> {r.target}", "question": q.prompt, "form": q.form, "base": b.text, "edited": e.text})
+            if len(out) >= count:
+                break
+    return out
+
+
+def miss_sample(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord], count: int = MISS_SAMPLE) -> list[dict[str, Any]]:
+    """Every edit prompt answered wrong, in any form (up to `count`): what the misses look like."""
+    out = []
+    for q, b, e in zip(edited.asked, _aligned(base, edited), edited.answers, strict=True):
+        if q.kind == "edit" and not e.correct:
+            r = records[q.record]
+            out.append({"edit": f"{r.prompt} -> {r.target}", "form": q.form, "base": b.text, "edited": e.text,
+                        "degenerate": e.degenerate})  # fmt: skip
             if len(out) >= count:
                 break
     return out

@@ -10,10 +10,11 @@ Both texts are masked with the edit's subject (model.mask_subject). Sources, eac
   another name (positive: the name stays unmasked); a Relation_Specificity question asks
   another fact of the subject (negative);
 - the relations file (relations.yaml): two phrasings of one relation (positive), of two
-  relations (negative), in declarative, question, possessive and bare-label ("X taxon
+  relations (negative; a quarter of them relations the encoder puts near each other), in declarative, question, possessive and bare-label ("X taxon
   rank") styles; some questions name the subject by another name, unmasked, as an alias
   would;
 - unrelated questions (a ZsRE record's locality question) against an edit prompt (negative);
+- a KnowEdit file's templates (`template_pairs`): each against every other (negative);
 - across styles (`cross_style_pairs`): a record's question against a declarative template
   of another relation (the KnowEdit and relations-file templates, filled with the same
   subject), negative when the two are far apart in the sentence encoder's space (below
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from kmd.editors.bench.data import EditRecord, load_records
@@ -42,6 +44,10 @@ CROSS_STYLE_MAX_COSINE = 0.5
 # ("What nationality is X?" / "The nationality of X is?"): such pairs, closer than this in
 # the sentence encoder's space, are not taken as negatives.
 OTHER_QUESTION_MAX_COSINE = 0.7
+NEAR_RELATIONS = 6  # hard negatives: each relation against its 6 nearest in the relations file
+NEAR_SHARE = 0.25  # of the relations file's negatives; more made the network unsure of the positives
+TEMPLATE_MIN_COUNT = 3  # KnowEdit templates used this often take part in template pairs
+TEMPLATE_REPEATS = 5  # each pair of two KnowEdit templates, as negatives
 
 
 @dataclass(frozen=True)
@@ -92,9 +98,34 @@ def record_pairs(records: Sequence[EditRecord], rng: random.Random, source: str)
     return pairs
 
 
-def relation_pairs(relations: dict[str, list[str]], names: Sequence[str], count: int, rng: random.Random) -> list[Pair]:
+def nearest_relations(relations: dict[str, list[str]], count: int) -> dict[str, list[str]]:
+    """relation -> the `count` other relations with the phrasings the sentence encoder puts
+    nearest (subject masked): the pairs a random
+    draw of two relations among 128 almost never gives ("the country which X is associated
+    with" / "the capital city of X" / "the religion which X is associated with")."""
+    from kmd.editors.question_check.model import encode
+
+    keys = sorted(relations)
+    texts = [t.format(MASK) for k in keys for t in relations[k]]
+    owner = torch.tensor([i for i, k in enumerate(keys) for _ in relations[k]])  # (T,) relation of each text
+    table = encode(texts, "cpu")  # (T, D)
+    cosine = table @ table.T  # (T, T)
+    members = torch.zeros(len(keys), len(texts), dtype=torch.bool)
+    members[owner, torch.arange(len(texts))] = True  # (K, T)
+    # closest phrasing pair of two relations, (K, K): a shared frame ("the X which {} is associated with")
+    # is what misleads the network, so the nearest pair counts, not the mean
+    by_text = torch.stack([cosine[members[k]].amax(0) for k in range(len(keys))])  # (K, T)
+    similarity = torch.stack([by_text[:, members[k]].amax(1) for k in range(len(keys))], dim=1)  # (K, K)
+    similarity.fill_diagonal_(float("-inf"))  # never itself
+    nearest = similarity.topk(min(count, len(keys) - 1), dim=1).indices
+    return {k: [keys[j] for j in nearest[i].tolist()] for i, k in enumerate(keys)}
+
+
+def relation_pairs(relations: dict[str, list[str]], names: Sequence[str], count: int, rng: random.Random,
+                   near: dict[str, list[str]] | None = None) -> list[Pair]:  # fmt: skip
     """`count` positive and `count` negative pairs from the relations file; 30 % of questions
-    name the subject (another name, unmasked)."""
+    name the subject (another name, unmasked). With `near` (nearest_relations), some of the
+    negatives (NEAR_SHARE) pair a relation with one of its nearest others."""
     keys = sorted(relations)
 
     def ask(template: str) -> str:
@@ -105,8 +136,12 @@ def relation_pairs(relations: dict[str, list[str]], names: Sequence[str], count:
         relation = rng.choice(keys)
         a, b = rng.sample(relations[relation], 2)
         pairs.append(Pair(ask(a), b.format(MASK), 1.0, "relations:same"))
-        r1, r2 = rng.sample(keys, 2)
-        pairs.append(Pair(ask(rng.choice(relations[r1])), rng.choice(relations[r2]).format(MASK), 0.0, "relations:other"))
+        if near and rng.random() < NEAR_SHARE:
+            r1 = rng.choice(keys)
+            r2, source = rng.choice(near[r1]), "relations:near"
+        else:
+            (r1, r2), source = rng.sample(keys, 2), "relations:other"
+        pairs.append(Pair(ask(rng.choice(relations[r1])), rng.choice(relations[r2]).format(MASK), 0.0, source))
     return pairs
 
 
@@ -127,6 +162,25 @@ def cross_style_pairs(records: Sequence[EditRecord], templates: Sequence[str], p
         far = [masked[j] for j in (cosines[row] < cut).nonzero().flatten().tolist()]
         pairs += [Pair(t, prompt, 0.0, f"{source}:cross-style") for t in rng.sample(far, min(per_record, len(far)))]
     return pairs
+
+
+def template_pairs(records: Sequence[EditRecord], repeats: int, source: str, min_count: int = TEMPLATE_MIN_COUNT) -> list[Pair]:
+    """Negatives between the prompt templates of a KnowEdit file: each template (an edit's or
+    a same-subject question's prompt, subject masked, used `min_count`+ times) against every
+    other, `repeats` times. A KnowEdit file asks each Wikidata property with one template, so
+    two templates are two relations; the rare pairs that read alike ("the country which X is
+    associated with" / "the capital city of X") are the ones the same-subject pairs seldom
+    give and that hijacked answers on the development set."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if not r.subject:
+            continue
+        for text in (r.prompt, *(q.prompt for q in r.same_subject)):
+            masked = mask_subject(text, r.subject)
+            if masked != text:
+                counts[masked] = counts.get(masked, 0) + 1
+    templates = sorted(t for t, n in counts.items() if n >= min_count)
+    return [Pair(a, b, 0.0, f"{source}:template") for a in templates for b in templates if a != b for _ in range(repeats)]
 
 
 def drop_ambiguous(pairs: list[Pair]) -> list[Pair]:
@@ -170,7 +224,10 @@ def training_pairs(files: Sequence[Path], exclude_first: dict[str, int], relatio
     if cross_style:
         for fmt, records in loaded:
             pairs += cross_style_pairs(records, templates, cross_style, rng, fmt)
+    for fmt, records in loaded:
+        if fmt == "knowedit":
+            pairs += template_pairs(records, TEMPLATE_REPEATS, fmt)
     pairs = drop_ambiguous(pairs)
-    pairs += relation_pairs(relations, names, relation_count, rng)
+    pairs += relation_pairs(relations, names, relation_count, rng, nearest_relations(relations, NEAR_RELATIONS))
     rng.shuffle(pairs)
     return pairs

@@ -36,11 +36,17 @@ class QuestionCheckError(RuntimeError):
 
 
 def mask_subject(text: str, subject: str | None) -> str:
-    """`text` with every occurrence of `subject` (case-insensitive, whole) replaced by MASK."""
+    """`text` with every occurrence of `subject` (case-insensitive, whole) replaced by MASK.
+    A one- or two-character subject ("맦", "U2") is masked only where it stands as a word of
+    its own, not inside other words: left unmasked, "맦 follows" and "맦 is followed by"
+    read alike to the network."""
     subject = (subject or "").strip()
-    if len(subject) < 2:
+    if not subject:
         return text
-    return re.sub(re.escape(subject), MASK, text, flags=re.IGNORECASE)
+    pattern = re.escape(subject)
+    if len(subject) < 3:
+        pattern = rf"(?<!\w){pattern}(?!\w)"
+    return re.sub(pattern, MASK, text, flags=re.IGNORECASE)
 
 
 _STOP_WORDS = frozenset("the of a an and in on at to for de la le du von van der des di da del is by".split())

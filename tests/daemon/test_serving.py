@@ -4,8 +4,6 @@ random model, in process)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +15,7 @@ from kmd.daemon.serving import Budget, GenerationRequest, Scheduler, ServedState
 from kmd.editors.scoring import generate_ids, generate_text
 
 from .ecosystem import TOKEN
+from .flood import Flood
 from .test_maintainer import make_daemon
 
 PROMPT = "the capital of France is"
@@ -138,40 +137,9 @@ def test_a_full_queue_gets_429_with_retry_after_and_token_holders_have_their_own
     daemon.close()
 
 
-FLOOD = """
-import sys, threading, time, httpx
-base, prompt, stop_file, out = sys.argv[1:5]
-lines, lock = [], threading.Lock()
-
-def flood():
-    with httpx.Client(timeout=120) as client:
-        while True:
-            try:
-                open(stop_file).close()
-                return
-            except FileNotFoundError:
-                pass
-            r = client.post(base + "/v1/completions", json={"model": "embedded", "prompt": prompt, "max_tokens": 64,
-                                                             "temperature": 0})
-            with lock:
-                lines.append(f"{r.status_code} {time.time()}")
-                with open(out, "a") as f:
-                    f.write(lines[-1] + "\\n")
-            if r.status_code == 429:
-                time.sleep(0.05)
-
-threads = [threading.Thread(target=flood) for _ in range(80)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"""
-
-
 def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny_host, monkeypatch):
     """Issue 25: 80 anonymous completions delayed a revert by 28.6 s (generation held the
-    writer's lock and every worker thread). Now generation holds neither. The 80 clients run
-    in their own process, as real ones would: in this one they took the server's GIL."""
+    writer's lock and every worker thread). Now generation holds neither."""
     monkeypatch.setenv("KMD_TEST_TOKEN", TOKEN)
     daemon, _ = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
     daemon.load()
@@ -179,40 +147,27 @@ def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny
     edit_id = int(daemon.maintainer.editor.edit_ids[0])
     daemon.start_api()
     base = f"http://127.0.0.1:{daemon._server.servers[0].sockets[0].getsockname()[1]}"
-    stop_file, out = tmp_path / "stop", tmp_path / "flood.log"
-    out.touch()
-
-    def served() -> list[tuple[int, float]]:
-        """(status, time.time() it finished) of every flood request so far."""
-        rows = [line.split() for line in out.read_text().splitlines()]
-        return [(int(r[0]), float(r[1])) for r in rows if len(r) == 2]
-
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, base, LONG, str(stop_file), str(out)])
+    body = {"model": "embedded", "prompt": LONG, "max_tokens": 64, "temperature": 0}
     try:
-        # The anonymous budget is spent (a 429) and being served (a 200).
-        deadline = time.monotonic() + 60
-        while not {429, 200} <= {s for s, _ in served()} and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert {429, 200} <= {s for s, _ in served()}, "the flood never filled the anonymous budget"
-        with httpx.Client(timeout=60) as client:
-            started = time.perf_counter()
-            health = client.get(f"{base}/healthz")
-            healthz = time.perf_counter() - started
-            started = time.perf_counter()
-            revert = client.post(f"{base}/v1/edits/{edit_id}/revert", json={"reason": "flood test"},
-                                 headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
-            seconds = time.perf_counter() - started
-            reverted_at = time.time()
-        time.sleep(0.5)
+        with Flood(f"{base}/v1/completions", body, 80, tmp_path) as flood:
+            flood.wait_until_budget_spent()
+            with httpx.Client(timeout=60) as client:
+                started = time.perf_counter()
+                health = client.get(f"{base}/healthz")
+                healthz = time.perf_counter() - started
+                started = time.perf_counter()
+                revert = client.post(f"{base}/v1/edits/{edit_id}/revert", json={"reason": "flood test"},
+                                     headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+                seconds = time.perf_counter() - started
+                reverted_at = time.time()
+            time.sleep(0.5)
     finally:
-        stop_file.touch()
-        flood.wait(timeout=120)
         daemon._server.should_exit = True
         daemon._server_thread.join(timeout=10)
     assert revert.status_code == 200, revert.text
     assert health.status_code == 200 and healthz < 1.0, healthz
     assert seconds < 5.0, f"the revert took {seconds:.1f} s under the flood"
-    assert any(t > reverted_at for _, t in served()), "the flood was still being served when the revert was done"
+    assert any(t > reverted_at for _, t in flood.served()), "the flood was still being served when the revert was done"
     assert daemon.maintainer.serving.edit_ids == []
     daemon.close()
 

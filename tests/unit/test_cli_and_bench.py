@@ -129,6 +129,11 @@ def test_served_v2_counts_hijacks_and_unchanged_same_subject_answers(tiny_host, 
     first = broad["answers_sample"][0]
     assert first["plain"]["same"] == "the language of France is" and first["plain"]["same_hijacked"] is True
     assert {"base", "edited", "correct"} <= set(first["sys"]) and {"base", "edited", "correct"} <= set(first["multi"])
+    for result in (specific, broad):  # every edit prompt answered wrong is listed, in its form
+        for form in ("plain", "chat", "sys", "multi"):
+            missed = [m for m in result["miss_sample"] if m["form"] == form]
+            assert len(missed) == round((1 - result[f"edit_{form}_ok"]) * len(records)), (form, missed)
+            assert all(not m["edited"].strip().startswith("Tokyo") for m in missed)
 
 
 def test_distractors_are_edited_after_the_evaluated_records_and_not_scored(tiny_host):

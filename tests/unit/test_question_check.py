@@ -30,7 +30,9 @@ def test_subject_named_needs_half_the_words_and_allows_plurals():
 
 def test_mask_subject_is_whole_and_case_insensitive():
     assert mask_subject("Who is the CEO of zorbland robotics?", "Zorbland Robotics") == f"Who is the CEO of {MASK}?"
-    assert mask_subject("The CEO of X is", "X") == "The CEO of X is"  # one letter: left alone
+    assert mask_subject("맦 is followed by", "맦") == f"{MASK} is followed by"  # a short subject, as a word
+    assert mask_subject("U2's next album follows U2s", "U2") == f"{MASK}'s next album follows U2s"
+    assert mask_subject("The CEO of Oxo is", "o") == "The CEO of Oxo is"  # never inside a word
 
 
 CEO = EditRequest(prompt="The CEO of Zorbland Robotics is", target="Nadia Velmont", subject="Zorbland Robotics")
