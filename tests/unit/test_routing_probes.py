@@ -53,8 +53,8 @@ def test_routing_aware_locality_equals_the_full_pass_over_100_edits(tiny_host):
 
 def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, monkeypatch):
     """A batch's probe (`Prober.plan` / `check`) under the states a bisection visits: with
-    routing (rows and locality chunks reused by route token, same-subject questions
-    answered only when re-routed) every verdict equals that of a prober that generates
+    routing (rows, teacher-forced scores and locality chunks reused by route token,
+    same-subject questions answered only when re-routed) every verdict equals that of a prober that generates
     every row and the whole suite each time."""
     from kmd.daemon.probe_rows import ProbeRows
 
@@ -82,6 +82,18 @@ def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, m
         options = broad if i in (1, 4) else {"radius": 0.5}
         with editor.configured(max_steps=3, **options):
             ids.append(editor.apply(request))
+    import kmd.daemon.probes as probes
+
+    scored = {"fast": 0, "full": 0}  # teacher-forced rows scored by each prober
+    real_score = probes.score_targets
+
+    def counting(which):
+        def score(host, editor, pairs, batch_size=16):
+            scored[which] += len(pairs)
+            return real_score(host, editor, pairs, batch_size)
+
+        return score
+
     reached = hijacks = failed = 0
     for present in ([0, 1, 2, 3, 4, 5], [0, 1, 2], [3, 4, 5], [0, 2, 3, 5], [0, 2, 3, 5, 1], [4]):
         view = editor.fork()
@@ -89,7 +101,9 @@ def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, m
             for m, edit_id in enumerate(ids):
                 if m not in present:
                     view.revert(edit_id)
+            monkeypatch.setattr(probes, "score_targets", counting("fast"))
             got = fast.check(view, fast_plan, ids, members=present)
+            monkeypatch.setattr(probes, "score_targets", counting("full"))
             want = full.check(view, full_plan, ids, members=present)
         finally:
             view.retire()
@@ -102,3 +116,4 @@ def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, m
             hijacks += sum(f["hijacked"] for f in g.same_subject)
             failed += not g.passed
     assert reached and hijacks and failed and fast_plan.rows.features is not None
+    assert scored["fast"] < 0.7 * scored["full"], scored  # teacher-forced rows re-scored only when re-routed
