@@ -12,7 +12,8 @@ source's poll interval adds up to that interval on top of these figures.
 `--burst N`: after the warm-up entry, N new entries appear in the feed at once (an
 election, a season's transfers) and cycles run until every one is committed (or
 reverted): the figure is the time from the N entries to all committed, with the daemon's
-batches (`schedule.edit_batch`, `--batch` to change it; kmd.daemon.batch).
+batches (`schedule.edit_batch`, `--batch` to change it; kmd.daemon.batch). `--subjects
+distinct` makes the entries' companies and people share no names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 from xml.sax.saxutils import escape
@@ -39,10 +41,26 @@ COMPANY = ("Zorbland", "Quillix", "Brontera", "Velocor", "Nimbrook", "Ostrava", 
 TRADE = ("Robotics", "Foods", "Labs", "Shipping", "Mining", "Media", "Textiles", "Pharma", "Energy", "Motors", "Studios",
          "Logistics")  # fmt: skip
 MAX_BURST = len(COMPANY) * len(TRADE) - 1  # distinct subjects after the warm-up's
+# `--subjects distinct`: company names that share no word (a syllable pair each), and people
+# that share no full name, as an election's or a season's unrelated facts would.
+HEAD = ("Zor", "Quil", "Bron", "Vel", "Nim", "Ost", "Kel", "Tar", "Umb", "Wen", "Pra", "Dru")
+TAIL = ("blandor", "lixum", "tera", "ocor", "brook", "ravio", "vane", "sisto", "relan", "drik")
 
 
-def _fact(i: int) -> tuple[str, str]:
-    """Entry i's subject (distinct for i < len(COMPANY) * len(TRADE)) and its new CEO."""
+class Subjects(str, Enum):
+    alike = "alike"
+    distinct = "distinct"
+
+
+def _fact(i: int, subjects: str = "alike") -> tuple[str, str]:
+    """Entry i's subject (distinct for i <= MAX_BURST) and its new CEO. "alike": ten company
+    names in twelve trades ("Brontera Foods", "Brontera Labs", ...) with recurring people
+    (the hard case: RECIPE answers a paraphrase with a neighbour's CEO); "distinct": no
+    shared word between two companies, no shared full name between two people."""
+    if subjects == "distinct":
+        k = i // len(HEAD)  # (i % 12, (i + k) % 10) never repeats for i <= MAX_BURST; neighbours share no part
+        company = f"{HEAD[i % len(HEAD)]}{TAIL[(i + k) % len(TAIL)]} {TRADE[i % len(TRADE)]}"
+        return company, f"{FIRST[i % len(FIRST)]} {LAST[(i + k) % len(LAST)]}"
     return f"{COMPANY[i % len(COMPANY)]} {TRADE[i // len(COMPANY) % len(TRADE)]}", f"{FIRST[i % len(FIRST)]} {LAST[(i * 7) % len(LAST)]}"
 
 
@@ -146,6 +164,7 @@ def bench_loop(
     entries: Annotated[int, typer.Option(min=1, max=100, help="Timed entries (after one warm-up entry).")] = 5,
     burst: Annotated[int | None, typer.Option(min=1, max=MAX_BURST, help="Instead: N entries at once (after the warm-up); time until all are committed.")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="schedule.edit_batch: edits probed together (default: the daemon's).")] = None,
+    subjects: Annotated[Subjects, typer.Option(help="alike: ten company names in twelve trades, recurring people; distinct: no shared names.")] = Subjects.alike,
     model: ModelOpt = "embedded",
     device: DeviceOpt = "auto",
     backend: Annotated[str | None, typer.Option(help="Override the demo policy's backend.")] = None,
@@ -173,7 +192,7 @@ def bench_loop(
         maintainer = daemon.load()
         load_s = time.perf_counter() - started
         for i in range(1 if burst else entries + 1):
-            subject, person = _fact(i)
+            subject, person = _fact(i, subjects.value)
             feed.add(i, subject, person)
             t0 = time.perf_counter()
             summary = daemon.cycle(all_sources=True, regression=False)
@@ -194,7 +213,7 @@ def bench_loop(
                          "loc_rows_run": probes.get("loc_rows_run")})  # fmt: skip
             console.print(f"entry {i}: {rows[-1]['status']} in {seconds:.1f} s")
         if burst:
-            bursts = _burst(daemon, feed, burst, console)
+            bursts = _burst(daemon, feed, burst, subjects.value, console)
     finally:
         daemon.close()
         feed.server.shutdown()
@@ -212,7 +231,7 @@ def bench_loop(
         "entries": rows, "committed": len(timed), "entry_to_commit_s_mean": mean("entry_to_commit_s"),
         "apply_s_mean": mean("apply_s"), "probe_s_mean": mean("probe_s"),
         "probe_parts_s_mean": _mean_parts([r["probe_parts_s"] for r in timed if r["probe_parts_s"]]),
-        "edit_batch": settings.schedule.edit_batch, "burst": bursts,
+        "edit_batch": settings.schedule.edit_batch, "burst": bursts, "subjects": subjects.value,
     }  # fmt: skip
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     if bursts is not None:
@@ -251,13 +270,13 @@ def _write(out: Path | None, result: dict) -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _burst(daemon, feed: _Feed, n: int, console) -> dict:  # noqa: ANN001
+def _burst(daemon, feed: _Feed, n: int, kind: str, console) -> dict:  # noqa: ANN001
     """N entries at once after the warm-up; cycles until each has its final edit (committed,
     or reverted and not retried) or a cycle changes nothing. Seconds from the entries to
     the last commit."""
     subjects = set()
     for i in range(1, n + 1):
-        subject, person = _fact(i)
+        subject, person = _fact(i, kind)
         feed.add(i, subject, person)
         subjects.add(subject)
     started = time.perf_counter()

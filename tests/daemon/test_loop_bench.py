@@ -28,15 +28,27 @@ def test_bench_loop_reports_entry_to_commit_times(tiny_model_dir, tmp_path):
 @pytest.mark.slow  # a warm-up edit and a batch of four, with the 337-prompt locality suite
 def test_bench_loop_burst_reports_the_time_to_all_committed(tiny_model_dir, tmp_path):
     out = tmp_path / "burst.json"
-    result = CliRunner().invoke(app, ["bench-loop", "--burst", "4", "--model", str(tiny_model_dir),
+    result = CliRunner().invoke(app, ["bench-loop", "--burst", "4", "--subjects", "distinct", "--model", str(tiny_model_dir),
                                       "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     burst = figures["burst"]
     assert [row["entry"] for row in figures["entries"]] == [0] and figures["edit_batch"] == 50
+    assert figures["subjects"] == "distinct"
     assert burst["entries"] == 4 and burst["committed"] + burst["reverted"] + burst["skipped"] == 4
     if burst["committed"]:
         assert burst["seconds"] > 0 and burst["batches"][0]["size"] >= 2
+
+
+def test_distinct_burst_subjects_share_no_name_and_neighbours_share_no_part():
+    from kmd.daemon.bench.loop import MAX_BURST, _fact
+
+    facts = [_fact(i, "distinct") for i in range(MAX_BURST + 1)]
+    assert len({company for company, _ in facts}) == len({person for _, person in facts}) == MAX_BURST + 1
+    for (a, p), (b, q) in zip(facts, facts[1:]):
+        assert not set(a.split()) & set(b.split()) and not set(p.split()) & set(q.split()), (a, b, p, q)
+    alike = [_fact(i) for i in range(MAX_BURST + 1)]
+    assert len({company for company, _ in alike}) == MAX_BURST + 1 and len({company.split()[0] for company, _ in alike}) == 10
 
 
 @pytest.mark.slow  # every phase of HTTP requests, an edit loop with the 337-prompt suite, a flood
