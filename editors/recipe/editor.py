@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
 
 
+OWN_PROMPT_SLACK = 0.01  # the bar sits this far under the own prompt's margin (cosine units)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -99,6 +100,7 @@ class RecipeEditor(Editor):
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
         self.row_ids: list[str] = []
         self.shifts = torch.empty(0, device=device)  # (N,) per-edit threshold_shift (cosine units)
+        self.bars = torch.empty(0, device=device)  # (N,) per-edit bar on the margin over the sentinel (<= 0; _own_prompt_bar)
         self._buffers: dict[str, torch.Tensor] = {}  # name -> the buffer that the tensor above is a prefix of (_append_row)
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
@@ -122,7 +124,23 @@ class RecipeEditor(Editor):
         self._append_row("reps", rep)
         self._append_row("prompts", vectors)
         self._append_row("shifts", torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device))
+        self._append_row("bars", self._own_prompt_bar(request.prompt, rep, self.shifts[-1:]))
         self.row_ids.append(edit_id)
+
+    def _own_prompt_bar(self, prompt: str, rep: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """(1,) the margin over the sentinel this edit's rows must clear: 0, or lower when the
+        edit's own prompt does not clear the sentinel (the trained retriever puts some
+        prompts, "Lange, Reinerus follows", closer to the sentinel than to their own edit:
+        6 of 100 development edits never fired), by at most `own_prompt_bar_floor`. A lower
+        bar reaches more rows, and the question check then lets through only those that
+        name the edit's subject and ask its relation."""
+        floor = float(self.config.own_prompt_bar_floor)
+        if floor <= 0 or not self.config.question_check:  # unchecked, a lower bar would reach other questions
+            return torch.zeros(1, device=rep.device)
+        reps = self._query_reps([prompt])[0]  # (Q, R)
+        logits = self.networks.retrieval_logits(reps, rep) * self.networks.shape.temperature  # (Q, 2): sentinel, this edit
+        own = float((logits[:, 1] - shift - logits[:, 0]).max()) - self.config.margin  # as _match computes it
+        return torch.tensor([max(-floor, min(0.0, own - OWN_PROMPT_SLACK))], device=rep.device)
 
     def _append_row(self, name: str, row: torch.Tensor) -> None:
         """`self.<name>` (N, ...) gains `row` (1, ...) in amortised O(1): the tensor is a
@@ -175,7 +193,7 @@ class RecipeEditor(Editor):
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
         keep = torch.tensor([i for i in range(len(self.row_ids)) if i != row], dtype=torch.long, device=self.reps.device)
-        self.reps, self.prompts, self.shifts = self.reps[keep], self.prompts[keep], self.shifts[keep]
+        self.reps, self.prompts, self.shifts, self.bars = self.reps[keep], self.prompts[keep], self.shifts[keep], self.bars[keep]
         self._drop_kv(edit_id)
         del self.row_ids[row]
 
@@ -212,7 +230,7 @@ class RecipeEditor(Editor):
         logits = self.networks.retrieval_logits(reps.reshape(b * q, r), self.reps) * self.networks.shape.temperature
         scores = logits[:, 1:] - self.shifts[None, :]  # (B*Q, N) cosines, per-edit shifts
         best = scores.argmax(dim=1)
-        margin = scores.gather(1, best[:, None])[:, 0] - logits[:, 0] - self.config.margin  # (B*Q,)
+        margin = scores.gather(1, best[:, None])[:, 0] - logits[:, 0] - self.config.margin - self.bars[best]  # (B*Q,)
         chosen = margin.view(b, q).argmax(dim=1)  # ties: the whole text
         rows = torch.arange(b, device=reps.device)
         return best.view(b, q)[rows, chosen], margin.view(b, q)[rows, chosen] > 0
@@ -300,7 +318,7 @@ class RecipeEditor(Editor):
 
     # ----- persistence -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"reps": self.reps, "prompts": self.prompts, "shifts": self.shifts}
+        return {"reps": self.reps, "prompts": self.prompts, "shifts": self.shifts, "bars": self.bars}
 
     def extra_state(self) -> dict[str, Any]:
         return {"row_ids": self.row_ids, "checkpoint_sha256": self.checkpoint_sha256}
@@ -317,5 +335,9 @@ class RecipeEditor(Editor):
         shifts = tensors.get("shifts", torch.zeros(len(ids))).float()  # absent in states saved before shifts
         if shifts.shape != (len(ids),):
             raise EditorError("recipe: saved threshold shifts do not match the saved rows")
-        self.reps, self.prompts, self.shifts = loaded["reps"], loaded["prompts"], shifts.to(self.reps.device)
+        bars = tensors.get("bars", torch.zeros(len(ids))).float()  # absent in states saved before bars: 0, as they were
+        if bars.shape != (len(ids),):
+            raise EditorError("recipe: saved bars do not match the saved rows")
+        self.reps, self.prompts = loaded["reps"], loaded["prompts"]
+        self.shifts, self.bars = shifts.to(self.reps.device), bars.to(self.reps.device)
         self.row_ids, self._kv, self._kv_bytes = ids, OrderedDict(), 0

@@ -153,6 +153,32 @@ def test_retrieval_picks_the_right_row_and_the_sentinel_blocks_the_rest(tiny_hos
     assert not strict.retrieve([EDIT.prompt])[1].any()
 
 
+def test_an_edit_whose_own_prompt_misses_the_sentinel_gets_a_bar_just_under_it(tiny_host, trained):
+    """The shipped retriever put 6 of 100 development edits' own prompts nearer the sentinel
+    than their edit: those edits never fired. Such an edit's bar is lowered just under its
+    prompt's margin (by at most own_prompt_bar_floor): its prompt fires, and the question
+    check keeps out the other rows the lower bar reaches."""
+    reps = make(tiny_host, trained, own_prompt_bar_floor=0.0)
+    reps.apply(EDIT)
+    logits = reps.networks.retrieval_logits(reps._query_reps([EDIT.prompt])[0], reps.reps) * reps.networks.shape.temperature
+    own = float((logits[:, 1] - logits[:, 0]).max())  # the prompt's margin over the sentinel
+    asked = [EDIT.prompt, "the language of France is", "the capital of Spain is", "the dog and the cat"]
+    unlowered = make(tiny_host, trained, margin=own + 0.1, own_prompt_bar_floor=0.0)  # as if it missed by 0.1
+    unlowered.apply(EDIT)
+    assert unlowered.bars.tolist() == [0.0] and not unlowered.retrieve(asked)[1].any()
+    lowered = make(tiny_host, trained, margin=own + 0.1)
+    lowered.apply(EDIT)
+    assert -0.25 <= lowered.bars.item() < -0.1
+    assert lowered.retrieve(asked)[1].tolist() == [True, False, False, False]
+    assert torch.equal(lowered.state_tensors()["bars"], lowered.bars)
+    too_far = make(tiny_host, trained, margin=own + 0.5)  # more than the floor lowers: still no hit
+    too_far.apply(EDIT)
+    assert too_far.bars.item() == pytest.approx(-0.25) and not too_far.retrieve(asked)[1].any()
+    unchecked = make(tiny_host, trained, margin=own + 0.1, question_check=False)  # no check, no lower bar
+    unchecked.apply(EDIT)
+    assert unchecked.bars.tolist() == [0.0]
+
+
 def test_a_question_after_other_text_is_found_by_its_last_sentence(tiny_host, trained):
     editor = make(tiny_host, trained)
     editor.apply(EDIT)
