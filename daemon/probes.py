@@ -389,15 +389,13 @@ class Prober:
         token of its plain served row: a state that routes that row the same scores it the
         same (the editor protocol), so a bisection step re-scores only what it re-routes
         (it was 75 % of a burst's probe time). Without routes every row is scored."""
-        requests = [plan.requests[m] for m in members]
         if routes is None:
-            return self.edit_scores(editor, requests)
+            return self.edit_scores(editor, [plan.requests[m] for m in members])
         keys = {m: [(plan.served[m][j], routes[plan.served[m][j]]) for j in range(1 + len(plan.requests[m].rephrases))]
                 for m in members}  # fmt: skip  # the plain rows come first in plan.served[m]
         todo = [(key, text, plan.requests[m].target) for m in members
                 for key, text in zip(keys[m], (plan.requests[m].prompt, *plan.requests[m].rephrases), strict=True)
                 if key not in plan.scored]  # fmt: skip
-        todo = list({key: (key, text, target) for key, text, target in todo}.values())
         scored = score_targets(self.host, editor, [(text, target) for _, text, target in todo], self.batch_size)
         plan.scored.update({key: score.accuracy for (key, _, _), score in zip(todo, scored, strict=True)})
         out = []
