@@ -158,6 +158,8 @@ class ProbePlan:
     memo: RouteMemo = field(default_factory=RouteMemo)
     locality_memo: LocalityMemo = field(default_factory=dict)
     scored: dict[tuple[int, Hashable | None], float] = field(default_factory=dict)  # (plain row, route) -> teacher-forced accuracy
+    earlier_rows: ProbeRows | None = None  # the sampled earlier edits' prompts (Prober.earlier)
+    earlier_scored: dict[tuple[int, Hashable | None], float] = field(default_factory=dict)  # (sample row, route) -> accuracy
 
 
 def _answer_figure(answer: Answer) -> dict[str, Any]:
@@ -328,13 +330,30 @@ class Prober:
             plan.before.update(plan.memo.answer(self.host, editor, table, wanted, None, self.batch_size))
         return plan
 
-    def earlier(self, editor: Editor, requests: Sequence[EditRequest], seed: int = 0) -> tuple[float | None, int]:
+    def earlier(self, editor: Editor, requests: Sequence[EditRequest], plan: ProbePlan | None = None,
+                seed: int = 0) -> tuple[float | None, int]:  # fmt: skip
+        """(teacher-forced accuracy of a sample of the earlier edits, the sample's size). With
+        `plan`, each sampled prompt's score is kept by its route token, as `_teacher_forced`
+        keeps the candidates' (the same earlier edits under every state of a bisection)."""
         k = min(self.thresholds.earlier_edits_sample, len(requests))
         if k == 0:
             return None, 0
         sample = random.Random(seed).sample(list(requests), k)
-        scores = score_targets(self.host, editor, [(r.prompt, r.target) for r in sample], self.batch_size)
-        return sum(s.accuracy for s in scores) / k, k
+        routes = None
+        if plan is not None:
+            if plan.earlier_rows is None or [r.prompt for r in plan.earlier_rows.rows] != [r.prompt for r in sample]:
+                plan.earlier_rows = ProbeRows(self.host, [ProbeRow(r.prompt, "plain", r.target) for r in sample], self.batch_size)
+                plan.earlier_scored = {}
+                plan.earlier_rows.with_features(editor)
+            routes = plan.earlier_rows.routes(editor)
+        if routes is None:
+            scores = score_targets(self.host, editor, [(r.prompt, r.target) for r in sample], self.batch_size)
+            return sum(s.accuracy for s in scores) / k, k
+        keys = list(enumerate(routes))
+        todo = [i for i, key in enumerate(keys) if key not in plan.earlier_scored]
+        scored = score_targets(self.host, editor, [(sample[i].prompt, sample[i].target) for i in todo], self.batch_size)
+        plan.earlier_scored.update({keys[i]: s.accuracy for i, s in zip(todo, scored, strict=True)})
+        return sum(plan.earlier_scored[key] for key in keys) / k, k
 
     def check(self, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], earlier: Sequence[EditRequest] = (),
               members: Sequence[int] | None = None) -> list[ProbeReport]:  # fmt: skip
@@ -358,7 +377,7 @@ class Prober:
             clock("same_subject_before", self._before, editor, plan, [edit_ids[m] for m in members], rerouted)
         scores = clock("teacher_forced", self._teacher_forced, editor, plan, members, routes)
         state = clock("locality", self.locality, editor, memo=plan.locality_memo)
-        earlier_rel, checked = clock("earlier", self.earlier, editor, earlier)
+        earlier_rel, checked = clock("earlier", self.earlier, editor, earlier, plan)
         shared = self._shared_failures(state, earlier_rel, checked)
         examples = self.changed_examples(state)
         reports = []

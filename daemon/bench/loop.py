@@ -58,8 +58,9 @@ def _fact(i: int, subjects: str = "alike") -> tuple[str, str]:
     (the hard case: RECIPE answers a paraphrase with a neighbour's CEO); "distinct": no
     shared word between two companies, no shared full name between two people."""
     if subjects == "distinct":
-        k = i // len(HEAD)  # (i % 12, (i + k) % 10) never repeats for i <= MAX_BURST; neighbours share no part
-        company = f"{HEAD[i % len(HEAD)]}{TAIL[(i + k) % len(TAIL)]} {TRADE[i % len(TRADE)]}"
+        k = i // len(HEAD)  # (i % 12, (i + k) % 10) never repeats for i <= MAX_BURST; neighbours share no part,
+        # and one head's ten companies are in ten trades ((i + 5k) % 12)
+        company = f"{HEAD[i % len(HEAD)]}{TAIL[(i + k) % len(TAIL)]} {TRADE[(i + 5 * k) % len(TRADE)]}"
         return company, f"{FIRST[i % len(FIRST)]} {LAST[(i + k) % len(LAST)]}"
     return f"{COMPANY[i % len(COMPANY)]} {TRADE[i // len(COMPANY) % len(TRADE)]}", f"{FIRST[i % len(FIRST)]} {LAST[(i * 7) % len(LAST)]}"
 

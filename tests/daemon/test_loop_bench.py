@@ -47,6 +47,10 @@ def test_distinct_burst_subjects_share_no_name_and_neighbours_share_no_part():
     assert len({company for company, _ in facts}) == len({person for _, person in facts}) == MAX_BURST + 1
     for (a, p), (b, q) in zip(facts, facts[1:]):
         assert not set(a.split()) & set(b.split()) and not set(p.split()) & set(q.split()), (a, b, p, q)
+    heads = {}
+    for company, _ in facts:  # the companies of one name head are in different trades
+        heads.setdefault(company[:3], []).append(company.split()[1])
+    assert all(len(set(trades)) == len(trades) for trades in heads.values()), heads
     alike = [_fact(i) for i in range(MAX_BURST + 1)]
     assert len({company for company, _ in alike}) == MAX_BURST + 1 and len({company.split()[0] for company, _ in alike}) == 10
 

@@ -94,6 +94,8 @@ def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, m
 
         return score
 
+    # earlier edits: the requests committed before the batch, re-scored in every state
+    earlier = [EditRequest(prompt=f"{s} works for the company", target=TARGETS[6 + i], subject=s) for i, s in enumerate(SUBJECTS[6:9])]
     reached = hijacks = failed = 0
     for present in ([0, 1, 2, 3, 4, 5], [0, 1, 2], [3, 4, 5], [0, 2, 3, 5], [0, 2, 3, 5, 1], [4]):
         view = editor.fork()
@@ -102,14 +104,17 @@ def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, m
                 if m not in present:
                     view.revert(edit_id)
             monkeypatch.setattr(probes, "score_targets", counting("fast"))
-            got = fast.check(view, fast_plan, ids, members=present)
+            got = fast.check(view, fast_plan, ids, earlier, members=present)
             monkeypatch.setattr(probes, "score_targets", counting("full"))
-            want = full.check(view, full_plan, ids, members=present)
+            with monkeypatch.context() as m:  # the reference scores the earlier edits in full too
+                m.setattr(ProbeRows, "with_features", lambda self, editor: False)
+                want = full.check(view, full_plan, ids, earlier, members=present)
         finally:
             view.retire()
         for g, w in zip(got, want, strict=True):
             assert (g.passed, [f.check for f in g.failures]) == (w.passed, [f.check for f in w.failures]), present
             assert (g.rel, g.gen, g.loc, g.served_rel, g.served_gen) == (w.rel, w.gen, w.loc, w.served_rel, w.served_gen)
+            assert (g.earlier_rel, g.earlier_checked) == (w.earlier_rel, w.earlier_checked) and g.earlier_checked == 3
             assert g.answers == w.answers  # the same rows generated, or reused under the same route
             assert [f["hijacked"] for f in g.same_subject] == [f["hijacked"] for f in w.same_subject]
             reached += sum(f["reached"] for f in g.same_subject)
