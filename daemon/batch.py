@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from loguru import logger
 
 from kmd.daemon.crashpoints import crash_point
-from kmd.daemon.edit_request import build_edit_request, same_subject_questions, with_edit_id
+from kmd.daemon.edit_request import build_edit_request, editor_key, same_subject_questions, with_edit_id
 from kmd.daemon.ledger import FactNotReadyError
 from kmd.editors.scoring import score_targets
 
@@ -207,8 +207,8 @@ class Batches:
         pass, revert the others (saved without them first)."""
         o = self.owner
         assert o.prober is not None
-        ids = [str(e.id) for e in edits]
-        recorded = [_Candidate(o.ledger.fact(e.fact_id), e, o.editor.request(str(e.id))) for e in edits]
+        ids = [editor_key(e.id) for e in edits]
+        recorded = [_Candidate(o.ledger.fact(e.fact_id), e, o.editor.request(key)) for e, key in zip(edits, ids, strict=True)]
         plan = o.prober.plan(o.editor, [c.request for c in recorded], [self._questions(c.fact) for c in recorded], without=ids)
         earlier = [o.editor.request(i) for i in o.editor.edit_ids if i not in ids]
         settlement = settle(o.prober, o.editor, plan, ids, earlier, range(len(recorded)))
@@ -251,7 +251,7 @@ class Batches:
                            earlier: list[EditRequest], loc_before: float) -> list[Outcome]:  # fmt: skip
         o = self.owner
         assert o.prober is not None
-        ids = [str(c.record.id) for c in recorded]
+        ids = [editor_key(c.record.id) for c in recorded]
         started = time.perf_counter()
         try:
             settlement = settle(o.prober, o.editor, plan, ids, earlier, members)

@@ -7,7 +7,13 @@ is data: it is substituted as a value and never itself used as a template.
 
 The request has one shape from here to the backend: an `EditRequest`. The maintainer
 records it in the ledger (`to_dict()`), then gives it the ledger's edit id once, when it
-applies it (`with_edit_id`).
+applies it (`with_edit_id`); reading it back, `EditRecord.edit_request` parses the stored
+dict into an `EditRequest` again.
+
+Edit ids: the ledger numbers edits (`int`, its primary key) and the daemon carries that
+number everywhere; an editor keys the edits it holds by `str` (`Editor.edit_ids`, the
+saved state). The two meet only here: `editor_key` turns a ledger id into the editor's
+key, `ledger_id` the other way.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from kmd.editors.protocol import EditRequest
 if TYPE_CHECKING:
     from kmd.daemon.policy import Policy, RelationTemplate
 
-__all__ = ["build_edit_request", "same_subject_questions", "with_edit_id"]
+__all__ = ["build_edit_request", "editor_key", "ledger_id", "same_subject_questions", "with_edit_id"]
 
 
 class _FactLike(Protocol):
@@ -58,6 +64,16 @@ def same_subject_questions(fact: _FactLike, policy: Policy, limit: int) -> list[
     return out
 
 
-def with_edit_id(request: EditRequest, edit_id: int | str) -> EditRequest:
-    """The request under the ledger's id for its edit (the id the backend stores it by)."""
-    return dataclasses.replace(request, edit_id=str(edit_id))
+def editor_key(edit_id: int) -> str:
+    """The key an editor holds the ledger's edit `edit_id` by."""
+    return str(edit_id)
+
+
+def ledger_id(key: str) -> int:
+    """The ledger's id of the edit an editor holds as `key` (ValueError: not one of the ledger's)."""
+    return int(key)
+
+
+def with_edit_id(request: EditRequest, edit_id: int) -> EditRequest:
+    """The request under the ledger's id for its edit (as the key the backend stores it by)."""
+    return dataclasses.replace(request, edit_id=editor_key(edit_id))

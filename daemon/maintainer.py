@@ -16,9 +16,9 @@ ahead the same way:
 
     ledger: edit `reverting` (who, why)  ->  editor.revert  ->  state saved  ->  ledger: `reverted`
 
-On start, `restore()` loads the saved state and reconciles it with the ledger
-(`kmd.daemon.reconcile`), finishing or rolling back every operation in flight
-(docs/crash-safety.md has the whole matrix):
+On start, `restore()` loads the saved state and reconciles it with the ledger (a
+`kmd.daemon.reconcile.Reconciler` it builds for that), finishing or rolling back every
+operation in flight (docs/crash-safety.md has the whole matrix):
 a requested revert is finished; an edit the ledger applied but the saved state lacks
 (crash before the save) is marked reverted and its fact retried; an edit the saved state
 holds but the ledger never committed (crash between the save and the commit, so after
@@ -53,7 +53,7 @@ from loguru import logger
 from kmd.daemon.batch import Batches
 from kmd.daemon.bound_state import load_named
 from kmd.daemon.crashpoints import crash_point
-from kmd.daemon.edit_request import build_edit_request, same_subject_questions, with_edit_id
+from kmd.daemon.edit_request import build_edit_request, editor_key, ledger_id, same_subject_questions, with_edit_id
 from kmd.daemon.ledger import FactNotReadyError, LedgerError
 from kmd.daemon.locality import LocalityBaseline, LocalityState, read_suite
 from kmd.daemon.probes import Prober
@@ -96,7 +96,7 @@ class CycleReport:
     seconds: float = 0.0
 
 
-class Maintainer(Reconciler):
+class Maintainer:
     def __init__(
         self,
         host: ModelHost,
@@ -154,11 +154,24 @@ class Maintainer(Reconciler):
                 self.editor = loaded
             routing = prober.use_routing(self.editor, self.state_dir)  # features depend on model + config only
             self.prober = prober  # reconciling re-probes what it finishes
-            self._reconcile()
+            self._reconcile(prober)
             if routing:  # cheap with features: only reached chunks run
                 prober.committed = prober.locality(self.editor)
                 self.stats.last_locality = prober.committed.loc
             self._serve_committed()
+
+    def _reconcile(self, prober: Prober) -> None:
+        """Bring the restored editor and the ledger back in line (kmd.daemon.reconcile)."""
+        reconciler = Reconciler(ledger=self.ledger, policy=self.policy, editor=self.editor, prober=prober,
+                                batches=self.batches, save=self.save, measured=self._measured, actor=self.actor,
+                                state_dir=self.editor_dir)  # fmt: skip
+        reconciler.check_requests()
+        # 1. Reverts someone asked for: the request is durable, so finish it.
+        self.finish_requested_reverts()
+        reconciler.settle()
+
+    def _measured(self, loc: float) -> None:
+        self.stats.last_locality = loc
 
     def save(self) -> None:
         """Save the editor state, named in the ledger first (write-ahead): a crash between
@@ -277,9 +290,9 @@ class Maintainer(Reconciler):
         to its saved state, which still holds the old edit: a failed update loses nothing."""
         old = fact.supersedes_edit_id
         assert old is not None
-        held = str(old) in self.editor.edit_ids
+        held = editor_key(old) in self.editor.edit_ids
         if held:
-            self.editor.revert(str(old))  # in memory only: the saved state keeps it until the commit
+            self.editor.revert(editor_key(old))  # in memory only: the saved state keeps it until the commit
             self.stats.last_locality = None
         crash_point("supersede.old_reverted")
         outcome = None
@@ -289,7 +302,7 @@ class Maintainer(Reconciler):
             if outcome != "committed" and held:
                 reload_editor(self.editor, self.editor_dir, digest=self._digest)
                 self.stats.last_locality = None  # the model changed back; measure again when needed
-                logger.bind(edit_id=str(old)).warning("edit {} kept: the fact superseding it was not committed", old)
+                logger.bind(edit_id=editor_key(old)).warning("edit {} kept: the fact superseding it was not committed", old)
         return outcome, edit_id
 
     def _edit(self, fact: FactRecord, request: EditRequest, supersedes: int | None = None, *,
@@ -316,7 +329,7 @@ class Maintainer(Reconciler):
                 policy_version=self.policy.version_tag, actor=self.actor, supersedes_edit_id=supersedes,
                 reason="edit applied" if number == 1 else f"retry {number - 1} with {overrides}",
             )  # fmt: skip
-            edit_id = str(record.id)
+            edit_id = editor_key(record.id)
             log = logger.bind(edit_id=edit_id)
             op = "apply" if supersedes is None else "supersede"
             crash_point(f"{op}.recorded")
@@ -430,7 +443,7 @@ class Maintainer(Reconciler):
     def _finish_revert(self, edit_id: int, *, reason: str, actor: str) -> dict[str, Any]:
         """The steps after the request: model, saved state, then the ledger's revert log."""
         assert self.prober is not None
-        key = str(edit_id)
+        key = editor_key(edit_id)
         before = {"loc": self.current_locality()}
         if key in self.editor.edit_ids:
             self.editor.revert(key)
@@ -452,7 +465,7 @@ class Maintainer(Reconciler):
             threshold = self.prober.thresholds.min_loc
             loc = self.committed_locality(self.prober.locality(self.editor, full=True))  # the safety net: every chunk
             while loc < threshold and self.editor.edit_ids:
-                newest = int(self.editor.edit_ids[-1])
+                newest = ledger_id(self.editor.edit_ids[-1])
                 reason = f"periodic regression: loc {loc:.4f} < {threshold}"
                 self.ledger.request_revert(newest, reason=reason, actor=self.actor)  # written ahead, like a person's
                 self._finish_revert(newest, reason=reason, actor=self.actor)

@@ -41,6 +41,7 @@ from loguru import logger
 
 from kmd.daemon.bound_state import check_named
 from kmd.daemon.db import HEAD_FILE
+from kmd.daemon.edit_request import editor_key
 from kmd.daemon.ledger import HeadFile, HeadFileError
 from kmd.daemon.serving.state import ServedState
 from kmd.editors.state import MANIFEST, StateError, fsync_path, read_manifest
@@ -253,9 +254,9 @@ class Replica:
         taken = {editor.request(i).prompt for i in editor.edit_ids} | {editor.request(i).target for i in editor.edit_ids}
         gone = []
         for revert in self.ledger.reverts(limit=50) if self.smoke_edits else []:
-            request = self.ledger.edit(revert.edit_id).request
-            if str(revert.edit_id) not in editor.edit_ids and not {request["prompt"], request["target"]} & taken:
-                gone.append((str(revert.edit_id), (request["prompt"], request["target"])))
+            request, key = self.ledger.edit(revert.edit_id).edit_request, editor_key(revert.edit_id)
+            if key not in editor.edit_ids and not {request.prompt, request.target} & taken:
+                gone.append((key, (request.prompt, request.target)))
             if len(gone) >= self.smoke_edits:
                 break
         if gone:

@@ -8,6 +8,9 @@ removes the entry. `fires_everywhere` makes an edit act on every row: a harmful 
 tests that the probes catch one (what GRACE needs an unbounded radius for).
 `fires_on_subject` makes it act on every row whose prompt names its subject: an edit that
 hijacks the other questions about its subject, for tests of the same-subject probe.
+`weak` makes it act on no row at all: an edit that did not take, which the backend's
+stronger retry (`stronger_overrides`, offered while `weak` is set) then makes act, for
+tests of the maintainer's retry.
 
 It obeys the editor protocol like every backend (the contract suite runs it too), so the
 daemon's tests can run the whole loop on a tiny model without depending on one method.
@@ -36,6 +39,7 @@ class FakeConfig:
 
     fires_everywhere: bool = False  # the edits made with this set act on every row
     fires_on_subject: bool = False  # ... on every row whose prompt holds the edit's subject
+    weak: bool = False  # ... on no row (they do not take); the stronger retry turns it off
 
 
 class FakeEditor(Editor):
@@ -50,6 +54,11 @@ class FakeEditor(Editor):
         self.targets: list[tuple[int, ...]] = []  # target token ids of each entry
         self.everywhere: list[bool] = []  # made with fires_everywhere
         self.subjects: list[tuple[tuple[int, ...], ...] | None] = []  # made with fires_on_subject: the subject's spellings
+        self.weak: list[bool] = []  # made with weak: acts on no row
+
+    def stronger_overrides(self) -> dict[str, Any]:
+        """The one retry of an edit that did not take: while `weak` is set, without it."""
+        return {"weak": False} if self.config.weak else {}
 
     # ----- the table ------------------------------------------------------------------------
     def _entry(self, request: EditRequest) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -64,26 +73,30 @@ class FakeEditor(Editor):
             return None
         return tuple(tuple(self.host.encode(text, special=False)) for text in (subject, " " + subject))
 
-    def _add(self, edit_id: str, request: EditRequest, everywhere: bool, on_subject: bool) -> None:
+    def _add(self, edit_id: str, request: EditRequest, everywhere: bool, on_subject: bool, weak: bool) -> None:
         key, target = self._entry(request)
         self.row_ids.append(edit_id)
         self.keys.append(key)
         self.targets.append(target)
         self.everywhere.append(everywhere)
         self.subjects.append(self._spellings(request.subject) if on_subject else None)
+        self.weak.append(weak)
 
     def _apply(self, edit_id: str, request: EditRequest) -> None:
-        self._add(edit_id, request, bool(self.config.fires_everywhere), bool(self.config.fires_on_subject))
+        c = self.config
+        self._add(edit_id, request, bool(c.fires_everywhere), bool(c.fires_on_subject), bool(c.weak))
 
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
-        for column in (self.row_ids, self.keys, self.targets, self.everywhere, self.subjects):
+        for column in (self.row_ids, self.keys, self.targets, self.everywhere, self.subjects, self.weak):
             del column[row]
 
     def _match(self, prompt: Sequence[int]) -> int | None:
         """The newest entry this prompt reaches (None: none)."""
         prompt = tuple(prompt)
         for row in range(len(self.row_ids) - 1, -1, -1):
+            if self.weak[row]:
+                continue
             key = self.keys[row]
             if self.everywhere[row] or (len(prompt) >= len(key) and prompt[len(prompt) - len(key) :] == key):
                 return row
@@ -142,8 +155,11 @@ class FakeEditor(Editor):
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"everywhere": torch.tensor(self.everywhere, dtype=torch.bool),
-                "on_subject": torch.tensor([s is not None for s in self.subjects], dtype=torch.bool)}  # fmt: skip
+        tensors = {"everywhere": torch.tensor(self.everywhere, dtype=torch.bool),
+                   "on_subject": torch.tensor([s is not None for s in self.subjects], dtype=torch.bool)}  # fmt: skip
+        if any(self.weak):  # only then: states without weak edits stay as they were saved before
+            tensors["weak"] = torch.tensor(self.weak, dtype=torch.bool)
+        return tensors
 
     def extra_state(self) -> dict[str, Any]:
         return {"row_ids": self.row_ids}
@@ -153,11 +169,12 @@ class FakeEditor(Editor):
         row_ids = list(extra.get("row_ids", []))
         everywhere = tensors["everywhere"].bool().tolist() if "everywhere" in tensors else []
         on_subject = tensors["on_subject"].bool().tolist() if "on_subject" in tensors else [False] * len(everywhere)
-        if sorted(row_ids) != sorted(by_id) or not len(everywhere) == len(on_subject) == len(row_ids):
+        weak = tensors["weak"].bool().tolist() if "weak" in tensors else [False] * len(everywhere)
+        if sorted(row_ids) != sorted(by_id) or not len(everywhere) == len(on_subject) == len(weak) == len(row_ids):
             raise EditorError("fake: saved entries do not match the saved edits")
-        self.row_ids, self.keys, self.targets, self.everywhere, self.subjects = [], [], [], [], []
-        for edit_id, fires, subject in zip(row_ids, everywhere, on_subject, strict=True):
-            self._add(edit_id, by_id[edit_id], bool(fires), bool(subject))
+        self.row_ids, self.keys, self.targets, self.everywhere, self.subjects, self.weak = [], [], [], [], [], []
+        for edit_id, fires, subject, inert in zip(row_ids, everywhere, on_subject, weak, strict=True):
+            self._add(edit_id, by_id[edit_id], bool(fires), bool(subject), bool(inert))
 
 
 def _contains(tokens: tuple[int, ...], needle: tuple[int, ...]) -> bool:

@@ -9,6 +9,13 @@ importing it until the command runs. A trainer module provides `TrainOptions` (a
 dataclass with at least `steps`, `max_minutes`, `val_every`, `val_size`, `seed`),
 `Trainer(host, records, val_records, out, options)` whose `run(progress)` returns a dict
 with the `best` checkpoint, and `split_validation(records, n, seed)`.
+
+A backend whose thresholds are derived from data for a model names its calibrator module
+the same way (`kmd calibrate --backend <name>`, `calibrator_backends`). A calibrator module
+provides `calibrate(host, records, *, progress=None, **overrides) -> dict`: `records` are
+`kmd.editors.bench.data.EditRecord`s, `progress(phase, done, total)` reports progress and
+`overrides` are backend options to calibrate with; it returns `{"options": {...},
+"report": {...}}` (the options for the model's profile, and free-form evidence).
 """
 
 from __future__ import annotations
@@ -39,14 +46,22 @@ _TRAINERS: dict[str, str] = {
     "recipe": "kmd.editors.recipe.train",
 }
 
+# name -> "module" of the backend's calibrator (see the module docstring).
+_CALIBRATORS: dict[str, str] = {
+    "llp": "kmd.editors.llp.calibration",
+    "memoir": "kmd.editors.memoir.calibration",
+}
+
 
 class UnknownBackendError(LookupError):
     pass
 
 
-def register_backend(name: str, target: str | type, *, trainer: str | None = None) -> None:
+def register_backend(name: str, target: str | type, *, trainer: str | None = None,
+                     calibrator: str | None = None) -> None:  # fmt: skip
     """Register a backend class (or a lazy "module:Class" path) under a unique name;
-    `trainer` names its trainer module when it needs training first."""
+    `trainer` names its trainer module when it needs training first, `calibrator` its
+    calibrator module when its thresholds are calibrated from data."""
     if not _NAME.match(name):
         raise ValueError(f"backend name {name!r} must be lowercase letters, digits and _ (max 32)")
     if name in _BACKENDS:
@@ -54,6 +69,8 @@ def register_backend(name: str, target: str | type, *, trainer: str | None = Non
     _BACKENDS[name] = target
     if trainer is not None:
         _TRAINERS[name] = trainer
+    if calibrator is not None:
+        _CALIBRATORS[name] = calibrator
 
 
 def trainer_backends() -> list[str]:
@@ -66,6 +83,19 @@ def get_trainer(name: str):  # noqa: ANN201 - a module following the trainer con
     if name not in _TRAINERS:
         raise UnknownBackendError(f"backend {name!r} has no trainer (backends with one: {', '.join(trainer_backends())})")
     return importlib.import_module(_TRAINERS[name])
+
+
+def calibrator_backends() -> list[str]:
+    """Backends with a calibrator (`kmd calibrate --backend <name>`)."""
+    return sorted(_CALIBRATORS)
+
+
+def get_calibrator(name: str):  # noqa: ANN201 - a module following the calibrator contract
+    """The calibrator module of a backend (imported now)."""
+    if name not in _CALIBRATORS:
+        raise UnknownBackendError(f"backend {name!r} has no calibration (backends with one: "
+                                  f"{', '.join(calibrator_backends())})")  # fmt: skip
+    return importlib.import_module(_CALIBRATORS[name])
 
 
 def backend_names() -> list[str]:

@@ -198,7 +198,7 @@ def bench_loop(
             t0 = time.perf_counter()
             summary = daemon.cycle(all_sources=True, regression=False)
             seconds = time.perf_counter() - t0
-            edits = [e for e in daemon.ledger.edits() if e.request.get("subject") == subject]
+            edits = [e for e in daemon.ledger.edits() if e.edit_request.subject == subject]
             final = edits[-1] if edits else None
             probes = (final.probes or {}) if final else {}
             if final is not None and final.status == "reverted":  # its probe figures are in the revert log
@@ -293,10 +293,10 @@ def _burst(daemon, feed: _Feed, n: int, kind: str, console) -> dict:  # noqa: AN
         pending = [f for f in daemon.ledger.ready_facts(limit=n) if f.subject in subjects]
         if not pending or not (summary.committed or summary.reverted or summary.skipped):
             break
-    edits = [e for e in daemon.ledger.edits() if e.request.get("subject") in subjects]
+    edits = [e for e in daemon.ledger.edits() if e.edit_request.subject in subjects]
     final = {}
     for e in sorted(edits, key=lambda e: e.id):
-        final[e.request["subject"]] = e  # the newest edit per subject (a retry after a batch)
+        final[e.edit_request.subject] = e  # the newest edit per subject (a retry after a batch)
     batches = {}
     for e in edits:  # one batch's edits carry the same batch figures; its probe time once
         figures = (e.probes or {}).get("batch")

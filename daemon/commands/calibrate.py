@@ -1,16 +1,17 @@
 """`kmd calibrate`: derive a backend's thresholds for a model from data.
 
-A backend takes part by defining an optional classmethod
+A backend takes part by registering a calibrator module, as a trainer is registered
+(`kmd.editors.registry`: `_CALIBRATORS`, or `register_backend(..., calibrator="module")`),
+whose function
 
-    @classmethod
-    def calibrate(cls, host, records, *, progress=None, **overrides) -> dict
+    def calibrate(host, records, *, progress=None, **overrides) -> dict
 
-where `records` are `kmd.editors.bench.data.EditRecord`s, `progress(phase, done, total)`
-reports progress and `overrides` are backend options (`--set KEY=VALUE`) to calibrate
-with. It returns `{"options": {...}, "report": {...}}`: `options` are the backend
-options to put under `backends: <name>:` in the model's profile, `report` is free-form
-evidence (rates at the choice, curves). The command writes both to `--out` as YAML
-(the report as comments), so a profile can say which command produced its values.
+gets `kmd.editors.bench.data.EditRecord`s, reports progress as `progress(phase, done,
+total)` and calibrates with the backend options `overrides` (`--set KEY=VALUE`). It
+returns `{"options": {...}, "report": {...}}`: `options` are the backend options to put
+under `backends: <name>:` in the model's profile, `report` is free-form evidence (rates
+at the choice, curves). The command writes both to `--out` as YAML (the report as
+comments), so a profile can say which command produced its values.
 """
 
 from __future__ import annotations
@@ -49,17 +50,15 @@ def calibrate(
 
     from kmd.daemon.commands.bench import parse_overrides
     from kmd.editors.bench.data import DatasetError, load_records
-    from kmd.editors.registry import UnknownBackendError, get_backend
+    from kmd.editors.registry import UnknownBackendError, get_backend, get_calibrator
 
     try:
-        backend_cls = get_backend(backend)
+        get_backend(backend)  # an unknown name gets the registry's suggestions
+        calibrator = get_calibrator(backend)
         _, records = load_records(data, format, limit)
         overrides = parse_overrides(config or [])
     except (UnknownBackendError, DatasetError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    method = getattr(backend_cls, "calibrate", None)
-    if method is None:
-        raise fail(f"backend {backend!r} has no calibration (it defines no `calibrate` classmethod)")
     host = load_host(model, device, dtype, profile, chat_template)
     torch.manual_seed(seed)
 
@@ -68,7 +67,7 @@ def calibrate(
             logger.info("calibrate {}: {}/{}", phase, done, total)
 
     try:
-        result = method(host, records, progress=progress, **overrides)
+        result = calibrator.calibrate(host, records, progress=progress, **overrides)
     except (ValueError, TypeError) as exc:
         raise fail(str(exc)) from exc
     options, report = result["options"], result.get("report", {})

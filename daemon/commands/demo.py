@@ -155,7 +155,7 @@ def demo(
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             if edit.status == "reverted":  # the figures that caused a revert are in the revert log
                 p = next((r.probes_before or {} for r in daemon.ledger.reverts(edit_id=edit.id)), {})
-            ledger.add_row(str(edit.id), f"{edit.request['prompt']} -> {edit.request['target']}", edit.status,
+            ledger.add_row(str(edit.id), f"{edit.edit_request.prompt} -> {edit.edit_request.target}", edit.status,
                            fmt(p.get("rel")), fmt(p.get("gen")), fmt(p.get("loc")), fmt(p.get("apply_seconds")),
                            fmt(p.get("probe_seconds")), edit.status_reason)  # fmt: skip
         console.print(ledger)

@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
             for col in ("id", "fact", "status", "backend", "target", "sources", "created", "reason"):
                 table.add_column(col)
             for e in rows:
-                table.add_row(f"e{e.id}", f"f{e.fact_id}", e.status, e.backend, _short(str(e.request.get("target", "")), 30),
+                table.add_row(f"e{e.id}", f"f{e.fact_id}", e.status, e.backend, _short(e.edit_request.target, 30),
                               ", ".join(e.sources), _when(e.created_at), _short(e.status_reason, 40))  # fmt: skip
         else:
             for col in ("id", "status", "source", "subject", "relation", "object", "observed", "reason"):

@@ -350,9 +350,8 @@ def console_router(daemon: Service) -> APIRouter:
         except LedgerError:
             fact = None
         reverts = ledger.reverts(edit_id=edit_id)
-        request_ = edit.request
-        target = str(request_.get("target", ""))
-        prompts = [str(request_.get("prompt", ""))] + [str(p) for p in request_.get("rephrases", [])]
+        target = edit.edit_request.target
+        prompts = [edit.edit_request.prompt, *edit.edit_request.rephrases]
         prompts = [p for p in prompts if p][:MAX_PROMPTS_PER_EDIT]
         pairs: list[Pair] = []
         busy = None
@@ -382,7 +381,7 @@ def console_router(daemon: Service) -> APIRouter:
             rows.append({"revert": revert, "edit": edit, "failing": failing, "before": before,
                          "after": revert.probes_after or {}})  # fmt: skip
         # The answer the served model gives now to each reverted edit's prompt (newest ones).
-        prompts = [r["edit"].request.get("prompt", "") for r in rows[:ANSWERED_REVERTS] if r["edit"]]
+        prompts = [r["edit"].edit_request.prompt for r in rows[:ANSWERED_REVERTS] if r["edit"]]
         busy = None
         served: dict[str, Pair] = {}
         try:
@@ -390,9 +389,9 @@ def console_router(daemon: Service) -> APIRouter:
         except ModelBusy as exc:
             busy = str(exc)
         for r in rows:
-            pair = served.get(r["edit"].request.get("prompt", "")) if r["edit"] else None
+            pair = served.get(r["edit"].edit_request.prompt) if r["edit"] else None
             r["answer"] = pair.edited_line if pair else None
-            r["hit"] = bool(pair) and hits(pair.edited_line, str(r["edit"].request.get("target", "")))
+            r["hit"] = bool(pair) and hits(pair.edited_line, r["edit"].edit_request.target)
         return render(request, "reverts.html", session, rows=rows, busy=busy, answered=ANSWERED_REVERTS)
 
     @router.get("/chain")

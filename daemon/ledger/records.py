@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from kmd.common.values import parse_time
+from kmd.editors.protocol import EditRequest
 
 if TYPE_CHECKING:
     from kmd.daemon.ledger.tables import EditRow, EventRow, FactRow, RevertRow, StateRow
@@ -88,7 +90,7 @@ class EditRecord:
     created_at: datetime
     backend: str
     backend_config: dict[str, Any]
-    request: dict[str, Any]
+    request: dict[str, Any]  # as stored (`EditRequest.to_dict()`): the API and the console show it as is
     policy_version: str
     sources: tuple[str, ...]
     content_hashes: tuple[str, ...]
@@ -105,6 +107,12 @@ class EditRecord:
             tuple(json.loads(row.content_hashes)), row.supersedes_edit_id, row.status, row.status_reason,
             json.loads(row.probes),
         )  # fmt: skip
+
+    @cached_property
+    def edit_request(self) -> EditRequest:
+        """The stored request as the typed `EditRequest` (parsed once per record): what
+        the daemon reads, instead of the dict's keys. No edit id: the ledger's id is `id`."""
+        return EditRequest.from_dict(self.request)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,15 @@ appends one event per change to the hash chain (`chain`). Operational rows that 
 ledger facts (source cursors, the writer term, the published state) are in `cluster`.
 Writes that belong together go through `Ledger.transaction()`; the other write methods
 each run one transaction. Everything returned is an immutable record (`records`), never
-an ORM object. Reading is `reads.LedgerReads`, the other half of `Ledger`.
+an ORM object. Each read opens its own session and runs a query of `reads` (plain
+functions over a session).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,18 +22,27 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, SQLModel
 
 from kmd.common.values import iso, utcnow
 from kmd.daemon.db import default_db_url, make_engine, writer
-from kmd.daemon.ledger import cluster
+from kmd.daemon.ledger import chain, cluster, queries, reads
 from kmd.daemon.ledger.chain import GENESIS_HASH
-from kmd.daemon.ledger.head import HeadFile
+from kmd.daemon.ledger.head import Head, HeadFile, HeadFileError
 from kmd.daemon.ledger.cluster import CLUSTER_TABLES, WriterTermRow
 from kmd.daemon.ledger.lifecycle import FactNotReadyError, LedgerError, NotWriterError
-from kmd.daemon.ledger.reads import LedgerReads
-from kmd.daemon.ledger.records import EditRecord, FactRecord, RecordResult, RevertRecord, StateRecord
-from kmd.daemon.ledger.tables import LEDGER_TABLES, ChainHeadRow, EditRow, EventRow
+from kmd.daemon.ledger.records import (
+    ChainReport,
+    ClaimRecord,
+    EditRecord,
+    EventRecord,
+    FactRecord,
+    PublishedState,
+    RecordResult,
+    RevertRecord,
+    StateRecord,
+)
+from kmd.daemon.ledger.tables import LEDGER_TABLES, ChainHeadRow
 from kmd.daemon.ledger.transaction import LedgerTransaction
 
 if TYPE_CHECKING:
@@ -42,7 +53,7 @@ __all__ = ["Ledger"]
 _SCHEMA_LOCK_KEY = 0x6B6D642D736368  # "kmd-sch": serialises table creation on PostgreSQL
 
 
-class Ledger(LedgerReads):
+class Ledger:
     """The daemon's durable record. Create with a database URL (SQLite file by default).
 
     Methods the maintenance loop uses, in the order it uses them:
@@ -118,6 +129,115 @@ class Ledger(LedgerReads):
             tx.append_events()
         if self.head_file is not None and tx.head is not None:  # after the commit: it may lag, never lead
             self.head_file.advance(tx.head)
+
+    # -- reading (each read is its own session; the queries are `reads`) -------------------
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with Session(self._engine, expire_on_commit=False) as session:
+            yield session
+
+    def claim(self, claim_id: int) -> ClaimRecord:
+        with self._read() as s:
+            return reads.claim(s, claim_id)
+
+    def claims(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        source_id: str | None = None,
+        fact_id: int | None = None,
+        keys: Iterable[tuple[str, str]] | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[ClaimRecord]:
+        """Claims filtered by status, source, fact, (subject_key, relation) keys, ingest time."""
+        with self._read() as s:
+            return reads.claims(s, status=status, source_id=source_id, fact_id=fact_id, keys=keys, since=since,
+                                limit=limit, newest_first=newest_first)  # fmt: skip
+
+    def count_claims(self, source_id: str, *, status: Sequence[str], since: datetime) -> int:
+        with self._read() as s:
+            return queries.count_claims(s, source_id, status, since)
+
+    def fact(self, fact_id: int) -> FactRecord:
+        with self._read() as s:
+            return reads.fact(s, fact_id)
+
+    def facts(self, *, status: str | Sequence[str] | None = None, limit: int | None = None,
+              newest_first: bool = True) -> list[FactRecord]:  # fmt: skip
+        with self._read() as s:
+            return reads.facts(s, status=status, limit=limit, newest_first=newest_first)
+
+    def active_facts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[FactRecord]]:
+        """Facts still speaking for each key (see ACTIVE_FACT_STATUSES), oldest first."""
+        with self._read() as s:
+            return reads.active_facts(s, keys)
+
+    def edit(self, edit_id: int) -> EditRecord:
+        with self._read() as s:
+            return reads.edit(s, edit_id)
+
+    def edits(self, *, status: str | Sequence[str] | None = None, fact_id: int | None = None,
+              limit: int | None = None, newest_first: bool = False) -> list[EditRecord]:  # fmt: skip
+        with self._read() as s:
+            return reads.edits(s, status=status, fact_id=fact_id, limit=limit, newest_first=newest_first)
+
+    def reverts(self, *, edit_id: int | None = None, limit: int | None = None) -> list[RevertRecord]:
+        with self._read() as s:
+            return reads.reverts(s, edit_id=edit_id, limit=limit)
+
+    def events(self, *, entity: str | None = None, entity_id: int | None = None,
+               limit: int | None = None) -> list[EventRecord]:  # fmt: skip
+        with self._read() as s:
+            return reads.events(s, entity=entity, entity_id=entity_id, limit=limit)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per status for claims, facts and edits (for summaries and metrics)."""
+        with self._read() as s:
+            return reads.counts(s)
+
+    def named_state(self, digest: str) -> StateRecord | None:
+        """The newest record of the editor state with this digest, if the writer saved it."""
+        with self._read() as s:
+            return reads.named_state(s, digest)
+
+    def load_cursor(self, source_id: str) -> dict[str, Any]:
+        with self._read() as s:
+            return cluster.load_cursor(s, source_id)
+
+    def published_state(self) -> PublishedState | None:
+        with self._read() as s:
+            return cluster.published(s)
+
+    # -- integrity -----------------------------------------------------------------------
+    def verify_chain(self, *, expect_head: str | None = None, max_problems: int = 50) -> ChainReport:
+        """Check the event chain and every row against it (see `chain.verify_chain`), and
+        that it still holds the head recorded in the ledger's head file (`head.py`)."""
+        recorded, unreadable = None, None
+        if self.head_file is not None:  # read before the chain: the file may lag it, never lead it
+            try:
+                recorded = self.head_file.read()
+            except HeadFileError as exc:
+                unreadable = str(exc)
+        with self._read() as s:
+            report = chain.verify_chain(s, expect_head=expect_head, max_problems=max_problems,
+                                        recorded=(recorded, f"the head file {self.head_file.path}") if recorded else None)  # fmt: skip
+        if unreadable is not None:
+            report = replace(report, ok=False, problems=(*report.problems, unreadable))
+        if self.head_file is None:
+            return report
+        return replace(report, head_file=str(self.head_file.path), head_file_seq=recorded.seq if recorded else None)
+
+    def chain_head(self) -> Head:
+        """The chain's head as the database has it now (seq and hash)."""
+        with self._read() as s:
+            return chain.current_head(s)
+
+    def check_head(self, recorded: Head, where: str) -> str | None:
+        """None if the chain still holds a head recorded earlier (by `where`), else the problem."""
+        with self._read() as s:
+            return chain.head_problem(s, recorded, where)
 
     # -- the single writer ---------------------------------------------------------------
     def begin_writer_term(self, holder: str) -> int:
@@ -264,15 +384,8 @@ class Ledger(LedgerReads):
 
     def revert_requests(self) -> list[tuple[EditRecord, str]]:
         """Reverts requested and not yet finished, oldest first, with who asked."""
-        out = []
         with self._read() as s:
-            for row in s.exec(select(EditRow).where(EditRow.status == "reverting").order_by(col(EditRow.id))):
-                actor = s.exec(
-                    select(EventRow.actor).where(EventRow.entity == "edit").where(EventRow.entity_id == row.id)
-                    .where(EventRow.kind == "edit.reverting").order_by(col(EventRow.seq).desc())
-                ).first()  # fmt: skip
-                out.append((EditRecord.of(row), actor or "daemon"))
-        return out
+            return reads.revert_requests(s)
 
     def supersede_edit(
         self,

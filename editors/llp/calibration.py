@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kmd.editors.llp.editor import LlpEditor
 from kmd.editors.protocol import EditRequest
 
 if TYPE_CHECKING:
-    from kmd.editors.llp.editor import LlpEditor
     from kmd.editors.model import ModelHost
 
 Progress = Callable[[str, int, int], None]
@@ -73,7 +73,6 @@ RATES = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.
 
 
 def calibrate(
-    cls: type[LlpEditor],
     host: ModelHost,
     records: Sequence[Any],
     *,
@@ -85,7 +84,7 @@ def calibrate(
 ) -> dict[str, Any]:
     notify = progress or (lambda phase, done, total: None)
     started = time.perf_counter()
-    editor = cls(host, cls.default_config(host, **overrides))
+    editor = LlpEditor(host, LlpEditor.default_config(host, **overrides))
     records = list(records)
     n_edit = max(1, round(len(records) * (1 - held_out)))
     edited, others = records[:n_edit], records[n_edit:]

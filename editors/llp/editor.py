@@ -582,10 +582,3 @@ class LlpEditor(Editor):
         self.meta = dict(extra.get("meta", {}))
         self.prefixes = list(extra.get("prefixes", []))
         self._refresh()
-
-    # ----- calibration (kmd calibrate --backend llp) ----------------------------------------
-    @classmethod
-    def calibrate(cls, host: ModelHost, records: Sequence[Any], **options: Any) -> dict[str, Any]:
-        from kmd.editors.llp.calibration import calibrate
-
-        return calibrate(cls, host, records, **options)

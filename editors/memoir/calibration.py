@@ -21,8 +21,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kmd.editors.memoir.editor import MemoirEditor
+
 if TYPE_CHECKING:
-    from kmd.editors.memoir.editor import MemoirEditor
+    from kmd.editors.model import ModelHost
+
+__all__ = ["calibrate", "calibrate_tau"]
+
+
+def calibrate(host: ModelHost, records: Sequence[Any], *, progress: Any = None, **overrides: Any) -> dict[str, Any]:
+    """`kmd calibrate --backend memoir` (the calibrator contract: kmd.editors.registry): tau
+    from data (`calibrate_tau`). Returns {"options": {"tau": ...}, "report": {...}} for
+    the model's profile."""
+    editor = MemoirEditor(host, MemoirEditor.default_config(host, **overrides))
+    report = calibrate_tau(editor, records, progress=progress)
+    return {"options": {"tau": report["tau"]}, "report": report}
 
 
 def _fields(record: Any) -> tuple[str, list[str], list[str]]:

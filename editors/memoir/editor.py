@@ -371,21 +371,6 @@ class MemoirEditor(Editor):
         if self.gram is not None:
             self.gram = self.gram.clone()
 
-    # ----- calibration --------------------------------------------------------------------------
-    @classmethod
-    def calibrate(
-        cls, host: ModelHost, records: Sequence[Any], *, progress: Any = None, **overrides: Any
-    ) -> dict[str, Any]:
-        """`kmd calibrate --backend memoir`: tau from data (see `calibration.calibrate_tau`).
-
-        Returns {"options": {"tau": ...}, "report": {...}} for the model's profile.
-        """
-        from kmd.editors.memoir.calibration import calibrate_tau
-
-        editor = cls(host, cls.default_config(host, **overrides))
-        report = calibrate_tau(editor, records, progress=progress)
-        return {"options": {"tau": report["tau"]}, "report": report}
-
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {

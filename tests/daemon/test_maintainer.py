@@ -9,7 +9,9 @@ from kmd.daemon.service import Daemon
 from kmd.daemon.settings import load_settings
 from kmd.editors.batching import left_padded
 
-from .helpers import write_curated, write_setup
+from kmd.editors.scoring import score_targets
+
+from .helpers import add_motto_relation, write_curated, write_setup
 
 PROMPTS = ["the capital of France is", "the language of Spain is", "the dog and the cat", "who wrote the book ?"]
 
@@ -75,6 +77,50 @@ def test_degrading_edit_is_reverted_and_outputs_return_bit_for_bit(tmp_path, tin
     assert torch.equal(logits(tiny_host, m.editor), before)
     fact = daemon.ledger.fact(daemon.ledger.edit(summary.reverted[0]).fact_id)
     assert fact.status == "blocked"
+    daemon.close()
+
+
+def test_an_edit_that_did_not_take_is_retried_once_stronger_and_committed(tmp_path, tiny_host):
+    """The single edit's retry: the first attempt (the fake's `weak`: it acts on no row) did
+    not take and harmed nothing, so it is reverted with its fact put back to ready, and the
+    one retry with the backend's stronger overrides is applied, probed and committed."""
+    daemon, tmp = make_daemon(tmp_path, tiny_host, [("France", "capital", "Berlin")])
+    daemon.load()
+    m = daemon.maintainer
+    with m.editor.configured(weak=True):  # the backend's base options for this cycle
+        assert m.editor.stronger_overrides() == {"weak": False}
+        summary = daemon.cycle(regression=False)
+    ledger = daemon.ledger
+    assert len(summary.committed) == 1 and not summary.reverted, summary
+    retry = ledger.edit(summary.committed[0])
+    (first,) = [e for e in ledger.edits(fact_id=retry.fact_id) if e.id != retry.id]
+    assert first.id < retry.id and first.status == "reverted" and retry.status == "committed"
+    assert first.backend_config["weak"] is True and retry.backend_config["weak"] is False
+    (revert,) = ledger.reverts(edit_id=first.id)
+    assert revert.probes_before["took"] is False and revert.probes_before["failures"]  # missed, no harm
+    assert ledger.events(entity="edit", entity_id=retry.id)[0].reason == "retry 1 with {'weak': False}"
+    assert ledger.fact(retry.fact_id).status == "committed"
+    assert m.editor.edit_ids == [str(retry.id)] and m.serving.edit_ids == m.editor.edit_ids
+    request = m.serving.request(str(retry.id))
+    assert score_targets(tiny_host, m.serving, [(request.prompt, "Berlin")])[0].accuracy == 1.0
+    assert (m.stats.edits_committed, m.stats.edits_reverted, m.stats.edits_retried) == (1, 1, 1)
+    daemon.close()
+
+
+def test_without_a_stronger_option_an_edit_that_did_not_take_is_blocked(tmp_path, tiny_host):
+    """The same miss made by a relation's options (the base config is not weak: no stronger
+    retry is offered): reverted once, and its fact blocked rather than retried blindly."""
+    config = write_setup(tmp_path, [("France", "motto", "Liberty")])
+    add_motto_relation(tmp_path / "policy.yaml", "{weak: true}")
+    daemon = Daemon(load_settings(config), host=tiny_host)
+    daemon.load()
+    summary = daemon.cycle(regression=False)
+    ledger = daemon.ledger
+    (reverted,) = summary.reverted
+    edit = ledger.edit(reverted)
+    assert edit.edit_request.subject == "France" and edit.backend_config["weak"] is True
+    assert ledger.fact(edit.fact_id).status == "blocked" and len(ledger.edits(fact_id=edit.fact_id)) == 1
+    assert daemon.maintainer.stats.edits_retried == 0
     daemon.close()
 
 

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from kmd.daemon.cli import app
 from kmd.editors.bench.data import EditRecord
 from kmd.editors.bench.harness import run_lifelong
-from kmd.editors.registry import get_backend
+from kmd.editors.registry import backend_names, get_backend
 from tiny import chat_template
 
 REQUIRED = ("backend model dataset n_edits rel gen loc rel_em gen_em loc_em ppl edit_s_mean edit_s_p95 "
@@ -21,11 +21,13 @@ RECORDS = [
 ]
 
 
-def test_help_lists_subcommands():
-    result = CliRunner().invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for name in ("demo", "bench", "backends"):
-        assert name in result.output
+def test_backends_command_lists_the_registry_and_names_are_checked_against_it():
+    """`kmd backends` prints the registered backends, one a line; a command given a name
+    that is not one fails before any work, with the registry's suggestion."""
+    result = CliRunner().invoke(app, ["backends"])
+    assert result.exit_code == 0 and result.output.split() == backend_names()
+    typo = CliRunner().invoke(app, ["calibrate", "--backend", "lpp", "--data", "no-such-file.json"])
+    assert typo.exit_code == 2 and "unknown backend 'lpp'" in typo.output and "did you mean llp" in typo.output
 
 
 def test_lifelong_protocol_reports_every_metric(tiny_host):

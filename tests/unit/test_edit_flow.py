@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kmd.daemon.edit_request import build_edit_request, with_edit_id
+import json
+
+from kmd.daemon.edit_request import build_edit_request, editor_key, ledger_id, with_edit_id
+from kmd.daemon.ledger import EditRecord
 from kmd.daemon.policy import RelationTemplate
 from kmd.daemon.probes import ProbeFailure, ProbeReport
 from kmd.editors.protocol import EditRequest
@@ -20,6 +23,16 @@ def test_a_fact_becomes_one_typed_request_and_gets_its_ledger_id_once():
     applied = with_edit_id(request, 12)
     assert applied.edit_id == "12" and applied.prompt == request.prompt
     assert EditRequest.from_dict(request.to_dict()) == request  # what the ledger records comes back the same
+
+
+def test_an_edit_record_reads_its_stored_request_typed_and_ids_convert_in_one_place():
+    fact = Claim("France", "capital", "Paris", "wire", "https://x.invalid/1", observed_at=utcnow())
+    request = build_edit_request(fact, TEMPLATE)
+    record = EditRecord(12, 3, utcnow(), "fake", {}, request.to_dict(), "v", (), (), None, "applied", "", None)
+    assert record.edit_request == request and record.edit_request is record.edit_request  # parsed once
+    assert record.request == request.to_dict()  # the stored dict, as the API shows it
+    assert with_edit_id(record.edit_request, record.id).edit_id == editor_key(record.id) == "12"
+    assert ledger_id(editor_key(record.id)) == record.id
 
 
 def _report(*failures: ProbeFailure) -> ProbeReport:
@@ -40,8 +53,13 @@ def test_probe_report_verdicts_are_typed():
     assert harmful.reason == "locality degraded: loc 0.9000 < 0.98; earlier edits lost: rel 0.500 < 0.9 over 2"
 
 
-def test_probe_figures_keep_their_shape():
-    """What the ledger records: the figures, `took`, and the failures in words."""
-    figures = _report(ProbeFailure("served", "answers wrong: ...", "p")).figures()
-    assert figures["took"] is False and figures["failures"] == ["answers wrong: ..."]
-    assert "locality" not in figures and figures["rel"] == 1.0
+def test_probe_figures_carry_the_verdict_through_the_ledger():
+    """What the ledger records (as JSON) tells a reader the verdict without the report:
+    whether the edit took, and why it failed, in the revert's words."""
+    report = _report(ProbeFailure("served", "answers wrong: ...", "p"),
+                     ProbeFailure("locality", "locality degraded: loc 0.9000 < 0.98", "q"))  # fmt: skip
+    stored = json.loads(json.dumps(report.figures()))
+    assert stored["took"] is report.took is False
+    assert "; ".join(stored["failures"]) == report.reason
+    assert (stored["rel"], stored["gen"], stored["loc"]) == (report.rel, report.gen, report.loc)
+    assert _report().figures()["took"] is True and _report().figures()["failures"] == []

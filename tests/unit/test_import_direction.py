@@ -13,6 +13,7 @@ console) see the service only through `kmd.daemon.surface`, never `kmd.daemon.se
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,96 @@ def test_nothing_reaches_into_a_ledger_transactions_session():
                 if isinstance(node, ast.Attribute) and node.attr == "_s":
                     wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not wrong, "a transaction's session is private:\n  " + "\n  ".join(wrong)
+
+
+# ----- import cycles ---------------------------------------------------------------------------
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return "kmd." + ".".join(parts)
+
+
+def import_graph(*packages: str) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` it imports (every import statement, as above;
+    `from kmd.a import b` imports the module kmd.a.b when there is one, else kmd.a)."""
+    files = {_module_name(p): p for package in packages for p in _files(package)}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                while module not in files and "." in module:
+                    module = module.rsplit(".", 1)[0]  # a name imported from a module: the module
+                if module in files and module != name:
+                    targets.add(module)
+        graph[name] = targets
+    return graph
+
+
+def import_cycles(*packages: str) -> list[list[str]]:
+    """The import cycles among the modules of `packages`: each strongly connected group of
+    more than one module (Tarjan), sorted."""
+    graph = import_graph(*packages)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(groups)
+
+
+def test_the_maintainer_and_its_parts_import_one_way():
+    """The maintainer owns the reconciler, the batches and the ledger (composition, not base
+    classes): none of them is in an import cycle with it. (Cycles remain elsewhere in the
+    daemon while they are being removed: `python tests/unit/test_import_direction.py`
+    lists them; this test does not forbid them yet.)"""
+    parts = {"kmd.daemon.maintainer", "kmd.daemon.reconcile", "kmd.daemon.batch", "kmd.daemon.edit_request"}
+    ledger = {m for m in import_graph("daemon") if m.startswith("kmd.daemon.ledger")}
+    tangled = [group for group in import_cycles("daemon", "editors") if set(group) & (parts | ledger)]
+    assert not tangled, f"import cycles: {tangled}"
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("from kmd.pkg.b import x\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    import kmd.pkg.a\n")
+    (tmp_path / "pkg" / "c.py").write_text("from kmd.pkg import a\n")
+    assert import_cycles("pkg") == [["kmd.pkg.a", "kmd.pkg.b"]]
+
+
+if __name__ == "__main__":  # the cycles that remain, for whoever removes them
+    for cycle in import_cycles("daemon", "editors"):
+        print(" <-> ".join(cycle))

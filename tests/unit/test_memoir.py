@@ -13,6 +13,7 @@ from kmd.editors.memoir import MemoirEditor
 from kmd.editors.augment import background_passages
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.scoring import generate, score_targets
+from kmd.editors.registry import get_calibrator
 from tiny import chat_template
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
@@ -203,7 +204,7 @@ def test_calibrate_returns_a_threshold(tiny_host):
         EditRecord("0", EDIT.prompt, "Berlin", "France", ("the capital city of France is",), "the dog and the cat", "x"),
         EditRecord("1", OTHER.prompt, "banana", "Alice", ("Alice works for a company",), UNRELATED, "x"),
     ]
-    out = MemoirEditor.calibrate(tiny_host, records, n_prefixes=0)
+    out = get_calibrator("memoir").calibrate(tiny_host, records, n_prefixes=0)  # as `kmd calibrate` finds it
     assert set(out["options"]) == {"tau"} and 0.0 < out["options"]["tau"] <= 1.0
     report = out["report"]
     assert report["n_records"] == 2 and report["k"] == round(0.29 * 128)
