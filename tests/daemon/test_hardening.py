@@ -203,8 +203,7 @@ def test_health_answers_fast_while_generation_is_saturated(tmp_path, tiny_host):
     daemon = Daemon(load_settings(config), host=tiny_host)
     daemon.load()
     daemon.start_api()
-    port = daemon._server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    base = daemon.api_url
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -230,8 +229,7 @@ def test_health_answers_fast_while_generation_is_saturated(tmp_path, tiny_host):
         stop.set()
         for t in threads:
             t.join(timeout=120)
-        daemon._server.should_exit = True
-        daemon._server_thread.join(timeout=10)
+        daemon.stop_api()
         daemon.close()
     assert 429 in statuses and 200 in statuses
     timings.sort()

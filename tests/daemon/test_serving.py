@@ -178,7 +178,7 @@ def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny
     assert daemon.cycle().committed
     edit_id = int(daemon.maintainer.editor.edit_ids[0])
     daemon.start_api()
-    base = f"http://127.0.0.1:{daemon._server.servers[0].sockets[0].getsockname()[1]}"
+    base = daemon.api_url
     stop_file, out = tmp_path / "stop", tmp_path / "flood.log"
     out.touch()
 
@@ -207,8 +207,7 @@ def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny
     finally:
         stop_file.touch()
         flood.wait(timeout=120)
-        daemon._server.should_exit = True
-        daemon._server_thread.join(timeout=10)
+        daemon.stop_api()
     assert revert.status_code == 200, revert.text
     assert health.status_code == 200 and healthz < 1.0, healthz
     assert seconds < 5.0, f"the revert took {seconds:.1f} s under the flood"
