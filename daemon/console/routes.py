@@ -185,7 +185,6 @@ def console_router(daemon: Service) -> APIRouter:
     sessions = Sessions()
     throttle = LoginThrottle()
     answers = AnswerCache(daemon)
-    router.answers = answers  # type: ignore[attr-defined]  # reachable for tests
 
     def session_of(request: Request) -> Session | None:
         return sessions.find(request.cookies.get(COOKIE), daemon.api_token)
