@@ -223,8 +223,7 @@ def bench_serve(
             figures["flood"] = _flood(daemon, endpoint, flood_clients)
     finally:
         daemon.stopping.set()
-        if daemon._server is not None:
-            daemon._server.should_exit = True
+        daemon.stop_api()
         daemon.close()
         feed.server.shutdown()
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from markupsafe import Markup, escape
 
 if TYPE_CHECKING:
-    from kmd.daemon.ledger import Ledger
+    from kmd.daemon.surface import Records
 
 WIDTH, HEIGHT = 640, 190
 LEFT, RIGHT, TOP, BOTTOM = 44, 12, 14, 30
@@ -38,7 +38,7 @@ def _utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-def activity(ledger: Ledger, *, min_loc: float | None = None, today: date | None = None) -> Activity:
+def activity(ledger: Records, *, min_loc: float | None = None, today: date | None = None) -> Activity:
     """Per-day counts from the edit events; locality from each commit's probes and each revert's after-figures."""
     committed: Counter[date] = Counter()
     reverted: Counter[date] = Counter()

@@ -11,7 +11,7 @@
 
 Reads follow `api.protect_reads` (a console session or the bearer token counts). Writes
 need a session opened with the API token and the form's CSRF token, and go through the
-same operations as the CLI and the API (`Ledger.approve`/`reject`, `Maintainer.revert`),
+same operations as the CLI and the API (`Ledger.approve`/`reject`, `Service.reverter()`),
 recorded with the session's actor (`console` or `console:<name>`). Text from feeds is
 only ever rendered through Jinja2's autoescape, and the Content-Security-Policy allows
 no script at all.
@@ -36,6 +36,8 @@ from kmd.daemon.console.charts import activity, locality_chart, per_day_chart
 from kmd.daemon.console.sessions import (COOKIE, COOKIE_PATH, LOGIN_COOKIE, NAME_RE, LoginThrottle, Session, Sessions,
                                         tokens_equal)
 from kmd.daemon.ledger import LedgerError
+from kmd.daemon.openai_api import edit_state, served_model_id
+from kmd.daemon.surface import NotServingError, ReplicaError
 from kmd.editors.answers import hits
 
 if TYPE_CHECKING:
@@ -178,14 +180,11 @@ def _claims_of(ledger: Any, fact: FactRecord) -> list[ClaimRecord]:
 
 
 def console_router(daemon: Service) -> APIRouter:
-    from kmd.daemon.openai_api import edit_state, served_model_id
-
     router = APIRouter(prefix=COOKIE_PATH, include_in_schema=False)
     templates = Jinja2Templates(env=_environment())
     sessions = Sessions()
     throttle = LoginThrottle()
     answers = AnswerCache(daemon)
-    router.answers = answers  # type: ignore[attr-defined]  # reachable for tests
 
     def session_of(request: Request) -> Session | None:
         return sessions.find(request.cookies.get(COOKIE), daemon.api_token)
@@ -359,8 +358,7 @@ def console_router(daemon: Service) -> APIRouter:
             pairs = answers.pairs(prompts, caller_of(request, session))
         except ModelBusy as exc:
             busy = str(exc)
-        source = daemon.replica or daemon.maintainer
-        active = source is not None and source.editor is not None and str(edit_id) in source.editor.edit_ids
+        active = str(edit_id) in daemon.active_edit_ids()
         return render(request, "edit.html", session, edit=edit, fact=fact, claims=_claims_of(ledger, fact) if fact else [],
                       reverts=reverts, events=ledger.events(entity="edit", entity_id=edit_id), figures=_figures(edit, reverts),
                       pairs=[(p, hits(p.base_line, target), hits(p.edited_line, target)) for p in pairs], busy=busy,
@@ -438,10 +436,11 @@ def console_router(daemon: Service) -> APIRouter:
         session = writer_session(request, form["csrf"])
         reason = form["reason"]
         target = f"{COOKIE_PATH}/edits/{edit_id}"
-        m = daemon.maintainer
-        if daemon.settings.cluster.role != "writer":
+        try:
+            reverter = daemon.reverter()
+        except ReplicaError:
             session.say("error", "This is a serving replica: revert edits in the writer's console.")
-        elif m is None:
+        except NotServingError:
             session.say("error", "The daemon is still starting: the model and state are not loaded yet.")
         else:
             try:
@@ -449,7 +448,7 @@ def console_router(daemon: Service) -> APIRouter:
             except LedgerError:
                 return not_found(request, session, "edit", edit_id)
             try:
-                result = m.revert(edit_id, reason=reason.strip() or "reverted in the console", actor=session.actor)
+                result = reverter.revert(edit_id, reason=reason.strip() or "reverted in the console", actor=session.actor)
                 session.say("ok", f"Edit {edit_id} reverted; locality {_fig(result['before'].get('loc'), 4)} -> "
                                   f"{_fig(result['after'].get('loc'), 4)}.")  # fmt: skip
             except KeyError as exc:

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kmd.daemon.api import MAX_NEW_TOKENS
+from kmd.daemon.web import MAX_NEW_TOKENS
 from kmd.daemon.openai_api.errors import MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS
 
 # ----- request bodies ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
-from kmd.daemon.api import MAX_NEW_TOKENS
+from kmd.daemon.web import MAX_NEW_TOKENS
 from kmd.daemon.openai_api.bodies import GenerationBody, Message
 from kmd.daemon.openai_api.errors import MAX_PROMPT_TOKENS, OpenAIError, error_type
 from kmd.daemon.serving import GenerationRequest, Refused, Sampling
@@ -28,9 +28,9 @@ def served_model_id(daemon: Service) -> str:
     the embedded model's own name)."""
     from kmd.editors.model import EMBEDDED, EMBEDDED_NAME
 
-    source = daemon.replica or daemon.maintainer
-    if source is not None:
-        return source.host.identity.name
+    name = daemon.served_model_name()
+    if name is not None:
+        return name
     configured = daemon.settings.model.model
     return EMBEDDED_NAME if configured == EMBEDDED else configured
 

@@ -2,9 +2,12 @@
 
     app.py        wiring: the `Daemon` (settings, policy, ledger, model, maintainer or
                   replica, intake, verifier), start-up by role, generation, fact submission
-    jobs.py       the scheduled jobs and every APScheduler job id
-    lifecycle.py  the API server, serving until a signal, systemd notification, shutdown
+    jobs.py       `Jobs`: the writer's scheduled jobs, and every APScheduler job id
+    lifecycle.py  `ApiServer` (the API's server thread) and `Lifetime` (serving until a
+                  signal, systemd notification, shutdown)
 
+The `Daemon` owns its `ApiServer` and its `Jobs`, and hands itself to a `Lifetime` through
+the narrow `lifecycle.Process` interface: jobs.py and lifecycle.py never import app.py.
 The HTTP API depends only on `kmd.daemon.surface.Service`, which `Daemon` implements.
 """
 

@@ -31,16 +31,17 @@ from kmd.common.values import utcnow
 from kmd.daemon.leadership import Leadership, holder_name, leadership_for
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.policy import load_policy
-from kmd.daemon.service.jobs import DaemonJobs
-from kmd.daemon.service.lifecycle import DaemonLifecycle
+from kmd.daemon.service.jobs import Jobs, run_logged
+from kmd.daemon.service.lifecycle import ApiServer, Lifetime
 from kmd.daemon.settings import DaemonSettings
-from kmd.daemon.surface import NotServingError
+from kmd.daemon.surface import Figures, NotServingError, ReplicaError
 from kmd.sources.claims import Claim
 
 if TYPE_CHECKING:
     from kmd.daemon.maintainer import Maintainer
     from kmd.daemon.replication import Replica
     from kmd.daemon.serving import ServedState, ServingEngine
+    from kmd.daemon.surface import Reverter
     from kmd.daemon.verify import Verifier
     from kmd.editors.model import ModelHost
     from kmd.sources.intake import Intake
@@ -92,9 +93,11 @@ class CycleSummary:
     seconds: float
 
 
-class Daemon(DaemonJobs, DaemonLifecycle):
+class Daemon:
     """The running service: settings, policy, ledger, model, maintainer or replica, intake and
-    verifier, the API server; its jobs are `DaemonJobs`, its lifetime `DaemonLifecycle`."""
+    verifier. It owns the API server (`ApiServer`) and, once loaded as the writer, its `jobs`
+    (`Jobs`); `serve_forever` hands the process to a `Lifetime`, which drives it through the
+    narrow `Process` interface. It implements `kmd.daemon.surface.Service` for the HTTP API."""
 
     def __init__(self, settings: DaemonSettings, *, host: ModelHost | None = None, insecure: bool = False) -> None:
         from kmd.editors.registry import get_backend
@@ -113,11 +116,9 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         self._host = host
         self.intake: Intake | None = None
         self.verifier: Verifier | None = None
-        self._scheduler = None
-        self._server = None
-        self._server_thread: threading.Thread | None = None
+        self.jobs: Jobs | None = None  # the writer's, once loaded
+        self.api_server = ApiServer(settings.api)
         self.stopping = threading.Event()  # set on SIGTERM/SIGINT or a lost writer role
-        self._started_at = time.monotonic()
         self._engine: ServingEngine | None = None
         self._engine_lock = threading.Lock()
 
@@ -188,6 +189,8 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         matcher = ObjectMatcher(MiniLMEncoder(), self.policy.verification.similarity_threshold)
         self.verifier = Verifier(self.policy, self.ledger, matcher)
         self.maintainer = maintainer
+        self.jobs = Jobs(self.settings.schedule, self.policy.sources, maintainer, self.intake, self.verifier,
+                         self.stopping)  # fmt: skip
         return maintainer
 
     def _check_chain(self) -> None:
@@ -281,9 +284,14 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         stream = engine.submit(GenerationRequest(engine.host.encode(engine.host.format_prompt(prompt)), max_new_tokens))
         return engine.host.tokenizer.decode(stream.result(), skip_special_tokens=True)
 
+    def _serving(self) -> Maintainer | Replica | None:
+        """Who serves in this process: a replica, or the writer's maintainer (None before start-up).
+        The one place that decides; everything served (state, model, edits) comes from it."""
+        return self.replica if self.replica is not None else self.maintainer
+
     def served_state(self) -> ServedState:
         """What answers requests now: the writer's committed snapshot or the replica's loaded state."""
-        source = self.replica if self.replica is not None else self.maintainer
+        source = self._serving()
         served = source.served if source is not None else None
         if served is None:
             raise NotServingError("starting: model and state are not loaded yet")
@@ -301,10 +309,45 @@ class Daemon(DaemonJobs, DaemonLifecycle):
                 # in priority order: token holders' waiting requests start first
                 budgets = {caller: Budget(b.concurrent, b.queued, b.max_tokens)
                            for caller, b in ((TOKEN_CALLER, api.budgets.token), (ANONYMOUS_CALLER, api.budgets.anonymous))}  # fmt: skip
-                host = self.replica.host if self.replica is not None else self.maintainer.host
+                host = self._serving().host
                 scheduler = Scheduler(budgets, max_batch=api.max_batch, prefill_tokens=api.max_prefill_tokens)
                 self._engine = ServingEngine(host, self.served_state, scheduler)
             return self._engine
+
+    def served_model_name(self) -> str | None:
+        source = self._serving()
+        return source.host.identity.name if source is not None else None
+
+    def active_edit_ids(self) -> list[str]:
+        source = self._serving()
+        editor = source.editor if source is not None else None
+        return list(editor.edit_ids) if editor is not None else []
+
+    def reverter(self) -> Reverter:
+        if self.settings.cluster.role == "replica":
+            raise ReplicaError("this is a serving replica; send edits and reverts to the writer")
+        if self.maintainer is None:
+            raise NotServingError("starting: model and state are not loaded yet")
+        return self.maintainer
+
+    def figures(self) -> Figures:
+        stats = self.maintainer.stats if self.maintainer is not None else None
+        counted = {name: float(getattr(stats, name, 0) if stats else 0) for name in (
+            "edits_committed", "edits_reverted", "edits_retried", "facts_skipped", "regression_reverts", "cycles",
+            "errors")}  # fmt: skip
+        return Figures(
+            **counted,
+            feed_entries_unmatched=float(self.intake.entries_unmatched if self.intake else 0),
+            state_loads=float(self.replica.loads if self.replica else 0),
+            ready=1.0 if self.ready else 0.0,
+            writer=1.0 if self.maintainer is not None and self.ledger.writer_term is not None else 0.0,
+            edit_in_flight=1.0 if stats and stats.busy else 0.0,
+            edits_active=float(len(self.active_edit_ids())),
+            locality=stats.last_locality if stats and stats.last_locality is not None else float("nan"),
+            probe_seconds=stats.last_probe_seconds if stats else 0.0,
+            cycle_seconds=stats.last_cycle_seconds if stats else 0.0,
+            ledger_head_seq=float(self.ledger.chain_head().seq),
+        )
 
     def submit_fact(self, subject: str, relation: str, obj: str, source_id: str | None, url: str) -> dict[str, Any]:
         """Record a fact submitted through the API as a claim of the policy's `api` source;
@@ -328,3 +371,63 @@ class Daemon(DaemonJobs, DaemonLifecycle):
         if self.intake is not None:
             self.intake.close()
         self.ledger.close()
+
+    # ----- the API server and the process's lifetime (`Lifetime` drives the `Process` methods) --
+    def start_api(self) -> None:
+        from kmd.daemon.api import create_app
+
+        self.api_server.start(create_app(self))
+
+    @property
+    def api_url(self) -> str | None:
+        """The API's base URL once it listens (the real port when the settings say 0)."""
+        return self.api_server.url
+
+    def stop_api(self) -> None:
+        """Stop the API server started by `start_api` (a no-op when none runs)."""
+        self.api_server.stop()
+
+    def run_once(self) -> CycleSummary:
+        if self.settings.cluster.role != "writer":
+            raise RuntimeError("--once runs a maintenance cycle: only a writer does that")
+        self.load()
+        try:
+            return self.cycle(all_sources=True)
+        finally:
+            self.close()
+
+    def serve_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT (0) or a lost writer role (EXIT_NOT_WRITER): see `Lifetime`."""
+        return Lifetime(self).serve_forever()
+
+    def start_writer(self) -> None:
+        maintainer = self.load()
+        assert self.jobs is not None
+        self.jobs.start()
+        logger.info("kmd ready (writer, term {}): {} edits applied, backend {}", self.ledger.writer_term,
+                    len(maintainer.editor.edit_ids), maintainer.editor.name)  # fmt: skip
+
+    def keep_serving(self) -> bool:
+        if self.replica is not None:
+            if not self.stopping.is_set():
+                run_logged("replica sync", self.replica.sync)
+            return True
+        return self._leadership.check()
+
+    def healthy(self) -> bool:
+        if self.jobs is None or not self.jobs.scheduled:  # a standby or a replica: the lifetime's loop is its work
+            return self.api_server.alive
+        return self.api_server.alive and self.jobs.running
+
+    def stop_work(self) -> None:
+        if self.maintainer is not None:
+            self.maintainer.stop()
+
+    def shutdown(self) -> None:
+        if self.jobs is not None:
+            self.jobs.shutdown()  # the edit in flight finishes (commit or revert)
+        self.api_server.stop()
+        if self._leadership is not None:
+            self._leadership.release()
+        self.close()
+        logger.info("kmd stopped cleanly")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from loguru import logger
 
 from kmd.daemon.service import Daemon
+from kmd.daemon.service.jobs import EDIT_JOB
 from kmd.daemon.settings import load_settings
 
 from .helpers import write_curated, write_setup
@@ -30,7 +31,7 @@ def _run_edit_job(daemon: Daemon) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
     sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])), level="INFO")
     try:
-        daemon._guarded("edit", daemon._edit_job)
+        daemon.jobs.run(EDIT_JOB)  # as the scheduler runs it
     finally:
         logger.remove(sink)
     return lines

@@ -203,8 +203,7 @@ def test_health_answers_fast_while_generation_is_saturated(tmp_path, tiny_host):
     daemon = Daemon(load_settings(config), host=tiny_host)
     daemon.load()
     daemon.start_api()
-    port = daemon._server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    base = daemon.api_url
     body = {"prompt": "the capital of France is", "max_new_tokens": 64}
     try:
         with Flood(f"{base}/v1/generate", body, 45, tmp_path) as flood:
@@ -217,8 +216,7 @@ def test_health_answers_fast_while_generation_is_saturated(tmp_path, tiny_host):
                     timings.append(time.perf_counter() - started)
                     time.sleep(0.05)
     finally:
-        daemon._server.should_exit = True
-        daemon._server_thread.join(timeout=10)
+        daemon.stop_api()
         daemon.close()
     timings.sort()
     assert timings[len(timings) // 2] < 0.1, timings  # the median, on a shared 2-core test machine

@@ -146,7 +146,7 @@ def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny
     assert daemon.cycle().committed
     edit_id = int(daemon.maintainer.editor.edit_ids[0])
     daemon.start_api()
-    base = f"http://127.0.0.1:{daemon._server.servers[0].sockets[0].getsockname()[1]}"
+    base = daemon.api_url
     body = {"model": "embedded", "prompt": LONG, "max_tokens": 64, "temperature": 0}
     try:
         with Flood(f"{base}/v1/completions", body, 80, tmp_path) as flood:
@@ -162,8 +162,7 @@ def test_an_operator_revert_is_served_ahead_of_an_anonymous_flood(tmp_path, tiny
                 reverted_at = time.time()
             time.sleep(0.5)
     finally:
-        daemon._server.should_exit = True
-        daemon._server_thread.join(timeout=10)
+        daemon.stop_api()
     assert revert.status_code == 200, revert.text
     assert health.status_code == 200 and healthz < 1.0, healthz
     assert seconds < 5.0, f"the revert took {seconds:.1f} s under the flood"

@@ -8,6 +8,10 @@
 Every `import` statement counts: at module level, inside functions (the lazy imports the
 CLI uses) and under TYPE_CHECKING. Inside the daemon, the HTTP surfaces (api, openai_api,
 console) see the service only through `kmd.daemon.surface`, never `kmd.daemon.service`.
+
+Import cycles (`import_cycles`): a module that imports another which imports it back, at
+any depth and in any of those places, is one piece split in two. None may remain among the
+HTTP surfaces and the service; those elsewhere are reported by `test_report_import_cycles`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ ALLOWED = {
     "editors": {"editors", "common"},
     "daemon": {"daemon", "sources", "editors", "common", "policies"},
 }
-SURFACES = ("daemon/api.py", "daemon/openai_api/", "daemon/console/")
+SURFACES = ("daemon/api.py", "daemon/auth.py", "daemon/web.py", "daemon/routes/", "daemon/openai_api/", "daemon/console/")
 
 
 def _kmd_imports(path: Path) -> list[tuple[int, str]]:
@@ -77,6 +81,32 @@ def test_the_check_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from kmd.daemon.ledger import Ledger\n")
     assert _kmd_imports(bad) == [(2, "kmd.daemon.ledger")]
+
+
+# The HTTP surfaces and the service: no module here may be part of an import cycle.
+ONE_WAY = ("kmd.daemon.api", "kmd.daemon.auth", "kmd.daemon.web", "kmd.daemon.routes", "kmd.daemon.surface",
+           "kmd.daemon.openai_api", "kmd.daemon.console", "kmd.daemon.service", "kmd.daemon.serving")
+
+
+def _one_way(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in ONE_WAY)
+
+
+def test_no_import_cycle_among_the_http_surfaces_and_the_service():
+    wrong = [cycle for cycle in import_cycles("daemon") if any(_one_way(m) for m in cycle)]
+    assert not wrong, "import cycles:\n  " + "\n  ".join(" <-> ".join(c) for c in wrong)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A leading underscore means "this module only": what two modules share gets a public name."""
+    wrong = []
+    for package in ("daemon", "sources", "editors", "common"):
+        for path in _files(package):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kmd."):
+                    wrong += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+    assert not wrong, "private names imported across modules:\n  " + "\n  ".join(wrong)
 
 
 def test_nothing_reaches_into_a_ledger_transactions_session():
