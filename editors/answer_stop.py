@@ -53,6 +53,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from kmd.editors.answers import normalise
+from kmd.editors.hooks import HookSpec
+from kmd.editors.regroup import entries
 from kmd.editors.written_text import WrittenText
 
 EndRule = Literal["sentence", "line", "off"]
@@ -394,9 +396,7 @@ class RowPointer:
     def __init__(self, name: str, tokenizer: Any, policy: AnswerPolicy) -> None:
         self.key, self.texts, self.policy = f"{name}:answer", TokenTexts(tokenizer), policy
 
-    def specs(self, layout: Any, routing: Callable[[], Any]) -> list:
-        from kmd.editors.hooks import HookSpec
-
+    def specs(self, layout: Any, routing: Callable[[], Any]) -> list[HookSpec]:
         def ids_hook(module, args, output):
             state = routing().decisions.setdefault(self.key, _PointerState())
             if state.answers is not None:  # a decode step of routed rows
@@ -426,8 +426,6 @@ class RowPointer:
     def regroup(self, how: Any, decisions: list[dict[str, Any]]) -> dict[str, Any]:
         """The pointer's entry of a regrouped batch's decisions (`Editor._regroup`): each kept
         routed row keeps its answer state. `how`: an `editors.regroup.Regroup`."""
-        from kmd.editors.regroup import entries
-
         states = entries(decisions, self.key)
         if states is None:
             return {}

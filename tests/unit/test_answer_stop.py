@@ -220,3 +220,18 @@ def test_with_restate_off_the_target_cannot_be_started_again_until_the_row_ends(
 
 def test_restate_rule_in_decode_steps_agrees_with_a_full_forward(tiny_host):
     _assert_steps_agree(tiny_host, 3, 20, 14, "the capital of France is Berlin Paris Nadia Velmont Rome , . ?", end="line", restate=False)
+
+
+def test_old_flat_answer_options_still_load_and_change_only_their_option():
+    """Profiles, saved states and relations' editor_options written before the `answer`
+    policy name its options flat; each changes only its own option of the backend's policy."""
+    import dataclasses
+
+    from kmd.editors.memoir.config import MemoirConfig
+    from kmd.editors.profiles import build_config, coerce_options
+
+    config = build_config(MemoirConfig, {"answer_boost": "2", "stop_after_answer": "false"}, "test")
+    assert config.answer == AnswerPolicy(boost=2.0, stop_edit=False, restate=False)  # MEMOIR's restate default kept
+    assert build_config(MemoirConfig, dataclasses.asdict(config), "saved") == config  # a saved state loads back
+    changed = coerce_options(MemoirConfig, {"restate_target": True}, "overrides", base=config)  # Editor.configured
+    assert changed == {"answer": dataclasses.replace(config.answer, restate=True)}
