@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -114,17 +114,24 @@ def hooked(model: nn.Module, specs: Sequence[HookSpec]) -> Iterator[HookHandle]:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by the hook after the last module a partial forward needs."""
 
 
-def run_until(host: ModelHost, path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[HookSpec]) -> None:
-    """Run the model with `specs` installed, stopping after the module at `path`."""
+def run_stopped(model: nn.Module, specs: Sequence[HookSpec], forward: Callable[[], Any], stop_after: str | None) -> None:
+    """Call `forward()` with `specs` installed (this thread's forwards only), and stop it right
+    after the module at `stop_after` has run (None: run it whole): the layers after the last
+    one a capture reads are never computed."""
 
     def stop(module, args, output):
         raise _Stop
 
     try:
-        with hooked(host.model, [*specs, HookSpec(path, stop)]):
-            host.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with hooked(model, [*specs, *([HookSpec(stop_after, stop)] if stop_after else [])]):
+            forward()
     except _Stop:
         pass
+
+
+def run_until(host: ModelHost, path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[HookSpec]) -> None:
+    """A plain forward of (B, T) ids and mask with `specs` installed, stopping after the module at `path`."""
+    run_stopped(host.model, specs, lambda: host.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False), path)

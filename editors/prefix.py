@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kmd.editors.answer_stop import AnswerTracker
+from kmd.editors.answer_stop import RoutedAnswers
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 
 if TYPE_CHECKING:
@@ -241,27 +241,9 @@ class Injection:
     prefix_mask: torch.Tensor | None = None
     roped: torch.Tensor | None = None  # (Bh, L, n_kv, n, hd), computed once per context
     stash: dict[str, Any] = field(default_factory=dict)
-    # (Bh, Tq) bool for the forward in progress: the query positions the prefix acts on
-    # (editors/answer_stop.py: not past the point where the row's answer stated its target);
-    # None: every position.
-    answering: torch.Tensor | None = None
-    tracker: AnswerTracker | None = None  # keeps `answering` up to date across decode steps
-    stop_after_answer: bool = False  # False: the tracker only points (answer_boost), the prefix acts everywhere
-
-    def track_answers(self, tokenizer: Any, targets: Sequence[str], config: Any, ids: torch.Tensor, last: torch.Tensor) -> None:
-        """Follow each routed row's answer (editors/answer_stop.py) from the prefill on.
-
-        config: the backend's, with `answer_boost`, `stop_after_answer` and `end_after_answer`;
-        ids (B, T) the whole batch's token ids; last (Bh,) each routed row's last prompt index.
-        Nothing to follow when neither the pointer (boost > 0), the stop rule nor an end rule
-        is on."""
-        boost, stop_after_answer, end = config.answer_boost, config.stop_after_answer, config.end_after_answer
-        if not (stop_after_answer or boost > 0 or end != "off"):
-            return
-        self.tracker = AnswerTracker(tokenizer, list(targets), boost=boost, end=end)
-        self.stop_after_answer = stop_after_answer
-        answering = self.tracker.full(ids[self.rows], last)
-        self.answering = answering if stop_after_answer else None
+    # the routed rows' answers (editors/answer_stop.py): where the prefix still acts and what
+    # the LM head's pointer does; None: nothing to follow (the prefix acts everywhere)
+    answers: RoutedAnswers | None = None
 
     @staticmethod
     def regrouped(how: Any, parts: Sequence[Injection | None]) -> Injection | None:
@@ -288,22 +270,26 @@ class Injection:
             values.append(part_values)
             masks.append(mask)
         prefix_mask = torch.cat(masks)
-        first = live[0][0]
-        trackers = [p.tracker for p, _ in live]
-        if any((t is None) != (first.tracker is None) for t in trackers):
-            raise ValueError("cannot regroup injections with and without answer tracking")
-        tracker = None if first.tracker is None else AnswerTracker.regrouped([(p.tracker, k.tolist()) for p, k in live])
-        # `answering` and `roped` are recomputed by the next forward (decode_step, the merge hook)
+        answers = RoutedAnswers.regrouped(rows, [(p.answers, k) for p, k in live])
+        # `roped` is recomputed by the next forward (the merge hook), `answers` stepped by it
         return Injection(rows=rows, keys=torch.cat(keys), values=torch.cat(values),
                          p_first=torch.cat([p.p_first[k] for p, k in live]),
-                         prefix_mask=None if bool(prefix_mask.all()) else prefix_mask,
-                         tracker=tracker, stop_after_answer=first.stop_after_answer)  # fmt: skip
+                         prefix_mask=None if bool(prefix_mask.all()) else prefix_mask, answers=answers)  # fmt: skip
 
     def decode_step(self, ids: torch.Tensor) -> None:
-        """ids (B, 1) a decode step's new tokens (the whole batch): update where the prefix acts."""
-        if self.tracker is not None:
-            answering = self.tracker.step(ids[self.rows])
-            self.answering = answering if self.stop_after_answer else None
+        """ids (B, t) a decode step's new tokens (the whole batch): follow the answers."""
+        if self.answers is not None:
+            self.answers.step(ids)
+
+    def answering(self, tq: int) -> torch.Tensor | None:
+        """(Bh, tq) bool: the query positions of the forward in progress the prefix acts on
+        (None: every position)."""
+        return None if self.answers is None else self.answers.answering(tq)
+
+
+def answers_of(injection: Injection | None) -> RoutedAnswers | None:
+    """The routed rows' answers of the forward in progress, for the LM head's pointer hook."""
+    return None if injection is None else injection.answers
 
 
 class PrefixInjector:
@@ -399,8 +385,9 @@ class PrefixInjector:
                 o_in[rows], q, keys, mask, injection.roped[:, j], prefix_values.to(o_in.dtype), attention.scaling,
                 injection.prefix_mask,
             )
-            if injection.answering is not None:  # positions past the stated answer run as the base model
-                merged = torch.where(injection.answering[:, -tq:, None], merged, o_in[rows])
+            answering = injection.answering(tq)  # (Bh, tq)
+            if answering is not None:  # positions past the stated answer run as the base model
+                merged = torch.where(answering[..., None], merged, o_in[rows])
             return (o_in.index_copy(0, rows, merged),)
 
         return hook

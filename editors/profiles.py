@@ -124,15 +124,44 @@ def _layout_types(layout: Layout) -> list[str]:
     return next(types for types, candidate in _layouts().values() if candidate == layout)
 
 
-def coerce_options(cls: type, options: dict[str, Any], origin: str) -> dict[str, Any]:
+def coerce_options(cls: type, options: dict[str, Any], origin: str, base: Any = None) -> dict[str, Any]:
     """Check option names against a hyperparameter dataclass and convert values to its field
-    types (YAML reads `1.0e9` as a string; CLI values arrive as text)."""
+    types (YAML reads `1.0e9` as a string; CLI values arrive as text).
+
+    A field that is itself a frozen dataclass (a backend's `answer` policy) takes a mapping
+    of its own options, or its options' flat names (the class's FLAT_KEYS, e.g. `answer_boost`);
+    either changes only the options named, of `base`'s value (else the field's default)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - set(fields))
+    flat = {key: (name, sub) for name, f in fields.items() for key, sub in _flat_keys(f).items()}
+    unknown = sorted(set(options) - set(fields) - set(flat))
     if unknown:
-        raise ProfileError(f"{origin}: unknown option(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
+        raise ProfileError(f"{origin}: unknown option(s) {unknown} for {cls.__name__} (known: {sorted([*fields, *flat])})")
     hints = typing.get_type_hints(cls)
-    return {name: _convert(value, hints[name], f"{origin}: {name}") for name, value in options.items()}
+    out: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in options.items():
+        if name in flat:
+            field_name, sub = flat[name]
+            kind = hints[field_name]
+            nested.setdefault(field_name, {})[sub] = _convert(value, typing.get_type_hints(kind)[sub], f"{origin}: {name}")
+        elif dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ProfileError(f"{origin}: {name}: expected a mapping of {sorted(f.name for f in dataclasses.fields(hints[name]))}")
+            nested.setdefault(name, {}).update(coerce_options(hints[name], value, f"{origin}: {name}"))
+        else:
+            out[name] = _convert(value, hints[name], f"{origin}: {name}")
+    for name, changes in nested.items():
+        current = getattr(base, name) if base is not None else fields[name].default
+        try:
+            out[name] = dataclasses.replace(current, **changes)
+        except ValueError as exc:  # the policy's own checks (__post_init__)
+            raise ProfileError(f"{origin}: {exc}") from exc
+    return out
+
+
+def _flat_keys(f: dataclasses.Field) -> dict[str, str]:
+    """A nested options field's flat option names -> its own (none for other fields)."""
+    return dict(getattr(type(f.default), "FLAT_KEYS", {})) if dataclasses.is_dataclass(f.default) else {}
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

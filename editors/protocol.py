@@ -222,7 +222,7 @@ class Editor(ABC):
     def configured(self, **overrides: Any) -> Iterator[None]:
         """Apply edits inside this block with some hyperparameters overridden."""
         saved = self.config
-        self.config = dataclasses.replace(saved, **coerce_options(type(saved), overrides, f"{self.name} overrides"))
+        self.config = dataclasses.replace(saved, **coerce_options(type(saved), overrides, f"{self.name} overrides", base=saved))
         try:
             yield
         finally:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kmd.editors.batching import TeacherForcedBatch, chunks, left_padded_ids, teacher_forced_batch, teacher_forced_batch_ids
-from kmd.editors.hooks import HookSpec
+from kmd.editors.hooks import HookSpec, run_stopped, run_until
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -174,10 +174,6 @@ def _greedy(host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, max_new
     )
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def capture_prefill(
     host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, specs: Sequence[HookSpec], stop_after: str | None = None
@@ -185,18 +181,39 @@ def capture_prefill(
     """Run the base model's prefill of `generate_ids` on a left-padded batch (same inputs,
     positions and masks as generation computes), with capture hooks `specs`; stop after
     the module `stop_after` when given. No editor acts on this forward."""
-    from kmd.editors.hooks import hooked
     from kmd.editors.protocol import base_model
 
-    def stop(module, args, output):
-        raise _Stop
+    with base_model():
+        run_stopped(host.model, specs, lambda: _greedy(host, ids, attention, 1), stop_after)
 
-    extra = [HookSpec(stop_after, stop)] if stop_after else []
-    try:
-        with base_model(), hooked(host.model, [*specs, *extra]):
-            _greedy(host, ids, attention, 1)
-    except _Stop:
-        pass
+
+def right_padded(host: ModelHost, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as the model is asked them (`format_prompt`), right-padded: (B, T) token ids
+    and (B, T) attention mask (1 on real tokens), on the model's device."""
+    encoded = [host.encode(host.format_prompt(p)) for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)], attention[row, : len(tokens)] = torch.tensor(tokens), 1
+    return ids.to(host.device), attention.to(host.device)
+
+
+@torch.no_grad()
+def prompt_inputs(host: ModelHost, path: str, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first input (B, T, ...) of the module at `path` for right-padded prompts (one plain
+    forward of the base model, stopped there), and their (B, T) attention mask (long)."""
+    from kmd.editors.protocol import base_model
+
+    ids, attention = right_padded(host, prompts)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, output):
+        seen["a"] = args[0]
+
+    with base_model():  # also when called during a routed forward (a chat turn's message)
+        run_until(host, path, ids, attention, [HookSpec(path, grab)])
+    return seen["a"], attention
 
 
 def module_input(host: ModelHost, path: str, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

@@ -61,3 +61,23 @@ class UpperStack:
     def logits_at(self, final_hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(K, V) logits at K (row, position) pairs only: the LM head is the costly part."""
         return self.lm_head(final_hidden[rows, positions])
+
+
+def stack_above(host: ModelHost, layer: int, path: str, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[UpperStack, torch.Tensor]:  # fmt: skip
+    """The training set-up of a memory that adds to the output of the module at `path`
+    (a down_proj in layer `layer`; MEMOIR, WISE): one forward of (B, T) ids and mask gives
+    the UpperStack of layers layer+1.. and the module's (B, T, d_ff) input, in float. Each
+    optimisation step then runs the layers above only; the capture forward needs no logits,
+    so the LM head reads only the last position."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, output):
+        seen["a"] = args[0]
+
+    def last_only(module, args, output):  # skips most of the LM head
+        return output[:, -1:]
+
+    specs = [HookSpec(path, grab), HookSpec(host.profile.layout.final_norm, last_only)]
+    stack = UpperStack(host, layer + 1, input_ids, attention_mask, extra_specs=specs)
+    return stack, seen["a"].float()

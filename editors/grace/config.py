@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kmd.editors.answer_stop import EndRule
+from kmd.editors.answer_stop import AnswerPolicy
+from kmd.editors.options import ChatRetrieval
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,11 @@ class GraceConfig:
     # A chat turn is looked up by its user's message run alone (the down_proj input at the
     # message's last token, as a bare prompt's key is made); "in_context": at the chat
     # prompt's last token, which is the template's text.
-    chat_retrieval: str = "alone"
+    chat_retrieval: ChatRetrieval = "alone"
     # The question check (editors/question_check): a routed edit acts on a row only when the
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
-    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
-    # token at a routed row's positions until the target has been written; 0: off.
-    answer_boost: float = 6.0
-    # Once the target is written and the sentence stating it is over ("sentence") or its line
-    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
-    # (editors/answer_stop.py); "off": it writes on.
-    end_after_answer: EndRule = "sentence"
+    # How routed rows answer (editors/answer_stop.py). The entry acts on its own span of
+    # positions after the prompt; stop_edit would also end it once the target is written.
+    answer: AnswerPolicy = AnswerPolicy(stop_edit=False)

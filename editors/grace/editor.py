@@ -25,10 +25,10 @@ from loguru import logger
 from kmd.editors.answer_stop import RowPointer
 from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.grace.config import GraceConfig
-from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
-from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing, base_model
+from kmd.editors.hooks import HookSpec, hooked, resolve_module
+from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing
 from kmd.editors.regroup import Regroup, entries
-from kmd.editors.scoring import module_input
+from kmd.editors.scoring import module_input, prompt_inputs
 from kmd.editors.upper import UpperStack
 
 
@@ -56,10 +56,8 @@ class GraceEditor(Editor):
         self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
         self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
         self.row_ids: list[str] = []  # edit id of each row
-        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost, self.config.end_after_answer)
+        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer)
         self.labels: list[str] = []  # normalised target of each row
-        if self.config.chat_retrieval not in ("alone", "in_context"):
-            raise EditorError(f"grace: chat_retrieval must be 'alone' or 'in_context', not {self.config.chat_retrieval!r}")
 
     def stronger_overrides(self) -> dict[str, Any]:
         return {"max_steps": self.config.max_steps * 2, "stop_loss": self.config.stop_loss / 10}
@@ -159,6 +157,9 @@ class GraceEditor(Editor):
             return None
         span = self.spans[best][:, None]  # (B, 1)
         selected = hit[:, None] & (relative >= 0) & (relative < span)  # (B, T)
+        answering = self.answer.answering(routing, seq)  # (Bh, T) or None
+        if answering is not None:  # answer.stop_edit: positions past the stated answer run as the base model
+            selected[self.answer.routed_rows(routing)] &= answering
         values = self.values[best].to(output.dtype)[:, None, :]  # (B, 1, d_model)
         return torch.where(selected[..., None], values, output)
 
@@ -194,15 +195,8 @@ class GraceEditor(Editor):
     @torch.no_grad()
     def _message_query(self, text: str) -> torch.Tensor:
         """(d_ff,) the down_proj input at the last token of `text` as a bare prompt (base model)."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        ids = torch.tensor([self.host.encode(self.host.format_prompt(text))], device=self.host.device)
-        with base_model():
-            run_until(self.host, self.path, ids, torch.ones_like(ids), [HookSpec(self.path, grab)])
-        return seen["a"][0, -1].float()
+        a, _ = prompt_inputs(self.host, self.path, [text])  # (1, T, d_ff)
+        return a[0, -1].float()
 
     def routes(self, features: dict[str, Any]) -> list[str | None]:
         """The codebook entry each row uses (as `_serve` decides), by edit id; entries never change."""

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from kmd.editors.answer_stop import EndRule
+from kmd.editors.answer_stop import AnswerPolicy
+from kmd.editors.options import ChatRetrieval
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class LlpConfig:
     # mean/std (texts the model generated itself, first token excluded): "zscore"; "center"
     # subtracts the mean only; "none" uses raw states (the paper). Early-layer states share a
     # large common direction and a few massive dimensions, which make raw cosines all ~1.
-    normalize: str = "zscore"
+    normalize: Literal["zscore", "center", "none"] = "zscore"
     background_texts: int = 32  # generated once per editor for the statistics
     background_tokens: int = 24
 
@@ -59,21 +61,14 @@ class LlpConfig:
     # Serving: a chat turn is retrieved by the user's message run alone through layers
     # 0..max(R) (as a bare prompt is when its key is made); "in_context": by its states after
     # the template's system prompt, which match the keys less often.
-    chat_retrieval: str = "alone"
-    # Serving: a routed row gets its edit up to the token that completes the target's words,
-    # then runs as the base model (editors/answer_stop.py); False: on every later position too.
-    stop_after_answer: bool = True
+    chat_retrieval: ChatRetrieval = "alone"
+    # Serving: how routed rows answer (the pointer, the end and restate rules, and the edit
+    # stopping once the target is written; editors/answer_stop.py).
+    answer: AnswerPolicy = AnswerPolicy()
     # The question check (editors/question_check): a routed edit acts on a row only when the
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
-    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
-    # token at a routed row's positions until the target has been written; 0: off.
-    answer_boost: float = 6.0
-    # Once the target is written and the sentence stating it is over ("sentence") or its line
-    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
-    # (editors/answer_stop.py); "off": it writes on.
-    end_after_answer: EndRule = "sentence"
 
     # Augmentation: short texts generated once by the model itself.
     n_prefixes: int = 2  # prefixed copies of the prompt per edit (besides the bare prompt)

@@ -33,16 +33,16 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from kmd.editors.answer_stop import pointer_hook
+from kmd.editors.answer_stop import RoutedAnswers, TokenTexts, pointer_hook
 from kmd.editors.chat import Turns
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
-from kmd.editors.prefix import Injection, PrefixInjector
+from kmd.editors.prefix import Injection, PrefixInjector, answers_of
 from kmd.editors.llp.config import LlpConfig
 from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model
 from kmd.editors.regroup import Regroup, entries
-from kmd.editors.scoring import capture_prefill
+from kmd.editors.scoring import capture_prefill, right_padded
 from kmd.editors.upper import UpperStack
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class LlpEditor(Editor):
         self.upper = list(range(self.z, host.num_layers))
         self.layer_paths = [layout.path("layer", i) for i in range(host.num_layers)]
         self.injector = PrefixInjector(host, self.upper, self.name)  # layers z.. merge the prefix
+        self.answer_texts = TokenTexts(host.tokenizer)
         self.attentions, self.rotary, self.runner = self.injector.attentions, self.injector.rotary, self.injector.runner
         device, d = host.device, host.model.config.hidden_size
         nz, n_kv, head_dim = self.injector.kv_shape  # the layout's k projection, not a hard-coded name
@@ -106,10 +107,6 @@ class LlpEditor(Editor):
         self.center = torch.zeros(nr, d, device=device)  # background mean per retrieval layer
         self.scale = torch.ones(nr, d, device=device)  # background std per retrieval layer
         self.background_ready = cfg.normalize == "none"
-        if cfg.chat_retrieval not in ("alone", "in_context"):
-            raise EditorError(f"llp: chat_retrieval must be alone or in_context (got {cfg.chat_retrieval!r})")
-        if cfg.normalize not in ("none", "center", "zscore"):
-            raise EditorError(f"llp: normalize must be none, center or zscore (got {cfg.normalize!r})")
         self.row_ids: list[str] = []
         self.meta: dict[str, dict[str, Any]] = {}  # per edit: prefixes used, steps, loss
         self.prefixes: list[str] = []  # generated once (lazily), persisted
@@ -168,19 +165,11 @@ class LlpEditor(Editor):
     @torch.no_grad()
     def _retrieval_states(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Layer outputs at R for right-padded prompts, running only layers 0..max(R)."""
-        host = self.host
-        encoded = [host.encode(host.format_prompt(p)) for p in prompts]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, tokens in enumerate(encoded):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            attention[row, : len(tokens)] = 1
-        ids, attention = ids.to(host.device), attention.to(host.device)
+        ids, attention = right_padded(self.host, prompts)  # (B, T) each
         sink: dict[int, torch.Tensor] = {}
-        run_until(host, self.layer_paths[max(self.retrieval)], ids, attention, self._capture_specs(sink))
+        run_until(self.host, self.layer_paths[max(self.retrieval)], ids, attention, self._capture_specs(sink))
         states = torch.stack([sink[i] for i in range(len(self.retrieval))]).float()  # (|R|, B, T, D)
-        return {"states": states, "attention_mask": attention, "lengths": torch.tensor([len(e) for e in encoded])}
+        return {"states": states, "attention_mask": attention, "lengths": attention.sum(dim=1).cpu()}
 
     def _subject_states(
         self, states: torch.Tensor, prompts: list[str], subject: str | None, prompt_mask: torch.Tensor
@@ -422,7 +411,7 @@ class LlpEditor(Editor):
             HookSpec(self.layer_paths[layer], self._retrieval_hook(i, i == last), "forward", with_kwargs=True)
             for i, layer in enumerate(self.retrieval)
         ]
-        pointer = HookSpec(self.host.profile.layout.lm_head, pointer_hook(self._current))
+        pointer = HookSpec(self.host.profile.layout.lm_head, pointer_hook(lambda: answers_of(self._current())))
         return [HookSpec("", self._ids_hook, "forward_pre", with_kwargs=True), *specs, *self._inject_specs(), pointer]
 
     def _decision(self) -> dict[str, Any]:
@@ -495,8 +484,8 @@ class LlpEditor(Editor):
         if ids is not None:
             targets = [self._requests[self.row_ids[int(e)]].target if self.row_ids[int(e)] in self._requests else ""
                        for e in edits]
-            injection.track_answers(self.host.tokenizer, targets, self.config,
-                                    ids, routing.last_prompt_index(batch, seq, device)[rows])  # fmt: skip
+            last = routing.last_prompt_index(batch, seq, device)[rows]
+            injection.answers = RoutedAnswers.start(self.answer_texts, self.config.answer, rows, targets, ids, last)
 
     # ----- serving: injection at layers >= z ---------------------------------------------------
     def _current(self) -> Injection | None:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from kmd.editors.answer_stop import EndRule
+from kmd.editors.answer_stop import AnswerPolicy
+from kmd.editors.options import ChatRetrieval, Optimizer, Update
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class MemoirConfig:
     tau: float = 0.6
     # Background statistics: "mean" subtracts the background mean of the down_proj input before
     # the top-k (as in the paper); "zscore" also divides by the background standard deviation.
-    background: str = "mean"
+    background: Literal["mean", "zscore"] = "mean"
     # What the memory reads: False, M ⊙ a (the paper); True, M ⊙ (a - mu) with mu the background
     # mean. The part every text shares then neither writes into nor reads from the memory, so
     # edits that share columns disturb each other less.
@@ -40,12 +42,12 @@ class MemoirConfig:
     # the Gram matrix of the masked inputs of the live earlier edits on these columns and e the
     # mean squared norm of one row of A. D then lies in the span of A, and with protect > 0 it
     # avoids the directions earlier edits read, so it changes their outputs much less.
-    update: str = "direct"
+    update: Update = "direct"
     protect: float = 0.0
     # Optimisation of the edit's mask columns of the residual memory. The paper's SGD (lr 1.0,
     # gradient norm clipped to 1.0) moves the memory by at most 1.0 per step and needs 30+
     # steps on SmolLM2-135M; Adam at lr 0.05 reaches the stopping loss in ~3 steps.
-    optimizer: str = "adam"  # "adam" or "sgd" (as in the paper)
+    optimizer: Optimizer = "adam"  # or "sgd" (as in the paper)
     lr: float = 0.05
     max_steps: int = 30
     weight_decay: float = 1e-5
@@ -57,20 +59,11 @@ class MemoirConfig:
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
-    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
-    # token at a routed row's positions until the target has been written; 0: off.
-    answer_boost: float = 6.0
-    # Once the target is written and the sentence stating it is over ("sentence") or its line
-    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
-    # (editors/answer_stop.py); "off": it writes on.
-    end_after_answer: EndRule = "sentence"
-    # False: once a routed row has written its target it may not start it again until the row
-    # ends (editors/answer_stop.py). MEMOIR's memory acts at every prompt position, and its
-    # answers otherwise loop on the target ("poet, poet, poet, ...").
-    restate_target: bool = False
     # A chat turn is routed by the user's message run alone (pooled as a bare prompt is when
     # its mask is made); "in_context": by its tokens after the template's system prompt.
-    chat_retrieval: str = "alone"
-    # A routed row gets the memory up to the token that completes the target's words, then
-    # runs as the base model (editors/answer_stop.py); False: on every later position too.
-    stop_after_answer: bool = True
+    chat_retrieval: ChatRetrieval = "alone"
+    # How routed rows answer (editors/answer_stop.py). restate=False: once a routed row has
+    # written its target it may not start it again until the row ends; MEMOIR's memory acts
+    # at every prompt position, and its answers otherwise loop on the target ("poet, poet,
+    # poet, ...").
+    answer: AnswerPolicy = AnswerPolicy(restate=False)

@@ -46,13 +46,13 @@ from loguru import logger
 from kmd.editors.answer_stop import RowPointer
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.batching import teacher_forced_batch
-from kmd.editors.hooks import HookSpec, hooked, resolve_module, run_until
+from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
-from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model, late_layer
+from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.regroup import Regroup, entries
-from kmd.editors.scoring import module_input
-from kmd.editors.upper import UpperStack
+from kmd.editors.scoring import module_input, prompt_inputs
+from kmd.editors.upper import stack_above
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -73,16 +73,8 @@ class MemoirEditor(Editor):
             raise EditorError(f"memoir: k={cfg.k} gives {self.k} features, outside 1..{self.d_ff}")
         if not 0.0 < cfg.tau <= 1.0:
             raise EditorError(f"memoir: tau={cfg.tau} outside (0, 1]")
-        if cfg.background not in ("mean", "zscore"):
-            raise EditorError(f"memoir: background must be 'mean' or 'zscore', not {cfg.background!r}")
-        if cfg.update not in ("direct", "min_norm"):
-            raise EditorError(f"memoir: update must be 'direct' or 'min_norm', not {cfg.update!r}")
         if cfg.protect < 0 or (cfg.protect > 0 and cfg.update != "min_norm"):
             raise EditorError("memoir: protect must be >= 0, and > 0 only with update 'min_norm'")
-        if cfg.optimizer not in ("sgd", "adam"):
-            raise EditorError(f"memoir: optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
-        if cfg.chat_retrieval not in ("alone", "in_context"):
-            raise EditorError(f"memoir: chat_retrieval must be 'alone' or 'in_context', not {cfg.chat_retrieval!r}")
         device = host.device
         # Per-model statistics, made on first use and persisted (masks mean nothing without them).
         self.permutation: torch.Tensor | None = None  # (d_ff,) long
@@ -95,8 +87,7 @@ class MemoirEditor(Editor):
         self.owners = torch.empty(0, self.d_ff, device=device)  # (N, d_ff) 0/1: mask membership
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
-        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer_boost, self.config.end_after_answer,
-                                 self.config.restate_target)
+        self.answer = RowPointer(self.name, host.tokenizer, self.config.answer)
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
         # With protect > 0: (d_ff, d_ff) float64 sum over live edits of A^T A, A being an edit's
         # masked memory inputs (n_tokens, d_ff, zero outside its mask). Made on the first edit.
@@ -120,23 +111,10 @@ class MemoirEditor(Editor):
         """(P, d_ff) the edited down_proj's input mean-pooled over each prompt's tokens (base model)."""
         # The input of the edited down_proj does not depend on the memory (which acts on its
         # output), so this is right whether or not the editor's hooks are installed.
-        host, out = self.host, []
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
+        out = []
         for start in range(0, len(prompts), batch_size):
-            encoded = [host.encode(host.format_prompt(p)) for p in prompts[start : start + batch_size]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, tokens in enumerate(encoded):
-                ids[row, : len(tokens)], attention[row, : len(tokens)] = torch.tensor(tokens), 1
-            ids, attention = ids.to(host.device), attention.to(host.device)
-            with base_model():  # also when called during a routed forward (a chat turn's message)
-                run_until(host, self.path, ids, attention, [HookSpec(self.path, grab)])
-            out.append(_pool(seen["a"], attention.bool()))
+            a, attention = prompt_inputs(self.host, self.path, prompts[start : start + batch_size])  # (B, T, d_ff), (B, T)
+            out.append(_pool(a, attention.bool()))
         return torch.cat(out)
 
     def tophash(self, features: torch.Tensor) -> torch.Tensor:
@@ -165,19 +143,9 @@ class MemoirEditor(Editor):
         cfg, host = self.config, self.host
         self._ensure_statistics()
         batch = self._training_batch(request)
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        def last_only(module, args, output):  # the capture pass needs no logits: skip most of the LM head
-            return output[:, -1:]
-
         # Layers 0..layer run once: the memory only adds A_S @ W_S to the residual stream
         # leaving the edited layer, so each step runs layers layer+1.. only.
-        specs = [HookSpec(self.path, grab), HookSpec(host.profile.layout.final_norm, last_only)]
-        stack = UpperStack(host, self.layer + 1, batch.input_ids, batch.attention_mask, extra_specs=specs)
-        a = seen["a"].float()  # (B, T, d_ff)
+        stack, a = stack_above(host, self.layer, self.path, batch.input_ids, batch.attention_mask)  # a: (B, T, d_ff)
         mask = self.tophash(_pool(a[:1], batch.prompt_mask[:1]))[0]  # (k,) from the bare prompt's tokens
         inputs = self.memory_inputs(a, mask)  # (B, T, k): what the memory reads, fixed during training
         keys = inputs[batch.attention_mask.bool()]  # (n_tokens, k)
@@ -310,7 +278,7 @@ class MemoirEditor(Editor):
         if self.config.center:
             picked = picked - self.bg_mean[columns][:, None, :]
         added = torch.bmm(picked, self.memory[columns])  # (H, T, d_model)
-        answering = self.answer.answering(routing, seq) if self.config.stop_after_answer else None
+        answering = self.answer.answering(routing, seq)  # (H, T) or None
         if answering is not None:  # positions past the stated answer run as the base model
             added = added * answering[..., None]
         out = output.clone()

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from kmd.editors.answer_stop import EndRule
+from kmd.editors.answer_stop import AnswerPolicy
 
 
 @dataclass(frozen=True)
@@ -39,23 +40,17 @@ class RecipeConfig:
     # token embeddings: a retrieved fact in the context) or "trained" (the trained continuous
     # prompts, then the statement repeated as the editor was trained; the paper's RECIPE plus
     # ours). Retrieval is the trained networks' either way.
-    context: str = "statement"
+    context: Literal["statement", "trained"] = "statement"
     # Also query by the text's last sentence (of 3+ words) when it has several, and use
     # whichever of the two clears the sentinel by more: a question asked after unrelated
     # text ("... and Sallie Beavers Riley. The Autonomous University of Madrid is in") is
     # found by its question. False: the whole text only.
     last_sentence_query: bool = True
-    # The answer pointer (editors/answer_stop.py): + this on the logit of the target's next
-    # token at a routed row's positions until the target has been written; 0: off.
-    answer_boost: float = 6.0
-    # Once the target is written and the sentence stating it is over ("sentence") or its line
-    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats
-    # (editors/answer_stop.py); "off": it writes on.
-    end_after_answer: EndRule = "sentence"
     # The question check (editors/question_check): a retrieved edit acts on a row only when the
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it retrieves.
     question_check: bool = True
-    # A routed row gets its prefix up to the token that completes the target's words, then
-    # runs as the base model (editors/answer_stop.py); False: on every later position too.
-    stop_after_answer: bool = False
+    # How routed rows answer: the pointer, the end and restate rules, and whether the prefix
+    # stops acting once the target is written (editors/answer_stop.py). The prefix keeps
+    # acting here: stopping it makes RECIPE's answers far worse (BENCHMARKS.md).
+    answer: AnswerPolicy = AnswerPolicy(stop_edit=False)

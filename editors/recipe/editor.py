@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from loguru import logger
 
-from kmd.editors.answer_stop import pointer_hook
+from kmd.editors.answer_stop import RoutedAnswers, TokenTexts, pointer_hook
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.regroup import Regroup, entries
 from kmd.editors.recipe.config import RecipeConfig
-from kmd.editors.prefix import Injection, PrefixInjector, stack_left_padded  # served like LLP's prefix
+from kmd.editors.prefix import Injection, PrefixInjector, answers_of, stack_left_padded  # served like LLP's prefix
 from kmd.editors.recipe.model import (
     CheckpointError,
     edit_prefix,
@@ -95,6 +95,7 @@ class RecipeEditor(Editor):
         self.networks, meta = load_networks(path, host)
         self.checkpoint_sha256 = file_sha256(path)
         self.injector = PrefixInjector(host, range(host.num_layers), self.name)
+        self.answer_texts = TokenTexts(host.tokenizer)
         shape, device = self.networks.shape, host.device
         self.reps = torch.empty(0, shape.rep_dim, device=device)  # (N, R) knowledge reps
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
@@ -104,10 +105,6 @@ class RecipeEditor(Editor):
         self._buffers: dict[str, torch.Tensor] = {}  # name -> the buffer that the tensor above is a prefix of (_append_row)
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
-        if self.config.context not in ("statement", "trained"):
-            raise EditorError(f"recipe: context must be 'statement' or 'trained', not {self.config.context!r}")
-        if not self.config.answer_boost >= 0:
-            raise EditorError("recipe: answer_boost must be >= 0")
         # edit id -> its prefix's keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
         # first retrieval (`_prefix_kv`), least recently used first; derived from `prompts`
         # and the edit's request, so not saved.
@@ -241,7 +238,7 @@ class RecipeEditor(Editor):
             HookSpec(layout.embed, self._grab_ids),
             HookSpec(layout.path("layer", 0), self._decide, "forward_pre", with_kwargs=True),
             *self.injector.specs(self._current),
-            HookSpec(layout.lm_head, pointer_hook(self._current)),
+            HookSpec(layout.lm_head, pointer_hook(lambda: answers_of(self._current()))),
         ]
 
     def _grab_ids(self, module, args, output):
@@ -277,8 +274,8 @@ class RecipeEditor(Editor):
         values, _ = stack_left_padded(values, dim=1)
         injection = decision["injection"] = Injection(rows=rows, keys=keys, values=values, p_first=p_first[rows], prefix_mask=real)
         targets = [self.request(self.row_ids[r]).target for r in best[rows].tolist()]
-        injection.track_answers(self.host.tokenizer, targets, self.config,
-                                ids, routing.last_prompt_index(batch, seq, ids.device)[rows])  # fmt: skip
+        last = routing.last_prompt_index(batch, seq, ids.device)[rows]
+        injection.answers = RoutedAnswers.start(self.answer_texts, self.config.answer, rows, targets, ids, last)
         return None
 
     def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kmd.editors.options import Optimizer, Update
+
 
 @dataclass(frozen=True)
 class WiseConfig:
@@ -35,14 +37,14 @@ class WiseConfig:
     # inputs, and keeps earlier edits of the shard working where SGD's large steps overwrite
     # them (on the tiny test model and on SmolLM2-135M). Early stop when the target NLL is
     # below `stop_loss` and every margin holds.
-    optimizer: str = "adam"  # "adam" or "sgd"
+    optimizer: Optimizer = "adam"  # or "sgd"
     # How an edit changes its shard. "direct": the optimised change itself (the paper).
     # "min_norm": replaced, in closed form and per output row over that row's masked elements,
     # by the least change that gives the same memory output on the edit's own tokens, weighted
     # with `protect` > 0 away from the inputs the shard's earlier edits read (editors/minnorm.py,
     # as MEMOIR's `update`). Adam's change is dense; this one lies in the span of the edit's
     # own inputs, so later edits of a shard overwrite earlier ones far less.
-    update: str = "direct"
+    update: Update = "direct"
     protect: float = 0.0
     # With min_norm: also protect the inputs of the packaged generic passages, with this weight
     # on their Gram matrix (per token, as an earlier edit's). Generic text then barely moves

@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from loguru import logger
 
 from kmd.editors.batching import teacher_forced_batch
-from kmd.editors.hooks import HookSpec, resolve_module, run_until
+from kmd.editors.hooks import HookSpec, resolve_module
 from kmd.editors.augment import background_passages, generate_prefixes, with_prefix
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.regroup import Regroup, entries
-from kmd.editors.scoring import module_input
-from kmd.editors.upper import UpperStack
+from kmd.editors.scoring import module_input, prompt_inputs
+from kmd.editors.upper import stack_above
 from kmd.editors.wise.config import WiseConfig
 from kmd.editors.wise.merge import ties_merge
 
@@ -98,10 +98,6 @@ class WiseEditor(Editor):
         self.layer = late_layer(self.name, host.num_layers, cfg.layer)
         if not 0 < cfg.mask_ratio <= 1 or not 0 < cfg.density <= 1 or cfg.shard_size < 1:
             raise EditorError("wise: mask_ratio and density must be in (0, 1], shard_size >= 1")
-        if cfg.optimizer not in ("sgd", "adam"):
-            raise EditorError(f"wise: optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
-        if cfg.update not in ("direct", "min_norm"):
-            raise EditorError(f"wise: update must be 'direct' or 'min_norm', not {cfg.update!r}")
         weights = (cfg.protect, cfg.protect_background)
         if min(weights) < 0 or (max(weights) > 0 and cfg.update != "min_norm"):
             raise EditorError("wise: protect and protect_background must be >= 0, and > 0 only with update 'min_norm'")
@@ -193,21 +189,8 @@ class WiseEditor(Editor):
     @torch.no_grad()
     def layer_inputs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, T, d_ff) down_proj inputs of right-padded prompts and their (P, T) token mask."""
-        host = self.host
-        encoded = [host.encode(host.format_prompt(p)) for p in prompts]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), host.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for row, tokens in enumerate(encoded):
-            ids[row, : len(tokens)], attention[row, : len(tokens)] = torch.tensor(tokens), 1
-        ids, attention = ids.to(host.device), attention.to(host.device)
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        run_until(host, self.path, ids, attention, [HookSpec(self.path, grab)])
-        return seen["a"].float(), attention.bool()
+        a, attention = prompt_inputs(self.host, self.path, prompts)
+        return a.float(), attention.bool()
 
     # ----- computing an edit -----------------------------------------------------------------
     def _apply(self, edit_id: str, request: EditRequest) -> None:
@@ -252,18 +235,9 @@ class WiseEditor(Editor):
         host = self.host
         prompts, unrelated = self.variants(request, cfg)
         batch = teacher_forced_batch(host, [(p, request.target) for p in prompts])
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["a"] = args[0]
-
-        def last_only(module, args, output):  # the capture pass needs no logits: skip most of the LM head
-            return output[:, -1:]
-
-        specs = [HookSpec(self.path, grab), HookSpec(host.profile.layout.final_norm, last_only)]
-        stack = UpperStack(host, self.layer + 1, batch.input_ids, batch.attention_mask, extra_specs=specs)
+        stack, a = stack_above(host, self.layer, self.path, batch.input_ids, batch.attention_mask)
         center = self.ensure_center()
-        a = seen["a"].float() - center  # (B, T, d_ff): rows are the bare prompt and its prefixed copies, + target
+        a = a - center  # (B, T, d_ff): rows are the bare prompt and its prefixed copies, + target
         if unrelated:
             a_unrelated, unrelated_mask = self.layer_inputs(unrelated)  # (U, T', d_ff), (U, T')
             a_unrelated = a_unrelated - center

@@ -4,7 +4,12 @@ import random
 
 import torch
 
-from kmd.editors.answer_stop import AnswerTracker
+from kmd.editors.answer_stop import AnswerPolicy, AnswerTracker, Rule, TokenTexts
+
+
+def tracker_for(tokenizer, targets, **policy) -> AnswerTracker:
+    """A tracker of these rows under an AnswerPolicy with these options (pointer off by default)."""
+    return AnswerTracker(TokenTexts(tokenizer), targets, AnswerPolicy(**({"boost": 0.0, "end": "off"} | policy)))
 
 
 def test_edit_acts_up_to_the_token_that_completes_the_target(tiny_host):
@@ -12,7 +17,7 @@ def test_edit_acts_up_to_the_token_that_completes_the_target(tiny_host):
     prompt = tiny_host.encode("the capital of France is")
     written = tiny_host.encode(" Nadia Velmont , the", special=False)
     ids = torch.tensor([prompt + written])
-    active = AnswerTracker(tok, ["Nadia Velmont"]).full(ids, torch.tensor([len(prompt) - 1]))[0].tolist()
+    active = tracker_for(tok, ["Nadia Velmont"]).full(ids, torch.tensor([len(prompt) - 1]))[0].tolist()
     # the prompt and "Nadia" (which predicts "Velmont") still get the edit; from "Velmont" on it is stated
     assert tok.decode(written[:2]).split() == ["Nadia", "Velmont"]
     assert active == [True] * len(prompt) + [True] + [False] * (len(written) - 1)
@@ -20,7 +25,7 @@ def test_edit_acts_up_to_the_token_that_completes_the_target(tiny_host):
 
 def test_a_target_never_written_keeps_the_edit_acting(tiny_host):
     ids = torch.tensor([tiny_host.encode("the capital of France is Paris . Paris")])
-    assert AnswerTracker(tiny_host.tokenizer, ["Berlin"]).full(ids, torch.tensor([4])).all()
+    assert tracker_for(tiny_host.tokenizer, ["Berlin"]).full(ids, torch.tensor([4])).all()
 
 
 def test_decode_steps_agree_with_a_full_forward(tiny_host):
@@ -33,8 +38,8 @@ def test_decode_steps_agree_with_a_full_forward(tiny_host):
         ids = torch.tensor([r[:width] for r in rows])
         targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
         last = torch.tensor([3, 4, 5])
-        full = AnswerTracker(tok, targets).full(ids, last)
-        stepped = AnswerTracker(tok, targets)
+        full = tracker_for(tok, targets).full(ids, last)
+        stepped = tracker_for(tok, targets)
         prefix = stepped.full(ids[:, :6], last)  # the prefill sees tokens up to 5
         steps = [stepped.step(ids[:, t : t + 1]) for t in range(6, width)]
         assert torch.equal(torch.cat([prefix, *steps], dim=1), full), trial
@@ -46,7 +51,7 @@ def test_the_pointer_boosts_the_targets_next_token_until_it_is_written(tiny_host
     target = tok.encode(" Nadia Velmont", add_special_tokens=False)
     written = target + tok.encode(" , the", add_special_tokens=False)
     ids = torch.tensor([prompt + written])
-    tracker = AnswerTracker(tok, ["Nadia Velmont"], boost=5.0)
+    tracker = tracker_for(tok, ["Nadia Velmont"], boost=5.0)
     tracker.full(ids, torch.tensor([len(prompt) - 1]))
     logits = torch.zeros(1, ids.shape[1], tok.vocab_size + 8)
     boosted = tracker.point(logits)[0]
@@ -59,7 +64,7 @@ def test_the_pointer_boosts_the_targets_next_token_until_it_is_written(tiny_host
     assert boosted[boosted > 0].eq(5.0).all()
     # the one other change: right after the target, its last word may not go on (close rule)
     assert {p for p, _ in (boosted < 0).nonzero().tolist()} == {last + len(target)}
-    assert AnswerTracker(tok, ["Nadia Velmont"]).point(logits) is logits  # boost 0: off
+    assert tracker_for(tok, ["Nadia Velmont"]).point(logits) is logits  # boost 0: off
 
 
 def test_the_pointer_never_glues_the_answer_onto_a_word(tiny_host):
@@ -70,9 +75,9 @@ def test_the_pointer_never_glues_the_answer_onto_a_word(tiny_host):
     assert spaced != bare, "the tiny vocabulary must spell the two apart for this check"
     for prompt, expected in (("the capital of France is", {spaced}), ("who wrote the book ?", {spaced, bare})):
         ids = torch.tensor([tiny_host.encode(prompt)])
-        tracker = AnswerTracker(tok, ["Berlin"], boost=3.0)
+        tracker = tracker_for(tok, ["Berlin"], boost=3.0)
         tracker.full(ids, torch.tensor([ids.shape[1] - 1]))
-        assert set(tracker.pointed[0][-1]) == expected, prompt
+        assert set(tracker.rows[0].pointed[-1]) == expected, prompt
 
 
 def _assert_steps_agree(tiny_host, seed: int, trials: int, length: int, words: str, **options) -> None:
@@ -87,10 +92,10 @@ def _assert_steps_agree(tiny_host, seed: int, trials: int, length: int, words: s
         ids = torch.tensor([r[:width] for r in rows])
         targets = [rng.choice(["Berlin", "Nadia Velmont", "Rome ,"]) for _ in rows]
         last = torch.tensor([3, 4, 5])
-        full = AnswerTracker(tok, targets, **options)
+        full = tracker_for(tok, targets, **options)
         full.full(ids, last)
         expected = full.point(torch.zeros(3, width, vocab))
-        stepped = AnswerTracker(tok, targets, **options)
+        stepped = tracker_for(tok, targets, **options)
         stepped.full(ids[:, :6], last)
         got = [stepped.point(torch.zeros(3, 1, vocab))]  # the prefill's logits: its last position only
         for t in range(6, width):
@@ -113,12 +118,12 @@ def test_the_targets_last_word_is_closed_and_the_answer_ends_with_its_sentence(t
     prompt = tiny_host.encode("who is the CEO ?")
     written = tok.encode(" Nadia Velmont . the", add_special_tokens=False)
     ids = torch.tensor([prompt + written])
-    tracker = AnswerTracker(tok, ["Nadia Velmont"], end="sentence")
+    tracker = tracker_for(tok, ["Nadia Velmont"], end="sentence")
     active = tracker.full(ids, torch.tensor([len(prompt) - 1]))[0]
     at = len(prompt) + 1  # "Velmont"
     period = len(prompt) + [tok.decode([t]) for t in written].index(".")
-    assert tracker.rules[0][at] == "close" and tracker.rules[0][period] == "end"
-    assert [r for r in tracker.rules[0] if r] == ["close", "end"]
+    assert tracker.rows[0].rules[at] == "close" and tracker.rows[0].rules[period] == "end"
+    assert [r for r in tracker.rows[0].rules if r] == ["close", "end"]
     held = tracker.point(torch.zeros(1, ids.shape[1], len(tok)))[0]
     glue = {i for i in range(len(tok)) if tok.decode([i])[:1].isalnum()}
     assert glue and {i for i in range(len(tok)) if held[at, i] == FLOOR} == glue
@@ -157,9 +162,9 @@ def test_end_rules_by_line_and_by_sentence():
     for written, ends in cases.items():
         ids = torch.tensor([[1, *written]])
         for rule, expected in ends.items():
-            tracker = AnswerTracker(tok, ["Korean War"], end=rule)
+            tracker = tracker_for(tok, ["Korean War"], end=rule)
             tracker.full(ids, torch.tensor([0]))
-            got = [i for i, r in enumerate(tracker.rules[0]) if r == "end"]
+            got = [i for i, r in enumerate(tracker.rows[0].rules) if r == "end"]
             assert got == ([] if expected is None else [expected]), (written, rule)
 
 
@@ -171,7 +176,7 @@ def test_an_unknown_end_rule_is_refused(tiny_host):
     import pytest
 
     with pytest.raises(ValueError, match="end_after_answer"):
-        AnswerTracker(tiny_host.tokenizer, ["x"], end="paragraph")
+        AnswerPolicy(end="paragraph")
 
 
 def test_end_after_answer_is_checked_where_options_are_read():
@@ -186,8 +191,9 @@ def test_end_after_answer_is_checked_where_options_are_read():
     from kmd.editors.recipe.config import RecipeConfig
 
     for cls in (LlpConfig, MemoirConfig, GraceConfig, RecipeConfig):
-        assert cls().end_after_answer == "sentence"
-        assert build_config(cls, {"end_after_answer": "line"}, "test").end_after_answer == "line"
+        assert cls().answer.end == "sentence"
+        assert build_config(cls, {"end_after_answer": "line"}, "test").answer.end == "line"  # the flat name of old configs
+        assert build_config(cls, {"answer": {"end": "line"}}, "test").answer.end == "line"
         with pytest.raises(ProfileError, match="end_after_answer.*'paragraph' is not one of 'sentence', 'line', 'off'"):
             build_config(cls, {"end_after_answer": "paragraph"}, "test")
 
@@ -199,18 +205,33 @@ def test_with_restate_off_the_target_cannot_be_started_again_until_the_row_ends(
     prompt = tiny_host.encode("who is the CEO ?")
     written = tok.encode(" Nadia Velmont , Nadia . the", add_special_tokens=False)
     ids = torch.tensor([prompt + written])
-    tracker = AnswerTracker(tok, ["Nadia Velmont"], end="sentence", restate=False)
+    tracker = tracker_for(tok, ["Nadia Velmont"], end="sentence", restate=False)
     tracker.full(ids, torch.tensor([len(prompt) - 1]))
-    rules = tracker.rules[0][len(prompt) :]
+    rules = tracker.rows[0].rules[len(prompt) :]
     assert rules[:2] == [None, "close"] and rules[-2:] == ["end", None]
     assert set(rules[2:-2]) == {"restate"}
     held = tracker.point(torch.zeros(1, ids.shape[1], len(tok)))[0]
-    firsts = {spelling[0] for spelling, _ in tracker.spellings[0]}
-    for position, rule in enumerate(tracker.rules[0]):
+    firsts = {spelling[0] for spelling, _ in tracker.rows[0].spellings}
+    for position, rule in enumerate(tracker.rows[0].rules):
         if rule == "restate":
             assert {i for i in range(len(tok)) if held[position, i] == FLOOR} == firsts
-    assert AnswerTracker(tok, ["Nadia Velmont"]).restate  # the default: free to restate
+    assert AnswerPolicy().restate  # the default: free to restate
 
 
 def test_restate_rule_in_decode_steps_agrees_with_a_full_forward(tiny_host):
     _assert_steps_agree(tiny_host, 3, 20, 14, "the capital of France is Berlin Paris Nadia Velmont Rome , . ?", end="line", restate=False)
+
+
+def test_old_flat_answer_options_still_load_and_change_only_their_option():
+    """Profiles, saved states and relations' editor_options written before the `answer`
+    policy name its options flat; each changes only its own option of the backend's policy."""
+    import dataclasses
+
+    from kmd.editors.memoir.config import MemoirConfig
+    from kmd.editors.profiles import build_config, coerce_options
+
+    config = build_config(MemoirConfig, {"answer_boost": "2", "stop_after_answer": "false"}, "test")
+    assert config.answer == AnswerPolicy(boost=2.0, stop_edit=False, restate=False)  # MEMOIR's restate default kept
+    assert build_config(MemoirConfig, dataclasses.asdict(config), "saved") == config  # a saved state loads back
+    changed = coerce_options(MemoirConfig, {"restate_target": True}, "overrides", base=config)  # Editor.configured
+    assert changed == {"answer": dataclasses.replace(config.answer, restate=True)}

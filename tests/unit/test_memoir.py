@@ -11,6 +11,7 @@ from kmd.editors.answers import encode_as
 from kmd.editors.batching import left_padded, left_padded_ids, teacher_forced_batch
 from kmd.editors.memoir import MemoirEditor
 from kmd.editors.augment import background_passages
+from kmd.editors.profiles import ProfileError
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.scoring import generate, score_targets
 from kmd.editors.registry import get_calibrator
@@ -216,7 +217,7 @@ PROTECTED = {"update": "min_norm", "center": True, "protect": 10.0}
 
 
 def test_update_options_are_validated(tiny_host):
-    with pytest.raises(EditorError, match="update"):
+    with pytest.raises(ProfileError, match="update: 'sideways' is not one of 'direct', 'min_norm'"):
         make(tiny_host, update="sideways")
     with pytest.raises(EditorError, match="protect"):
         make(tiny_host, update="direct", protect=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kmd.editors.profiles import ProfileError
 from kmd.editors.protocol import Editor, EditorError, EditRequest
 from kmd.editors.scoring import score_targets
 from kmd.editors.wise import WiseEditor
@@ -179,5 +180,5 @@ def test_min_norm_edits_revert_and_reload_exactly(tiny_host, tmp_path):
 def test_protect_needs_min_norm(tiny_host):
     with pytest.raises(EditorError, match="protect"):
         make(tiny_host, protect=1.0)
-    with pytest.raises(EditorError, match="update"):
+    with pytest.raises(ProfileError, match="update: 'sideways' is not one of 'direct', 'min_norm'"):
         make(tiny_host, update="sideways")
