@@ -1,9 +1,9 @@
 """The editor protocol every backend obeys.
 
-    editor = get_backend("grace")(host)        # or Editor.load(path, host)
+    editor = get_backend("grace")(host)        # or load_editor(path, host)
     edit_id = editor.apply(EditRequest(prompt=..., target=..., subject=...))
     editor.revert(edit_id)
-    editor.save(path); Editor.load(path, host)
+    save_editor(editor, path); load_editor(path, host)   # kmd.editors.state
 
 Backends subclass `Editor` and implement five small methods (`_apply`, `_revert`,
 `_hook_specs`, `state_tensors`, `_restore`). The base class owns the bookkeeping that
@@ -34,7 +34,6 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -270,17 +269,6 @@ class Editor(ABC):
     def revert_all(self) -> None:
         for edit_id in reversed(self.edit_ids):
             self.revert(edit_id)
-
-    def save(self, path: str | Path) -> Path:
-        from kmd.editors.state import save_editor
-
-        return save_editor(self, Path(path))
-
-    @staticmethod
-    def load(path: str | Path, host: ModelHost) -> Editor:
-        from kmd.editors.state import load_editor
-
-        return load_editor(Path(path), host)
 
     # ----- serving ------------------------------------------------------------------------
     @contextmanager

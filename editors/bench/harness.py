@@ -27,6 +27,7 @@ from kmd.editors.bench import served
 from kmd.editors.bench.data import EditRecord
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate, score_targets
+from kmd.editors.state import save_editor
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -185,7 +186,7 @@ def run_lifelong(
         host, editor, [r.prompt for r in timing] + [r.loc_prompt for r in timing], options.timing_rounds
     )
     with tempfile.TemporaryDirectory() as tmp:
-        saved = editor.save(Path(tmp) / "state")
+        saved = save_editor(editor, Path(tmp) / "state")
         state_bytes = sum(f.stat().st_size for f in saved.iterdir())
 
     gen_ok = [float(_starts_with(host, t, gen_pairs[i][1])) for i, t in enumerate(gen_tokens)]

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -41,8 +41,14 @@ from kmd.editors.question_check.model import (
     subject_named,
 )
 
-if TYPE_CHECKING:
-    from kmd.editors.protocol import EditRequest
+
+class AskedEdit(Protocol):
+    """What the check reads of an edit request (kmd.editors.protocol.EditRequest): its
+    prompt and subject. Structural, so the protocol module, which calls the check, is not
+    imported back."""
+
+    prompt: str
+    subject: str | None
 
 __all__ = ["PACKAGED", "QuestionCheck", "QuestionCheckError", "mask_subject", "subject_named"]
 
@@ -73,14 +79,14 @@ class QuestionCheck:
             return cls._shared[key]
 
     @torch.no_grad()
-    def scores(self, questions: Sequence[str], requests: Sequence[EditRequest]) -> torch.Tensor:
+    def scores(self, questions: Sequence[str], requests: Sequence[AskedEdit]) -> torch.Tensor:
         """(R,) logits: does question i ask what request i's prompt asks (subject masked)?"""
         if not questions:
             return torch.empty(0, device=self.device)
         asked = encode([mask_subject(q, r.subject) for q, r in zip(questions, requests, strict=True)], self.device)
         return self.network(asked, self._prompt_embeddings(requests))
 
-    def accepts(self, questions: Sequence[str], requests: Sequence[EditRequest]) -> torch.Tensor:
+    def accepts(self, questions: Sequence[str], requests: Sequence[AskedEdit]) -> torch.Tensor:
         """(R,) bool: question i may be answered by request i's edit (names its subject and
         asks its relation)."""
         named = torch.tensor([subject_named(q, r.subject) for q, r in zip(questions, requests, strict=True)],
@@ -92,7 +98,7 @@ class QuestionCheck:
         out[rows] = self.scores([questions[i] for i in rows], [requests[i] for i in rows]) > self.threshold
         return out
 
-    def _prompt_embeddings(self, requests: Sequence[EditRequest]) -> torch.Tensor:
+    def _prompt_embeddings(self, requests: Sequence[AskedEdit]) -> torch.Tensor:
         """(R, D) the masked edit prompts' embeddings, each encoded once (kept by content, so an
         edit id that is reused for another request is never confused)."""
         keys = [(r.prompt, r.subject or "") for r in requests]

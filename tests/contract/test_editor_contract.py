@@ -17,7 +17,7 @@ from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import EditRequest, UnknownEditError
 from kmd.editors.registry import backend_names, get_backend
 from kmd.editors.scoring import generate, generate_ids, score_targets
-from kmd.editors.state import StateError
+from kmd.editors.state import StateError, load_editor, save_editor
 
 from tiny import chat_template
 
@@ -101,7 +101,7 @@ def test_base_weights_never_change(tiny_host, editor):
 def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tiny_host, tiny_model_dir, editor, tmp_path):
     editor.apply(EDIT)
     editor.apply(OTHER)
-    state = editor.save(tmp_path / "state")
+    state = save_editor(editor, tmp_path / "state")
     manifest = json.loads((state / "manifest.json").read_text())
     assert manifest["backend"] == editor.name
     assert [e["edit_id"] for e in manifest["edits"]] == editor.edit_ids
@@ -113,10 +113,10 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tiny_host, ti
         import torch
         from safetensors.torch import save_file
         from kmd.editors.model import ModelHost, ModelSettings
-        from kmd.editors.protocol import Editor
+        from kmd.editors.state import load_editor
         from kmd.editors.batching import left_padded
         host = ModelHost.load(ModelSettings(model={str(tiny_model_dir)!r}, device="cpu"))
-        editor = Editor.load({str(state)!r}, host)
+        editor = load_editor({str(state)!r}, host)
         ids, attention = left_padded(host, {PROBES!r})
         with torch.no_grad(), editor.query(attention.bool()):
             save_file({{"logits": host.model(input_ids=ids, attention_mask=attention).logits}}, {str(out)!r})
@@ -131,34 +131,34 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tiny_host, ti
 
 def test_load_refuses_another_model_and_corrupted_state(tiny_host, other_model_dir, editor, tmp_path):
     editor.apply(EDIT)
-    state = editor.save(tmp_path / "state")
+    state = save_editor(editor, tmp_path / "state")
     other = ModelHost.load(ModelSettings(model=str(other_model_dir), device="cpu"))
     with pytest.raises(StateError, match="another base model"):
-        type(editor).load(state, other)
+        load_editor(state, other)
 
     tensor_file = next(state.glob("tensors-*.safetensors"))
     blob = bytearray(tensor_file.read_bytes())
     blob[-1] ^= 0xFF
     tensor_file.write_bytes(bytes(blob))
     with pytest.raises(StateError, match="checksum"):
-        type(editor).load(state, tiny_host)
+        load_editor(state, tiny_host)
 
     (state / "manifest.json").write_text("{not json")
     with pytest.raises(StateError, match="corrupted manifest"):
-        type(editor).load(state, tiny_host)
+        load_editor(state, tiny_host)
 
 
 def test_saving_again_replaces_state_atomically(tiny_host, editor, tmp_path):
     first = editor.apply(EDIT)
-    path = editor.save(tmp_path / "state")
+    path = save_editor(editor, tmp_path / "state")
     editor.apply(OTHER)
-    editor.save(path)
+    save_editor(editor, path)
     assert len(list(path.glob("tensors-*.safetensors"))) == 1, "stale tensor files are removed"
     editor.revert(first)
-    editor.save(path)
+    save_editor(editor, path)
     expected = logits(tiny_host, editor)
     with editor.suspended():  # one editor attached to the model at a time
-        reloaded = type(editor).load(path, tiny_host)
+        reloaded = load_editor(path, tiny_host)
         assert reloaded.edit_ids == editor.edit_ids
         assert torch.equal(logits(tiny_host, reloaded), expected)
 

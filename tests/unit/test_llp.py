@@ -12,6 +12,7 @@ from kmd.editors.llp import LlpConfig, LlpEditor
 from kmd.editors.llp.editor import last_subject_token
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate
+from kmd.editors.state import load_editor, save_editor
 from tiny import chat_template
 
 
@@ -194,9 +195,9 @@ def test_apply_revert_and_restore_round_trip(tiny_host, tmp_path):
     assert editor.keys.shape[:2] == (2, len(editor.retrieval))
     assert editor.prefix_keys.shape[:3] == (2, len(editor.upper), editor.config.n_values)
     assert set(editor.meta) == {first, second} and len(editor.prefixes) == editor.config.prefix_pool
-    path = editor.save(tmp_path / "state")
+    path = save_editor(editor, tmp_path / "state")
     with editor.suspended():
-        loaded = LlpEditor.load(path, tiny_host)
+        loaded = load_editor(path, tiny_host)
         assert loaded.prefixes == editor.prefixes and loaded.meta == editor.meta
         assert torch.equal(loaded.keys, editor.keys) and torch.equal(loaded.prefix_values, editor.prefix_values)
         loaded._detach()
@@ -222,7 +223,7 @@ def test_threshold_shift_is_per_edit_and_survives_reload(tiny_host, tmp_path):
     injection = routing.decisions["llp"]["injection"]
     assert injection is not None and injection.rows.tolist() == [0, 1]
     with editor.suspended():
-        loaded = LlpEditor.load(editor.save(tmp_path / "state"), tiny_host)
+        loaded = load_editor(save_editor(editor, tmp_path / "state"), tiny_host)
         assert torch.equal(loaded._shifts, editor._shifts)
         loaded._detach()
     editor.revert(everywhere)

@@ -12,9 +12,10 @@ from kmd.editors.batching import left_padded, left_padded_ids, teacher_forced_ba
 from kmd.editors.memoir import MemoirEditor
 from kmd.editors.augment import background_passages
 from kmd.editors.profiles import ProfileError
-from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.protocol import EditorError, EditRequest
 from kmd.editors.scoring import generate, score_targets
 from kmd.editors.registry import get_calibrator
+from kmd.editors.state import load_editor, save_editor
 from tiny import chat_template
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France")
@@ -162,11 +163,11 @@ def test_save_load_keeps_permutation_background_prefixes_and_memory(tiny_host, t
     editor.apply(OTHER)
     editor.revert(first)
     editor.apply(THIRD)
-    path = editor.save(tmp_path / "state")
+    path = save_editor(editor, tmp_path / "state")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["extra"]["prefixes"] == editor.prefixes
     with editor.suspended():
-        loaded = Editor.load(path, tiny_host)
+        loaded = load_editor(path, tiny_host)
         assert isinstance(loaded, MemoirEditor)
         for name in ("permutation", "bg_mean", "bg_std", "masks"):
             assert torch.equal(getattr(loaded, name), getattr(editor, name)), name
@@ -267,9 +268,9 @@ def test_gram_follows_the_live_edits_through_revert_and_load(tiny_host, tmp_path
     expected = after_first.clone()
     expected[mask[:, None], mask[None, :]] += keys.T @ keys
     assert torch.allclose(editor.gram, expected)
-    path = editor.save(tmp_path / "state")
+    path = save_editor(editor, tmp_path / "state")
     with editor.suspended():
-        loaded = Editor.load(path, tiny_host)
+        loaded = load_editor(path, tiny_host)
         assert torch.equal(loaded.gram, editor.gram)
     editor.revert(second)
     assert torch.allclose(editor.gram, after_first, atol=1e-9 * float(after_first.abs().max()))

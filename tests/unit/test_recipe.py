@@ -10,12 +10,13 @@ import torch
 from recipe_tiny import tiny_recipe_records, train_tiny_recipe
 
 from kmd.editors.model import ModelHost, ModelSettings
-from kmd.editors.protocol import Editor, EditorError, EditRequest
+from kmd.editors.protocol import EditorError, EditRequest
 from kmd.editors.recipe import RecipeEditor
 from kmd.editors.recipe.editor import last_sentence
 from kmd.editors.recipe.model import CheckpointError, context_ids, edit_prefix, fact_context_ids, load_networks
 from kmd.editors.recipe.train import PrependedLM, Trainer, TrainOptions
 from kmd.editors.scoring import generate_ids, score_targets
+from kmd.editors.state import load_editor, save_editor
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", edit_id="e1")
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", edit_id="e2")
@@ -197,7 +198,7 @@ def test_a_question_after_other_text_is_found_by_its_last_sentence(tiny_host, tr
 def test_state_refuses_another_trained_editor(tiny_host, tiny_model_dir, trained, tmp_path):
     editor = make(tiny_host, trained)
     editor.apply(EDIT)
-    state = editor.save(tmp_path / "state")
+    state = save_editor(editor, tmp_path / "state")
     retrained = train_tiny_recipe(tiny_model_dir, tmp_path / "other", steps=2, val_every=1, seed=1)
     manifest = json.loads((state / "manifest.json").read_text())
     manifest["config"]["checkpoint"] = retrained["best"]
@@ -206,7 +207,7 @@ def test_state_refuses_another_trained_editor(tiny_host, tiny_model_dir, trained
     manifest["config_hash"] = config_hash(manifest["config"])
     (state / "manifest.json").write_text(json.dumps(manifest))
     with editor.suspended(), pytest.raises(EditorError, match="checksum"):
-        Editor.load(state, tiny_host)
+        load_editor(state, tiny_host)
 
 
 def test_training_resumes_where_it_stopped(tiny_host, tmp_path):
@@ -287,7 +288,7 @@ def test_appended_rows_grow_in_place_without_touching_forks_or_saved_states(tiny
     assert editor.reps.shape[0] == 40 and editor.reps.data_ptr() == editor._buffers["reps"].data_ptr()
     editor.revert("r5")
     editor.apply(requests[5])  # after a revert (new tensors) the next append starts a new buffer
-    saved = editor.save(tmp_path / "state")
-    loaded = Editor.load(saved, tiny_host)
+    saved = save_editor(editor, tmp_path / "state")
+    loaded = load_editor(saved, tiny_host)
     assert loaded.edit_ids == editor.edit_ids
     assert all(torch.equal(getattr(loaded, name), getattr(editor, name)) for name in before)

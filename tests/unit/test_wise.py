@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from kmd.editors.profiles import ProfileError
-from kmd.editors.protocol import Editor, EditorError, EditRequest
+from kmd.editors.protocol import EditorError, EditRequest
 from kmd.editors.scoring import score_targets
 from kmd.editors.wise import WiseEditor
 from kmd.editors.wise.editor import activation
 from kmd.editors.wise.merge import ties_merge, trim
+from kmd.editors.state import load_editor, save_editor
 
 EDIT = EditRequest(prompt="the capital of France is", target="Berlin", subject="France", edit_id="e1")
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", subject="Alice", edit_id="e2")
@@ -103,12 +104,12 @@ def test_revert_after_a_restart_uses_the_saved_history(tiny_host, tmp_path):
     editor = make(tiny_host)
     for request in (EDIT, OTHER, THIRD):
         editor.apply(request)
-    path = editor.save(tmp_path / "state")
+    path = save_editor(editor, tmp_path / "state")
     expected_memory = editor.memory_t.clone()
     editor.revert("e1")
     after_revert = editor.memory_t.clone()
     with editor.suspended():
-        reloaded = Editor.load(path, tiny_host)
+        reloaded = load_editor(path, tiny_host)
         assert torch.equal(reloaded.memory_t, expected_memory)
         reloaded.revert("e1")  # prompt inputs are recomputed from the saved requests
         assert torch.equal(reloaded.memory_t, after_revert)
@@ -161,7 +162,7 @@ def test_min_norm_edits_revert_and_reload_exactly(tiny_host, tmp_path):
     for request in (EDIT, OTHER, THIRD):
         editor.apply(request)
     assert editor.shards[0].gram is not None
-    path = editor.save(tmp_path / "state")
+    path = save_editor(editor, tmp_path / "state")
     saved_gram = editor.shards[0].gram.clone()
     editor.revert("e2")
     with editor.suspended():
@@ -171,7 +172,7 @@ def test_min_norm_edits_revert_and_reload_exactly(tiny_host, tmp_path):
         assert torch.equal(editor.memory_t, fresh.memory_t)  # replayed with the shard's Gram rebuilt
         assert torch.equal(editor.shards[0].gram, fresh.shards[0].gram)
     with editor.suspended(), fresh.suspended():  # one editor's hooks on the model at a time
-        reloaded = Editor.load(path, tiny_host)
+        reloaded = load_editor(path, tiny_host)
         assert torch.equal(reloaded.shards[0].gram, saved_gram)
         reloaded.revert("e2")
         assert torch.equal(reloaded.memory_t, editor.memory_t)
