@@ -35,6 +35,8 @@ from torch import nn
 
 from kmd.editors.answer_stop import RoutedAnswers
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
+from kmd.editors.protocol import EditorError
+from kmd.editors.regroup import entries
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -285,6 +287,18 @@ class Injection:
         """(Bh, tq) bool: the query positions of the forward in progress the prefix acts on
         (None: every position)."""
         return None if self.answers is None else self.answers.answering(tq)
+
+
+def regrouped_decisions(name: str, how: Any, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+    """A prefix backend's `Editor._regroup` (LLP, RECIPE): each routed row of a regrouped
+    batch keeps its prefix and answer state (`how`: an `editors.regroup.Regroup`;
+    `decisions`: each part's routing decisions). {} when none of the parts is this backend's."""
+    mine = entries(decisions, name)
+    if mine is None:
+        return {}
+    if not all(m["done"] for m in mine):
+        raise EditorError(f"{name}: cannot regroup a batch before its prefill")
+    return {name: {"injection": Injection.regrouped(how, [m["injection"] for m in mine]), "done": True}}
 
 
 def answers_of(injection: Injection | None) -> RoutedAnswers | None:

@@ -142,8 +142,9 @@ def write_state(state: EncodedState, path: Path) -> Path:
     return path
 
 
-def save_editor(editor: Editor, path: Path) -> Path:
-    return write_state(encode_state(editor), path)
+def save_editor(editor: Editor, path: str | Path) -> Path:
+    """Save `editor`'s edits at `path`, atomically (a crash leaves the old state or the new)."""
+    return write_state(encode_state(editor), Path(path))
 
 
 def state_digest(path: Path) -> str:
@@ -207,7 +208,10 @@ def read_state(path: Path, host: ModelHost, *, digest: str | None = None,
     return manifest, {k: v.to(host.device) for k, v in tensors.items()}, requests
 
 
-def load_editor(path: Path, host: ModelHost, *, digest: str | None = None) -> Editor:
+def load_editor(path: str | Path, host: ModelHost, *, digest: str | None = None) -> Editor:
+    """The editor saved at `path` (`save_editor`), on `host`: refuses another base model,
+    another backend's or a corrupted state (StateError)."""
+    path = Path(path)
     manifest, tensors, requests = read_state(path, host, digest=digest)
     try:
         cls = get_backend(manifest["backend"])

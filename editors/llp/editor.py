@@ -38,10 +38,10 @@ from kmd.editors.chat import Turns
 from kmd.editors.augment import generate_prefixes, with_prefix
 from kmd.editors.batching import TeacherForcedBatch, teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, run_until
-from kmd.editors.prefix import Injection, PrefixInjector, answers_of
+from kmd.editors.prefix import Injection, PrefixInjector, answers_of, regrouped_decisions
 from kmd.editors.llp.config import LlpConfig
 from kmd.editors.protocol import EditorError, EditRequest, Editor, base_model
-from kmd.editors.regroup import Regroup, entries
+from kmd.editors.regroup import Regroup
 from kmd.editors.scoring import capture_prefill, right_padded
 from kmd.editors.upper import UpperStack
 
@@ -499,12 +499,7 @@ class LlpEditor(Editor):
 
     def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
         """A regrouped batch (continuous batching): each routed row keeps its prefix and answer state."""
-        mine = entries(decisions, self.name)
-        if mine is None:
-            return {}
-        if not all(m["done"] for m in mine):
-            raise EditorError(f"{self.name}: cannot regroup a batch before its prefill")
-        return {self.name: {"injection": Injection.regrouped(how, [m["injection"] for m in mine]), "done": True}}
+        return regrouped_decisions(self.name, how, decisions)
 
     # ----- routing-aware probing ----------------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:

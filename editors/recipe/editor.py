@@ -40,9 +40,9 @@ from loguru import logger
 from kmd.editors.answer_stop import RoutedAnswers, TokenTexts, pointer_hook
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
-from kmd.editors.regroup import Regroup, entries
+from kmd.editors.regroup import Regroup
 from kmd.editors.recipe.config import RecipeConfig
-from kmd.editors.prefix import Injection, PrefixInjector, answers_of, stack_left_padded  # served like LLP's prefix
+from kmd.editors.prefix import Injection, PrefixInjector, answers_of, regrouped_decisions, stack_left_padded  # served like LLP's prefix
 from kmd.editors.recipe.model import (
     CheckpointError,
     edit_prefix,
@@ -280,12 +280,7 @@ class RecipeEditor(Editor):
 
     def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
         """A regrouped batch (continuous batching): each routed row keeps its prefix and answer state."""
-        mine = entries(decisions, self.name)
-        if mine is None:
-            return {}
-        if not all(m["done"] for m in mine):
-            raise EditorError(f"{self.name}: cannot regroup a batch before its prefill")
-        return {self.name: {"injection": Injection.regrouped(how, [m["injection"] for m in mine]), "done": True}}
+        return regrouped_decisions(self.name, how, decisions)
 
     # ----- routing-aware probing ----------------------------------------------------------
     @torch.no_grad()
