@@ -35,6 +35,7 @@ from kmd.daemon.console.answers import AnswerCache, ModelBusy, Pair
 from kmd.daemon.console.charts import activity, locality_chart, per_day_chart
 from kmd.daemon.console.sessions import (COOKIE, COOKIE_PATH, LOGIN_COOKIE, NAME_RE, LoginThrottle, Session, Sessions,
                                         tokens_equal)
+from kmd.daemon.edit_request import editor_key
 from kmd.daemon.ledger import LedgerError
 from kmd.daemon.openai_api import edit_state, served_model_id
 from kmd.daemon.surface import NotServingError, ReplicaError
@@ -358,7 +359,7 @@ def console_router(daemon: Service) -> APIRouter:
             pairs = answers.pairs(prompts, caller_of(request, session))
         except ModelBusy as exc:
             busy = str(exc)
-        active = str(edit_id) in daemon.active_edit_ids()
+        active = editor_key(edit_id) in daemon.active_edit_ids()
         return render(request, "edit.html", session, edit=edit, fact=fact, claims=_claims_of(ledger, fact) if fact else [],
                       reverts=reverts, events=ledger.events(entity="edit", entity_id=edit_id), figures=_figures(edit, reverts),
                       pairs=[(p, hits(p.base_line, target), hits(p.edited_line, target)) for p in pairs], busy=busy,

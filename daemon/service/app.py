@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from kmd.common.values import utcnow
+from kmd.daemon.edit_request import editor_key
 from kmd.daemon.leadership import Leadership, holder_name, leadership_for
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.policy import load_policy
@@ -228,7 +229,7 @@ class Daemon:
         if named_digest(self.ledger, candidate) is None:  # not a state the writer saved: never adopted
             logger.error("published state {} is not one the ledger recorded; not adopting it", published.version[:12])
             return
-        committed = {str(e.id) for e in self.ledger.committed_edits()}
+        committed = {editor_key(e.id) for e in self.ledger.committed_edits()}
         if closest_state([candidate, editor_dir], committed) == candidate:
             logger.info("restoring from published state {} (nearer the ledger than {})", published.version[:12], editor_dir)
             adopt_state(candidate, editor_dir)
