@@ -10,7 +10,8 @@ Both texts are masked with the edit's subject (model.mask_subject). Sources, eac
   another name (positive: the name stays unmasked); a Relation_Specificity question asks
   another fact of the subject (negative);
 - the relations file (relations.yaml): two phrasings of one relation (positive), of two
-  relations (negative; a quarter of them relations the encoder puts near each other), in declarative, question, possessive and bare-label ("X taxon
+  relations (negative; a quarter of them relations the encoder puts near each other,
+  `nearest_relations`), in declarative, question, possessive and bare-label ("X taxon
   rank") styles; some questions name the subject by another name, unmasked, as an alias
   would;
 - unrelated questions (a ZsRE record's locality question) against an edit prompt (negative);
@@ -100,9 +101,9 @@ def record_pairs(records: Sequence[EditRecord], rng: random.Random, source: str)
 
 def nearest_relations(relations: dict[str, list[str]], count: int) -> dict[str, list[str]]:
     """relation -> the `count` other relations with the phrasings the sentence encoder puts
-    nearest (subject masked): the pairs a random
-    draw of two relations among 128 almost never gives ("the country which X is associated
-    with" / "the capital city of X" / "the religion which X is associated with")."""
+    nearest (subject masked): the pairs a random draw of two relations among 128 almost
+    never gives ("the country which X is associated with" / "the capital city of X" / "the
+    religion which X is associated with")."""
     from kmd.editors.question_check.model import encode
 
     keys = sorted(relations)

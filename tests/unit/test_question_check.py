@@ -10,7 +10,8 @@ import torch
 
 from kmd.editors.protocol import EditRequest
 from kmd.editors.question_check import QuestionCheck, mask_subject, subject_named
-from kmd.editors.question_check.data import MASK, load_relations, relation_pairs
+from kmd.editors.bench.data import EditRecord, SideQuestion
+from kmd.editors.question_check.data import MASK, load_relations, nearest_relations, relation_pairs, template_pairs
 from kmd.editors.question_check.model import load_network
 from kmd.editors.question_check.train import CheckTrainOptions, threshold_for, train
 
@@ -72,3 +73,27 @@ def test_training_end_to_end_saves_a_check_that_loads_and_separates_relations(tm
     assert info["validation"]["false_accept"] < 0.5  # and it tells relations apart better than chance
     check = QuestionCheck.load(tmp_path / "question-check.safetensors")
     assert check.threshold == pytest.approx(threshold)
+
+
+def test_hard_negatives_pair_relations_that_read_alike():
+    """The pairs that hijacked on the development set (the country which X is associated
+    with / the capital city of X / the religion which X is associated with) come from the
+    relations the encoder puts nearest, and from a KnowEdit file's templates."""
+    relations = load_relations()
+    near = nearest_relations(relations, 6)
+    assert "capital" in near["country"] and "country" in near["capital"] and "religion" not in near["religion"]
+    pairs = relation_pairs(relations, [], 400, random.Random(0), near)
+    hard = [p for p in pairs if p.source == "relations:near"]
+    assert hard and all(p.label == 0.0 for p in hard) and 60 < len(hard) < 140  # a quarter of the 400 negatives
+
+    def record(subject: str, prompt: str, *others: str) -> EditRecord:
+        return EditRecord(case_id=subject, prompt=prompt.format(subject), target="t", subject=subject, rephrases=(),
+                          loc_prompt="", loc_answer=None,
+                          same_subject=tuple(SideQuestion(o.format(subject), ("a",), "Relation_Specificity") for o in others))  # fmt: skip
+
+    country, capital, rare = "The name of the country which {} is associated with is", "The name of the capital city of {} is", "{} follows"
+    records = [record(s, country, capital) for s in ("Orcières", "Bigorre", "Lourdes")] + [record("맦", rare)]
+    got = template_pairs(records, 2, "knowedit")
+    masked = {country.format(MASK), capital.format(MASK)}
+    assert {(p.question, p.prompt) for p in got} == {(a, b) for a in masked for b in masked if a != b}  # "follows": once only
+    assert len(got) == 4 and all(p.label == 0.0 and p.source == "knowedit:template" for p in got)
