@@ -349,11 +349,17 @@ class Prober:
         if routes is None:
             scores = score_targets(self.host, editor, [(r.prompt, r.target) for r in sample], self.batch_size)
             return sum(s.accuracy for s in scores) / k, k
-        keys = list(enumerate(routes))
-        todo = [i for i, key in enumerate(keys) if key not in plan.earlier_scored]
-        scored = score_targets(self.host, editor, [(sample[i].prompt, sample[i].target) for i in todo], self.batch_size)
-        plan.earlier_scored.update({keys[i]: s.accuracy for i, s in zip(todo, scored, strict=True)})
-        return sum(plan.earlier_scored[key] for key in keys) / k, k
+        keyed = [((i, route), (r.prompt, r.target)) for i, (route, r) in enumerate(zip(routes, sample, strict=True))]
+        return sum(self._scored_by_route(editor, plan.earlier_scored, keyed)) / k, k
+
+    def _scored_by_route(self, editor: Editor, memo: dict[tuple[int, Hashable | None], float],
+                         keyed: Sequence[tuple[tuple[int, Hashable | None], tuple[str, str]]]) -> list[float]:  # fmt: skip
+        """Teacher-forced accuracy of each (prompt, target) under `editor`, by its key (row, route
+        token): those in `memo` reused, the others scored in one batched pass and kept."""
+        todo = [(key, pair) for key, pair in keyed if key not in memo]
+        scored = score_targets(self.host, editor, [pair for _, pair in todo], self.batch_size)
+        memo.update({key: score.accuracy for (key, _), score in zip(todo, scored, strict=True)})
+        return [memo[key] for key, _ in keyed]
 
     def check(self, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], earlier: Sequence[EditRequest] = (),
               members: Sequence[int] | None = None) -> list[ProbeReport]:  # fmt: skip
@@ -410,16 +416,15 @@ class Prober:
         (it was 75 % of a burst's probe time). Without routes every row is scored."""
         if routes is None:
             return self.edit_scores(editor, [plan.requests[m] for m in members])
-        keys = {m: [(plan.served[m][j], routes[plan.served[m][j]]) for j in range(1 + len(plan.requests[m].rephrases))]
-                for m in members}  # fmt: skip  # the plain rows come first in plan.served[m]
-        todo = [(key, text, plan.requests[m].target) for m in members
-                for key, text in zip(keys[m], (plan.requests[m].prompt, *plan.requests[m].rephrases), strict=True)
-                if key not in plan.scored]  # fmt: skip
-        scored = score_targets(self.host, editor, [(text, target) for _, text, target in todo], self.batch_size)
-        plan.scored.update({key: score.accuracy for (key, _, _), score in zip(todo, scored, strict=True)})
+        keyed = []
+        for m in members:
+            r = plan.requests[m]
+            texts = (r.prompt, *r.rephrases)  # their plain rows come first in plan.served[m]
+            keyed += [((row, routes[row]), (text, r.target)) for row, text in zip(plan.served[m], texts)]
+        scores = iter(self._scored_by_route(editor, plan.scored, keyed))
         out = []
         for m in members:
-            own, *gen = (plan.scored[key] for key in keys[m])
+            own, gen = next(scores), [next(scores) for _ in plan.requests[m].rephrases]
             out.append((own, sum(gen) / len(gen) if gen else None))
         return out
 
