@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 _SCRIPT = """
-import json, sys, threading, time, httpx
+import json, os, sys, threading, time, httpx
 url, body, clients, stop_file, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 lock = threading.Lock()
 
 def hammer():
     with httpx.Client(timeout=120) as client:
-        while not __import__("os").path.exists(stop_file):
+        while not os.path.exists(stop_file):
             status = client.post(url, json=body).status_code
             with lock, open(out, "a") as f:
                 f.write(f"{status} {time.time()}\\n")
