@@ -134,9 +134,8 @@ class RecipeEditor(Editor):
         floor = float(self.config.own_prompt_bar_floor)
         if floor <= 0 or not self.config.question_check:  # unchecked, a lower bar would reach other questions
             return torch.zeros(1, device=rep.device)
-        reps = self._query_reps([prompt])[0]  # (Q, R)
-        logits = self.networks.retrieval_logits(reps, rep) * self.networks.shape.temperature  # (Q, 2): sentinel, this edit
-        own = float((logits[:, 1] - shift - logits[:, 0]).max()) - self.config.margin  # as _match computes it
+        _, over = self._scores(self._query_reps([prompt])[0], rep, shift)  # (Q, 1): this edit alone
+        own = float(over.max())  # the best of the prompt's queries, as _match picks
         return torch.tensor([max(-floor, min(0.0, own - OWN_PROMPT_SLACK))], device=rep.device)
 
     def _append_row(self, name: str, row: torch.Tensor) -> None:
@@ -224,13 +223,20 @@ class RecipeEditor(Editor):
         if reps.dim() == 2:
             reps = reps[:, None]
         b, q, r = reps.shape
-        logits = self.networks.retrieval_logits(reps.reshape(b * q, r), self.reps) * self.networks.shape.temperature
-        scores = logits[:, 1:] - self.shifts[None, :]  # (B*Q, N) cosines, per-edit shifts
+        scores, over = self._scores(reps.reshape(b * q, r), self.reps, self.shifts)  # (B*Q, N) each
         best = scores.argmax(dim=1)
-        margin = scores.gather(1, best[:, None])[:, 0] - logits[:, 0] - self.config.margin - self.bars[best]  # (B*Q,)
+        margin = over.gather(1, best[:, None])[:, 0] - self.bars[best]  # (B*Q,)
         chosen = margin.view(b, q).argmax(dim=1)  # ties: the whole text
         rows = torch.arange(b, device=reps.device)
         return best.view(b, q)[rows, chosen], margin.view(b, q)[rows, chosen] > 0
+
+    def _scores(self, queries: torch.Tensor, keys: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (M, R), edits' knowledge reps `keys` (N, R), their shifts (N,) -> (scores
+        (M, N): cosines less each edit's shift, which rank the edits; margins (M, N): how far
+        each score clears the sentinel's cosine and `margin`)."""
+        logits = self.networks.retrieval_logits(queries, keys) * self.networks.shape.temperature  # (M, 1 + N), sentinel first
+        scores = logits[:, 1:] - shifts[None, :]
+        return scores, scores - logits[:, :1] - self.config.margin
 
     def _hook_specs(self) -> list[HookSpec]:
         layout = self.host.profile.layout
