@@ -37,7 +37,13 @@ touches logits at all, i.e. with the pointer or an end rule):
 - end (`end`): once the sentence ("sentence") or line ("line") that states the
   target is over, the row ends (EOS). After a correct answer a 135M model goes on in quiz and
   list formats ("Korean War. / The answer is: / The answer is: ..."); a user reads the answer
-  and the model stops (scripts/experiments/served_misses.py measures both).
+  and the model stops (scripts/experiments/served_misses.py measures both);
+- clause (`end: clause`, the default): the sentence rule, and besides, at every position
+  after the target a token that would open a new clause (",", ";", ":", "(", a spaced dash,
+  a line break) gives way to EOS: EOS gets the best of their logits and they are ruled out.
+  Once a 135M model has written an edited target it often goes on in a list that loops
+  ("Russian State Duma, Russia, Russia, Russia, ..."; "intersex, intersexed, intersexed").
+  The answer is the clause that states the target: "Russian State Duma".
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from kmd.editors.hooks import HookSpec
 from kmd.editors.regroup import entries
 from kmd.editors.written_text import WrittenText
 
-EndRule = Literal["sentence", "line", "off"]
+EndRule = Literal["clause", "sentence", "line", "off"]
 END_RULES: tuple[str, ...] = typing.get_args(EndRule)
 
 
@@ -66,6 +72,7 @@ class Rule(str, Enum):
 
     CLOSE = "close"  # no token that continues the target's last word
     RESTATE = "restate"  # not the target's first token again
+    CLAUSE = "clause"  # no token that opens a new clause (EOS in its place)
     END = "end"  # EOS only
 
 
@@ -76,10 +83,10 @@ class AnswerPolicy:
     # The answer pointer: + this on the logit of the target's next token at a routed row's
     # positions until the target has been written; 0: off.
     boost: float = 6.0
-    # Once the target is written and the sentence stating it is over ("sentence") or its line
-    # ("line"), the routed row ends (EOS) instead of going on in quiz and list formats; "off":
-    # it writes on.
-    end: EndRule = "sentence"
+    # Once the target is written and the clause ("clause"), sentence ("sentence") or line
+    # ("line") stating it is over, the routed row ends (EOS) instead of going on in quiz and
+    # list formats; "off": it writes on.
+    end: EndRule = "clause"
     # A routed row gets its edit up to the token that completes the target's words, then runs
     # as the base model; False: on every later position too.
     stop_edit: bool = True
@@ -126,6 +133,14 @@ def sentence_over(text: str) -> bool:
     return not (word[-1].isdigit() or (len(word) == 1 and word.isalpha()) or word.lower() in _ABBREVIATIONS)
 
 
+_CLAUSE_MARKS = (",", ";", ":", "(", "\u2013", "\u2014", "\n", "\r")
+
+
+def _opens_clause(token_text: str) -> bool:
+    """Does a token with this text open a new clause (`TokenTexts.clause_openers`)?"""
+    return token_text.lstrip(" ").startswith(_CLAUSE_MARKS) or token_text.startswith((" -", " \u2013"))
+
+
 def _contains(words: list[str], needle: list[str]) -> bool:
     n = len(needle)
     return any(words[i : i + n] == needle for i in range(len(words) - n + 1))
@@ -140,7 +155,7 @@ class TokenTexts:
         self.eos: int | None = getattr(tokenizer, "eos_token_id", None)
         self.cleans_up_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self._ends_in_word: dict[int, bool] = {}
-        self._continuations: torch.Tensor | None = None
+        self._masks: dict[str, torch.Tensor] = {}  # (vocab,) bool per kind, built once
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -154,11 +169,20 @@ class TokenTexts:
 
     def word_continuations(self, vocab: int) -> torch.Tensor:
         """(vocab,) bool: the tokens whose text starts with a letter or digit, i.e. would
-        continue the word before them (~0.6 s for 49k tokens, the first time)."""
-        if self._continuations is None:
+        continue the word before them."""
+        return self._mask("word", vocab)
+
+    def clause_openers(self, vocab: int) -> torch.Tensor:
+        """(vocab,) bool: the tokens whose text opens a new clause: after optional spaces a
+        ",", ";", ":", "(", a dash or a line break; or a spaced hyphen (" -")."""
+        return self._mask("clause", vocab)
+
+    def _mask(self, kind: str, vocab: int) -> torch.Tensor:
+        if not self._masks:  # ~0.6 s for 49k tokens, the first time
             texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            self._continuations = torch.tensor([bool(t) and t[0].isalnum() for t in texts], dtype=torch.bool)
-        known = self._continuations
+            self._masks["word"] = torch.tensor([bool(t) and t[0].isalnum() for t in texts], dtype=torch.bool)
+            self._masks["clause"] = torch.tensor([_opens_clause(t) for t in texts], dtype=torch.bool)
+        known = self._masks[kind]
         if known.numel() >= vocab:
             return known[:vocab]
         return torch.cat([known, torch.zeros(vocab - known.numel(), dtype=torch.bool)])
@@ -241,12 +265,14 @@ class AnswerTracker:
             return None
         # the text's tail holds its last word and any sentence end after it (written_text.py)
         tail = row.text.tail
-        if self.end != "off" and (row.text.breaks_line_since(row.mark) or (self.end == "sentence" and sentence_over(tail))):
+        if self.end != "off" and (row.text.breaks_line_since(row.mark) or (self.end in ("sentence", "clause") and sentence_over(tail))):
             row.ended = True
             return Rule.END
         if len(row.written) == row.done_len and tail[-1:].isalnum():
             return Rule.CLOSE
-        return None if self.policy.restate else Rule.RESTATE
+        if not self.policy.restate:
+            return Rule.RESTATE
+        return Rule.CLAUSE if self.end == "clause" else None
 
     def full(self, ids: torch.Tensor, last_prompt: torch.Tensor) -> torch.Tensor:
         """ids (Bh, T), last_prompt (Bh,) index of each row's last prompt token ->
@@ -315,14 +341,21 @@ class AnswerTracker:
             where = tuple(torch.tensor(x, device=logits.device) for x in (rows, positions, tokens))
             logits[where] += self.policy.boost
         floor = torch.finfo(logits.dtype).min
+        vocab = logits.shape[-1]
         for index, position, rule in held:
             if rule is Rule.END:
                 logits[index, position] = floor
                 logits[index, position, self.texts.eos] = 0.0
-            elif rule is Rule.RESTATE:
+                continue
+            if rule is Rule.RESTATE:
                 logits[index, position, sorted({spelling[0] for spelling, _ in self.rows[index].spellings})] = floor
-            else:
-                logits[index, position, self.texts.word_continuations(logits.shape[-1]).to(logits.device)] = floor
+            elif rule is Rule.CLOSE:
+                logits[index, position, self.texts.word_continuations(vocab).to(logits.device)] = floor
+            openers = self.texts.clause_openers(vocab).to(logits.device) if self.end == "clause" else None
+            if openers is not None and openers.any():  # at every position after the target, with the rule above
+                scores = logits[index, position]  # (V,) a view
+                scores[self.texts.eos] = torch.maximum(scores[self.texts.eos], scores[openers].max())
+                scores[openers] = floor
         return logits
 
 

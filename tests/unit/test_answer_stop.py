@@ -154,10 +154,11 @@ def test_end_rules_by_line_and_by_sentence():
     tok = _Pieces(["</s>", "Q:", " Korean", " War", ".", " It", "\n", "The", " 1950", " St", " Louis"])
     cases = {
         # tokens after the prompt "Q:" -> the position (index in ids) where the row ends, per rule
-        (2, 3, 4, 5, 6, 7): {"sentence": 3, "line": 5, "off": None},  # " Korean War. It\nThe"
-        (2, 3, 8, 4, 6, 7): {"sentence": 5, "line": 5, "off": None},  # "1950." is no sentence end
-        (2, 3, 9, 4, 10, 4): {"sentence": 6, "line": None, "off": None},  # nor "St."
-        (7, 4, 6, 2, 3, 5): {"sentence": None, "line": None, "off": None},  # the line ended before the target
+        # (the clause rule ends where the sentence rule does, and holds clause openers before)
+        (2, 3, 4, 5, 6, 7): {"clause": 3, "sentence": 3, "line": 5, "off": None},  # " Korean War. It\nThe"
+        (2, 3, 8, 4, 6, 7): {"clause": 5, "sentence": 5, "line": 5, "off": None},  # "1950." is no sentence end
+        (2, 3, 9, 4, 10, 4): {"clause": 6, "sentence": 6, "line": None, "off": None},  # nor "St."
+        (7, 4, 6, 2, 3, 5): {"clause": None, "sentence": None, "line": None, "off": None},  # the line ended before the target
     }
     for written, ends in cases.items():
         ids = torch.tensor([[1, *written]])
@@ -170,6 +171,40 @@ def test_end_rules_by_line_and_by_sentence():
 
 def test_rules_in_decode_steps_agree_with_a_full_forward(tiny_host):
     _assert_steps_agree(tiny_host, 2, 20, 14, "the capital of France is Berlin Paris Nadia Velmont Rome , . ?", boost=2.0, end="sentence")
+
+
+def test_clause_rule_in_decode_steps_agrees_with_a_full_forward(tiny_host):
+    _assert_steps_agree(tiny_host, 4, 20, 14, "the capital of France is Berlin Paris Nadia Velmont Rome , ; : ( . ?", boost=2.0, end="clause")
+
+
+def test_with_the_clause_end_a_new_clause_after_the_target_gives_way_to_eos(tiny_host):
+    """" Nadia Velmont, Nadia, ..." ends as " Nadia Velmont": at every position after the
+    target (the close position included) each clause opener is ruled out and EOS gets the best
+    of their logits; the word-continuation rule still holds at the close position, and the
+    sentence's end still ends the row. Positions before the target are untouched."""
+    tok = tiny_host.tokenizer
+    prompt = tiny_host.encode("who is the CEO ?")
+    written = tok.encode(" Nadia Velmont , Nadia . the", add_special_tokens=False)
+    ids = torch.tensor([prompt + written])
+    tracker = tracker_for(tok, ["Nadia Velmont"], end="clause")
+    tracker.full(ids, torch.tensor([len(prompt) - 1]))
+    rules = tracker.rows[0].rules[len(prompt) :]
+    assert rules[:2] == [None, "close"] and rules[-2:] == ["end", None]
+    assert set(rules[2:-2]) == {"clause"}
+    texts = [tok.decode([i]) for i in range(len(tok))]
+    openers = {i for i, t in enumerate(texts) if t.lstrip(" ")[:1] in {",", ";", ":", "(", "\n"}}
+    assert tok.encode(",", add_special_tokens=False)[0] in openers and tok.eos_token_id not in openers
+    logits = torch.randn(1, ids.shape[1], len(tok), generator=torch.Generator().manual_seed(0))
+    held = tracker.point(logits)[0]
+    for position, rule in enumerate(tracker.rows[0].rules):
+        if rule in ("close", "clause"):
+            ruled_out = {i for i in range(len(tok)) if held[position, i] == FLOOR}
+            assert openers <= ruled_out
+            best = max(logits[0, position, sorted(openers)].max(), logits[0, position, tok.eos_token_id])
+            assert held[position, tok.eos_token_id] == best
+            assert ruled_out - openers == ({i for i, t in enumerate(texts) if t[:1].isalnum()} if rule == "close" else set())
+        elif rule is None:
+            assert torch.equal(held[position], logits[0, position])
 
 
 def test_an_unknown_end_rule_is_refused(tiny_host):
@@ -191,10 +226,10 @@ def test_end_after_answer_is_checked_where_options_are_read():
     from kmd.editors.recipe.config import RecipeConfig
 
     for cls in (LlpConfig, MemoirConfig, GraceConfig, RecipeConfig):
-        assert cls().answer.end == "sentence"
+        assert cls().answer.end == "clause"
         assert build_config(cls, {"end_after_answer": "line"}, "test").answer.end == "line"  # the flat name of old configs
         assert build_config(cls, {"answer": {"end": "line"}}, "test").answer.end == "line"
-        with pytest.raises(ProfileError, match="end_after_answer.*'paragraph' is not one of 'sentence', 'line', 'off'"):
+        with pytest.raises(ProfileError, match="end_after_answer.*'paragraph' is not one of 'clause', 'sentence', 'line', 'off'"):
             build_config(cls, {"end_after_answer": "paragraph"}, "test")
 
 
