@@ -215,9 +215,10 @@ class _Clock:
 
 
 def reference_phase(name: str, host: Any, prompts: Sequence[str], requests: int, batch: int, max_tokens: int,
-                    *, chat: bool) -> Phase:  # fmt: skip
+                    *, chat: bool, ignore_eos: bool = False) -> Phase:  # fmt: skip
     """The unedited model through plain transformers `generate` (greedy, KV cache): `requests`
-    prompts in left-padded batches of `batch` (1: one at a time, as a serial client)."""
+    prompts in left-padded batches of `batch` (1: one at a time, as a serial client).
+    `ignore_eos`: every row writes `max_tokens` (`min_new_tokens`), for equal work."""
     import torch
 
     from kmd.editors.batching import left_padded_ids
@@ -235,11 +236,12 @@ def reference_phase(name: str, host: Any, prompts: Sequence[str], requests: int,
         with torch.no_grad(), base_model():  # no editor acts (none has edits yet: no hook is even installed)
             out = host.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_tokens, do_sample=False,
                                       use_cache=True, pad_token_id=host.tokenizer.pad_token_id, streamer=clock,
+                                      min_new_tokens=max_tokens if ignore_eos else None,
                                       temperature=None, top_p=None, top_k=None)  # fmt: skip
         steps = clock.times[1:]  # (one per new token of the batch)
         for row, prompt in enumerate(chunk):
             new = out[row, ids.shape[1] :].tolist()
-            tokens = new.index(eos) + 1 if eos in new else len(new)
+            tokens = new.index(eos) + 1 if eos in new and not ignore_eos else len(new)
             end = steps[tokens - 1] if tokens else t0
             per_token = (end - steps[0]) / (tokens - 1) if tokens > 1 else None
             phase.answers.append(Answer(prompt, True, end - t0, tokens, steps[0] - t0 if steps else None, per_token))
@@ -248,9 +250,10 @@ def reference_phase(name: str, host: Any, prompts: Sequence[str], requests: int,
 
 
 def engine_phase(name: str, engine: Any, prompts: Sequence[str], requests: int, clients: int, max_tokens: int,
-                 *, chat: bool) -> Phase:  # fmt: skip
+                 *, chat: bool, ignore_eos: bool = False) -> Phase:  # fmt: skip
     """The serving engine in process (no HTTP), as it serves: `clients` callers each submit
-    their next request when their last one ends (rows join and leave the running batch)."""
+    their next request when their last one ends (rows join and leave the running batch).
+    `ignore_eos`: every request writes `max_tokens`, for equal work."""
     from kmd.daemon.serving import GenerationRequest
 
     host = engine.host
@@ -259,7 +262,7 @@ def engine_phase(name: str, engine: Any, prompts: Sequence[str], requests: int, 
     def ask(_: Any, prompt: str) -> Answer:
         started = time.perf_counter()
         first = last = None
-        stream = engine.submit(GenerationRequest(encode(prompt), max_tokens))
+        stream = engine.submit(GenerationRequest(encode(prompt), max_tokens, ignore_eos=ignore_eos))
         for _token in stream:
             last = time.perf_counter()
             first = first or last

@@ -77,7 +77,10 @@ def _edited_serving(host: Any, backend: str, edits: int, clients: int, requests:
     """What edits cost at serving: `edits` edits applied straight to an editor (no probes),
     served by the engine in process to `clients` callers, against the unedited model on the
     same prompts (transformers `generate` in batches, and the engine). Half the prompts ask
-    for edited facts."""
+    for edited facts. Each comparison runs twice: as served (each answer ends where it ends;
+    an edited answer ends after its target's clause, so the two sides do different work),
+    and at equal work ("equal": every request writes `max_tokens`, the end of sequence
+    ignored, as vLLM's throughput benchmark does)."""
     from kmd.daemon.serving import Budget, Scheduler, ServedState, ServingEngine
     from kmd.editors.protocol import EditRequest
     from kmd.editors.registry import get_backend
@@ -86,26 +89,33 @@ def _edited_serving(host: Any, backend: str, edits: int, clients: int, requests:
              for i in range(edits)]  # fmt: skip
     asked = [_question(s) for s, _ in facts[:: max(1, edits // 8)][:8]]
     prompts = [p for pair in zip(asked, GENERIC) for p in pair] or list(GENERIC)
-    phases = {"edits reference": reference_phase(f"unedited, {clients} at once", host, prompts, requests, clients,
-                                                 max_tokens, chat=chat)}  # fmt: skip
+    modes = {"": False, "equal ": True}  # phase key prefix -> ignore_eos
+    phases = {}
+    for prefix, ignore_eos in modes.items():
+        phases[f"{prefix}edits reference"] = reference_phase(f"unedited, {clients} at once{', equal work' if ignore_eos else ''}",
+                                                             host, prompts, requests, clients, max_tokens, chat=chat,
+                                                             ignore_eos=ignore_eos)  # fmt: skip
 
-    def serve(name: str, editor: Any) -> Phase:
+    def serve(name: str, editor: Any, ignore_eos: bool) -> Phase:
         engine = ServingEngine(host, lambda: ServedState(editor, None),
                                Scheduler({"token": Budget(clients, 4 * requests, 256)}, max_batch=clients))  # fmt: skip
         try:
             engine_phase("warm-up", engine, prompts, clients, clients, max_tokens, chat=chat)  # first retrievals fill caches
-            return engine_phase(name, engine, prompts, requests, clients, max_tokens, chat=chat)
+            return engine_phase(f"{name}{', equal work' if ignore_eos else ''}", engine, prompts, requests, clients,
+                                max_tokens, chat=chat, ignore_eos=ignore_eos)  # fmt: skip
         finally:
             engine.close()
 
-    phases["edits unedited engine"] = serve(f"unedited, {clients} clients", None)
+    for prefix, ignore_eos in modes.items():
+        phases[f"{prefix}edits unedited engine"] = serve(f"unedited, {clients} clients", None, ignore_eos)
     editor = get_backend(backend)(host)
     with editor.suspended():  # the working copy never acts; its snapshot serves (acting on its own rows only)
         for subject, person in facts:
             editor.apply(EditRequest(prompt=f"The CEO of {subject} is", target=person, subject=subject))
         served = editor.fork()
         try:
-            phases["edits served"] = serve(f"{edits} edits, {clients} clients", served)
+            for prefix, ignore_eos in modes.items():
+                phases[f"{prefix}edits served"] = serve(f"{edits} edits, {clients} clients", served, ignore_eos)
         finally:
             served.retire()
             editor.revert_all()  # no hook of this editor stays on the model
@@ -242,6 +252,10 @@ def bench_serve(
         if edits else None,
         "edited_cost_over_unedited_engine": ratio(summaries["edits unedited engine"]["tokens_per_s"],
                                                   summaries["edits served"]["tokens_per_s"]) if edits else None,
+        "edited_cost_over_unedited_equal_work": ratio(summaries["equal edits reference"]["tokens_per_s"],
+                                                      summaries["equal edits served"]["tokens_per_s"]) if edits else None,
+        "edited_cost_over_unedited_engine_equal_work": ratio(summaries["equal edits unedited engine"]["tokens_per_s"],
+                                                             summaries["equal edits served"]["tokens_per_s"]) if edits else None,
         "failed_requests": sum(summaries[k]["failed"] for k in ("serial", "concurrent", "during edits")),
     }  # fmt: skip
     _print(console, figures, max_tokens)
@@ -302,7 +316,9 @@ def _print(console: Any, figures: dict[str, Any], max_tokens: int) -> None:
         ("throughput, clients / serial", figures["throughput_clients_over_serial"], ">=", TARGETS["throughput_clients_over_serial"]),
         ("TTFT p95, during edits / idle", figures["ttft_p95_during_edits_over_idle"], "<=", TARGETS["ttft_p95_during_edits_over_idle"]),
         ("revert under the flood, s", flood["revert_s"] if flood else None, "<=", TARGETS["revert_under_flood_s"]),
-        ("edited serving cost / unedited", figures["edited_cost_over_unedited"], "<=", TARGETS["edited_cost_over_unedited"]),
+        ("edited serving cost / unedited, as served", figures["edited_cost_over_unedited"], "<=", TARGETS["edited_cost_over_unedited"]),
+        ("edited serving cost / unedited, equal work", figures["edited_cost_over_unedited_equal_work"], "<=",
+         TARGETS["edited_cost_over_unedited"]),
         ("failed requests", figures["failed_requests"], "<=", 0),
         ("answers from a candidate edit", figures["stale_answers"], "<=", 0),
     ]  # fmt: skip
@@ -312,7 +328,8 @@ def _print(console: Any, figures: dict[str, Any], max_tokens: int) -> None:
         console.print(f"  {label}: {fmt(value)} (target {op} {target}): {verdict}")
     console.print(f"  kmd / transformers tokens/s: serial {fmt(figures['serial_over_reference'])}, "
                   f"concurrent {fmt(figures['concurrent_over_reference'])}; {figures['edits_applied']} edits cost "
-                  f"{fmt(figures['edited_cost_over_unedited_engine'])}x the engine on the unedited model")
+                  f"{fmt(figures['edited_cost_over_unedited_engine'])}x the engine on the unedited model as served, "
+                  f"{fmt(figures['edited_cost_over_unedited_engine_equal_work'])}x at equal work")
     if flood:
         console.print(f"  flood: revert {flood['revert_status']} in {fmt(flood['revert_s'])} s, /healthz in "
                       f"{flood['healthz_s'] * 1000:.0f} ms; {flood['answered']} answered, {flood['refused_429']} "

@@ -185,7 +185,7 @@ class ServingEngine:
                 continue
             stream._push(token)
             self.stats.tokens += 1
-            if token in self._eos:
+            if token in self._eos and not stream.request.ignore_eos:
                 self._leave(stream, reason="stop")
             elif len(stream.tokens) >= stream.max_tokens:
                 self._leave(stream, reason="length")

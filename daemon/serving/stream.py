@@ -31,6 +31,9 @@ class GenerationRequest:
     caller: str = "token"  # whose budget it spends (`Scheduler.budgets`)
     sampling: Sampling = field(default_factory=Sampling)
     base: bool = False  # the base model: no edit acts on this row (the console's "before" answers)
+    # write max_tokens whatever comes (the end of sequence does not end the row), as vLLM's
+    # `ignore_eos`: benchmarks compare the cost of equal work (kmd bench-serve)
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(i) for i in self.prompt_ids))

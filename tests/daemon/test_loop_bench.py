@@ -67,8 +67,12 @@ def test_bench_serve_reports_throughput_and_latency(tiny_model_dir, tmp_path):
     figures = json.loads(out.read_text())
     phases = figures["phases"]
     assert set(phases) == {"reference serial", "reference concurrent", "edits reference", "edits unedited engine",
-                           "edits served", "serial", "concurrent", "during edits"}  # fmt: skip
+                           "edits served", "equal edits reference", "equal edits unedited engine", "equal edits served",
+                           "serial", "concurrent", "during edits"}  # fmt: skip
     assert all(p["failed"] == 0 and p["tokens_per_s"] > 0 for p in phases.values())
+    # at equal work every request writes max_tokens, on each side
+    assert all(phases[f"equal edits {k}"]["tokens"] == 12 * 4 for k in ("reference", "unedited engine", "served"))
+    assert figures["edited_cost_over_unedited_equal_work"] > 0
     assert phases["serial"]["ttft_p50_s"] is not None and phases["concurrent"]["per_token_p50_s"] is not None
     assert figures["stale_answers"] == 0 and figures["failed_requests"] == 0
     assert figures["flood"]["revert_status"] == 200 and figures["flood"]["healthz_status"] == 200

@@ -98,6 +98,21 @@ def test_requests_join_the_running_batch_and_answer_as_alone(tiny_host):
     assert [s.finish_reason for s in streams] == ["length"] * len(prompts)
 
 
+def test_ignore_eos_writes_max_tokens_through_the_end_of_sequence(tiny_host):
+    """`ignore_eos` (benchmarks at equal work): the row goes on through a token that would end it."""
+    encoded = tiny_host.encode(PROMPT)
+    alone = generate_ids(tiny_host, None, [encoded], 4)[0]
+    engine = ServingEngine(tiny_host, lambda: ServedState(None, None), Scheduler({"token": Budget(8, 8, 64)}, max_batch=8))
+    engine._eos = frozenset({alone[0]})  # the first token written ends the sequence
+    try:
+        ended = engine.submit(GenerationRequest(encoded, 4))
+        kept = engine.submit(GenerationRequest(encoded, 4, ignore_eos=True))
+        assert ended.result(60) == alone[:1] and ended.finish_reason == "stop"
+        assert kept.result(60) == alone and kept.finish_reason == "length"
+    finally:
+        engine.close()
+
+
 def test_a_full_queue_gets_429_with_retry_after_and_token_holders_have_their_own_budget(tmp_path, tiny_host, monkeypatch):
     monkeypatch.setenv("KMD_TEST_TOKEN", TOKEN)
     daemon, _ = make_daemon(tmp_path, tiny_host, [])
