@@ -17,7 +17,10 @@ alone to a state that passed fails (as if it had come last, one at a time):
   hijacks a same-subject question) is a suspect: the others are settled first, then the
   suspects on top of them. Usually the suspect is the culprit and that is the one extra
   probe; but its answers may have missed because another edit of the batch took its
-  prompt, and then it passes once that one is out;
+  prompt, and then it passes once that one is out. When every edit of a state failed its
+  own rows, each is tried alone on top of what is kept so far: n probes for n suspects,
+  where halving would take up to 2n - 1 when most of them are culprits (a burst whose
+  paraphrases the backend misses);
 - a shared failure (locality, earlier edits) is bisected: the first half is settled on
   top of what is kept so far, then the second half on top of that.
 Every sub-state is a fork of the editor with the other candidates reverted (reverting is
@@ -103,9 +106,13 @@ def settle(prober: Prober, editor: Editor, plan: ProbePlan, edit_ids: Sequence[s
             culprits[candidates[0]] = reports[candidates[0]]
             return kept, kept_reports
         suspects = [m for m in candidates if reports[m].own_failed]
-        if suspects and len(suspects) < len(candidates):  # the others first, then the suspects on top of them
+        if len(suspects) == len(candidates):  # each failed its own rows: each on top of what is kept so far
+            for m in candidates:
+                kept, kept_reports = resolve([m], kept, kept_reports)
+            return kept, kept_reports
+        if suspects:  # the others first, then the suspects on top of them
             first, second = [m for m in candidates if m not in suspects], suspects
-        else:  # a shared failure (or all suspects): halves
+        else:  # a shared failure: halves
             first, second = candidates[: len(candidates) // 2], candidates[len(candidates) // 2 :]
         kept, kept_reports = resolve(first, kept, kept_reports)
         return resolve(second, kept, kept_reports)

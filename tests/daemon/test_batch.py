@@ -81,6 +81,21 @@ def test_an_edit_whose_own_rows_fail_is_its_own_culprit(tmp_path, tiny_host):
     daemon.close()
 
 
+def test_suspects_that_all_failed_their_own_rows_are_each_tried_alone(tmp_path, tiny_host):
+    """Three edits that each hijack a same-subject question, with two good ones: the batch,
+    the good ones (pass), the three suspects on top (fail, every one a suspect), then each
+    suspect alone on top of the good ones: 6 probes (halving the three would take 7)."""
+    facts = [("France", "motto", "Madrid ."), ("Spain", "motto", "banana ."), ("Japan", "motto", "river ."),
+             ("Italy", "language", "cherry"), ("England", "capital", "moon")]  # fmt: skip
+    daemon = Daemon(load_settings(batch_setup(tmp_path, facts, bad_options="{fires_on_subject: true}")), host=tiny_host)
+    daemon.load()
+    summary = daemon.cycle(regression=False)
+    assert len(summary.committed) == 2 and len(summary.reverted) == 3, summary
+    assert all("same-subject" in r.reason and "bisected out of a batch of 5" in r.reason for r in daemon.ledger.reverts())
+    assert all(e.probes["batch"]["states_probed"] == 6 for e in daemon.ledger.committed_edits())
+    daemon.close()
+
+
 def test_a_batch_commits_what_one_at_a_time_commits(tmp_path, tiny_host):
     """The same facts with `edit_batch: 1` (one edit at a time) and as one batch: the same
     edits committed with the same verdicts, and the same model."""
