@@ -26,9 +26,10 @@ class RecipeConfig:
     # and taken off its score when rows pick their nearest edit; negative fires more. Fault
     # injection only (the demo's harmful edit uses -10: it fires on every prompt).
     threshold_shift: float = 0.0
-    # An edit whose own prompt does not clear the sentinel gets a lower bar, just under its
-    # prompt's margin, by at most this (cosine units); the question check keeps the rows it
-    # then reaches to those about its subject and relation. 0: the sentinel alone.
+    # An edit whose own prompt or a paraphrase in its request does not clear the sentinel
+    # gets a lower bar, just under the lowest of their margins, by at most this (cosine
+    # units); the question check keeps the rows it then reaches to those about its subject
+    # and relation. 0: the sentinel alone.
     own_prompt_bar_floor: float = 0.25
     # Memory for the prefixes' per-layer keys/values, computed when an edit is first
     # retrieved (~2 MB per edit on SmolLM2-135M with the statement context); past this the

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
 
 
-OWN_PROMPT_SLACK = 0.01  # the bar sits this far under the own prompt's margin (cosine units)
+OWN_PROMPT_SLACK = 0.01  # the bar sits this far under the own questions' lowest margin (cosine units)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -101,7 +101,7 @@ class RecipeEditor(Editor):
         self.prompts = torch.empty(0, shape.n_prompts, shape.d_model, device=device)  # (N, n, D)
         self.row_ids: list[str] = []
         self.shifts = torch.empty(0, device=device)  # (N,) per-edit threshold_shift (cosine units)
-        self.bars = torch.empty(0, device=device)  # (N,) per-edit bar on the margin over the sentinel (<= 0; _own_prompt_bar)
+        self.bars = torch.empty(0, device=device)  # (N,) per-edit bar on the margin over the sentinel (<= 0; _own_questions_bar)
         self._buffers: dict[str, torch.Tensor] = {}  # name -> the buffer that the tensor above is a prefix of (_append_row)
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
@@ -121,21 +121,23 @@ class RecipeEditor(Editor):
         self._append_row("reps", rep)
         self._append_row("prompts", vectors)
         self._append_row("shifts", torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device))
-        self._append_row("bars", self._own_prompt_bar(request.prompt, rep, self.shifts[-1:]))
+        self._append_row("bars", self._own_questions_bar([request.prompt, *request.rephrases], rep, self.shifts[-1:]))
         self.row_ids.append(edit_id)
 
-    def _own_prompt_bar(self, prompt: str, rep: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """(1,) the margin over the sentinel this edit's rows must clear: 0, or lower when the
-        edit's own prompt does not clear the sentinel (the trained retriever puts some
-        prompts, "Lange, Reinerus follows", closer to the sentinel than to their own edit:
-        6 of 100 development edits never fired), by at most `own_prompt_bar_floor`. A lower
-        bar reaches more rows, and the question check then lets through only those that
-        name the edit's subject and ask its relation."""
+    def _own_questions_bar(self, questions: Sequence[str], rep: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """(1,) the margin over the sentinel this edit's rows must clear: 0, or lower when one
+        of the edit's own questions (its prompt and the request's paraphrases, e.g. a
+        policy's "{subject} is led by its chief executive,") does not clear the sentinel, by
+        at most `own_prompt_bar_floor`. The trained retriever puts some prompts ("Lange,
+        Reinerus follows": 6 of 100 development edits never fired) and paraphrases of made-up
+        names closer to the sentinel than to their own edit. A lower bar reaches more rows,
+        and the question check then lets through only those that name the edit's subject
+        and ask its relation."""
         floor = float(self.config.own_prompt_bar_floor)
         if floor <= 0 or not self.config.question_check:  # unchecked, a lower bar would reach other questions
             return torch.zeros(1, device=rep.device)
-        _, over = self._scores(self._query_reps([prompt])[0], rep, shift)  # (Q, 1): this edit alone
-        own = float(over.max())  # the best of the prompt's queries, as _match picks
+        _, over = self._scores(self._query_reps(questions).flatten(0, 1), rep, shift)  # (len(questions) * Q, 1): this edit alone
+        own = float(over.view(len(questions), -1).max(dim=1).values.min())  # each question's best query, as _match picks
         return torch.tensor([max(-floor, min(0.0, own - OWN_PROMPT_SLACK))], device=rep.device)
 
     def _append_row(self, name: str, row: torch.Tensor) -> None:

@@ -180,6 +180,31 @@ def test_an_edit_whose_own_prompt_misses_the_sentinel_gets_a_bar_just_under_it(t
     assert unchecked.bars.tolist() == [0.0]
 
 
+def test_a_paraphrase_in_the_request_that_misses_the_sentinel_lowers_the_bar_too(tiny_host, trained):
+    """The daemon's requests carry the policy's paraphrases: the bar is set just under the
+    lowest margin of the prompt and its paraphrases, so each of them fires."""
+    import dataclasses
+
+    reps = make(tiny_host, trained, own_prompt_bar_floor=0.0)
+    reps.apply(EDIT)
+
+    def margin(text: str) -> float:
+        logits = reps.networks.retrieval_logits(reps._query_reps([text])[0], reps.reps) * reps.networks.shape.temperature
+        return float((logits[:, 1] - logits[:, 0]).max())
+
+    paraphrase = "what is the capital of France ?"
+    gap = margin(EDIT.prompt) - margin(paraphrase)
+    assert 0.05 < gap < 0.2, gap
+    between = margin(EDIT.prompt) - 0.02  # the prompt clears it, the paraphrase does not
+    alone = make(tiny_host, trained, margin=between)
+    alone.apply(EDIT)
+    assert alone.bars.tolist() == [0.0] and alone.retrieve([EDIT.prompt, paraphrase])[1].tolist() == [True, False]
+    with_paraphrase = make(tiny_host, trained, margin=between)
+    with_paraphrase.apply(dataclasses.replace(EDIT, rephrases=(paraphrase,)))
+    assert with_paraphrase.bars.item() == pytest.approx(margin(paraphrase) - between - 0.01, abs=1e-4)
+    assert with_paraphrase.retrieve([EDIT.prompt, paraphrase, "the capital of Spain is"])[1].tolist() == [True, True, False]
+
+
 def test_a_question_after_other_text_is_found_by_its_last_sentence(tiny_host, trained):
     editor = make(tiny_host, trained)
     editor.apply(EDIT)
@@ -292,3 +317,4 @@ def test_appended_rows_grow_in_place_without_touching_forks_or_saved_states(tiny
     loaded = load_editor(saved, tiny_host)
     assert loaded.edit_ids == editor.edit_ids
     assert all(torch.equal(getattr(loaded, name), getattr(editor, name)) for name in before)
+
