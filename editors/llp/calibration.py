@@ -48,16 +48,13 @@ Progress = Callable[[str, int, int], None]
 
 def _max_sims(editor: LlpEditor, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """(|R|, P, N) max cosine of every key over each prompt's tokens."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        got = editor._retrieval_states(list(prompts[start : start + batch_size]))
-        with torch.no_grad():
-            out.append(editor.layer_similarities(got["states"], got["attention_mask"].bool()))
+    out = [editor.prompt_similarities(list(prompts[start : start + batch_size]))
+           for start in range(0, len(prompts), batch_size)]  # fmt: skip
     return torch.cat(out, dim=1)
 
 
 def _decide(top: torch.Tensor, index: torch.Tensor, n: int, tau: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The voting rule of `LlpEditor.vote` on precomputed top-k: (best, hit) per prompt; tau (|R|,)."""
+    """The voting rule of `LlpEditor.vote` (voting.vote_over_layers) on precomputed top-k: (best, hit) per prompt; tau (|R|,)."""
     nr, p, k = top.shape
     ok = (top > tau[:, None, None]).float()
     flat = index.permute(1, 0, 2).reshape(p, nr * k)

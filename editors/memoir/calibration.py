@@ -59,7 +59,7 @@ def calibrate_tau(
 ) -> dict[str, Any]:
     notify = progress or (lambda phase, done, total: None)
     notify("statistics", 0, 1)
-    editor._ensure_statistics()
+    editor.ensure_statistics()
     notify("statistics", 1, 1)
     fields = [_fields(r) for r in records]
     prompts = [p for p, _, _ in fields]
@@ -70,11 +70,11 @@ def calibrate_tau(
 
     notify("masks", 0, 3)
     masks = editor.tophash(editor.prompt_features(prompts))  # (N, k): the stored edit masks
-    owners = editor._one_hot(masks)
+    owners = editor.membership(masks)
     notify("masks", 1, 3)
 
     def overlaps(texts: list[str]) -> torch.Tensor:
-        return editor._one_hot(editor.tophash(editor.prompt_features(texts))) @ owners.T / editor.k
+        return editor.membership(editor.tophash(editor.prompt_features(texts))) @ owners.T / editor.k
 
     # Without rephrases (long-form sets) tau rests on locality alone; gen_retrieved is then 0.
     reph = overlaps([r for _, r in rephrases]) if rephrases else torch.empty(0, len(prompts))  # (R, N)

@@ -94,7 +94,9 @@ class MemoirEditor(Editor):
         self.gram: torch.Tensor | None = None
 
     # ----- per-model statistics ----------------------------------------------------------------
-    def _ensure_statistics(self) -> None:
+    def ensure_statistics(self) -> None:
+        """The per-model statistics masks are made with (the permutation, the background
+        mean/std) and the augmentation texts: made once, on first use (kept when loaded)."""
         if self.permutation is not None:
             return
         gen = torch.Generator().manual_seed(self.config.seed)
@@ -130,18 +132,19 @@ class MemoirEditor(Editor):
         picked = a[..., columns].float()
         return picked - self.bg_mean[columns] if self.config.center else picked
 
-    def _one_hot(self, masks: torch.Tensor) -> torch.Tensor:
+    def membership(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, k) mask indices -> (B, d_ff) 0/1, 1 at each mask's columns."""
         out = torch.zeros(masks.shape[0], self.d_ff, device=masks.device)
         return out.scatter_(1, masks, 1.0)
 
     def overlaps(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, N) |m_q & m_e| / k of query masks against every stored edit mask."""
-        return self._one_hot(masks) @ self.owners.T / self.k
+        return self.membership(masks) @ self.owners.T / self.k
 
     # ----- computing an edit -----------------------------------------------------------------
     def _apply(self, edit_id: str, request: EditRequest) -> None:
         cfg, host = self.config, self.host
-        self._ensure_statistics()
+        self.ensure_statistics()
         batch = self._training_batch(request)
         # Layers 0..layer run once: the memory only adds A_S @ W_S to the residual stream
         # leaving the edited layer, so each step runs layers layer+1.. only.
@@ -186,7 +189,7 @@ class MemoirEditor(Editor):
         # Commit (nothing above touched the editor's state).
         self.memory[mask] = before + delta  # the left fold of the owners' deltas, in order
         self.masks = torch.cat([self.masks, mask[None]])
-        self.owners = torch.cat([self.owners, self._one_hot(mask[None])])
+        self.owners = torch.cat([self.owners, self.membership(mask[None])])
         self.deltas.append(delta)
         self._add_gram(keys, mask, +1.0)
         self.row_ids.append(edit_id)
@@ -376,7 +379,7 @@ class MemoirEditor(Editor):
             self.prefixes = list(extra.get("prefixes") or [])
         elif ids:
             raise EditorError("memoir: saved edits without their permutation and background statistics")
-        self.masks, self.owners = masks, self._one_hot(masks)
+        self.masks, self.owners = masks, self.membership(masks)
         self.deltas = list(deltas.unbind(0))
         self.row_ids, self.info = list(ids), list(extra.get("info") or [{} for _ in ids])
         self.memory = torch.zeros(self.d_ff, self.d_model, device=self.memory.device)

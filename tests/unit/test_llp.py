@@ -9,7 +9,7 @@ from kmd.editors.answers import encode_as
 from kmd.editors.batching import left_padded, left_padded_ids, teacher_forced_batch
 from kmd.editors.hooks import resolve_module
 from kmd.editors.llp import LlpConfig, LlpEditor
-from kmd.editors.llp.editor import last_subject_token
+from kmd.editors.llp.training import last_subject_token
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate
 from kmd.editors.state import load_editor, save_editor
@@ -98,7 +98,7 @@ def test_serving_merge_equals_literal_prepending(tiny_host, b):
 def subject_key(editor: LlpEditor, prompt: str, subject: str) -> torch.Tensor:
     """(|R|, D): the retrieval-layer states at the subject's last token (what a key starts from)."""
     editor.ensure_background()
-    got = editor._retrieval_states([prompt])
+    got = editor.reader.states([prompt])
     index = last_subject_token(editor.host, prompt, subject)
     return editor.standardize(got["states"])[:, 0, index]
 
@@ -237,7 +237,7 @@ def test_subject_query_is_the_state_of_prompts_that_open_with_the_subject(tiny_h
     editor = fresh(tiny_host, n_prefixes=0, subject_query=True)
     queries, _, _ = editor.key_queries("e", request)  # (|R|, 2, D): bare prompt, subject alone
     opening = "France speaks the language of"
-    got = editor._retrieval_states([opening])
+    got = editor.reader.states([opening])
     state = editor.standardize(got["states"])[:, 0, last_subject_token(tiny_host, opening, "France")]
     torch.testing.assert_close(queries[:, 1], state)  # causal: nothing after the subject matters
 
