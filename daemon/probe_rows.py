@@ -18,8 +18,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kmd.editors.answers import Answer, Form, ask, encode_as
-from kmd.editors.batching import left_padded_ids
+from kmd.editors.answers import Answer, Form, ask, question_features
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -49,15 +48,8 @@ class ProbeRows:
 
     def with_features(self, editor: Editor) -> bool:
         """Compute the rows' routing features with `editor`'s backend; False when it has none."""
-        features = []
-        for start in range(0, len(self.rows), self.chunk):
-            encoded = [encode_as(self.host, r.prompt, r.form) for r in self.rows[start : start + self.chunk]]
-            got = editor.routing_features(*left_padded_ids(self.host, encoded))
-            if got is None:
-                return False
-            features.append(got)
-        self.features = features
-        return True
+        self.features = question_features(self.host, editor, [(r.prompt, r.form) for r in self.rows], self.chunk)
+        return self.features is not None
 
     def routes(self, editor: Editor) -> list[Route] | None:
         """Each row's route token under `editor` now (None: no features, nothing known)."""

@@ -18,7 +18,7 @@ or digit, where it would glue onto a word) until the answer starts, then the tok
 continues the longest run of the target just written. A 135M model shown a fact in its
 context copies it only about a third of the time when asked as a chat turn; pointing at the
 target's tokens lets it state the fact in its own answer and then write on freely
-(scripts/experiments/context_boost.py). Rows no edit routes to are never touched.
+(BENCHMARKS.md, sixth session). Rows no edit routes to are never touched.
 
 The options are one `AnswerPolicy`, the `answer` field of each backend's config (RECIPE,
 LLP, MEMOIR, GRACE; their old flat option names `answer_boost`, `end_after_answer`,
@@ -37,7 +37,7 @@ touches logits at all, i.e. with the pointer or an end rule):
 - end (`end`): once the sentence ("sentence") or line ("line") that states the
   target is over, the row ends (EOS). After a correct answer a 135M model goes on in quiz and
   list formats ("Korean War. / The answer is: / The answer is: ..."); a user reads the answer
-  and the model stops (scripts/experiments/served_misses.py measures both);
+  and the model stops (`kmd bench --misses` lists the answers that still fail);
 - clause (`end: clause`, the default): the sentence rule, and besides, at every position
   after the target a token that would open a new clause (",", ";", ":", "(", a spaced dash,
   a line break) gives way to EOS: EOS gets the best of their logits and they are ruled out.

@@ -46,10 +46,11 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from kmd.editors.batching import left_padded_ids
 from kmd.editors.scoring import generate_ids
 
 if TYPE_CHECKING:
@@ -180,6 +181,20 @@ def format_as(host: ModelHost, prompt: str, form: Form) -> str:
 def encode_as(host: ModelHost, prompt: str, form: Form) -> list[int]:
     # A chat template writes its own special tokens; do not add another BOS on top.
     return host.encode(format_as(host, prompt, form), special=form == "plain")
+
+
+def question_features(host: ModelHost, editor: Editor, questions: Sequence[tuple[str, Form]],
+                      chunk: int = 32) -> list[dict[str, Any]] | None:  # fmt: skip
+    """The routing features (`Editor.routing_features`) of (prompt, form) questions, one dict
+    per `chunk` rows in order; None when the backend has none."""
+    features = []
+    for start in range(0, len(questions), chunk):
+        encoded = [encode_as(host, prompt, form) for prompt, form in questions[start : start + chunk]]
+        got = editor.routing_features(*left_padded_ids(host, encoded))
+        if got is None:
+            return None
+        features.append(got)
+    return features
 
 
 def answers(

@@ -49,6 +49,10 @@ def bench(
                                                        "FILE's first records (repeatable), then score the evaluated ones.")] = None,
     served_protocol: Annotated[str, typer.Option("--served-protocol", help="v2: every form (plain, chat, sys, multi), "
                                                   "same-subject and portability questions; v1: edit prompts and rephrases, plain and chat.")] = "v2",
+    served_every: Annotated[int, typer.Option("--served-every", min=1, help="Ask the served questions of every K-th record only "
+                                              "(records 0, K, 2K, ...), after all N edits: the served pass is the slow part.")] = 1,
+    misses: Annotated[bool, typer.Option("--misses", help="Print (and write as `misses`) every edit prompt and rephrase "
+                                         "answered wrong, with both answers.")] = False,
 ) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -61,6 +65,8 @@ def bench(
 
     if served_protocol not in ("v1", "v2"):
         raise fail(f"--served-protocol must be v1 or v2, not {served_protocol!r}")
+    if not served and (misses or served_every > 1):
+        raise fail("--misses and --served-every need the served pass (drop --no-served)")
     try:
         backend_cls = get_backend(backend)
         fmt, records = load_records(data, format, limit)
@@ -88,7 +94,9 @@ def bench(
 
         result = run_lifelong(
             host, editor, records, seed=seed, shuffle=shuffle,
-            options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2"), progress=progress,
+            options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2", served_every=served_every,
+                                 misses=misses),
+            progress=progress,
             distractors=distractors,
         )
     result["dataset"] = str(data)
@@ -141,7 +149,9 @@ def print_table(result: dict) -> None:
         return str(value)
 
     console = Console()
-    table = Table(title=f"{result['backend']} on {Path(result['dataset']).name} ({result['n_edits']} edits, {result['model']})")
+    every = result.get("served_every", 1)
+    asked = f", served answers of {result['n_served']} records, one in {every}" if every > 1 else ""
+    table = Table(title=f"{result['backend']} on {Path(result['dataset']).name} ({result['n_edits']} edits{asked}, {result['model']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     sections = (("served answers (v1)", SERVED), ("served answers (v2)", SERVED_V2), ("teacher-forced", METRICS), ("cost", COSTS))
@@ -155,6 +165,8 @@ def print_table(result: dict) -> None:
     console.print(table)
     print_answers(console, result.get("answers_sample") or [])
     print_hijacks(console, result.get("hijack_sample") or [])
+    if "misses" in result:
+        print_misses(console, result["misses"])
 
 
 def _answer_table(title: str, columns: tuple[str, ...]):
@@ -198,4 +210,17 @@ def print_hijacks(console, hijacks: list[dict]) -> None:
     table = _answer_table("hijacked same-subject answers: base -> edited", columns)
     for row in hijacks:
         table.add_row(*(escape(str(row[k]).strip()[:160]) for k in columns))
+    console.print(table)
+
+
+def print_misses(console, misses: list[dict]) -> None:
+    """Every wrong served answer (`--misses`), whole: why an edit's answers fail."""
+    from rich.markup import escape
+
+    routed = {True: "routed", False: "not routed", None: "-"}
+    table = _answer_table(f"every wrong answer ({len(misses)}): base -> edited", ("prompt -> target", "asked", "base", "edited", "why"))
+    for m in misses:
+        why = "degenerate after the target" if m["hit"] else ("missed, degenerate" if m["degenerate"] else "missed")
+        table.add_row(escape(f"{m['prompt']} -> {m['target']}"), f"{m['kind']} {m['form']}", escape(m["base"].strip()),
+                      escape(m["edited"].strip()), f"{why}; {routed[m['routed']]}")  # fmt: skip
     console.print(table)

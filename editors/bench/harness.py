@@ -5,7 +5,8 @@
 3. N edits are applied one after another to one model, never rolled back;
 4. only after the last edit, every record is scored on the final model: served answers
    (`lifelong-served/v2`, editors/bench/served.py: the headline) and teacher-forced
-   token accuracy (`rel`, `gen`, `loc`: a secondary diagnostic).
+   token accuracy (`rel`, `gen`, `loc`: a secondary diagnostic). With `served_every` K the
+   served answers are asked for records 0, K, 2K, ... only (all N edits still applied).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class BenchOptions:
     # lifelong-served/v2 (every form, same-subject and portability questions); False: v1 only
     # (edit prompts and rephrases plain and chat, locality)
     served_v2: bool = True
+    served_every: int = 1  # served answers for records 0, K, 2K, ... only (the served pass is the slow part)
+    misses: bool = False  # also list every wrong served answer (not just `miss_sample`)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -136,7 +139,8 @@ def run_lifelong(
     notify("pre pass", 1, 2)
     base_loc_gen = generate(host, None, [r.loc_prompt for r in loc_records], loc_lengths, bs)
     notify("pre pass", 2, 2)
-    served_base = served.run_pass(host, None, records, bs, notify, "base answers", options.served_v2) if options.served else None
+    asked = records[:: options.served_every]
+    served_base = served.run_pass(host, None, asked, bs, notify, "base answers", options.served_v2) if options.served else None
 
     # 3. sequential edits: the evaluated records, then the distractors
     edit_seconds: list[float] = []
@@ -171,8 +175,11 @@ def run_lifelong(
 
     served_figures = {}
     if served_base is not None:
-        served_edited = served.run_pass(host, editor, records, bs, notify, "answers", options.served_v2)
-        served_figures = served.summarise(served_base, served_edited, records)
+        served_edited = served.run_pass(host, editor, asked, bs, notify, "answers", options.served_v2)
+        served_figures = served.summarise(served_base, served_edited, asked)
+        served_figures |= {"served_every": options.served_every, "n_served": len(asked)}
+        if options.misses:
+            served_figures["misses"] = served.misses(host, editor, served_base, served_edited, asked)
 
     def per_record(values: list[float], owners: list[int]) -> list[float]:
         # average over a record's rephrases first, then over records

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from kmd.editors.answers import SERVED_PROTOCOL, Answer, Form, ask, conversation, has_chat_template, hits
+from kmd.editors.answers import SERVED_PROTOCOL, Answer, Form, ask, conversation, has_chat_template, hits, question_features
 from kmd.editors.chat import ChatTemplateError
 
 if TYPE_CHECKING:
@@ -228,14 +228,30 @@ def hijack_sample(base: ServedPass, edited: ServedPass, records: Sequence[EditRe
 
 def miss_sample(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord], count: int = MISS_SAMPLE) -> list[dict[str, Any]]:
     """Every edit prompt answered wrong, in any form (up to `count`): what the misses look like."""
+    return [m for m in _wrong(base, edited, records) if m["kind"] == "edit"][:count]
+
+
+def misses(
+    host: ModelHost, editor: Editor, base: ServedPass, edited: ServedPass, records: Sequence[EditRecord]
+) -> list[dict[str, Any]]:
+    """Every edit prompt and rephrase answered wrong, in the order asked (`kmd bench --misses`),
+    with `routed`: whether any edit acts on the question under the final edits (None: the
+    backend cannot tell), so a retrieval miss reads apart from a routed question answered wrong."""
+    wrong = _wrong(base, edited, records)
+    features = question_features(host, editor, [(m["prompt"], m["form"]) for m in wrong])
+    routed = [None] * len(wrong) if features is None else [route is not None for f in features for route in editor.routes(f)]
+    return [m | {"routed": r} for m, r in zip(wrong, routed, strict=True)]
+
+
+def _wrong(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord]) -> list[dict[str, Any]]:
+    """Every question with a target (edit prompt, rephrase) answered wrong, with both answers;
+    `hit` true: the target was written but the answer is degenerate."""
     out = []
     for q, b, e in zip(edited.asked, _aligned(base, edited), edited.answers, strict=True):
-        if q.kind == "edit" and not e.correct:
+        if q.kind in ("edit", "reph") and not e.correct:
             r = records[q.record]
-            out.append({"edit": f"{r.prompt} -> {r.target}", "form": q.form, "base": b.text, "edited": e.text,
-                        "degenerate": e.degenerate})  # fmt: skip
-            if len(out) >= count:
-                break
+            out.append({"edit": f"{r.prompt} -> {r.target}", "kind": q.kind, "prompt": q.prompt, "form": q.form,
+                        "target": r.target, "base": b.text, "edited": e.text, "hit": e.hit, "degenerate": e.degenerate})  # fmt: skip
     return out
 
 

@@ -59,7 +59,7 @@ class RecipeShape:
     # embeddings, repeated this many times after the continuous prompts. A repeated pattern
     # is what a small LM copies from best: untrained, on 100 ZsRE val records, SmolLM2-135M's
     # teacher-forced accuracy is 0.16 bare, 0.62 with the statement once, 0.87 twice, 0.93
-    # three times (scripts/experiments/recipe_context_prefix.py). The paper: 0 (prompts only).
+    # three times (BENCHMARKS.md, RECIPE, fourth session). The paper: 0 (prompts only).
     context_repeats: int = 0
 
 

@@ -149,3 +149,74 @@ def test_distractors_are_edited_after_the_evaluated_records_and_not_scored(tiny_
     assert result["rel"] == 1.0 and result["served_protocol"].startswith("lifelong-served/")
     assert result["edit_s_first_1000"] is None  # fewer than two windows of edits
     assert result["state_bytes_per_edit"] > 0
+
+
+FOUR = [*RECORDS,
+        EditRecord("3", "the language of Spain is", "music", "Spain", ("Spain speaks the language",), "the sky is", "blue"),
+        EditRecord("4", "Bob plays the instrument", "cherry", "Bob", ("the instrument Bob plays is",), "the dog and the cat", "sky")]
+
+
+def test_served_every_asks_every_kth_record_after_all_the_edits(tiny_host):
+    """`kmd bench --served-every K`: every edit is applied and teacher-forced-scored, the
+    served answers are asked of records 0, K, 2K, ... only, on the final model."""
+    from kmd.editors.bench import served
+    from kmd.editors.bench.harness import BenchOptions
+
+    editor = get_backend("fake")(tiny_host)
+    result = run_lifelong(tiny_host, editor, FOUR, options=BenchOptions(served_every=2))
+    assert result["n_edits"] == 4 and len(editor.edit_ids) == 4 and result["rel"] == 1.0
+    assert result["served_every"] == 2 and result["n_served"] == 2
+    assert [row["case_id"] for row in result["answers_sample"]] == ["1", "3"]
+    asked = FOUR[::2]  # the same passes by hand, on the model holding all four edits
+    quiet = lambda *_: None  # noqa: E731
+    with editor.suspended():
+        base = served.run_pass(tiny_host, None, asked, 16, quiet, "base")
+    expected = served.summarise(base, served.run_pass(tiny_host, editor, asked, 16, quiet, "edited"), asked)
+    for key, value in expected.items():
+        assert result[key] == value, key
+
+
+def test_misses_lists_every_wrong_served_answer(tiny_host):
+    """`kmd bench --misses`: exactly the edit prompts and rephrases answered wrong, in every
+    form asked, with both answers; a question no edit routes to has the unedited answer."""
+    from kmd.editors.answers import ask
+    from kmd.editors.bench.harness import BenchOptions
+    from kmd.editors.bench.served import forms_of
+
+    with chat_template(tiny_host, CHAT_TEMPLATE):
+        editor = get_backend("grace")(tiny_host)
+        result = run_lifelong(tiny_host, editor, FOUR, options=BenchOptions(misses=True))
+        questions = [(r.prompt, f, r.target) for r in FOUR for f in forms_of(tiny_host)]
+        questions += [(p, f, r.target) for r in FOUR for p in r.rephrases for f in ("plain", "chat")]
+        edited = ask(tiny_host, editor, questions)
+        with editor.suspended():
+            base = ask(tiny_host, None, questions)
+    wrong = {(q[0], q[1], e.text, b.text) for q, e, b in zip(questions, edited, base) if not e.correct}
+    assert 0 < len(wrong) < len(questions), "the run must have right and wrong answers"
+    misses = result["misses"]
+    assert {(m["prompt"], m["form"], m["edited"], m["base"]) for m in misses} == wrong and len(misses) == len(wrong)
+    assert {m["target"] for m in misses} <= {r.target for r in FOUR}
+    assert all(isinstance(m["routed"], bool) for m in misses)  # GRACE tells which rows it routes
+    assert any(not m["routed"] for m in misses)  # its rephrases here: a retrieval miss
+    assert all(m["edited"] == m["base"] for m in misses if not m["routed"])
+    assert result["miss_sample"] == [{k: v for k, v in m.items() if k != "routed"} for m in misses if m["kind"] == "edit"]
+
+
+def test_bench_command_served_every_and_misses(tiny_model_dir, tmp_path):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([
+        {"case_id": i, "prompt": r.prompt, "target_new": r.target, "subject": r.subject, "ground_truth": "x",
+         "rephrase_prompt": r.rephrases[0], "locality_prompt": r.loc_prompt, "locality_ground_truth": r.loc_answer}
+        for i, r in enumerate(FOUR)
+    ]))
+    out = tmp_path / "result.json"
+    common = ["bench", "--backend", "fake", "--data", str(data), "--model", str(tiny_model_dir), "--device", "cpu"]
+    run = CliRunner().invoke(app, [*common, "--served-every", "2", "--misses", "--out", str(out)], env={"COLUMNS": "400"})
+    assert run.exit_code == 0, run.output
+    result = json.loads(out.read_text())
+    assert result["n_edits"] == 4 and result["served_every"] == 2 and result["n_served"] == 2
+    assert result["misses"], "the fake backend does not reach the rephrases: they are answered wrong"
+    assert "one in 2" in run.output and f"every wrong answer ({len(result['misses'])})" in run.output
+    assert all(f"{m['prompt']} -> {m['target']}" in run.output for m in result["misses"])  # printed whole, one a row
+    refused = CliRunner().invoke(app, [*common, "--no-served", "--misses"])
+    assert refused.exit_code == 2 and "need the served pass" in refused.output
