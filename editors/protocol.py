@@ -160,7 +160,8 @@ def base_model() -> Iterator[None]:
 def _copy_containers(value: Any) -> Any:
     """Copy lists, dicts, sets and mutable dataclasses recursively; share everything else
     (tensors, modules, frozen configs). Backends replace tensors rather than write into
-    them, except where `_forked` says otherwise, so shared tensors stay private to each."""
+    them, except where `_forked` says otherwise or through `editors.rows.GrowingRows` (which
+    writes only rows no fork holds), so shared tensors stay private to each."""
     if isinstance(value, list):
         return [_copy_containers(v) for v in value]
     if isinstance(value, tuple) and type(value) is tuple:

@@ -28,6 +28,7 @@ from kmd.editors.grace.config import GraceConfig
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.protocol import EditorError, EditRequest, Editor, Routing
 from kmd.editors.regroup import Regroup, entries
+from kmd.editors.rows import GrowingRows
 from kmd.editors.scoring import module_input, prompt_inputs
 from kmd.editors.upper import UpperStack
 
@@ -55,6 +56,7 @@ class GraceEditor(Editor):
         self.spans = torch.empty(0, dtype=torch.long, device=device)  # (N,) target length in tokens
         self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
         self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
+        self.grown = GrowingRows()  # keys, values, spans, scales, splits: prefix views of its buffers
         self.row_ids: list[str] = []  # edit id of each row
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer)
         self.labels: list[str] = []  # normalised target of each row
@@ -96,11 +98,11 @@ class GraceEditor(Editor):
                 loss.backward()
                 optimiser.step()
         logger.bind(edit_id=edit_id).debug("grace: value trained in {} steps, loss {:.4f}", step + 1, loss.item())
-        self.keys = torch.cat([self.keys, seen["key"][None]])
-        self.values = torch.cat([self.values, value.detach()[None]])
-        self.spans = torch.cat([self.spans, torch.tensor([span], device=self.spans.device)])
-        self.scales = torch.cat([self.scales, torch.tensor([cfg.radius], device=self.scales.device)])
-        self.splits = torch.cat([self.splits, torch.tensor([cfg.split_conflicts], device=self.splits.device)])
+        self.grown.append(self, "keys", seen["key"][None])
+        self.grown.append(self, "values", value.detach()[None])
+        self.grown.append(self, "spans", torch.tensor([span], device=self.spans.device))
+        self.grown.append(self, "scales", torch.tensor([cfg.radius], device=self.scales.device))
+        self.grown.append(self, "splits", torch.tensor([cfg.split_conflicts], device=self.splits.device))
         self.row_ids.append(edit_id)
         self.labels.append(_label(request.target))
         self._update_radii()

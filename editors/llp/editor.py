@@ -50,6 +50,7 @@ from kmd.editors.llp.voting import layer_thresholds, max_similarities, vote_over
 from kmd.editors.prefix import PrefixInjector, regrouped_decisions
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.regroup import Regroup
+from kmd.editors.rows import GrowingRows
 from kmd.editors.scoring import capture_prefill
 from kmd.editors.upper import UpperStack
 
@@ -100,6 +101,7 @@ class LlpEditor(Editor):
         self.values = torch.empty(0, b, d, device=device)  # (N, b, D)
         self.prefix_keys = torch.empty(0, nz, b, n_kv, head_dim, device=device)  # pre-RoPE
         self.prefix_values = torch.empty(0, nz, b, n_kv, head_dim, device=device)
+        self.grown = GrowingRows()  # keys, values, prefix keys/values, _unit_keys, _shifts: views of its buffers
         self.background = Background.unmeasured(nr, d, device, cfg.normalize)  # per retrieval layer mean/std
         self.row_ids: list[str] = []
         self.meta: dict[str, dict[str, Any]] = {}  # per edit: prefixes used, steps, loss
@@ -153,9 +155,9 @@ class LlpEditor(Editor):
 
     def append_key(self, edit_id: str, key: torch.Tensor) -> None:
         """Add a key row only (used by calibration, which needs no values)."""
-        self.keys = torch.cat([self.keys, key[None]])
+        self.grown.append(self, "keys", key[None])
         self.row_ids.append(edit_id)
-        self._refresh()
+        self._refresh_last()
 
     @torch.no_grad()
     def prompt_similarities(self, prompts: list[str]) -> torch.Tensor:
@@ -193,15 +195,15 @@ class LlpEditor(Editor):
         value, steps, loss = self.train_value(stack, batch)
         with torch.no_grad():
             pk, pv = self.runner(value[None].to(self.host.model.dtype))
-        self.keys = torch.cat([self.keys, key[None]])
-        self.values = torch.cat([self.values, value[None]])
-        self.prefix_keys = torch.cat([self.prefix_keys, pk.float()])
-        self.prefix_values = torch.cat([self.prefix_values, pv.float()])
+        self.grown.append(self, "keys", key[None])
+        self.grown.append(self, "values", value[None])
+        self.grown.append(self, "prefix_keys", pk.float())
+        self.grown.append(self, "prefix_values", pv.float())
         self.row_ids.append(edit_id)
         self.meta[edit_id] = {"prefixes": chosen, "steps": steps, "loss": round(loss, 5)}
         if self.config.threshold_shift:
             self.meta[edit_id]["threshold_shift"] = float(self.config.threshold_shift)
-        self._refresh()
+        self._refresh_last()
         logger.bind(edit_id=edit_id).debug("llp: value trained in {} steps, loss {:.4f}", steps, loss)
 
     def train_value(self, stack: UpperStack, batch: TeacherForcedBatch) -> tuple[torch.Tensor, int, float]:
@@ -218,9 +220,18 @@ class LlpEditor(Editor):
         self._refresh()
 
     def _refresh(self) -> None:
+        """Serving's unit keys and per-edit shifts from all rows (revert, load; an apply: `_refresh_last`)."""
         self._unit_keys = F.normalize(self.keys.transpose(0, 1), dim=-1).contiguous()  # (|R|, N, D)
         shifts = [self.meta.get(row, {}).get("threshold_shift", 0.0) for row in self.row_ids]
         self._shifts = torch.tensor(shifts, dtype=torch.float32, device=self.keys.device)  # (N,)
+
+    def _refresh_last(self) -> None:
+        """`_refresh` after one key row was appended, in O(1): that row's unit keys and shift
+        (normalising a row alone gives the bits normalising all of them does)."""
+        unit = F.normalize(self.keys[-1:].transpose(0, 1), dim=-1)  # (|R|, 1, D)
+        self.grown.append(self, "_unit_keys", unit, dim=1)
+        shift = self.meta.get(self.row_ids[-1], {}).get("threshold_shift", 0.0)
+        self.grown.append(self, "_shifts", torch.tensor([shift], dtype=torch.float32, device=self.keys.device))
 
     # ----- retrieval: similarities and the vote -------------------------------------------------
     def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
 from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
 from kmd.editors.regroup import Regroup, entries
+from kmd.editors.rows import GrowingRows
 from kmd.editors.scoring import module_input, prompt_inputs
 from kmd.editors.upper import stack_above
 
@@ -85,6 +86,7 @@ class MemoirEditor(Editor):
         self.memory = torch.zeros(self.d_ff, self.d_model, device=device)
         self.masks = torch.empty(0, self.k, dtype=torch.long, device=device)  # (N, k) sorted indices
         self.owners = torch.empty(0, self.d_ff, device=device)  # (N, d_ff) 0/1: mask membership
+        self.grown = GrowingRows()  # masks and owners: prefix views of its buffers
         self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
         self.row_ids: list[str] = []  # edit id of each row, in application order
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer)
@@ -188,8 +190,8 @@ class MemoirEditor(Editor):
         logger.bind(edit_id=edit_id).debug("memoir: {} steps, loss {:.4f} -> {:.4f}", len(losses) - 1, losses[0], losses[-1])
         # Commit (nothing above touched the editor's state).
         self.memory[mask] = before + delta  # the left fold of the owners' deltas, in order
-        self.masks = torch.cat([self.masks, mask[None]])
-        self.owners = torch.cat([self.owners, self.membership(mask[None])])
+        self.grown.append(self, "masks", mask[None])
+        self.grown.append(self, "owners", self.membership(mask[None]))
         self.deltas.append(delta)
         self._add_gram(keys, mask, +1.0)
         self.row_ids.append(edit_id)

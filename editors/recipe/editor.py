@@ -41,6 +41,7 @@ from kmd.editors.answer_stop import RoutedAnswers, TokenTexts, pointer_hook
 from kmd.editors.hooks import HookSpec
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.regroup import Regroup
+from kmd.editors.rows import GrowingRows
 from kmd.editors.recipe.config import RecipeConfig
 from kmd.editors.prefix import Injection, PrefixInjector, answers_of, regrouped_decisions, stack_left_padded  # served like LLP's prefix
 from kmd.editors.recipe.model import (
@@ -102,7 +103,7 @@ class RecipeEditor(Editor):
         self.row_ids: list[str] = []
         self.shifts = torch.empty(0, device=device)  # (N,) per-edit threshold_shift (cosine units)
         self.bars = torch.empty(0, device=device)  # (N,) per-edit bar on the margin over the sentinel (<= 0; _own_questions_bar)
-        self._buffers: dict[str, torch.Tensor] = {}  # name -> the buffer that the tensor above is a prefix of (_append_row)
+        self.grown = GrowingRows()  # the buffers the four tensors above are prefix views of
         if not self.config.kv_cache_mb > 0:
             raise EditorError("recipe: kv_cache_mb must be > 0")
         # edit id -> its prefix's keys (pre-RoPE) and values, each (L, n, n_kv, hd), computed on
@@ -118,10 +119,10 @@ class RecipeEditor(Editor):
         encoded = encode_texts([statement(request.prompt, request.target)], self.host.device)
         rep = self.networks.knowledge_reps(encoded)  # (1, R)
         vectors = edit_prompts(self.networks, self.host, rep, [request.target])  # (1, n, D)
-        self._append_row("reps", rep)
-        self._append_row("prompts", vectors)
-        self._append_row("shifts", torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device))
-        self._append_row("bars", self._own_questions_bar([request.prompt, *request.rephrases], rep, self.shifts[-1:]))
+        self.grown.append(self, "reps", rep)
+        self.grown.append(self, "prompts", vectors)
+        self.grown.append(self, "shifts", torch.tensor([float(self.config.threshold_shift)], device=self.shifts.device))
+        self.grown.append(self, "bars", self._own_questions_bar([request.prompt, *request.rephrases], rep, self.shifts[-1:]))
         self.row_ids.append(edit_id)
 
     def _own_questions_bar(self, questions: Sequence[str], rep: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -139,26 +140,6 @@ class RecipeEditor(Editor):
         _, over = self._scores(self._query_reps(questions).flatten(0, 1), rep, shift)  # (len(questions) * Q, 1): this edit alone
         own = float(over.view(len(questions), -1).max(dim=1).values.min())  # each question's best query, as _match picks
         return torch.tensor([max(-floor, min(0.0, own - OWN_PROMPT_SLACK))], device=rep.device)
-
-    def _append_row(self, name: str, row: torch.Tensor) -> None:
-        """`self.<name>` (N, ...) gains `row` (1, ...) in amortised O(1): the tensor is a
-        prefix view of a buffer with spare rows, reallocated at twice the size when full
-        (a torch.cat per edit copied the whole store: 0.018 s per edit over the first 1000
-        of 10,000 edits, 0.073 s over the last). A fork's views stay valid, because the
-        editor that owns the buffer only writes past its own rows and a fork owns none
-        (`_forked`); a revert or a load makes new tensors, which the next append copies."""
-        current = getattr(self, name)
-        n = current.shape[0]
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape[0] <= n or buffer.data_ptr() != current.data_ptr() or buffer.shape[1:] != current.shape[1:]:
-            buffer = torch.empty((max(16, 2 * (n + 1)), *current.shape[1:]), dtype=current.dtype, device=current.device)
-            buffer[:n] = current
-            self._buffers[name] = buffer
-        buffer[n] = row[0]
-        setattr(self, name, buffer[: n + 1])
-
-    def _forked(self) -> None:
-        self._buffers = {}  # the parent may still write past its rows into the shared buffers
 
     @torch.no_grad()
     def _prefix_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:

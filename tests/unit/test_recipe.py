@@ -310,7 +310,7 @@ def test_appended_rows_grow_in_place_without_touching_forks_or_saved_states(tiny
     for request in requests[10:]:
         editor.apply(request)  # past 16 and 32 rows: two reallocations, writes into the fork's buffer first
     assert all(torch.equal(getattr(fork, name), before[name]) for name in before)
-    assert editor.reps.shape[0] == 40 and editor.reps.data_ptr() == editor._buffers["reps"].data_ptr()
+    assert editor.reps.shape[0] == 40 and editor.reps.data_ptr() == editor.grown.buffers["reps"][1].data_ptr()
     editor.revert("r5")
     editor.apply(requests[5])  # after a revert (new tensors) the next append starts a new buffer
     saved = save_editor(editor, tmp_path / "state")
