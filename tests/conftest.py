@@ -27,3 +27,15 @@ def tiny_host(tiny_model_dir):
     from kmd.editors.model import ModelHost, ModelSettings
 
     return ModelHost.load(ModelSettings(model=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for a test on the tiny model: its matrices are so small that a second
+    thread only adds synchronisation (and is slow on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

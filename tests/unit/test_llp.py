@@ -16,13 +16,7 @@ from kmd.editors.state import load_editor, save_editor
 from tiny import chat_template
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second thread only adds synchronisation (and is slow on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def literal_prepend_logits(editor: LlpEditor, input_ids, attention_mask, value: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,7 @@ THIRD = EditRequest(prompt="Bob speaks the language of Japan", target="cherry", 
 UNRELATED = "who wrote the book ?"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation (badly so on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(host, **overrides) -> MemoirEditor:

@@ -22,12 +22,7 @@ EDIT = EditRequest(prompt="the capital of France is", target="Berlin", edit_id="
 OTHER = EditRequest(prompt="Alice works for the company", target="banana", edit_id="e2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

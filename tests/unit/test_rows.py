@@ -17,12 +17,7 @@ from kmd.editors.scoring import score_targets
 from kmd.editors.state import load_editor, save_editor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Owner:

@@ -18,12 +18,7 @@ OTHER = EditRequest(prompt="Alice works for the company", target="banana", subje
 THIRD = EditRequest(prompt="Bob speaks the language of Japan", target="cherry", subject="Bob", edit_id="e3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(host, **overrides) -> WiseEditor:
