@@ -342,6 +342,10 @@ class AnswerTracker:
             logits[where] += self.policy.boost
         floor = torch.finfo(logits.dtype).min
         vocab = logits.shape[-1]
+        # (V,) bool, once per forward: the clause rule holds at every held position but END
+        openers = self.texts.clause_openers(vocab).to(logits.device) if self.end == "clause" and held else None
+        if openers is not None and not openers.any():
+            openers = None
         for index, position, rule in held:
             if rule is Rule.END:
                 logits[index, position] = floor
@@ -351,8 +355,7 @@ class AnswerTracker:
                 logits[index, position, sorted({spelling[0] for spelling, _ in self.rows[index].spellings})] = floor
             elif rule is Rule.CLOSE:
                 logits[index, position, self.texts.word_continuations(vocab).to(logits.device)] = floor
-            openers = self.texts.clause_openers(vocab).to(logits.device) if self.end == "clause" else None
-            if openers is not None and openers.any():  # at every position after the target, with the rule above
+            if openers is not None:  # at every position after the target, with the rule above
                 scores = logits[index, position]  # (V,) a view
                 scores[self.texts.eos] = torch.maximum(scores[self.texts.eos], scores[openers].max())
                 scores[openers] = floor
