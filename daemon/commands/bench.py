@@ -21,7 +21,7 @@ SERVED_V2 = (
 METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")  # teacher-forced (and *_em: short greedy)
 COSTS = (
     "edit_s_mean", "edit_s_p95", "edit_s_first_1000", "edit_s_last_1000", "edit_s_last_over_first", "forward_ms_base",
-    "forward_ms_edited", "overhead_ratio", "state_bytes_per_edit", "n_distractors", "peak_rss_mb",
+    "forward_ms_edited", "overhead_ratio", "state_bytes_per_edit", "n_distractors", "resumed_after_edits", "peak_rss_mb",
 )
 
 
@@ -53,6 +53,9 @@ def bench(
                                               "(records 0, K, 2K, ...), after all N edits: the served pass is the slow part.")] = 1,
     misses: Annotated[bool, typer.Option("--misses", help="Print (and write as `misses`) every edit prompt and rephrase "
                                          "answered wrong, with both answers.")] = False,
+    checkpoint: Annotated[Path | None, typer.Option(help="Keep the edit sequence's progress in this directory (the editor's "
+                                                    "state and edit times) and resume from it: a 10,000-edit run takes hours.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Edits between checkpoints.")] = 500,
 ) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -60,8 +63,9 @@ def bench(
     from loguru import logger
 
     from kmd.editors.bench.data import DatasetError, load_records
-    from kmd.editors.bench.harness import BenchOptions, run_lifelong
+    from kmd.editors.bench.harness import BenchOptions, Checkpoint, CheckpointError, run_lifelong
     from kmd.editors.registry import UnknownBackendError, get_backend
+    from kmd.editors.state import StateError
 
     if served_protocol not in ("v1", "v2"):
         raise fail(f"--served-protocol must be v1 or v2, not {served_protocol!r}")
@@ -92,13 +96,19 @@ def bench(
             if not console.is_terminal and (done == total or done % max(total // 10, 1) == 0):
                 logger.info("{}: {}/{}", phase, done, total)  # a bar does not show in logs
 
-        result = run_lifelong(
-            host, editor, records, seed=seed, shuffle=shuffle,
-            options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2", served_every=served_every,
-                                 misses=misses),
-            progress=progress,
-            distractors=distractors,
-        )
+        if checkpoint:
+            checkpoint.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run_lifelong(
+                host, editor, records, seed=seed, shuffle=shuffle,
+                options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2",
+                                     served_every=served_every, misses=misses),
+                progress=progress,
+                distractors=distractors,
+                checkpoint=Checkpoint(checkpoint, checkpoint_every) if checkpoint else None,
+            )
+        except (CheckpointError, StateError) as exc:  # a checkpoint of another run, or a damaged one
+            raise fail(str(exc)) from exc
     result["dataset"] = str(data)
     result["format"] = fmt
     print_table(result)

@@ -7,10 +7,17 @@
    (`lifelong-served/v2`, editors/bench/served.py: the headline) and teacher-forced
    token accuracy (`rel`, `gen`, `loc`: a secondary diagnostic). With `served_every` K the
    served answers are asked for records 0, K, 2K, ... only (all N edits still applied).
+
+A long sequence (`--distract`, 10,000 edits: hours) can keep its progress in a checkpoint
+directory (`Checkpoint`): the editor's state and the edit times so far, every `every`
+edits. A run given the same directory and the same sequence resumes after the last
+checkpoint instead of starting over (the pre pass, on the unedited model, is run again).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import random
 import resource
@@ -28,7 +35,7 @@ from kmd.editors.bench import served
 from kmd.editors.bench.data import EditRecord
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate, score_targets
-from kmd.editors.state import save_editor
+from kmd.editors.state import fsync_path, reload_editor, save_editor, state_digest
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -99,6 +106,67 @@ def _forward_ms(host: ModelHost, editor: Editor, prompts: Sequence[str], rounds:
     return min(base), min(edited)
 
 
+class CheckpointError(Exception):
+    """A checkpoint directory that belongs to another run, or does not match its state."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a long edit sequence keeps its progress, every `every` edits.
+
+    Two state slots alternate, and `progress.json` (replaced atomically, last) names the
+    slot that holds its edits: a crash while a slot is written leaves the other one and
+    the progress that goes with it."""
+
+    path: Path
+    every: int = 500
+
+    PROGRESS = "progress.json"
+
+    def resume(self, editor: Editor, fingerprint: str) -> list[float]:
+        """Put `editor` at the last checkpoint of this sequence. -> the edit seconds so far
+        ([] and the editor untouched when there is none yet)."""
+        file = self.path / self.PROGRESS
+        if not file.is_file():
+            return []
+        progress = json.loads(file.read_text())
+        if progress.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{self.path} holds the progress of another run (another backend, configuration, "
+                             "model or sequence of edits); give another checkpoint directory or remove it")  # fmt: skip
+        reload_editor(editor, self.path / progress["slot"], digest=progress["digest"])
+        seconds = [float(s) for s in progress["edit_seconds"]]
+        if len(editor.edit_ids) != len(seconds):
+            raise CheckpointError(f"{self.path}: the saved state has {len(editor.edit_ids)} edits, its progress {len(seconds)}")
+        torch.set_rng_state(torch.tensor(progress["torch_rng"], dtype=torch.uint8))
+        return seconds
+
+    def due(self, done: int, total: int) -> bool:
+        return done % self.every == 0 or done == total
+
+    def save(self, editor: Editor, fingerprint: str, edit_seconds: Sequence[float]) -> None:
+        file = self.path / self.PROGRESS
+        previous = json.loads(file.read_text())["slot"] if file.is_file() else None
+        slot = "state-b" if previous == "state-a" else "state-a"
+        saved = save_editor(editor, self.path / slot)
+        progress = {
+            "fingerprint": fingerprint, "slot": slot, "digest": state_digest(saved),
+            "edit_seconds": list(edit_seconds), "torch_rng": torch.get_rng_state().tolist(),
+        }  # fmt: skip
+        tmp = self.path / f".{self.PROGRESS}.tmp"
+        tmp.write_text(json.dumps(progress))
+        fsync_path(tmp)
+        tmp.replace(file)
+        fsync_path(self.path)
+
+
+def sequence_fingerprint(host: ModelHost, editor: Editor, sequence: Sequence[EditRecord], seed: int) -> str:
+    """What a checkpoint must match to be resumed: the backend, its configuration, the base
+    model, the seed and every edit of the sequence, in order."""
+    what = [editor.name, editor.config_dict(), host.identity.name, seed,
+            [(r.prompt, r.target, r.subject) for r in sequence]]  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _edit_time_figures(seconds: Sequence[float], window: int = 1000) -> dict[str, Any]:
     """Edit time over the whole sequence: the mean of the first and of the last `window`
     edits (the whole sequence when it is shorter than two windows: None)."""
@@ -118,10 +186,12 @@ def run_lifelong(
     options: BenchOptions = BenchOptions(),
     progress: Progress | None = None,
     distractors: Sequence[EditRecord] = (),
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """The protocol on `records`; with `distractors`, those are edited too, after the
     evaluated records and before anything is scored, so the evaluated edits must survive a
-    long lifelong sequence (only the evaluated records are scored)."""
+    long lifelong sequence (only the evaluated records are scored). With `checkpoint`, the
+    sequence resumes from (and keeps) its progress there."""
     notify = progress or (lambda phase, done, total: None)
     records = list(records)
     if shuffle:
@@ -143,16 +213,22 @@ def run_lifelong(
     served_base = served.run_pass(host, None, asked, bs, notify, "base answers", options.served_v2) if options.served else None
 
     # 3. sequential edits: the evaluated records, then the distractors
-    edit_seconds: list[float] = []
     sequence = [*records, *distractors]
-    for index, record in enumerate(sequence):
+    fingerprint = sequence_fingerprint(host, editor, sequence, seed) if checkpoint else ""
+    edit_seconds: list[float] = checkpoint.resume(editor, fingerprint) if checkpoint else []
+    resumed = len(edit_seconds)
+    for index in range(resumed, len(sequence)):
+        record = sequence[index]
         # the evaluated rephrases stay out of the request: a backend may fit its paraphrases
-        # (RECIPE's per-edit bar), and the rephrase figures are of questions it never saw
-        request = EditRequest(prompt=record.prompt, target=record.target, subject=record.subject)
+        # (RECIPE's per-edit bar), and the rephrase figures are of questions it never saw.
+        # Ids follow the sequence, so a run is repeatable (LLP draws its prefixes by id).
+        request = EditRequest(prompt=record.prompt, target=record.target, subject=record.subject, edit_id=f"bench-{index}")
         start = time.perf_counter()
         editor.apply(request)
         edit_seconds.append(time.perf_counter() - start)
         notify("editing", index + 1, len(sequence))
+        if checkpoint and checkpoint.due(index + 1, len(sequence)):
+            checkpoint.save(editor, fingerprint, edit_seconds)
 
     # 4. score everything on the final model
     rel_pairs = [(r.prompt, r.target) for r in records]
@@ -217,6 +293,7 @@ def run_lifelong(
         "overhead_ratio": forward_edited / forward_base if forward_base else None,
         "state_bytes_per_edit": state_bytes / len(sequence) if sequence else None,
         "n_distractors": len(distractors),
+        "resumed_after_edits": resumed,  # > 0: the edits before ran in an earlier process (peak RSS is this one's)
         **_edit_time_figures(edit_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **served_figures,

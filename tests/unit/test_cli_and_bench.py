@@ -2,11 +2,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from typer.testing import CliRunner
 
 from kmd.daemon.cli import app
 from kmd.editors.bench.data import EditRecord
-from kmd.editors.bench.harness import run_lifelong
+from kmd.editors.bench.harness import BenchOptions, run_lifelong
 from kmd.editors.registry import backend_names, get_backend
 from tiny import chat_template
 
@@ -149,6 +151,60 @@ def test_distractors_are_edited_after_the_evaluated_records_and_not_scored(tiny_
     assert result["rel"] == 1.0 and result["served_protocol"].startswith("lifelong-served/")
     assert result["edit_s_first_1000"] is None  # fewer than two windows of edits
     assert result["state_bytes_per_edit"] > 0
+
+
+TIMINGS = ("edit_s_mean", "edit_s_p95", "forward_ms_base", "forward_ms_edited", "overhead_ratio", "peak_rss_mb",
+           "resumed_after_edits", "edit_s_first_1000", "edit_s_last_1000", "edit_s_last_over_first")
+
+
+def test_a_checkpointed_sequence_resumes_after_its_last_checkpoint_and_ends_as_an_unbroken_run(tiny_host, tmp_path):
+    """`kmd bench --checkpoint DIR`: a run stopped mid-sequence resumes from the editor state
+    and edit times it saved, and scores exactly as the run that never stopped (LLP: its
+    prefixes are drawn by edit id, so the ids must follow the sequence too)."""
+    from kmd.editors.bench.harness import Checkpoint
+
+    distractors = [EditRecord(str(i), f"the {w} of Japan is", "cherry", "Japan", (), "the dog and the cat", "sky")
+                   for i, w in enumerate(("river", "language", "capital"))]  # fmt: skip
+    def llp():  # each run's editor leaves the shared model when the next one starts (a killed process would)
+        for editor in editors:
+            editor.retire()
+        editors.append(get_backend("llp")(tiny_host))
+        return editors[-1]
+
+    editors: list = []
+    unbroken = run_lifelong(tiny_host, llp(), RECORDS, distractors=distractors)
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_fourth_edit(phase: str, done: int, total: int) -> None:
+        if phase == "editing" and done == 4:  # applied, its checkpoint not yet written: the last one holds 2
+            raise Killed
+
+    checkpoint = Checkpoint(tmp_path / "progress", every=2)
+    checkpoint.path.mkdir()
+    with pytest.raises(Killed):
+        run_lifelong(tiny_host, llp(), RECORDS, distractors=distractors, checkpoint=checkpoint, progress=killed_at_the_fourth_edit)
+    editor = llp()
+    resumed = run_lifelong(tiny_host, editor, RECORDS, distractors=distractors, checkpoint=checkpoint)
+    assert resumed["resumed_after_edits"] == 2 and editor.edit_ids == [f"bench-{i}" for i in range(5)]
+    for key, value in unbroken.items():
+        if key not in TIMINGS:
+            assert resumed[key] == value, key
+    editor.retire()
+
+
+def test_a_checkpoint_of_another_sequence_is_refused(tiny_host, tmp_path):
+    from kmd.editors.bench.harness import Checkpoint, CheckpointError
+
+    checkpoint = Checkpoint(tmp_path, every=1)
+    first = get_backend("fake")(tiny_host)
+    run_lifelong(tiny_host, first, RECORDS, checkpoint=checkpoint, options=BenchOptions(served=False))
+    first.retire()
+    editor = get_backend("fake")(tiny_host)
+    with pytest.raises(CheckpointError, match="another run"):
+        run_lifelong(tiny_host, editor, RECORDS[:1], checkpoint=checkpoint, options=BenchOptions(served=False))
+    assert editor.edit_ids == []
 
 
 FOUR = [*RECORDS,
