@@ -14,6 +14,7 @@ generated.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
     from kmd.editors.protocol import Editor
 
-__all__ = ["ProbeRow", "ProbeRows", "RouteMemo"]
+__all__ = ["ProbeRow", "ProbeRows", "RouteMemo", "ScoreMemo"]
 
 Route = Hashable | None
 
@@ -86,3 +87,29 @@ class RouteMemo:
                 if routes is not None:
                     self._answers[(i, routes[i])] = answer
         return out
+
+
+class ScoreMemo:
+    """Teacher-forced accuracies by (prompt, target, route token), across probes: an edit's
+    own prompt scored when it was probed is what the check of earlier edits gets for it
+    later, as long as the prompt still routes to it (any state that routes a row the same
+    gives it the same output: the editor protocol). Least recently used entries go first."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._scores: OrderedDict[tuple[str, str, Route], float] = OrderedDict()
+
+    def get(self, key: tuple[str, str, Route]) -> float | None:
+        score = self._scores.get(key)
+        if score is not None:
+            self._scores.move_to_end(key)
+        return score
+
+    def put(self, key: tuple[str, str, Route], score: float) -> None:
+        self._scores[key] = score
+        self._scores.move_to_end(key)
+        while len(self._scores) > self.limit:
+            self._scores.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._scores)

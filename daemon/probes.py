@@ -16,6 +16,8 @@ Three probes (thresholds come from the policy's `probes:` section):
    says from cached features which rows each edit reaches; only the chunks whose rows
    route differently from the committed state are generated again (see `Prober`);
 3. earlier edits: a sample of committed edits re-scored (teacher-forced): still held?
+   Routing-aware too: a sampled prompt whose route token has not changed since it was
+   scored (by its own probe, or an earlier check) keeps its score (`ScoreMemo`);
 4. same-subject questions (`lifelong-served/v2`): questions about the edit's subject that
    ask for other facts (the policy's other relations). What they get before the edit is
    taken when the probe is planned (`Prober.plan`, before the apply): with routing
@@ -54,10 +56,10 @@ import torch
 from loguru import logger
 
 from kmd.daemon.locality import LOCALITY_TOKENS, LocalityBaseline, LocalityState
-from kmd.daemon.probe_rows import ProbeRow, ProbeRows, RouteMemo
-from kmd.editors.answers import Answer, Form, has_chat_template, hits
+from kmd.daemon.probe_rows import ProbeRow, ProbeRows, RouteMemo, ScoreMemo
+from kmd.editors.answers import Answer, Form, encode_as, has_chat_template, hits
 from kmd.editors.batching import left_padded_ids
-from kmd.editors.scoring import generate_ids, score_targets
+from kmd.editors.scoring import generate_ids, greedy_is_argmax, score_targets
 
 if TYPE_CHECKING:
     from kmd.daemon.policy import ProbePolicy
@@ -157,9 +159,7 @@ class ProbePlan:
     before: dict[int, Answer] = field(default_factory=dict)  # same-subject answers before the edits
     memo: RouteMemo = field(default_factory=RouteMemo)
     locality_memo: LocalityMemo = field(default_factory=dict)
-    scored: dict[tuple[int, Hashable | None], float] = field(default_factory=dict)  # (plain row, route) -> teacher-forced accuracy
     earlier_rows: ProbeRows | None = None  # the sampled earlier edits' prompts (Prober.earlier)
-    earlier_scored: dict[tuple[int, Hashable | None], float] = field(default_factory=dict)  # (sample row, route) -> accuracy
 
 
 def _answer_figure(answer: Answer) -> dict[str, Any]:
@@ -190,6 +190,8 @@ class Prober:
         self.features: list[dict[str, torch.Tensor]] | None = None
         self.committed: LocalityState | None = None  # the committed edits' state (None: not measured)
         self.chat = bool(host.settings.use_chat_template) and has_chat_template(host)
+        self.scores = ScoreMemo()  # teacher-forced accuracies by route token, kept across probes
+        self._argmax_greedy = greedy_is_argmax(host)  # a served answer that wrote the target scores 1.0
 
     # ----- routing features ------------------------------------------------------------------
     def use_routing(self, editor: Editor, cache_dir: Path | None = None) -> bool:
@@ -282,17 +284,6 @@ class Prober:
         )
 
     # ----- the edits themselves ----------------------------------------------------------------
-    def edit_scores(self, editor: Editor, requests: Sequence[EditRequest]) -> list[tuple[float, float | None]]:
-        """Per request: teacher-forced accuracy of the target after the prompt and after each
-        paraphrase (mean), all requests in one batched pass."""
-        pairs = [(p, r.target) for r in requests for p in (r.prompt, *r.rephrases)]
-        scores = iter(score_targets(self.host, editor, pairs, self.batch_size))
-        out = []
-        for r in requests:
-            own, gen = next(scores).accuracy, [next(scores).accuracy for _ in r.rephrases]
-            out.append((own, sum(gen) / len(gen) if gen else None))
-        return out
-
     def _forms(self) -> tuple[Form, ...]:
         return ("plain", "chat") if self.chat else ("plain",)
 
@@ -334,7 +325,8 @@ class Prober:
                 seed: int = 0) -> tuple[float | None, int]:  # fmt: skip
         """(teacher-forced accuracy of a sample of the earlier edits, the sample's size). With
         `plan`, each sampled prompt's score is kept by its route token, as `_teacher_forced`
-        keeps the candidates' (the same earlier edits under every state of a bisection)."""
+        keeps the candidates' (`self.scores`): a prompt still routed to its own edit is not
+        scored again (its probe scored it), nor under each state of a bisection."""
         k = min(self.thresholds.earlier_edits_sample, len(requests))
         if k == 0:
             return None, 0
@@ -343,23 +335,24 @@ class Prober:
         if plan is not None:
             if plan.earlier_rows is None or [r.prompt for r in plan.earlier_rows.rows] != [r.prompt for r in sample]:
                 plan.earlier_rows = ProbeRows(self.host, [ProbeRow(r.prompt, "plain", r.target) for r in sample], self.batch_size)
-                plan.earlier_scored = {}
                 plan.earlier_rows.with_features(editor)
             routes = plan.earlier_rows.routes(editor)
         if routes is None:
             scores = score_targets(self.host, editor, [(r.prompt, r.target) for r in sample], self.batch_size)
             return sum(s.accuracy for s in scores) / k, k
-        keyed = [((i, route), (r.prompt, r.target)) for i, (route, r) in enumerate(zip(routes, sample, strict=True))]
-        return sum(self._scored_by_route(editor, plan.earlier_scored, keyed)) / k, k
+        return sum(self._scored_by_route(editor, [(r.prompt, r.target) for r in sample], routes)) / k, k
 
-    def _scored_by_route(self, editor: Editor, memo: dict[tuple[int, Hashable | None], float],
-                         keyed: Sequence[tuple[tuple[int, Hashable | None], tuple[str, str]]]) -> list[float]:  # fmt: skip
-        """Teacher-forced accuracy of each (prompt, target) under `editor`, by its key (row, route
-        token): those in `memo` reused, the others scored in one batched pass and kept."""
-        todo = [(key, pair) for key, pair in keyed if key not in memo]
-        scored = score_targets(self.host, editor, [pair for _, pair in todo], self.batch_size)
-        memo.update({key: score.accuracy for (key, _), score in zip(todo, scored, strict=True)})
-        return [memo[key] for key, _ in keyed]
+    def _scored_by_route(self, editor: Editor, pairs: Sequence[tuple[str, str]], routes: Sequence[Hashable | None]) -> list[float]:
+        """Teacher-forced accuracy of each (prompt, target) under `editor`, whose route token
+        for it is routes[i]: those scored before under the same token (`self.scores`, any
+        earlier probe) reused, the others scored in one batched pass and kept."""
+        keys = [(prompt, target, route) for (prompt, target), route in zip(pairs, routes, strict=True)]
+        known = [self.scores.get(key) for key in keys]
+        todo = [i for i, score in enumerate(known) if score is None]
+        for i, score in zip(todo, score_targets(self.host, editor, [pairs[i] for i in todo], self.batch_size), strict=True):
+            known[i] = score.accuracy
+            self.scores.put(keys[i], score.accuracy)
+        return [float(score) for score in known]  # type: ignore[arg-type]
 
     def check(self, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], earlier: Sequence[EditRequest] = (),
               members: Sequence[int] | None = None) -> list[ProbeReport]:  # fmt: skip
@@ -381,7 +374,7 @@ class Prober:
         rerouted = [i for m in members for i in same_rows[m] if i not in plan.before]
         if rerouted:  # answered before the edits only when the edits re-route them: under the state without them
             clock("same_subject_before", self._before, editor, plan, [edit_ids[m] for m in members], rerouted)
-        scores = clock("teacher_forced", self._teacher_forced, editor, plan, members, routes)
+        scores = clock("teacher_forced", self._teacher_forced, editor, plan, members, routes, after)
         state = clock("locality", self.locality, editor, memo=plan.locality_memo)
         earlier_rel, checked = clock("earlier", self.earlier, editor, earlier, plan)
         shared = self._shared_failures(state, earlier_rel, checked)
@@ -408,25 +401,49 @@ class Prober:
                                        served_gen, figures, state.rows_run, examples, same, dict(clock.seconds), state))  # fmt: skip
         return reports
 
-    def _teacher_forced(self, editor: Editor, plan: ProbePlan, members: Sequence[int],
-                        routes: Sequence[Hashable | None] | None) -> list[tuple[float, float | None]]:  # fmt: skip
-        """`edit_scores` of `members`, each prompt's and paraphrase's score kept by the route
+    def _teacher_forced(self, editor: Editor, plan: ProbePlan, members: Sequence[int], routes: Sequence[Hashable | None] | None,
+                        answers: dict[int, Answer]) -> list[tuple[float, float | None]]:  # fmt: skip
+        """Per member: teacher-forced accuracy of the target after its prompt and after each
+        paraphrase (mean), in one batched pass. Each score is kept by the route
         token of its plain served row: a state that routes that row the same scores it the
         same (the editor protocol), so a bisection step re-scores only what it re-routes
-        (it was 75 % of a burst's probe time). Without routes every row is scored."""
-        if routes is None:
-            return self.edit_scores(editor, [plan.requests[m] for m in members])
-        keyed = []
+        (it was 75 % of a burst's probe time), and a later probe's check of earlier edits
+        finds the edit's own prompt scored. Without routes every row is scored. A row whose
+        plain served answer (`answers`, by row) wrote exactly the target's tokens scores 1.0
+        without a pass (`_wrote_target`)."""
+        pairs, row_routes, known = [], [], []
         for m in members:
             r = plan.requests[m]
             texts = (r.prompt, *r.rephrases)  # their plain rows come first in plan.served[m]
-            keyed += [((row, routes[row]), (text, r.target)) for row, text in zip(plan.served[m], texts)]
-        scores = iter(self._scored_by_route(editor, plan.scored, keyed))
+            for row, text in zip(plan.served[m], texts):
+                pairs.append((text, r.target))
+                row_routes.append(routes[row] if routes is not None else None)
+                known.append(1.0 if self._wrote_target(answers.get(row), text, r.target) else None)
+        todo = [i for i, score in enumerate(known) if score is None]
+        if routes is not None:
+            for i in set(range(len(pairs))) - set(todo):  # what a later check of earlier edits reads
+                self.scores.put((*pairs[i], row_routes[i]), 1.0)
+            got = self._scored_by_route(editor, [pairs[i] for i in todo], [row_routes[i] for i in todo])
+        else:
+            got = [s.accuracy for s in score_targets(self.host, editor, [pairs[i] for i in todo], self.batch_size)]
+        for i, score in zip(todo, got, strict=True):
+            known[i] = score
+        scores = iter(known)
         out = []
         for m in members:
             own, gen = next(scores), [next(scores) for _ in plan.requests[m].rephrases]
-            out.append((own, sum(gen) / len(gen) if gen else None))
+            out.append((own, sum(gen) / len(gen) if gen else None))  # type: ignore[arg-type]
         return out
+
+    def _wrote_target(self, answer: Answer | None, text: str, target: str) -> bool:
+        """Did the greedy answer to the very input a teacher-forced pass reads (the plain
+        prompt as `encode_pair` encodes it) begin with exactly the target's tokens? Then
+        the argmax at every target position is the target's token (a full forward and
+        decode steps agree: the contract suite), which is accuracy 1.0."""
+        if answer is None or answer.form != "plain" or not self._argmax_greedy:
+            return False
+        prompt_ids, target_ids = self.host.encode_pair(text, target)
+        return answer.tokens[: len(target_ids)] == tuple(target_ids) and encode_as(self.host, text, "plain") == prompt_ids
 
     def _before(self, editor: Editor, plan: ProbePlan, edit_ids: Sequence[str], rows: Sequence[int]) -> None:
         """The answers of same-subject `rows` before the edits `edit_ids`: under a fork of

@@ -156,6 +156,22 @@ class _RowsDone:
         return torch.tensor([b in self.cut for b in range(len(new))], dtype=torch.bool, device=input_ids.device)
 
 
+# Generation settings that make `generate` pick other than the argmax of the model's logits,
+# with the values that leave it alone.
+_NEUTRAL = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+            "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
+            "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+            "exponential_decay_length_penalty": (None,)}  # fmt: skip
+
+
+def greedy_is_argmax(host: ModelHost) -> bool:
+    """Is a greedy token `generate_ids` writes the argmax of the (edited) model's logits at
+    that position, as a teacher-forced pass reads them? Not when the model's generation
+    config adds logits rules (a repetition penalty, suppressed tokens, a minimum length)."""
+    config = getattr(host.model, "generation_config", None)
+    return config is None or all(getattr(config, name, None) in neutral for name, neutral in _NEUTRAL.items())
+
+
 def _greedy(host: ModelHost, ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
             stop: _RowsDone | None = None) -> torch.Tensor:  # fmt: skip
     from transformers import StoppingCriteriaList

@@ -122,3 +122,91 @@ def test_a_batch_probe_with_route_memos_equals_generating_every_row(tiny_host, m
             failed += not g.passed
     assert reached and hijacks and failed and fast_plan.rows.features is not None
     assert scored["fast"] < 0.7 * scored["full"], scored  # teacher-forced rows re-scored only when re-routed
+
+
+def test_earlier_edits_keep_their_scores_across_probes_while_their_route_holds(tiny_host, monkeypatch):
+    """Edits probed one after another, as the maintainer commits them: the check of earlier
+    edits takes each sampled prompt's score from its own probe (or an earlier check) while
+    the prompt routes to the same edit, and scores it again once its route changes (here:
+    its edit is lost); every figure equals that of a prober that re-scores the whole
+    sample each time."""
+    import kmd.daemon.probes as probes
+    from kmd.daemon.probe_rows import ProbeRows
+
+    baseline = LocalityBaseline.record(tiny_host, ["the dog and the cat", "who wrote the book ?", "the sky is"])
+    policy = ProbePolicy(min_served_rel=0.0, min_served_gen=0.0, earlier_edits_sample=20)
+    editor = get_backend("grace")(tiny_host)
+    fast, full = Prober(tiny_host, baseline, policy), Prober(tiny_host, baseline, policy)
+    assert fast.use_routing(editor)
+    scored: dict[str, list[list[tuple[str, str]]]] = {"fast": [], "full": []}  # the pairs each prober scored, per probe
+    real_score = probes.score_targets
+
+    def counting(which):
+        def score(host, editor, pairs, batch_size=16):
+            scored[which][-1] += list(pairs)
+            return real_score(host, editor, pairs, batch_size)
+
+        return score
+
+    earlier: list[EditRequest] = []
+    ids: list[str] = []
+    for i, s in enumerate(SUBJECTS[:7]):
+        request = EditRequest(prompt=f"the capital of {s} is", target=TARGETS[i], subject=s, rephrases=(f"{s} capital city is",))
+        fast_plan = fast.plan(editor, [request], [[]])
+        with monkeypatch.context() as m:  # the reference: no routing features, every row scored
+            m.setattr(ProbeRows, "with_features", lambda self, editor: False)
+            full_plan = full.plan(editor, [request], [[]])
+        lost = i == 5
+        if lost:  # fault injection: the first edit is gone, but still counted among the earlier ones
+            editor.revert(ids[0])
+        with editor.configured(max_steps=3, radius=0.5):
+            ids.append(editor.apply(request))
+        for which in scored:
+            scored[which].append([])
+        monkeypatch.setattr(probes, "score_targets", counting("fast"))
+        (got,) = fast.check(editor, fast_plan, [ids[-1]], earlier)
+        monkeypatch.setattr(probes, "score_targets", counting("full"))
+        with monkeypatch.context() as m:
+            m.setattr(ProbeRows, "with_features", lambda self, editor: False)
+            (want,) = full.check(editor, full_plan, [ids[-1]], earlier)
+        assert (got.rel, got.gen, got.earlier_rel, got.earlier_checked) == (want.rel, want.gen, want.earlier_rel, want.earlier_checked)
+        assert [f.check for f in got.failures] == [f.check for f in want.failures]
+        rescored = [p for p in scored["fast"][-1] if p in [(r.prompt, r.target) for r in earlier]]
+        if lost:  # routed to no edit now: scored again (on the base model), and the loss shows
+            assert rescored == [(earlier[0].prompt, earlier[0].target)] and got.earlier_rel < 1.0
+        else:  # each earlier prompt still routes to its own edit: its probe's score stands
+            assert rescored == []
+        earlier.append(request)
+    assert sum(map(len, scored["fast"])) < 0.6 * sum(map(len, scored["full"])), scored
+
+
+def test_a_served_answer_that_wrote_the_target_gives_the_teacher_forced_score_it_would_get(tiny_host):
+    """A plain served row whose greedy answer begins with exactly the target's tokens scores
+    1.0 without a teacher-forced pass; every report equals that of a prober that runs the
+    pass for every row (decode steps and a full forward agree: the contract suite)."""
+    from kmd.editors.scoring import greedy_is_argmax
+
+    baseline = LocalityBaseline.record(tiny_host, ["the dog and the cat", "who wrote the book ?"])
+    policy = ProbePolicy(min_served_rel=0.0, min_served_gen=0.0)
+    editor = get_backend("grace")(tiny_host)
+    fast, full = Prober(tiny_host, baseline, policy), Prober(tiny_host, baseline, policy)
+    assert greedy_is_argmax(tiny_host) and fast._argmax_greedy
+    full._argmax_greedy = False  # the reference: every row's teacher-forced pass is run
+    shortcuts = 0
+    real = fast._wrote_target
+
+    def counted(answer, text, target):
+        nonlocal shortcuts
+        wrote = real(answer, text, target)
+        shortcuts += wrote
+        return wrote
+
+    fast._wrote_target = counted
+    for i, s in enumerate(SUBJECTS[:6]):
+        request = EditRequest(prompt=f"the capital of {s} is", target=TARGETS[i], subject=s, rephrases=(f"{s} capital city is",))
+        plans = [prober.plan(editor, [request], [[]]) for prober in (fast, full)]
+        with editor.configured(max_steps=3 if i % 2 else 12, radius=0.5):  # some edits take, some do not
+            edit_id = editor.apply(request)
+        (got,), (want,) = (prober.check(editor, plan, [edit_id]) for prober, plan in zip((fast, full), plans, strict=True))
+        assert (got.rel, got.gen, got.served_rel, got.answers) == (want.rel, want.gen, want.served_rel, want.answers)
+    assert shortcuts > 0
