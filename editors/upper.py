@@ -9,7 +9,8 @@ knowing how the family builds its masks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,8 +46,18 @@ class UpperStack:
             return pre_hook
 
         specs = [HookSpec(layout.path("layer", i), capture(i), "forward_pre", with_kwargs=True) for i in indices]
+        # Layers at or above `start` need not run in this forward: only what enters them is
+        # kept. Those no extra spec reaches into return their input instead (exactly the
+        # same captures, for a fraction of the forward).
+        hooked_layers = [i for i in indices for spec in extra_specs if _inside(spec.path, layout.path("layer", i))]
+        skipped = self.layers[max(hooked_layers, default=start - 1) + 1 - start :]
         with torch.no_grad(), hooked(model, [*specs, *extra_specs]):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            try:
+                with _passing_through(skipped):
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except Exception:  # a family whose layer loop wants more than a tensor back: run them all
+                captured.clear()
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         self.hidden = captured[start][0][0]  # (B, T, D): the residual stream entering layer `start`
         self.layer_inputs = [(captured[i][0][1:], captured[i][1]) for i in indices]
 
@@ -61,6 +72,26 @@ class UpperStack:
     def logits_at(self, final_hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(K, V) logits at K (row, position) pairs only: the LM head is the costly part."""
         return self.lm_head(final_hidden[rows, positions])
+
+
+def _inside(path: str, module_path: str) -> bool:
+    return path == module_path or path.startswith(module_path + ".")
+
+
+@contextmanager
+def _passing_through(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Each of `layers` returns its input hidden states unchanged (its hooks still run)."""
+
+    def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    for layer in layers:
+        layer.forward = passthrough  # an instance attribute: shadows the class's forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def stack_above(host: ModelHost, layer: int, path: str, input_ids: torch.Tensor,
