@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from kmd.editors.scoring import generate
+from kmd.editors.state import write_atomic
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -89,7 +88,7 @@ class LocalityBaseline:
         return cls(host.identity.fingerprint, tuple(prompts), tuple(tuple(c) for c in continuations), chunk)
 
     def save(self, path: Path) -> None:
-        _write_atomically(path, json.dumps(asdict(self)).encode())
+        write_atomic(path, json.dumps(asdict(self)).encode())
 
     @classmethod
     def load_or_record(cls, path: Path, host: ModelHost, prompts: Sequence[str]) -> LocalityBaseline:
@@ -112,15 +111,6 @@ class LocalityBaseline:
         path.parent.mkdir(parents=True, exist_ok=True)
         baseline.save(path)
         return baseline
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` at `path` so that a crash leaves the old file or the new one, durably."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -134,8 +135,8 @@ def write_state(state: EncodedState, path: Path) -> Path:
     """Write an encoded state: tensors, then the manifest (the commit point), then clean up."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / state.tensor_file).exists():
-        _write_atomic(path / state.tensor_file, state.tensors)
-    _write_atomic(path / MANIFEST, state.manifest)
+        write_atomic(path / state.tensor_file, state.tensors)
+    write_atomic(path / MANIFEST, state.manifest)
     for stale in path.glob("tensors-*.safetensors"):
         if stale.name != state.tensor_file:
             stale.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from kmd.editors.bench import served
 from kmd.editors.bench.data import EditRecord
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate, score_targets
-from kmd.editors.state import fsync_path, reload_editor, save_editor, state_digest
+from kmd.editors.state import reload_editor, save_editor, state_digest, write_atomic
 
 if TYPE_CHECKING:
     from kmd.editors.model import ModelHost
@@ -132,7 +132,7 @@ class Checkpoint:
         progress = json.loads(file.read_text())
         if progress.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{self.path} holds the progress of another run (another backend, configuration, "
-                             "model or sequence of edits); give another checkpoint directory or remove it")  # fmt: skip
+                                  "model or sequence of edits); give another checkpoint directory or remove it")  # fmt: skip
         reload_editor(editor, self.path / progress["slot"], digest=progress["digest"])
         seconds = [float(s) for s in progress["edit_seconds"]]
         if len(editor.edit_ids) != len(seconds):
@@ -152,11 +152,7 @@ class Checkpoint:
             "fingerprint": fingerprint, "slot": slot, "digest": state_digest(saved),
             "edit_seconds": list(edit_seconds), "torch_rng": torch.get_rng_state().tolist(),
         }  # fmt: skip
-        tmp = self.path / f".{self.PROGRESS}.tmp"
-        tmp.write_text(json.dumps(progress))
-        fsync_path(tmp)
-        tmp.replace(file)
-        fsync_path(self.path)
+        write_atomic(file, json.dumps(progress).encode())
 
 
 def sequence_fingerprint(host: ModelHost, editor: Editor, sequence: Sequence[EditRecord], seed: int) -> str:
