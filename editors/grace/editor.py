@@ -9,8 +9,11 @@ the nearest entry whose radius covers its key.
 Radii are a pure function of the current entries: r_i = min(s_i * |k_i|, half the
 distance to the nearest entry with a different target), where s_i is the radius fraction
 the edit was made with. So GRACE's split/expand behaviour needs no history, and
-reverting an edit (deleting its row and recomputing radii) leaves exactly the state the
-other edits alone would give.
+reverting an edit leaves exactly the state the other edits alone would give. The halves
+(N,) are kept up to date, not recomputed: an edit measures its key's distance to the N
+others (O(N), not the O(N^2) of all pairs), a revert re-measures only the rows whose
+nearest conflicting entry it was. Distances are taken pair by pair (`_distances`), so a
+pair's distance has the same bits whenever and from whichever side it is measured.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def _label(target: str) -> str:
     return " ".join(target.lower().split())
 
 
+def _distances(keys: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(N,) Euclidean distance of `key` (d,) to each row of `keys` (N, d), pair by pair
+    (not cdist's matrix-product form, whose bits depend on the other rows)."""
+    return (keys - key).pow(2).sum(-1).sqrt()
+
+
 class GraceEditor(Editor):
     name = "grace"
     config_class = GraceConfig
@@ -53,6 +62,8 @@ class GraceEditor(Editor):
         self.keys = torch.empty(0, down.in_features, device=device)  # (N, d_ff)
         self.values = torch.empty(0, down.out_features, device=device)  # (N, d_model)
         self.radii = torch.empty(0, device=device)  # (N,)
+        self.halves = torch.empty(0, device=device)  # (N,) half the distance to the nearest entry with another target (inf: none)
+        self.reach = torch.empty(0, device=device)  # (N,) s_i * |k_i|: the radius before any split
         self.spans = torch.empty(0, dtype=torch.long, device=device)  # (N,) target length in tokens
         self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
         self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
@@ -98,7 +109,12 @@ class GraceEditor(Editor):
                 loss.backward()
                 optimiser.step()
         logger.bind(edit_id=edit_id).debug("grace: value trained in {} steps, loss {:.4f}", step + 1, loss.item())
-        self.grown.append(self, "keys", seen["key"][None])
+        key = seen["key"]
+        half = self._halves_to(_label(request.target), key)  # (N,)
+        nearest = half.amin(0, keepdim=True) if len(half) else half.new_full((1,), torch.inf)
+        self.halves = torch.cat([torch.minimum(self.halves, half), nearest])
+        self.reach = torch.cat([self.reach, cfg.radius * key[None].norm(dim=1)])
+        self.grown.append(self, "keys", key[None])
         self.grown.append(self, "values", value.detach()[None])
         self.grown.append(self, "spans", torch.tensor([span], device=self.spans.device))
         self.grown.append(self, "scales", torch.tensor([cfg.radius], device=self.scales.device))
@@ -109,22 +125,30 @@ class GraceEditor(Editor):
 
     def _revert(self, edit_id: str) -> None:
         row = self.row_ids.index(edit_id)
+        # rows whose nearest conflicting entry this one may have been: measured again below
+        half = self._halves_to(self.labels[row], self.keys[row])
+        nearest = (half == self.halves) & torch.isfinite(half)
         keep = [i for i in range(len(self.row_ids)) if i != row]
         self.keys, self.values, self.spans = self.keys[keep], self.values[keep], self.spans[keep]
         self.scales, self.splits = self.scales[keep], self.splits[keep]
+        self.halves, self.reach = self.halves[keep], self.reach[keep]
         del self.row_ids[row], self.labels[row]
+        for i in nearest[keep].nonzero().flatten().tolist():
+            self.halves[i] = self._half(i)
         self._update_radii()
 
+    def _halves_to(self, label: str, key: torch.Tensor) -> torch.Tensor:
+        """(N,) half the distance from `key` (d_ff,) to each entry whose target is not `label`
+        (inf for those whose target is)."""
+        conflicts = torch.tensor([other != label for other in self.labels], dtype=torch.bool, device=self.keys.device)
+        return torch.where(conflicts, _distances(self.keys, key) / 2, torch.inf)
+
+    def _half(self, row: int) -> torch.Tensor:
+        """Half the distance from entry `row` to the nearest entry with another target (inf: none)."""
+        return self._halves_to(self.labels[row], self.keys[row]).amin()
+
     def _update_radii(self) -> None:
-        n = len(self.row_ids)
-        radii = self.scales * self.keys.norm(dim=1)  # (N,)
-        if n > 1:
-            dist = torch.cdist(self.keys, self.keys)  # (N, N)
-            labels = self.labels
-            conflict = torch.tensor([[a != b for b in labels] for a in labels], device=dist.device)
-            half = torch.where(conflict, dist / 2, torch.inf).amin(1)
-            radii = torch.where(self.splits, torch.minimum(radii, half), radii)
-        self.radii = radii
+        self.radii = torch.where(self.splits, torch.minimum(self.reach, self.halves), self.reach)  # (N,)
 
     # ----- serving ----------------------------------------------------------------------------
     def _hook_specs(self) -> list[HookSpec]:
@@ -213,7 +237,8 @@ class GraceEditor(Editor):
 
     # ----- persistence ------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys, "values": self.values, "spans": self.spans, "scales": self.scales, "splits": self.splits}
+        return {"keys": self.keys, "values": self.values, "spans": self.spans, "scales": self.scales, "splits": self.splits,
+                "halves": self.halves}  # fmt: skip
 
     def extra_state(self) -> dict[str, Any]:
         return {"layer": self.layer, "row_ids": self.row_ids, "labels": self.labels}
@@ -227,4 +252,12 @@ class GraceEditor(Editor):
         self.row_ids, self.labels = list(extra["row_ids"]), list(extra["labels"])
         if not len(self.row_ids) == self.keys.shape[0] == self.values.shape[0]:
             raise EditorError("grace: saved tensors do not match the saved rows")
+        self.reach = self.scales * self.keys.norm(dim=1)
+        halves = tensors.get("halves")
+        if halves is not None and halves.shape == (len(self.row_ids),):
+            self.halves = halves.float()
+        else:  # a state saved before the halves were kept: measured once, O(N^2)
+            self.halves = torch.full((len(self.row_ids),), torch.inf, device=self.keys.device)
+            for i in range(len(self.row_ids)):
+                self.halves[i] = self._half(i)
         self._update_radii()
