@@ -21,7 +21,8 @@ SERVED_V2 = (
 METRICS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "ppl")  # teacher-forced (and *_em: short greedy)
 COSTS = (
     "edit_s_mean", "edit_s_p95", "edit_s_first_1000", "edit_s_last_1000", "edit_s_last_over_first", "forward_ms_base",
-    "forward_ms_edited", "overhead_ratio", "state_bytes_per_edit", "n_distractors", "resumed_after_edits", "peak_rss_mb",
+    "forward_ms_edited", "overhead_ratio", "state_bytes_per_edit", "n_distractors", "resumed_after_edits", "edit_s_whole_store",
+    "edit_s_empty_store", "edit_s_whole_over_empty", "peak_rss_mb",
 )
 
 
@@ -56,6 +57,9 @@ def bench(
     checkpoint: Annotated[Path | None, typer.Option(help="Keep the edit sequence's progress in this directory (the editor's "
                                                     "state and edit times) and resume from it: a 10,000-edit run takes hours.")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Edits between checkpoints.")] = 500,
+    store_cost: Annotated[int, typer.Option("--store-cost", min=0, help="After scoring, time K edits on the editor holding "
+                                            "the whole sequence and on an empty one, alternating (what the store costs an edit, "
+                                            "both measured at the same moment).")] = 0,
 ) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -102,7 +106,7 @@ def bench(
             result = run_lifelong(
                 host, editor, records, seed=seed, shuffle=shuffle,
                 options=BenchOptions(batch_size=batch_size, served=served, served_v2=served_protocol == "v2",
-                                     served_every=served_every, misses=misses),
+                                     served_every=served_every, misses=misses, store_cost=store_cost),
                 progress=progress,
                 distractors=distractors,
                 checkpoint=Checkpoint(checkpoint, checkpoint_every) if checkpoint else None,

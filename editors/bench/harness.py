@@ -58,6 +58,9 @@ class BenchOptions:
     served_v2: bool = True
     served_every: int = 1  # served answers for records 0, K, 2K, ... only (the served pass is the slow part)
     misses: bool = False  # also list every wrong served answer (not just `miss_sample`)
+    # After everything else: K edits timed on the editor holding the whole sequence and on an
+    # empty one, alternating (`_store_cost`); 0: not measured
+    store_cost: int = 0
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -153,6 +156,37 @@ class Checkpoint:
             "edit_seconds": list(edit_seconds), "torch_rng": torch.get_rng_state().tolist(),
         }  # fmt: skip
         write_atomic(file, json.dumps(progress).encode())
+
+
+def _store_cost(host: ModelHost, editor: Editor, sample: Sequence[EditRecord], blocks: int = 4) -> dict[str, Any]:
+    """Seconds per edit with the whole store and with none, in one process: `sample`'s edits
+    applied to `editor` (holding the sequence) and to a new editor of its backend and
+    config, in alternating blocks. The first and last 1000 edits of a long sequence are
+    hours apart, and whatever else the machine did meanwhile (the other core's work shares
+    the memory bus) shows in their ratio; this one compares at the same moment. Both
+    editors keep what they apply (a revert would make the next apply copy the store)."""
+    empty = type(editor)(host, editor.config)
+    times: dict[str, list[float]] = {"warm": [], "full": [], "empty": []}
+
+    def timed(target: Editor, side: str, records: Sequence[EditRecord], offset: int) -> None:
+        for i, record in enumerate(records, offset):
+            request = EditRequest(prompt=record.prompt, target=record.target, subject=record.subject, edit_id=f"cost-{side}-{i}")
+            start = time.perf_counter()
+            target.apply(request)
+            times[side].append(time.perf_counter() - start)
+
+    with editor.suspended():  # the new editor's one-off set-up (LLP: statistics, prefixes), not timed
+        timed(empty, "warm", sample[:1], 0)
+    size = max(1, -(-len(sample) // blocks))
+    for start in range(0, len(sample), size):  # neither editor's edits act on the other's optimisation
+        with empty.suspended():
+            timed(editor, "full", sample[start : start + size], start)
+        with editor.suspended():
+            timed(empty, "empty", sample[start : start + size], start)
+    empty.retire()
+    full, none = _mean(times["full"]), _mean(times["empty"])
+    return {"store_cost_edits": len(sample), "edit_s_whole_store": full, "edit_s_empty_store": none,
+            "edit_s_whole_over_empty": full / none if full and none else None}  # fmt: skip
 
 
 def sequence_fingerprint(host: ModelHost, editor: Editor, sequence: Sequence[EditRecord], seed: int) -> str:
@@ -268,6 +302,8 @@ def run_lifelong(
         saved = save_editor(editor, Path(tmp) / "state")
         state_bytes = sum(f.stat().st_size for f in saved.iterdir())
 
+    store_cost = _store_cost(host, editor, records[: options.store_cost]) if options.store_cost else {}
+
     gen_ok = [float(_starts_with(host, t, gen_pairs[i][1])) for i, t in enumerate(gen_tokens)]
     return {
         "backend": editor.name,
@@ -291,6 +327,7 @@ def run_lifelong(
         "n_distractors": len(distractors),
         "resumed_after_edits": resumed,  # > 0: the edits before ran in an earlier process (peak RSS is this one's)
         **_edit_time_figures(edit_seconds),
+        **store_cost,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **served_figures,
         "protocol": PROTOCOL,

@@ -194,6 +194,26 @@ def test_a_checkpointed_sequence_resumes_after_its_last_checkpoint_and_ends_as_a
     editor.retire()
 
 
+def test_store_cost_times_the_same_edits_on_the_whole_store_and_on_an_empty_editor(tiny_host):
+    """`--store-cost K`: after everything is scored, K edits applied to the editor holding the
+    sequence and to a new empty editor, alternating; the scored figures are those of a run
+    without it (it comes last)."""
+    distractors = [EditRecord(str(i), f"the {w} of Japan is", "cherry", "Japan", (), "the dog and the cat", "sky")
+                   for i, w in enumerate(("river", "language", "capital"))]  # fmt: skip
+    plain = get_backend("llp")(tiny_host)
+    without = run_lifelong(tiny_host, plain, RECORDS, distractors=distractors, options=BenchOptions(served=False))
+    plain.retire()
+    editor = get_backend("llp")(tiny_host)
+    result = run_lifelong(tiny_host, editor, RECORDS, distractors=distractors, options=BenchOptions(served=False, store_cost=2))
+    assert result["store_cost_edits"] == 2 and result["edit_s_whole_store"] > 0 and result["edit_s_empty_store"] > 0
+    assert result["edit_s_whole_over_empty"] == result["edit_s_whole_store"] / result["edit_s_empty_store"]
+    assert editor.edit_ids[5:] == ["cost-full-0", "cost-full-1"]  # kept: a revert would make the next apply copy the store
+    for key, value in without.items():
+        if key not in TIMINGS:
+            assert result[key] == value, key
+    editor.retire()
+
+
 def test_a_checkpoint_of_another_sequence_is_refused(tiny_host, tmp_path):
     from kmd.editors.bench.harness import Checkpoint, CheckpointError
 
