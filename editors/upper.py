@@ -85,13 +85,17 @@ def _passing_through(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
     def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states
 
+    own = [vars(layer).get("forward") for layer in layers]  # a wrapper set on the instance (accelerate's offload hooks)
     for layer in layers:
         layer.forward = passthrough  # an instance attribute: shadows the class's forward
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def stack_above(host: ModelHost, layer: int, path: str, input_ids: torch.Tensor,

@@ -67,7 +67,7 @@ class GraceEditor(Editor):
         self.spans = torch.empty(0, dtype=torch.long, device=device)  # (N,) target length in tokens
         self.scales = torch.empty(0, device=device)  # (N,) radius fraction each edit was made with
         self.splits = torch.empty(0, dtype=torch.bool, device=device)  # (N,) split on conflicts
-        self.grown = GrowingRows()  # keys, values, spans, scales, splits: prefix views of its buffers
+        self.grown = GrowingRows()  # keys, values, spans, scales, splits, reach: prefix views of its buffers
         self.row_ids: list[str] = []  # edit id of each row
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer)
         self.labels: list[str] = []  # normalised target of each row
@@ -110,10 +110,7 @@ class GraceEditor(Editor):
                 optimiser.step()
         logger.bind(edit_id=edit_id).debug("grace: value trained in {} steps, loss {:.4f}", step + 1, loss.item())
         key = seen["key"]
-        half = self._halves_to(_label(request.target), key)  # (N,)
-        nearest = half.amin(0, keepdim=True) if len(half) else half.new_full((1,), torch.inf)
-        self.halves = torch.cat([torch.minimum(self.halves, half), nearest])
-        self.reach = torch.cat([self.reach, cfg.radius * key[None].norm(dim=1)])
+        self._add_radius(_label(request.target), key, cfg.radius)
         self.grown.append(self, "keys", key[None])
         self.grown.append(self, "values", value.detach()[None])
         self.grown.append(self, "spans", torch.tensor([span], device=self.spans.device))
@@ -136,6 +133,14 @@ class GraceEditor(Editor):
         for i in nearest[keep].nonzero().flatten().tolist():
             self.halves[i] = self._half(i)
         self._update_radii()
+
+    def _add_radius(self, label: str, key: torch.Tensor, radius: float) -> None:
+        """The half distance and reach of an entry about to be appended (`key` (d_ff,), its
+        target's `label`), and the others' halves it lowers: O(N), not all pairs."""
+        half = self._halves_to(label, key)  # (N,)
+        nearest = half.amin(0, keepdim=True) if len(half) else half.new_full((1,), torch.inf)
+        self.halves = torch.cat([torch.minimum(self.halves, half), nearest])  # every row may change: a new tensor
+        self.grown.append(self, "reach", radius * key[None].norm(dim=1))
 
     def _halves_to(self, label: str, key: torch.Tensor) -> torch.Tensor:
         """(N,) half the distance from `key` (d_ff,) to each entry whose target is not `label`

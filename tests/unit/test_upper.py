@@ -52,3 +52,13 @@ def test_the_capture_forward_skips_the_layers_above_and_captures_the_same(tiny_h
         assert torch.equal(stack.hidden, full.hidden) and _same(stack.layer_inputs, full.layer_inputs)
         assert torch.equal(stack.final_hidden(), full.final_hidden())
     assert all("forward" not in vars(layer) for layer in fast.layers)  # the layers are themselves again
+
+
+def test_a_forward_set_on_a_layer_instance_is_put_back():
+    """A wrapper set on a layer instance (accelerate's offload hooks do this) survives the skip."""
+    layers = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    wrapper = layers[0].forward
+    layers[0].forward = wrapper
+    with upper._passing_through(layers):
+        assert torch.equal(layers[0](torch.ones(1, 2)), torch.ones(1, 2))
+    assert vars(layers[0])["forward"] is wrapper and "forward" not in vars(layers[1])
