@@ -69,6 +69,10 @@ class LlpConfig:
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
+    # When the check refuses the vote's winner, this many next-ranked keys that also have the
+    # votes are offered to it in turn (0: the row gets no edit). A generic subject's key can
+    # win the vote on prompts it must not answer and would otherwise hide their own edit.
+    runners_up: int = 2
 
     # Augmentation: short texts generated once by the model itself.
     n_prefixes: int = 2  # prefixed copies of the prompt per edit (besides the bare prompt)

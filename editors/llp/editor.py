@@ -14,8 +14,9 @@ Each edit owns one row of a key memory and one row of a value memory:
 Serving, per row of a batch and from prompt tokens only: at every l in R, each key's
 similarity is its maximum cosine over the row's prompt tokens; the top-k keys above
 `similarity` get one vote each. The key with the most votes is used when it has at
-least `vote_fraction * |R|` of them; otherwise the row runs as the base model. The
-decision is taken on the prefill and reused by KV-cache decode steps.
+least `vote_fraction * |R|` of them and the question check accepts it (if it refuses,
+the next `runners_up` keys with the votes are offered in turn); otherwise the row runs as
+the base model. The decision is taken on the prefill and reused by KV-cache decode steps.
 
 Revert deletes the edit's rows: exact. During an edit's optimisation the layers below
 z run once (`UpperStack`); each step runs the b vectors through layers z.. (a few
@@ -46,7 +47,8 @@ from kmd.editors.llp.config import LlpConfig
 from kmd.editors.llp.serving import Questions, ServingHooks
 from kmd.editors.llp.statistics import Background, RetrievalReader
 from kmd.editors.llp.training import EditTrainer
-from kmd.editors.llp.voting import layer_thresholds, max_similarities, vote_over_layers
+from kmd.editors.llp.voting import (layer_thresholds, layer_votes, max_similarities, runners_up, vote_over_layers,
+                                    votes_needed)
 from kmd.editors.prefix import PrefixInjector, regrouped_decisions
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.regroup import Regroup
@@ -266,17 +268,43 @@ class LlpEditor(Editor):
         cfg = self.config
         tau = self.thresholds() if similarity is None else torch.as_tensor(similarity, device=maxsims.device)
         fraction = cfg.vote_fraction if vote_fraction is None else vote_fraction
-        per_edit = similarity is None and len(self._shifts) == maxsims.shape[-1]  # calibration passes its own tau
-        return vote_over_layers(maxsims, tau, cfg.top_k, fraction, self._shifts if per_edit else None)
+        shifts = self._per_edit_shifts(maxsims) if similarity is None else None  # calibration passes its own tau
+        return vote_over_layers(maxsims, tau, cfg.top_k, fraction, shifts)
+
+    def _per_edit_shifts(self, maxsims: torch.Tensor) -> torch.Tensor | None:
+        """(N,) each edit's own threshold shift, when maxsims (|R|, B, N) covers every edit."""
+        return self._shifts if len(self._shifts) == maxsims.shape[-1] else None
 
     def routed_edits(self, states: torch.Tensor, read_mask: torch.Tensor, alone: dict[str, torch.Tensor] | None,
               questions: Questions | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """The vote on (|R|, B, T, D) retrieval-layer states over the tokens `read_mask` (B, T)
         (chat-turn rows from `alone`), then the question check when `questions` is given.
         -> per row (best edit row, hit), each (B,)."""
-        best, _, hit = self.vote(self.row_similarities(states, read_mask, alone))
-        if questions is not None:
-            hit = self.keep_answerable(hit, best, self.row_ids, questions)
+        sims = self.row_similarities(states, read_mask, alone)
+        best, _, hit = self.vote(sims)
+        if questions is None:
+            return best, hit
+        checked = self.keep_answerable(hit, best, self.row_ids, questions)
+        refused = (hit & ~checked).nonzero().flatten().tolist()
+        if refused and self.config.runners_up:
+            best, checked = self._offer_runners_up(sims, best, checked, refused, questions)
+        return best, checked
+
+    def _offer_runners_up(self, sims: torch.Tensor, best: torch.Tensor, hit: torch.Tensor, refused: list[int],
+                          questions: Questions) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Rows whose winning edit the question check refused: the next keys that also have
+        the votes, in rank order, until one passes the check. A generic subject's key (one
+        edit about "Life") can win the vote on many prompts it must not answer; without this
+        such a row would lose its own edit. (|R|, B, N) sims -> (best, hit), each (B,)."""
+        votes, score = layer_votes(sims, self.thresholds(), self.config.top_k, self._per_edit_shifts(sims))
+        need = votes_needed(self.config.vote_fraction, sims.shape[0])
+        best, hit = best.clone(), hit.clone()
+        asked = questions(refused)
+        for row, question in zip(refused, asked, strict=True):
+            for key in runners_up(votes, score, row, int(best[row]), need, self.config.runners_up):
+                if self.answerable([question], [self.row_ids[key]])[0]:
+                    best[row], hit[row] = key, True
+                    break
         return best, hit
 
     # ----- serving ---------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 At every layer l in R each key's similarity to a row is its maximum cosine over the row's
 prompt tokens (`max_similarities`); the `top_k` keys above l's threshold get one vote each.
 The key with the most votes (ties: the larger summed similarity) is the row's edit when it
-has at least `ceil(vote_fraction * |R|)` of them (`vote_over_layers`).
+has at least `ceil(vote_fraction * |R|)` of them (`vote_over_layers`). When the question
+check refuses that edit, the next keys with enough votes are offered to it in turn
+(`runners_up`, `LlpConfig.runners_up`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def layer_thresholds(config: LlpConfig, layers: int, device: torch.device) -> to
     return torch.tensor([float(v) for v in values], device=device)
 
 
-def vote_over_layers(maxsims: torch.Tensor, tau: torch.Tensor, top_k: int, vote_fraction: float,
-         key_shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(|R|, B, N) max similarities -> per row (best key, its votes, hit), each (B,).
+def layer_votes(maxsims: torch.Tensor, tau: torch.Tensor, top_k: int, key_shifts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(|R|, B, N) max similarities -> per row and key (votes, score), each (B, N): a key's
+    votes are the layers where it is among the `top_k` and above the threshold; score ranks
+    keys by votes, then by their summed similarity over those layers.
     tau: (|R|,) per layer or a scalar; key_shifts: (N,) added to the thresholds of each key."""
     nr, batch, n = maxsims.shape
     k = min(top_k, n)
@@ -48,7 +52,24 @@ def vote_over_layers(maxsims: torch.Tensor, tau: torch.Tensor, top_k: int, vote_
     total = torch.zeros(batch, n, device=maxsims.device).scatter_add_(
         1, flat_index, (top.clamp(min=-1) * ok).permute(1, 0, 2).reshape(batch, -1)
     )
-    best = (votes * 4 + total / nr).argmax(dim=1)  # most votes, then the highest similarity
+    return votes, votes * 4 + total / nr  # most votes, then the highest similarity
+
+
+def votes_needed(vote_fraction: float, layers: int) -> int:
+    return max(1, math.ceil(vote_fraction * layers - 1e-9))
+
+
+def vote_over_layers(maxsims: torch.Tensor, tau: torch.Tensor, top_k: int, vote_fraction: float,
+         key_shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(|R|, B, N) max similarities -> per row (best key, its votes, hit), each (B,)."""
+    votes, score = layer_votes(maxsims, tau, top_k, key_shifts)
+    best = score.argmax(dim=1)
     best_votes = votes.gather(1, best[:, None]).squeeze(1)
-    need = max(1, math.ceil(vote_fraction * nr - 1e-9))
-    return best, best_votes, best_votes >= need
+    return best, best_votes, best_votes >= votes_needed(vote_fraction, maxsims.shape[0])
+
+
+def runners_up(votes: torch.Tensor, score: torch.Tensor, row: int, best: int, need: int, limit: int) -> list[int]:
+    """The `limit` keys ranked next after `best` in row (by score), those of them that also
+    have `need` votes. votes, score: (B, N) from `layer_votes`."""
+    ranked = [int(key) for key in score[row].argsort(descending=True, stable=True)[: limit + 1] if int(key) != best]
+    return [key for key in ranked[:limit] if votes[row, key] >= need]

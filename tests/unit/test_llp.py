@@ -10,6 +10,7 @@ from kmd.editors.batching import left_padded, left_padded_ids, teacher_forced_ba
 from kmd.editors.hooks import resolve_module
 from kmd.editors.llp import LlpConfig, LlpEditor
 from kmd.editors.llp.training import last_subject_token
+from kmd.editors.llp.voting import layer_votes, runners_up, vote_over_layers
 from kmd.editors.protocol import EditRequest
 from kmd.editors.scoring import generate
 from kmd.editors.state import load_editor, save_editor
@@ -122,6 +123,32 @@ def test_vote_needs_a_share_of_layers_and_breaks_ties_by_similarity(tiny_host):
     assert hit.tolist() == [True, True, True]
     best, votes, _ = editor.vote(torch.tensor([[[0.6, 0.95]], [[0.9, 0.6]]]), vote_fraction=0.5)
     assert best.tolist() == [1] and votes.tolist() == [2.0]  # two votes each: the higher total similarity wins
+
+
+def test_a_refused_winner_offers_the_row_to_the_next_key_with_the_votes(tiny_host, monkeypatch):
+    editor = fresh(tiny_host, retrieval_layers=[0, 1], injection_layer=2, similarity=0.5, vote_fraction=1.0, top_k=2)
+    editor.row_ids = ["generic", "own", "weak"]
+    # (|R|=2, B=2, N=3): row 0: "generic" wins, "own" also has both votes; row 1: only "generic" has both
+    sims = torch.tensor([[[0.95, 0.9, 0.6], [0.95, 0.6, 0.1]], [[0.95, 0.8, 0.1], [0.9, 0.1, 0.7]]])
+    best, votes, hit = editor.vote(sims)
+    assert best.tolist() == [0, 0] and hit.tolist() == [True, True]
+    monkeypatch.setattr(editor, "answerable", lambda questions, ids: [i != "generic" for i in ids])
+    refused = torch.tensor([False, False])  # what keep_answerable left of hit
+    asked = []
+    best, hit = editor._offer_runners_up(sims, best, refused, [0, 1], lambda rows: asked.extend(rows) or ["q"] * len(rows))
+    assert best.tolist() == [1, 0] and hit.tolist() == [True, False]  # row 1's runner-up lacks the votes
+    assert asked == [0, 1]
+
+
+def test_runners_up_are_ranked_after_the_best_and_need_the_votes():
+    votes = torch.tensor([[2.0, 2.0, 1.0, 2.0]])
+    score = torch.tensor([[8.9, 8.5, 4.9, 8.7]])
+    assert runners_up(votes, score, 0, best=0, need=2, limit=3) == [3, 1]  # key 2 lacks a vote
+    assert runners_up(votes, score, 0, best=0, need=2, limit=1) == [3]
+    assert runners_up(votes, score, 0, best=0, need=2, limit=0) == []
+    best, _, _ = vote_over_layers(torch.tensor([[[0.9, 0.9]]]), torch.tensor([0.5]), top_k=2, vote_fraction=1.0)
+    votes, score = layer_votes(torch.tensor([[[0.9, 0.9]]]), torch.tensor([0.5]), top_k=2)
+    assert runners_up(votes, score, 0, best=int(best[0]), need=1, limit=2) == [1 - int(best[0])]  # a tie: the other key
 
 
 @pytest.mark.parametrize("layers", [{}, {"retrieval_layers": [0, 1], "injection_layer": 2}])
