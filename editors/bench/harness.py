@@ -84,7 +84,7 @@ def _target_lengths(host: ModelHost, pairs: Sequence[tuple[str, str]]) -> list[i
 
 
 @torch.no_grad()
-def _forward_ms(host: ModelHost, editor: Editor, prompts: Sequence[str], rounds: int) -> tuple[float, float]:
+def forward_ms(host: ModelHost, editor: Editor, prompts: Sequence[str], rounds: int) -> tuple[float, float]:
     """Mean ms per single-prompt forward, base (hooks removed) vs edited, same prompts.
 
     Blocks alternate and the best round of each is kept, to damp noise from other load.
@@ -295,7 +295,7 @@ def run_lifelong(
         return [statistics.fmean(v) for v in grouped.values()]
 
     timing = records[: options.timing_prompts]
-    forward_base, forward_edited = _forward_ms(
+    forward_base, forward_edited = forward_ms(
         host, editor, [r.prompt for r in timing] + [r.loc_prompt for r in timing], options.timing_rounds
     )
     with tempfile.TemporaryDirectory() as tmp:
