@@ -47,8 +47,8 @@ from kmd.editors.llp.config import LlpConfig
 from kmd.editors.llp.serving import Questions, ServingHooks
 from kmd.editors.llp.statistics import Background, RetrievalReader
 from kmd.editors.llp.training import EditTrainer
-from kmd.editors.llp.voting import (layer_thresholds, layer_votes, max_similarities, runners_up, vote_over_layers,
-                                    votes_needed)
+from kmd.editors.llp.voting import (decide, layer_thresholds, layer_votes, max_similarities, runners_up,
+                                    vote_over_layers, votes_needed)
 from kmd.editors.prefix import PrefixInjector, regrouped_decisions
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.regroup import Regroup
@@ -281,30 +281,40 @@ class LlpEditor(Editor):
         (chat-turn rows from `alone`), then the question check when `questions` is given.
         -> per row (best edit row, hit), each (B,)."""
         sims = self.row_similarities(states, read_mask, alone)
-        best, _, hit = self.vote(sims)
+        votes, score = self.tally(sims)  # `vote(sims)`, kept for the runner-ups
+        need = votes_needed(self.config.vote_fraction, sims.shape[0])
+        best, _, hit = decide(votes, score, need)
         if questions is None:
             return best, hit
         checked = self.keep_answerable(hit, best, self.row_ids, questions)
         refused = (hit & ~checked).nonzero().flatten().tolist()
         if refused and self.config.runners_up:
-            best, checked = self._offer_runners_up(sims, best, checked, refused, questions)
+            best, checked = self._offer_runners_up(votes, score, need, best, checked, refused, questions)
         return best, checked
 
-    def _offer_runners_up(self, sims: torch.Tensor, best: torch.Tensor, hit: torch.Tensor, refused: list[int],
-                          questions: Questions) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def tally(self, maxsims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|R|, B, N) -> per row and key (votes, score), each (B, N), under the configured
+        thresholds and each edit's own shift (`voting.layer_votes`)."""
+        return layer_votes(maxsims, self.thresholds(), self.config.top_k, self._per_edit_shifts(maxsims))
+
+    def _offer_runners_up(self, votes: torch.Tensor, score: torch.Tensor, need: int, best: torch.Tensor,
+                          hit: torch.Tensor, refused: list[int], questions: Questions
+                          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Rows whose winning edit the question check refused: the next keys that also have
-        the votes, in rank order, until one passes the check. A generic subject's key (one
-        edit about "Life") can win the vote on many prompts it must not answer; without this
-        such a row would lose its own edit. (|R|, B, N) sims -> (best, hit), each (B,)."""
-        votes, score = layer_votes(sims, self.thresholds(), self.config.top_k, self._per_edit_shifts(sims))
-        need = votes_needed(self.config.vote_fraction, sims.shape[0])
+        the votes, in rank order; the first the check accepts acts on the row. A generic
+        subject's key (one edit about "Life") can win the vote on many prompts it must not
+        answer; without this such a row would lose its own edit. votes, score: (B, N)
+        (`tally`) -> (best, hit), each (B,). Every candidate pair goes through one check."""
+        pairs = [(row, key) for row in refused
+                 for key in runners_up(votes, score, row, int(best[row]), need, self.config.runners_up)]  # fmt: skip
+        if not pairs:
+            return best, hit
+        asked = dict(zip(refused, questions(refused), strict=True))
+        verdicts = self.answerable([asked[row] for row, _ in pairs], [self.row_ids[key] for _, key in pairs])
         best, hit = best.clone(), hit.clone()
-        asked = questions(refused)
-        for row, question in zip(refused, asked, strict=True):
-            for key in runners_up(votes, score, row, int(best[row]), need, self.config.runners_up):
-                if self.answerable([question], [self.row_ids[key]])[0]:
-                    best[row], hit[row] = key, True
-                    break
+        for (row, key), ok in zip(pairs, verdicts, strict=True):
+            if ok and not hit[row]:  # pairs keep each row's rank order: its first accepted key
+                best[row], hit[row] = key, True
         return best, hit
 
     # ----- serving ---------------------------------------------------------------------------

@@ -63,13 +63,21 @@ def vote_over_layers(maxsims: torch.Tensor, tau: torch.Tensor, top_k: int, vote_
          key_shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(|R|, B, N) max similarities -> per row (best key, its votes, hit), each (B,)."""
     votes, score = layer_votes(maxsims, tau, top_k, key_shifts)
+    return decide(votes, score, votes_needed(vote_fraction, maxsims.shape[0]))
+
+
+def decide(votes: torch.Tensor, score: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N) votes and score (`layer_votes`) -> per row (best key, its votes, hit), each (B,)."""
     best = score.argmax(dim=1)
     best_votes = votes.gather(1, best[:, None]).squeeze(1)
-    return best, best_votes, best_votes >= votes_needed(vote_fraction, maxsims.shape[0])
+    return best, best_votes, best_votes >= need
 
 
 def runners_up(votes: torch.Tensor, score: torch.Tensor, row: int, best: int, need: int, limit: int) -> list[int]:
     """The `limit` keys ranked next after `best` in row (by score), those of them that also
     have `need` votes. votes, score: (B, N) from `layer_votes`."""
-    ranked = [int(key) for key in score[row].argsort(descending=True, stable=True)[: limit + 1] if int(key) != best]
+    if limit < 1:
+        return []
+    top = score[row].topk(min(limit + 1, score.shape[1])).indices.tolist()  # not a sort of all N keys
+    ranked = [key for key in top if key != best]
     return [key for key in ranked[:limit] if votes[row, key] >= need]

@@ -135,7 +135,9 @@ def test_a_refused_winner_offers_the_row_to_the_next_key_with_the_votes(tiny_hos
     monkeypatch.setattr(editor, "answerable", lambda questions, ids: [i != "generic" for i in ids])
     refused = torch.tensor([False, False])  # what keep_answerable left of hit
     asked = []
-    best, hit = editor._offer_runners_up(sims, best, refused, [0, 1], lambda rows: asked.extend(rows) or ["q"] * len(rows))
+    votes, score = editor.tally(sims)
+    best, hit = editor._offer_runners_up(votes, score, 2, best, refused, [0, 1],
+                                         lambda rows: asked.extend(rows) or ["q"] * len(rows))  # fmt: skip
     assert best.tolist() == [1, 0] and hit.tolist() == [True, False]  # row 1's runner-up lacks the votes
     assert asked == [0, 1]
 
