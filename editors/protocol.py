@@ -187,6 +187,9 @@ class Editor(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # Config options that change how the stored edits are served, never what an apply
+    # computes: a checkpointed edit sequence (`kmd bench --checkpoint`) resumes under others.
+    SERVING_ONLY: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, host: ModelHost, config: Any | None = None) -> None:
         self.host = host

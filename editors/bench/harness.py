@@ -190,9 +190,11 @@ def _store_cost(host: ModelHost, editor: Editor, sample: Sequence[EditRecord], b
 
 
 def sequence_fingerprint(host: ModelHost, editor: Editor, sequence: Sequence[EditRecord], seed: int) -> str:
-    """What a checkpoint must match to be resumed: the backend, its configuration, the base
-    model, the seed and every edit of the sequence, in order."""
-    what = [editor.name, editor.config_dict(), host.identity.name, seed,
+    """What a checkpoint must match to be resumed: the backend, its configuration (but the
+    options that only change serving, `Editor.SERVING_ONLY`), the base model, the seed and
+    every edit of the sequence, in order."""
+    config = {k: v for k, v in editor.config_dict().items() if k not in editor.SERVING_ONLY}
+    what = [editor.name, config, host.identity.name, seed,
             [(r.prompt, r.target, r.subject) for r in sequence]]  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

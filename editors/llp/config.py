@@ -73,6 +73,11 @@ class LlpConfig:
     # votes are offered to it in turn (0: the row gets no edit). A generic subject's key can
     # win the vote on prompts it must not answer and would otherwise hide their own edit.
     runners_up: int = 2
+    # Serving: from `shortlist_from` keys on, the similarities are computed exactly only for
+    # the keys a rank-`shortlist_rank` bound cannot rule out (editors/llp/voting.py); the
+    # votes are those of the whole computation. 0: always compare with every key.
+    shortlist_rank: int = 64
+    shortlist_from: int = 512
 
     # Augmentation: short texts generated once by the model itself.
     n_prefixes: int = 2  # prefixed copies of the prompt per edit (besides the bare prompt)

@@ -47,8 +47,8 @@ from kmd.editors.llp.config import LlpConfig
 from kmd.editors.llp.serving import Questions, ServingHooks
 from kmd.editors.llp.statistics import Background, RetrievalReader
 from kmd.editors.llp.training import EditTrainer
-from kmd.editors.llp.voting import (decide, layer_thresholds, layer_votes, max_similarities, runners_up,
-                                    vote_over_layers, votes_needed)
+from kmd.editors.llp.voting import (decide, key_basis, key_bounds, layer_thresholds, layer_votes, max_similarities,
+                                    runners_up, shortlisted_max_similarities, vote_over_layers, votes_needed)
 from kmd.editors.prefix import PrefixInjector, regrouped_decisions
 from kmd.editors.protocol import EditorError, EditRequest, Editor
 from kmd.editors.regroup import Regroup
@@ -88,6 +88,8 @@ class LlpEditor(Editor):
             raise EditorError("llp: n_values and top_k must be >= 1 and vote_fraction in (0, 1]")
         if cfg.layer_similarity is not None and len(cfg.layer_similarity) != len(self.retrieval):
             raise EditorError(f"llp: layer_similarity needs {len(self.retrieval)} values (one per retrieval layer)")
+        if not 0 <= cfg.shortlist_rank <= host.model.config.hidden_size or cfg.shortlist_from < 1:
+            raise EditorError("llp: shortlist_rank must be in [0, hidden size] and shortlist_from >= 1")
         self._structure = {k: getattr(cfg, k) for k in self.STRUCTURAL}
         self.upper = list(range(self.z, host.num_layers))
         self.layer_paths = [layout.path("layer", i) for i in range(host.num_layers)]
@@ -110,6 +112,12 @@ class LlpEditor(Editor):
         self.prefixes: list[str] = []  # generated once (lazily), persisted
         self._unit_keys = torch.empty(nr, 0, d, device=device)  # (|R|, N, D) normalised, for serving
         self._shifts = torch.empty(0, device=device)  # (N,) per-edit threshold shifts
+        # The shortlist's bound (`shortlisted_max_similarities`), derived from the unit keys and
+        # never saved: a basis (|R|, D, p), fitted at `_basis_keys` keys, and the keys' bound
+        # rows (|R|, N, p + 2). None: every key is compared.
+        self._basis: torch.Tensor | None = None
+        self._basis_keys = 0
+        self._key_bounds = torch.empty(nr, 0, cfg.shortlist_rank + 2, device=device)
 
     # ----- augmentation ----------------------------------------------------------------
     def ensure_prefixes(self) -> list[str]:
@@ -176,6 +184,7 @@ class LlpEditor(Editor):
                 "threshold_shift": cfg.threshold_shift - 0.02}  # fmt: skip
 
     # ----- computing an edit -----------------------------------------------------------------
+    SERVING_ONLY = ("runners_up", "shortlist_rank", "shortlist_from")
     STRUCTURAL = ("retrieval_layers", "injection_layer", "n_values", "normalize", "background_texts", "background_tokens")
 
     def _apply(self, edit_id: str, request: EditRequest) -> None:
@@ -226,6 +235,19 @@ class LlpEditor(Editor):
         self._unit_keys = F.normalize(self.keys.transpose(0, 1), dim=-1).contiguous()  # (|R|, N, D)
         shifts = [self.meta.get(row, {}).get("threshold_shift", 0.0) for row in self.row_ids]
         self._shifts = torch.tensor(shifts, dtype=torch.float32, device=self.keys.device)  # (N,)
+        self._fit_shortlist(refit=self._basis is None)
+
+    def _fit_shortlist(self, refit: bool) -> None:
+        """The bound rows of all keys; with `refit`, or once the keys doubled since the basis
+        was fitted, a new basis first. Below `shortlist_from` keys: none (compare all)."""
+        cfg, n = self.config, self._unit_keys.shape[1]
+        if not cfg.shortlist_rank or n < cfg.shortlist_from:
+            self._basis, self._basis_keys = None, 0
+            self._key_bounds = self._key_bounds[:, :0]
+            return
+        if refit or self._basis is None or n >= 2 * self._basis_keys:
+            self._basis, self._basis_keys = key_basis(self._unit_keys, cfg.shortlist_rank), n
+        self._key_bounds = key_bounds(self._unit_keys, self._basis)
 
     def _refresh_last(self) -> None:
         """`_refresh` after one key row was appended, in O(1): that row's unit keys and shift
@@ -234,19 +256,37 @@ class LlpEditor(Editor):
         self.grown.append(self, "_unit_keys", unit, dim=1)
         shift = self.meta.get(self.row_ids[-1], {}).get("threshold_shift", 0.0)
         self.grown.append(self, "_shifts", torch.tensor([shift], dtype=torch.float32, device=self.keys.device))
+        n = self._unit_keys.shape[1]
+        if self._basis is not None and n < 2 * self._basis_keys:
+            self.grown.append(self, "_key_bounds", key_bounds(unit, self._basis), dim=1)
+        elif self.config.shortlist_rank and n >= self.config.shortlist_from:  # the first basis, or the keys doubled
+            self._fit_shortlist(refit=True)
 
     # ----- retrieval: similarities and the vote -------------------------------------------------
-    def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """(|R|, B, T, D) states -> (|R|, B, N): each key's max cosine over each row's prompt tokens."""
-        return max_similarities(self.standardize(states), prompt_mask, self._unit_keys)
+    def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor, for_votes: bool = False
+                           ) -> torch.Tensor:  # fmt: skip
+        """(|R|, B, T, D) states -> (|R|, B, N): each key's max cosine over each row's prompt
+        tokens. `for_votes`: only what the configured vote needs (`vote_floor`); with many
+        keys the others are -inf (`shortlisted_max_similarities`)."""
+        standardized = self.standardize(states)
+        if for_votes and self._basis is not None:
+            return shortlisted_max_similarities(standardized, prompt_mask, self._unit_keys, self._basis,
+                                                self._key_bounds, self.vote_floor())  # fmt: skip
+        return max_similarities(standardized, prompt_mask, self._unit_keys)
 
-    def row_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor, alone: dict[str, torch.Tensor] | None
-                         ) -> torch.Tensor:
+    def vote_floor(self) -> torch.Tensor:
+        """(|R|,) per layer, the lowest threshold any key votes above (each edit's own shift
+        included): a cosine at or below it neither votes nor outranks a key that does."""
+        lowest_shift = self._shifts.min() if len(self._shifts) else 0.0
+        return self.thresholds() + lowest_shift
+
+    def row_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor, alone: dict[str, torch.Tensor] | None,
+                         for_votes: bool = False) -> torch.Tensor:  # fmt: skip
         """`layer_similarities`, with the chat-turn rows' taken from their messages run alone
         (`user_turns_alone`; None or no such row: from `states`). -> (|R|, B, N)"""
-        sims = self.layer_similarities(states, prompt_mask)
+        sims = self.layer_similarities(states, prompt_mask, for_votes)
         if alone is not None and alone["alone_rows"].numel():
-            sims[:, alone["alone_rows"]] = self.layer_similarities(alone["alone_states"], alone["alone_mask"])
+            sims[:, alone["alone_rows"]] = self.layer_similarities(alone["alone_states"], alone["alone_mask"], for_votes)
         return sims
 
     def user_turns_alone(self, turns: Turns, device: torch.device) -> dict[str, torch.Tensor] | None:
@@ -280,7 +320,7 @@ class LlpEditor(Editor):
         """The vote on (|R|, B, T, D) retrieval-layer states over the tokens `read_mask` (B, T)
         (chat-turn rows from `alone`), then the question check when `questions` is given.
         -> per row (best edit row, hit), each (B,)."""
-        sims = self.row_similarities(states, read_mask, alone)
+        sims = self.row_similarities(states, read_mask, alone, for_votes=True)
         votes, score = self.tally(sims)  # `vote(sims)`, kept for the runner-ups
         need = votes_needed(self.config.vote_fraction, sims.shape[0])
         best, _, hit = decide(votes, score, need)
@@ -396,4 +436,5 @@ class LlpEditor(Editor):
         self.row_ids = list(extra["row_ids"])
         self.meta = dict(extra.get("meta", {}))
         self.prefixes = list(extra.get("prefixes", []))
+        self._basis = None  # fitted again on these keys
         self._refresh()

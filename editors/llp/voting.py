@@ -6,6 +6,16 @@ The key with the most votes (ties: the larger summed similarity) is the row's ed
 has at least `ceil(vote_fraction * |R|)` of them (`vote_over_layers`). When the question
 check refuses that edit, the next keys with enough votes are offered to it in turn
 (`runners_up`, `LlpConfig.runners_up`).
+
+Against many keys the similarities cost more than the model's own forward (10,100 keys: 8
+layers x 10,100 x 576 multiply-adds per prompt token). Only a key whose cosine exceeds its
+layer's threshold can vote, and one below every threshold cannot push a voter out of the
+top k either, so `shortlisted_max_similarities` computes the exact cosine only for keys an
+upper bound cannot rule out: with P (D, p) orthonormal, for unit q and k
+
+    q . k = (P^T q) . (P^T k) + r_q . r_k  <=  (P^T q) . (P^T k) + |r_q| |r_k|
+
+(r: the parts outside P's span; P: the keys' top-p principal directions, `key_basis`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,60 @@ def max_similarities(standardized: torch.Tensor, prompt_mask: torch.Tensor, unit
     sims = torch.bmm(unit.view(nr, batch * seq, d), unit_keys.transpose(1, 2)).view(nr, batch, seq, -1)
     sims = sims.masked_fill(~prompt_mask[None, :, :, None], float("-inf"))
     return sims.amax(dim=2)
+
+
+# Slack on the bound for float rounding (the cosines it rules out are below ~0.9 thresholds).
+BOUND_MARGIN = 1e-3
+
+
+def key_basis(unit_keys: torch.Tensor, rank: int) -> torch.Tensor:
+    """(|R|, N, D) unit keys -> (|R|, D, p) orthonormal columns: each layer's top-p
+    principal directions of its keys (uncentred). Any orthonormal basis keeps the bound
+    exact; this one makes it tight."""
+    gram = unit_keys.transpose(1, 2) @ unit_keys  # (|R|, D, D)
+    _, vectors = torch.linalg.eigh(gram)  # eigenvalues ascending
+    return vectors[..., -rank:].flip(-1).contiguous()
+
+
+def key_bounds(unit_keys: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(|R|, N, D) unit keys, (|R|, D, p) basis -> (|R|, N, p + 2): per key [P^T k, |r_k|, 1]
+    (the 1 carries a masked token's penalty in `shortlisted_max_similarities`)."""
+    projected = unit_keys @ basis  # (|R|, N, p)
+    residual = (unit_keys - projected @ basis.transpose(1, 2)).norm(dim=-1, keepdim=True)  # (|R|, N, 1)
+    return torch.cat([projected, residual, torch.ones_like(residual)], dim=-1)
+
+
+def shortlisted_max_similarities(standardized: torch.Tensor, prompt_mask: torch.Tensor, unit_keys: torch.Tensor,
+                                 basis: torch.Tensor, bounds: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """`max_similarities` where only cosines above `floor` are needed: exact (up to float
+    rounding) for every key whose max cosine over a row's read tokens exceeds floor[l] at
+    layer l, -inf for keys the bound rules out. (|R|, B, T, D) states, (B, T) read tokens,
+    (|R|, N, D) unit keys, (|R|, D, p) basis, (|R|, N, p + 2) `key_bounds`, (|R|,) floor
+    -> (|R|, B, N). A layer where a quarter of the keys survive the bound is computed whole."""
+    nr, batch, seq, d = standardized.shape
+    n = unit_keys.shape[1]
+    unit = F.normalize(standardized, dim=-1).view(nr, batch * seq, d)
+    read = prompt_mask.reshape(1, batch * seq, 1).to(unit.dtype)  # (1, BT, 1)
+    projected = unit @ basis  # (|R|, BT, p)
+    residual = (unit - projected @ basis.transpose(1, 2)).norm(dim=-1, keepdim=True)  # (|R|, BT, 1)
+    penalty = (read - 1.0).expand(nr, -1, -1) * 4.0  # unread tokens: -4, below any cosine
+    query = torch.cat([projected * read, residual * read, penalty], dim=-1)  # (|R|, BT, p + 2)
+    upper = torch.bmm(query, bounds.transpose(1, 2)).view(nr, batch, seq, n).amax(dim=2)  # (|R|, B, N)
+    live = (upper > (floor.reshape(-1, 1, 1) - BOUND_MARGIN)).any(dim=1)  # (|R|, N): live in some row
+    out = torch.full((nr, batch, n), float("-inf"), dtype=unit.dtype, device=unit.device)
+    unread = ~prompt_mask.reshape(batch, seq, 1)
+    for layer in range(nr):
+        keys = live[layer].nonzero().flatten()  # (C,)
+        if not len(keys):
+            continue
+        whole = len(keys) > n // 4
+        chosen = unit_keys[layer] if whole else unit_keys[layer, keys]  # (C, D)
+        sims = (unit[layer] @ chosen.T).view(batch, seq, -1).masked_fill(unread, float("-inf")).amax(dim=1)  # (B, C)
+        if whole:
+            out[layer] = sims
+        else:
+            out[layer][:, keys] = sims
+    return out
 
 
 def layer_thresholds(config: LlpConfig, layers: int, device: torch.device) -> torch.Tensor:

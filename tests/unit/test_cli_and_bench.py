@@ -227,6 +227,24 @@ def test_a_checkpoint_of_another_sequence_is_refused(tiny_host, tmp_path):
     assert editor.edit_ids == []
 
 
+def test_a_checkpoint_resumes_under_other_serving_options_only(tiny_host):
+    """The fingerprint leaves out the options that only change serving (LLP's runner-ups and
+    shortlist): the saved edits are the ones a run under them would apply."""
+    from kmd.editors.bench.harness import sequence_fingerprint
+
+    def fingerprint(**options) -> str:
+        backend = get_backend("llp")
+        editor = backend(tiny_host, backend.default_config(tiny_host, **options))
+        try:
+            return sequence_fingerprint(tiny_host, editor, RECORDS, seed=0)
+        finally:
+            editor.retire()
+
+    plain = fingerprint()
+    assert fingerprint(runners_up=0, shortlist_rank=0, shortlist_from=10) == plain
+    assert fingerprint(key_steps=5) != plain
+
+
 FOUR = [*RECORDS,
         EditRecord("3", "the language of Spain is", "music", "Spain", ("Spain speaks the language",), "the sky is", "blue"),
         EditRecord("4", "Bob plays the instrument", "cherry", "Bob", ("the instrument Bob plays is",), "the dog and the cat", "sky")]

@@ -362,3 +362,75 @@ def test_a_chat_turn_is_retrieved_by_its_message_run_alone(tiny_host):
         assert editor.routes(features) == [editor.row_ids[0]] * 2
         with editor.configured(chat_retrieval="in_context"):
             assert "alone_rows" not in editor.routing_features(ids, attention)
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_shortlisted_similarities_give_the_votes_of_every_key(rank):
+    """The bound-pruned similarities: every cosine above the floor is the one all keys give,
+    and the vote (votes, scores, per-edit shifts) is the vote over all keys. Rank 4 leaves a
+    loose bound (whole layers computed), rank 16 a tight one."""
+    from kmd.editors.llp.voting import key_basis, key_bounds, max_similarities, shortlisted_max_similarities
+
+    gen = torch.Generator().manual_seed(0)
+    nr, n, d, batch, seq = 3, 400, 24, 5, 7
+    centres = torch.randn(nr, 8, d, generator=gen)
+    keys = torch.nn.functional.normalize(centres[:, torch.randint(0, 8, (n,), generator=gen)]
+                                         + 0.4 * torch.randn(nr, n, d, generator=gen), dim=-1)  # fmt: skip
+    states = torch.randn(nr, batch, seq, d, generator=gen)
+    states[:, :, 2] = keys[:, :batch] * 3 + 0.05 * torch.randn(nr, batch, d, generator=gen)  # a token near key b
+    states[:, 1, 3] = keys[:, 7] + 0.3 * torch.randn(nr, d, generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[0, 2] = False  # row 0's near token is not read
+    mask[4] = False  # nothing read
+    tau = torch.tensor([0.9, 0.85, 0.8])
+    shifts = torch.zeros(n)
+    shifts[7] = -0.1
+    floor = tau + shifts.min()
+    basis = key_basis(keys, rank)
+    assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(rank).expand(nr, -1, -1), atol=1e-5)
+    full = max_similarities(states, mask, keys)
+    short = shortlisted_max_similarities(states, mask, keys, basis, key_bounds(keys, basis), floor)
+    above = full > floor.reshape(-1, 1, 1)
+    assert above.any() and torch.allclose(short[above], full[above], atol=1e-5)
+    kept = short > float("-inf")
+    assert torch.allclose(short[kept], full[kept], atol=1e-5)
+    for top_k in (1, 3):
+        votes, score = layer_votes(full, tau, top_k, shifts)
+        short_votes, short_score = layer_votes(short, tau, top_k, shifts)
+        assert votes.sum() > 0 and torch.equal(short_votes, votes) and torch.allclose(short_score, score, atol=1e-5)
+    assert (short[:, 4] == float("-inf")).all()  # a row without read tokens: no key, as over all keys
+
+
+def test_the_shortlist_follows_applies_reverts_and_reloads(tiny_host, tmp_path):
+    """Past `shortlist_from` keys serving compares only the keys the bound keeps; its rows
+    follow every apply, revert and load, and the votes are those over all keys."""
+    editor = fresh(tiny_host, shortlist_from=3, shortlist_rank=8, similarity=0.8)
+    prompts = ["the capital of France is", "Bob speaks the language of Japan", "the dog and the cat"]
+    torch.manual_seed(0)
+    for _ in range(2):
+        install_value(editor, torch.randn(editor.config.n_values, tiny_host.model.config.hidden_size))
+    assert editor._basis is None  # 2 keys: all compared
+    first = editor.apply(EditRequest(prompt=prompts[0], target="Berlin", subject="France"))
+    assert editor._basis is not None and editor._key_bounds.shape[:2] == (len(editor.retrieval), 3)
+    fitted = editor._basis
+    editor.apply(EditRequest(prompt=prompts[1], target="Italy", subject="Bob"))
+    assert editor._basis is fitted and editor._key_bounds.shape[1] == 4  # appended with the same basis
+
+    def votes_match(e: LlpEditor) -> list:
+        got = e.reader.states(prompts)
+        states, mask = got["states"], got["attention_mask"].bool()
+        every = e.tally(e.layer_similarities(states, mask))
+        shortlisted = e.tally(e.layer_similarities(states, mask, for_votes=True))
+        assert torch.equal(every[0], shortlisted[0]) and torch.allclose(every[1], shortlisted[1], atol=1e-5)
+        return e.vote(e.layer_similarities(states, mask))[0].tolist()
+
+    winners = votes_match(editor)
+    with editor.suspended():
+        loaded = load_editor(save_editor(editor, tmp_path / "state"), tiny_host)
+        assert loaded._basis is not None and votes_match(loaded) == winners
+        loaded._detach()
+    editor.revert(first)
+    assert editor._key_bounds.shape[1] == 3 and editor._basis is fitted
+    votes_match(editor)
+    editor.revert(editor.row_ids[0])
+    assert editor._basis is None and editor._key_bounds.shape[1] == 0  # below shortlist_from again
