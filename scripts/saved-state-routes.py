@@ -65,11 +65,12 @@ def main() -> None:
             part = asked[start : start + 16]
             routes = [r for f in question_features(host, editor, [(p, form) for _, _, p, form in part]) for r in editor.routes(f)]
             for (kind, i, prompt, form), route in zip(part, routes, strict=True):
-                j = None if route is None else int(str(route).removeprefix("bench-"))
+                edit = route[0] if isinstance(route, tuple) else route  # MEMOIR: (edit, the edits sharing its columns)
+                j = None if edit is None else int(str(edit).removeprefix("bench-"))
                 where = "none" if j is None else "own" if j == i else "evaluated" if j < n else "later"
                 count[(kind, form, where)] += 1
                 if where in ("evaluated", "later"):
-                    print(f"  {kind}/{form} of edit {i}: {prompt!r} -> {route}")
+                    print(f"  {kind}/{form} of edit {i}: {prompt!r} -> {edit}")
     for key in sorted(count):
         print(*key, count[key])
     if args.answers:  # served v2's "edit" and "reph" questions, plain and chat (scoring as editors/bench/served.py)

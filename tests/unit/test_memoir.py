@@ -141,12 +141,12 @@ def test_revert_in_the_middle_leaves_the_fold_of_the_others(tiny_host):
     deltas = {i: d.clone() for i, d in zip(ids, editor.deltas, strict=True)}
     masks = {i: m.clone() for i, m in zip(ids, editor.masks, strict=True)}
     editor.revert(ids[0])
-    expected = torch.zeros_like(editor.memory)
+    expected = torch.zeros_like(editor.memory[0])
     for i in ids[1:]:  # what the remaining recorded deltas give, applied in order
         expected[masks[i]] = expected[masks[i]] + deltas[i]
-    assert torch.equal(editor.memory, expected)
+    assert editor.memory.shape[0] == 1 and torch.equal(editor.memory[0], expected)
     editor.revert(ids[2])
-    assert torch.equal(editor.memory[masks[ids[1]]], deltas[ids[1]])
+    assert torch.equal(editor.memory[0, masks[ids[1]]], deltas[ids[1]])
     editor.revert(ids[1])
     assert torch.count_nonzero(editor.memory) == 0 and editor._handle is None
 
@@ -241,9 +241,9 @@ def _output_change_on_first(host, **options) -> float:
     editor = make(host, k=0.8, tau=0.99, **options)  # masks share >= 60 % of their columns
     editor.apply(EDIT)
     keys, mask = editor._edit_keys(EDIT, editor.masks[0]), editor.masks[0]
-    before = keys @ editor.memory[mask]
+    before = keys @ editor.memory[0, mask]
     editor.apply(OTHER)
-    return float((keys @ editor.memory[mask] - before).norm() / before.norm())
+    return float((keys @ editor.memory[0, mask] - before).norm() / before.norm())
 
 
 def test_protection_keeps_earlier_edits_outputs(tiny_host):
@@ -269,7 +269,7 @@ def test_gram_follows_the_live_edits_through_revert_and_load(tiny_host, tmp_path
     editor.revert(second)
     assert torch.allclose(editor.gram, after_first, atol=1e-9 * float(after_first.abs().max()))
     editor.revert(first)
-    assert float(editor.gram.abs().max()) <= 1e-9 * float(after_first.abs().max())
+    assert editor.gram is None  # as before the first edit
 
 
 def test_a_chat_turn_is_routed_by_its_message_run_alone(tiny_host):
@@ -286,3 +286,29 @@ def test_a_chat_turn_is_routed_by_its_message_run_alone(tiny_host):
         with torch.no_grad(), editor.query(attention.bool()) as routing:
             tiny_host.model(input_ids=ids, attention_mask=attention)
         assert routing.decisions["memoir"]["score"].tolist() == [1.0, 1.0]
+
+
+def test_shards_keep_each_memory_to_its_own_edits(tiny_host, tmp_path):
+    """With `shard_edits: 2` the third edit opens a second memory: it trains from zero, the
+    first two edits' outputs do not move, and revert, routes and a reload follow the shards."""
+    editor = make(tiny_host, k=0.8, tau=0.99, shard_edits=2, **PROTECTED)  # masks share >= 60 % of columns
+    ids = [editor.apply(r) for r in (EDIT, OTHER)]
+    ids_, attention = left_padded_ids(tiny_host, [encode_as(tiny_host, r.prompt, "plain") for r in (EDIT, OTHER)])
+    with torch.no_grad():
+        before = tiny_host.model(input_ids=ids_, attention_mask=attention).logits
+    third = editor.apply(THIRD)
+    assert editor.memory.shape[0] == 2 and editor.shards.tolist() == [0, 0, 1]
+    assert torch.equal(editor.memory[1, editor.masks[2]], editor.deltas[2])  # trained from an empty memory
+    with torch.no_grad():
+        assert torch.equal(tiny_host.model(input_ids=ids_, attention_mask=attention).logits, before)
+    routes = editor.routes(editor.routing_features(ids_, attention))
+    assert [r[0] for r in routes] == ids and all(third not in r[1] for r in routes)
+    with editor.suspended():
+        loaded = load_editor(save_editor(editor, tmp_path / "state"), tiny_host)
+        assert torch.equal(loaded.memory, editor.memory) and torch.equal(loaded.shards, editor.shards)
+        assert torch.equal(loaded.gram, editor.gram)  # the last shard's
+        loaded._detach()
+    editor.revert(third)
+    assert editor.gram is None and torch.count_nonzero(editor.memory[1]) == 0
+    fourth = editor.apply(THIRD)  # the last shard has room again
+    assert editor.memory.shape[0] == 2 and editor.shards.tolist() == [0, 0, 1] and editor.edit_ids[-1] == fourth
