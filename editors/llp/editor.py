@@ -321,41 +321,52 @@ class LlpEditor(Editor):
         (chat-turn rows from `alone`), then the question check when `questions` is given.
         -> per row (best edit row, hit), each (B,)."""
         sims = self.row_similarities(states, read_mask, alone, for_votes=True)
-        votes, score = self.tally(sims)  # `vote(sims)`, kept for the runner-ups
+        votes, score = self.tally(sims)
         need = votes_needed(self.config.vote_fraction, sims.shape[0])
         best, _, hit = decide(votes, score, need)
         if questions is None:
             return best, hit
-        checked = self.keep_answerable(hit, best, self.row_ids, questions)
-        refused = (hit & ~checked).nonzero().flatten().tolist()
-        if refused and self.config.runners_up:
-            best, checked = self._offer_runners_up(votes, score, need, best, checked, refused, questions)
-        return best, checked
+        return self.checked_edits(votes, score, need, best, hit, questions)
 
     def tally(self, maxsims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(|R|, B, N) -> per row and key (votes, score), each (B, N), under the configured
         thresholds and each edit's own shift (`voting.layer_votes`)."""
         return layer_votes(maxsims, self.thresholds(), self.config.top_k, self._per_edit_shifts(maxsims))
 
-    def _offer_runners_up(self, votes: torch.Tensor, score: torch.Tensor, need: int, best: torch.Tensor,
-                          hit: torch.Tensor, refused: list[int], questions: Questions
-                          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Rows whose winning edit the question check refused: the next keys that also have
-        the votes, in rank order; the first the check accepts acts on the row. A generic
-        subject's key (one edit about "Life") can win the vote on many prompts it must not
-        answer; without this such a row would lose its own edit. votes, score: (B, N)
-        (`tally`) -> (best, hit), each (B,). Every candidate pair goes through one check."""
-        pairs = [(row, key) for row in refused
-                 for key in runners_up(votes, score, row, int(best[row]), need, self.config.runners_up)]  # fmt: skip
-        if not pairs:
+    def checked_edits(self, votes: torch.Tensor, score: torch.Tensor, need: int, best: torch.Tensor, hit: torch.Tensor,
+                      questions: Questions) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The question check on the routed rows: each row's candidates (`candidates`) go
+        to it in order and the first it accepts acts on the row; a row with none accepted
+        runs as the base model. votes, score (B, N) (`tally`); best, hit (B,) (`decide`)
+        -> (best, hit). Every candidate pair goes through one check."""
+        rows = hit.nonzero().flatten().tolist()
+        if not rows:
             return best, hit
-        asked = dict(zip(refused, questions(refused), strict=True))
+        asked = dict(zip(rows, questions(rows), strict=True))
+        pairs = [(row, key) for row in rows for key in self.candidates(asked[row], votes, score, need, row, int(best[row]))]
         verdicts = self.answerable([asked[row] for row, _ in pairs], [self.row_ids[key] for _, key in pairs])
-        best, hit = best.clone(), hit.clone()
+        best, checked = best.clone(), torch.zeros_like(hit)
         for (row, key), ok in zip(pairs, verdicts, strict=True):
-            if ok and not hit[row]:  # pairs keep each row's rank order: its first accepted key
-                best[row], hit[row] = key, True
-        return best, hit
+            if ok and not checked[row]:  # pairs keep each row's order: its first accepted key
+                best[row], checked[row] = key, True
+        return best, checked
+
+    def candidates(self, question: str, votes: torch.Tensor, score: torch.Tensor, need: int, row: int, winner: int
+                   ) -> list[int]:  # fmt: skip
+        """The keys offered to the question check for a routed row, in order: the vote's
+        winner and the next `runners_up` keys that also have the votes (a generic subject's
+        key, one edit about "Life", can win the vote on prompts it must not answer and would
+        hide their own edit), the ones whose subject the question names in full first (a
+        near subject with the same relation, "Enterprise Rupes" for a question about
+        "Victoria Rupes", can win the vote by a hair over the named one)."""
+        from kmd.editors.question_check import subject_named
+
+        def named_in_full(key: int) -> bool:
+            request = self._requests.get(self.row_ids[key])
+            return request is not None and request.subject is not None and subject_named(question, request.subject, 1.0)
+
+        keys = [winner, *runners_up(votes, score, row, winner, need, self.config.runners_up)]
+        return sorted(keys, key=lambda key: not named_in_full(key)) if len(keys) > 1 else keys
 
     # ----- serving ---------------------------------------------------------------------------
     def _hook_specs(self) -> list[HookSpec]:

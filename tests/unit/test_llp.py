@@ -133,13 +133,34 @@ def test_a_refused_winner_offers_the_row_to_the_next_key_with_the_votes(tiny_hos
     best, votes, hit = editor.vote(sims)
     assert best.tolist() == [0, 0] and hit.tolist() == [True, True]
     monkeypatch.setattr(editor, "answerable", lambda questions, ids: [i != "generic" for i in ids])
-    refused = torch.tensor([False, False])  # what keep_answerable left of hit
     asked = []
     votes, score = editor.tally(sims)
-    best, hit = editor._offer_runners_up(votes, score, 2, best, refused, [0, 1],
-                                         lambda rows: asked.extend(rows) or ["q"] * len(rows))  # fmt: skip
+    best, hit = editor.checked_edits(votes, score, 2, best, hit, lambda rows: asked.extend(rows) or ["q"] * len(rows))
     assert best.tolist() == [1, 0] and hit.tolist() == [True, False]  # row 1's runner-up lacks the votes
     assert asked == [0, 1]
+
+
+def test_a_key_whose_subject_the_question_names_in_full_goes_first(tiny_host, monkeypatch):
+    """Two keys with the votes, both accepted by the relation check: the question names
+    "Victoria Rupes" in full and "Enterprise Rupes" only in part, so the named one acts
+    although the other won the vote by a hair."""
+    editor = fresh(tiny_host, retrieval_layers=[0, 1], injection_layer=2, similarity=0.5, vote_fraction=1.0, top_k=2)
+    editor.row_ids = ["near", "own"]
+    editor._requests = {"near": EditRequest(prompt="Where is Enterprise Rupes?", target="Pluto", subject="Enterprise Rupes"),
+                        "own": EditRequest(prompt="Where is Victoria Rupes?", target="Moon", subject="Victoria Rupes")}  # fmt: skip
+    sims = torch.tensor([[[0.95, 0.94]], [[0.95, 0.94]]])  # (|R|=2, B=1, N=2)
+    monkeypatch.setattr(editor, "answerable", lambda questions, ids: [True] * len(ids))
+    votes, score = editor.tally(sims)
+    best, _, hit = editor.vote(sims)
+    assert best.tolist() == [0]
+    question = "The astronomical body Victoria Rupes is on is what?"
+    best, hit = editor.checked_edits(votes, score, 2, best, hit, lambda rows: [question])
+    assert best.tolist() == [1] and hit.tolist() == [True]
+    best, hit = editor.checked_edits(votes, score, 2, *editor.vote(sims)[::2], lambda rows: ["Is a rupes on Mars?"])
+    assert best.tolist() == [0] and hit.tolist() == [True]  # neither named in full: the vote's order
+    with editor.configured(runners_up=0):
+        best, hit = editor.checked_edits(votes, score, 2, *editor.vote(sims)[::2], lambda rows: [question])
+        assert best.tolist() == [0]  # without runner-ups only the winner is offered
 
 
 def test_runners_up_are_ranked_after_the_best_and_need_the_votes():
