@@ -69,9 +69,10 @@ class LlpConfig:
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
-    # When the check refuses the vote's winner, this many next-ranked keys that also have the
-    # votes are offered to it in turn (0: the row gets no edit). A generic subject's key can
-    # win the vote on prompts it must not answer and would otherwise hide their own edit.
+    # The check gets the vote's winner and this many next-ranked keys that also have the votes,
+    # those whose subject the question names in full first, and the first it accepts acts
+    # (0: the winner only). A generic subject's key can win the vote on prompts it must not
+    # answer and would otherwise hide their own edit; a near subject can win it by a hair.
     runners_up: int = 2
     # Serving: from `shortlist_from` keys on, the similarities are computed exactly only for
     # the keys a rank-`shortlist_rank` bound cannot rule out (editors/llp/voting.py); the

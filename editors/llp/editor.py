@@ -235,7 +235,7 @@ class LlpEditor(Editor):
         self._unit_keys = F.normalize(self.keys.transpose(0, 1), dim=-1).contiguous()  # (|R|, N, D)
         shifts = [self.meta.get(row, {}).get("threshold_shift", 0.0) for row in self.row_ids]
         self._shifts = torch.tensor(shifts, dtype=torch.float32, device=self.keys.device)  # (N,)
-        self._fit_shortlist(refit=self._basis is None)
+        self._fit_shortlist(refit=False)  # a load clears the basis first
 
     def _fit_shortlist(self, refit: bool) -> None:
         """The bound rows of all keys; with `refit`, or once the keys doubled since the basis

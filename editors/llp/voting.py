@@ -3,9 +3,9 @@
 At every layer l in R each key's similarity to a row is its maximum cosine over the row's
 prompt tokens (`max_similarities`); the `top_k` keys above l's threshold get one vote each.
 The key with the most votes (ties: the larger summed similarity) is the row's edit when it
-has at least `ceil(vote_fraction * |R|)` of them (`vote_over_layers`). When the question
-check refuses that edit, the next keys with enough votes are offered to it in turn
-(`runners_up`, `LlpConfig.runners_up`).
+has at least `ceil(vote_fraction * |R|)` of them (`vote_over_layers`). The question check
+then gets it and the next keys with enough votes (`runners_up`, `LlpConfig.runners_up`;
+the order: `LlpEditor.candidates`).
 
 Against many keys the similarities cost more than the model's own forward (10,100 keys: 8
 layers x 10,100 x 576 multiply-adds per prompt token). Only a key whose cosine exceeds its
