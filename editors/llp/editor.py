@@ -235,17 +235,17 @@ class LlpEditor(Editor):
         self._unit_keys = F.normalize(self.keys.transpose(0, 1), dim=-1).contiguous()  # (|R|, N, D)
         shifts = [self.meta.get(row, {}).get("threshold_shift", 0.0) for row in self.row_ids]
         self._shifts = torch.tensor(shifts, dtype=torch.float32, device=self.keys.device)  # (N,)
-        self._fit_shortlist(refit=False)  # a load clears the basis first
+        self._fit_shortlist()  # a load clears the basis first: fitted on its keys
 
-    def _fit_shortlist(self, refit: bool) -> None:
-        """The bound rows of all keys; with `refit`, or once the keys doubled since the basis
-        was fitted, a new basis first. Below `shortlist_from` keys: none (compare all)."""
+    def _fit_shortlist(self) -> None:
+        """The bound rows of all keys; without a basis, or once the keys doubled since it was
+        fitted, a new basis first. Below `shortlist_from` keys: none (compare all)."""
         cfg, n = self.config, self._unit_keys.shape[1]
         if not cfg.shortlist_rank or n < cfg.shortlist_from:
             self._basis, self._basis_keys = None, 0
             self._key_bounds = self._key_bounds[:, :0]
             return
-        if refit or self._basis is None or n >= 2 * self._basis_keys:
+        if self._basis is None or n >= 2 * self._basis_keys:
             self._basis, self._basis_keys = key_basis(self._unit_keys, cfg.shortlist_rank), n
         self._key_bounds = key_bounds(self._unit_keys, self._basis)
 
@@ -260,7 +260,7 @@ class LlpEditor(Editor):
         if self._basis is not None and n < 2 * self._basis_keys:
             self.grown.append(self, "_key_bounds", key_bounds(unit, self._basis), dim=1)
         elif self.config.shortlist_rank and n >= self.config.shortlist_from:  # the first basis, or the keys doubled
-            self._fit_shortlist(refit=True)
+            self._fit_shortlist()
 
     # ----- retrieval: similarities and the vote -------------------------------------------------
     def layer_similarities(self, states: torch.Tensor, prompt_mask: torch.Tensor, for_votes: bool = False
