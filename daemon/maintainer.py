@@ -176,7 +176,7 @@ class Maintainer:
     def save(self) -> None:
         """Save the editor state, named in the ledger first (write-ahead): a crash between
         the two leaves the state saved before, which the ledger named too."""
-        state = encode_state(self.editor)
+        state = encode_state(self.editor, self.editor_dir)
         self.ledger.record_state(state.digest, state.edit_ids, actor=self.actor)
         crash_point("state.named")
         write_state(state, self.editor_dir)

@@ -94,8 +94,8 @@ class MemoirEditor(Editor):
         self.masks = torch.empty(0, self.k, dtype=torch.long, device=device)  # (N, k) sorted indices
         self.owners = torch.empty(0, self.d_ff, device=device)  # (N, d_ff) 0/1: mask membership
         self.shards = torch.empty(0, dtype=torch.long, device=device)  # (N,) each edit's shard
-        self.grown = GrowingRows()  # masks, owners and shards: prefix views of its buffers
-        self.deltas: list[torch.Tensor] = []  # per edit (k, d_model): its change of its columns
+        self.deltas = torch.empty(0, self.k, self.d_model, device=device)  # (N, k, d_model): each edit's change of its columns
+        self.grown = GrowingRows()  # masks, owners, shards and deltas: prefix views of its buffers
         self.row_ids: list[str] = []  # edit id of each row, in application order
         self.answer = RowPointer(self.name, host.tokenizer, self.config.answer)
         self.info: list[dict[str, Any]] = []  # per edit: optimisation steps, final loss
@@ -208,7 +208,7 @@ class MemoirEditor(Editor):
         self.grown.append(self, "masks", mask[None])
         self.grown.append(self, "owners", self.membership(mask[None]))
         self.grown.append(self, "shards", torch.tensor([shard], device=mask.device))
-        self.deltas.append(delta)
+        self.grown.append(self, "deltas", delta[None])
         self._add_gram(keys, mask, +1.0)
         self.row_ids.append(edit_id)
         self.info.append({"steps": len(losses) - 1, "loss_first": losses[0], "loss_last": losses[-1]})
@@ -261,8 +261,11 @@ class MemoirEditor(Editor):
         if self.gram is not None and last:  # earlier shards take no more edits: no Gram kept
             self._add_gram(self._edit_keys(self.request(edit_id), columns), columns, -1.0)
         keep = [i for i in range(len(self.row_ids)) if i != row]
+        if row == len(self.row_ids) - 1:  # the usual revert (a failed probe): prefix views (the next append copies once)
+            keep = slice(0, row)
         self.masks, self.owners, self.shards = self.masks[keep], self.owners[keep], self.shards[keep]
-        del self.deltas[row], self.row_ids[row], self.info[row]
+        self.deltas = self.deltas[keep]
+        del self.row_ids[row], self.info[row]
         if last and not (self.shards == shard).any():
             self.gram = None  # as before the shard's first edit (not a float residue of it)
         self._rebuild(columns, shard)
@@ -380,7 +383,7 @@ class MemoirEditor(Editor):
         tensors = {
             "masks": self.masks,
             "shards": self.shards,
-            "deltas": torch.stack(self.deltas) if self.deltas else torch.empty(0, self.k, self.d_model),
+            "deltas": self.deltas,
         }
         if self.permutation is not None:
             tensors |= {"permutation": self.permutation, "bg_mean": self.bg_mean, "bg_std": self.bg_std}
@@ -421,7 +424,7 @@ class MemoirEditor(Editor):
             raise EditorError("memoir: saved edits without their permutation and background statistics")
         device = self.memory.device
         self.masks, self.owners, self.shards = masks.to(device), self.membership(masks.to(device)), shards.to(device)
-        self.deltas = list(deltas.unbind(0))
+        self.deltas = deltas.to(device)
         self.row_ids, self.info = list(ids), list(extra.get("info") or [{} for _ in ids])
         self.memory = torch.zeros(count, self.d_ff, self.d_model, device=device)
         self._rebuild()
