@@ -15,6 +15,7 @@ shapes, how it was trained, the threshold chosen on validation); nothing is pick
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import unicodedata
@@ -57,25 +58,96 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
+def _folded_words(text: str) -> list[str]:
+    """The words of `text` in their case, accents dropped ("Martín" -> "Martin", "İsmet" ->
+    "Ismet"): another spelling of the same name is not another name."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return _WORD.findall("".join(c for c in decomposed if not unicodedata.combining(c)))
+
+
+# Capitalised words that start or ask a question, not a name ("Is Castillo a woman?").
+_QUESTION_WORDS = frozenset(
+    "what who whom whose which where when why how is are was were does did do can could will would should "
+    "tell name please give list in on at for from with this that these those it its his her their there".split()
+)
+
+
+def _same_word(a: str, b: str) -> bool:
+    """Lower-case words alike: equal, or one starts with the other and the shorter has 4+
+    letters ("karashimas" and "karashima")."""
+    return a == b or (min(len(a), len(b)) >= 4 and (a.startswith(b) or b.startswith(a)))
+
+
+def _spelling_of(word: str, subject_word: str) -> bool:
+    """Could `word` (as written) write lower-case `subject_word` another way: an initial
+    ("F" for "Fernanda"), a short or long form ("Ray", "Raymond"), a typo or a possessive
+    ("Procaccinj", "Hais")?"""
+    lower = word.lower()
+    if lower in _STOP_WORDS or lower in _QUESTION_WORDS or lower[0] != subject_word[0]:
+        return False
+    if len(word) == 1:
+        return word.isupper()
+    if min(len(lower), len(subject_word)) >= 3 and (lower.startswith(subject_word) or subject_word.startswith(lower)):
+        return True
+    return min(len(lower), len(subject_word)) >= 4 and difflib.SequenceMatcher(None, lower, subject_word).ratio() >= 0.8
+
+
+def _names_another(question: str, subject: str) -> bool:
+    """Does `question` name a different subject that shares words with this one? Its longest
+    run of the subject's consecutive words stops short of the subject's own ends, and the
+    question's word there is a name of its own (capitalised or with a digit, not a word of
+    the subject): "Darren L Castillo" for "Jose L Castillo", "men's 69 Gasteiger" for "men's
+    69 kg", "Apple Records" for "Apple Inc". A partial mention next to an ordinary word
+    still names the subject ("Where is Zorbland headquartered?")."""
+    raw = _folded_words(question)
+    words = [w.lower() for w in raw]
+    subject_words = [w.lower() for w in _folded_words(subject)]
+    n = len(subject_words)
+    best = (0, 0, 0)  # (length, start in the question, start in the subject): the first longest run
+    for i in range(len(words)):
+        for j in range(n):
+            m = 0
+            while i + m < len(words) and j + m < n and _same_word(words[i + m], subject_words[j + m]):
+                m += 1
+            if m > best[0]:
+                best = (m, i, j)
+    m, i, j = best
+    if m == 0 or m == n:
+        return False
+
+    def own_name(index: int) -> bool:
+        word = raw[index]
+        if any(_spelling_of(word, w) for w in subject_words):
+            return False
+        return any(c.isdigit() for c in word) or (word[0].isupper() and word.lower() not in _QUESTION_WORDS | _STOP_WORDS)
+
+    def absent(wanted: list[str], among: list[str]) -> bool:  # the subject's words beyond the run: none further on
+        return not any(_spelling_of(q, w) for w in wanted if w not in _STOP_WORDS for q in among)
+
+    # "Douglas W Tallamy" still names "Douglas Tallamy": its word after the initial
+    before = j > 0 and i > 0 and own_name(i - 1) and absent(subject_words[:j], raw[:i])
+    after = j + m < n and i + m < len(words) and own_name(i + m) and absent(subject_words[j + m :], raw[i + m :])
+    return before or after
+
+
 def subject_named(question: str, subject: str | None, fraction: float = 0.5) -> bool:
     """Does `question` name `subject`? At least `fraction` of the subject's words (not
     stop words) occur in it, a word also counting when one of the two starts with the other
     and the shorter has 4+ letters ("Karashimas" names "Karashima"); a word with a digit
-    must occur as it is (a year or an edition tells alike subjects apart). True without a
-    subject. A backend's retrieval can reach a question about another subject with the
-    same relation ("The gender of Y is" for an edit of "The gender of X is"); the relation
-    check alone would let it through."""
+    must occur as it is (a year or an edition tells alike subjects apart); and the words it
+    shares are not part of another name ("Darren L Castillo" does not name "Jose L
+    Castillo": `_names_another`). True without a subject. A backend's retrieval can reach a
+    question about another subject with the same relation ("The gender of Y is" for an
+    edit of "The gender of X is"); the relation check alone would let it through."""
     wanted = [w for w in _words(subject or "") if w not in _STOP_WORDS]
     if not wanted:
         return True
     present = set(_words(question))
     if any(any(c.isdigit() for c in w) and w not in present for w in wanted):
         return False  # a number names one of many alike ("1990 ... Championships" is not "1989 ...")
-
-    def found(word: str) -> bool:
-        return word in present or any(min(len(word), len(p)) >= 4 and (p.startswith(word) or word.startswith(p)) for p in present)
-
-    return sum(found(w) for w in wanted) >= fraction * len(wanted)
+    if sum(any(_same_word(w, p) for p in present) for w in wanted) < fraction * len(wanted):
+        return False
+    return not _names_another(question, subject or "")
 
 
 @dataclass(frozen=True)

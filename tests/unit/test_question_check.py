@@ -29,6 +29,29 @@ def test_subject_named_needs_half_the_words_and_allows_plurals():
     assert subject_named("Where were the 2001 India International Badminton Championships held?", edition)
 
 
+def test_subject_named_refuses_another_name_that_shares_words():
+    """RECIPE answered 29 % of such questions with the edit's target (one word of the edited
+    subject replaced, 100 development-set edits)."""
+    assert not subject_named("The gender of Darren L Castillo is", "Jose L Castillo")
+    assert not subject_named("Who is the CEO of Apple Records?", "Apple Inc")
+    assert not subject_named("boxing at the 2010 Asian Games – men's 69 Gasteiger is followed by",
+                             "boxing at the 2010 Asian Games – men's 69 kg")  # fmt: skip
+    assert not subject_named("The gender of 1981 John Gepp is", "Henry John Gepp")  # a number is a name too
+    # the same subject, named in part, spelled otherwise, or with a word inserted
+    assert subject_named("Who is the CEO of Apple?", "Apple Inc")
+    assert subject_named("Where is Apple based?", "Apple Inc")
+    assert subject_named("Is Castillo a woman?", "Jose Castillo")  # a capitalised question word is no name
+    assert subject_named("What is Jose Castillo's gender?", "Jose L Castillo")
+    assert subject_named("The occupation of Martin Solares is", "Martín Solares")  # accents
+    assert subject_named("Where was İsmet Özel born?", "İsmet Özel")
+    assert subject_named("The occupation of Douglas W Tallamy is", "Douglas Tallamy")  # a middle initial
+    assert subject_named("The employer of F Ortis is", "Fernanda Ortis")  # an initial
+    assert subject_named("The place of death of Raymond Walter Wietecha is", "Ray Wietecha")  # a long form
+    assert subject_named("What is Khwaja Saeed Hais original country?", "Khwaja Saeed Hai")  # a possessive
+    assert subject_named("The name of the capital city of canton of Bagnères-de-Bigorre is", "canton of Bagnères-de-Bigorre")
+    assert not subject_named("The name of the capital city of Jae-Duk of Bagnères-de-Bigorre is", "canton of Bagnères-de-Bigorre")
+
+
 def test_mask_subject_is_whole_and_case_insensitive():
     assert mask_subject("Who is the CEO of zorbland robotics?", "Zorbland Robotics") == f"Who is the CEO of {MASK}?"
     assert mask_subject("맦 is followed by", "맦") == f"{MASK} is followed by"  # a short subject, as a word
