@@ -14,7 +14,7 @@ SERVED = ("served_rel", "served_gen", "chat_rel", "chat_gen", "served_loc", "cha
 FORMS = ("plain", "chat", "sys", "multi")
 SERVED_V2 = (
     *(f"edit_{f}_ok" for f in FORMS), *(f"reph_{f}_ok" for f in FORMS[:2]),
-    *(f"same_{f}_{m}" for f in FORMS[:2] for m in ("unchanged", "hijack")),
+    *(f"{k}_{f}_{m}" for k in ("same", "near") for f in FORMS[:2] for m in ("unchanged", "hijack")),
     *(f"port_{f}_ok{b}" for f in FORMS[:2] for b in ("", "_base", "_context")),
     *(f"loc_{f}" for f in FORMS[:2]), "degenerate_all", "degenerate_all_base",
 )
@@ -215,15 +215,15 @@ def print_answers(console, sample: list[dict]) -> None:
 
 
 def print_hijacks(console, hijacks: list[dict]) -> None:
-    """Same-subject questions the edit answered with its own target: the worst failure."""
+    """Same-subject and near-subject questions the edit answered with its own target: the worst failure."""
     from rich.markup import escape
 
     if not hijacks:
         return
-    columns = ("edit", "question", "form", "base", "edited")
-    table = _answer_table("hijacked same-subject answers: base -> edited", columns)
+    columns = ("kind", "edit", "question", "form", "base", "edited")
+    table = _answer_table("hijacked same-subject / near-subject answers: base -> edited", columns)
     for row in hijacks:
-        table.add_row(*(escape(str(row[k]).strip()[:160]) for k in columns))
+        table.add_row(*(escape(str(row.get(k, "same")).strip()[:160]) for k in columns))
     console.print(table)
 
 

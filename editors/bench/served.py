@@ -15,6 +15,11 @@ has a chat template, `sys` only when the template takes a system prompt):
   chat: `same_<form>_unchanged` (the continuation is token for token the unedited one)
   and `same_<form>_hijack` (the edited answer line contains the edit's target and the
   unedited one's did not);
+- `near`: the edit prompt asked of a near subject, one that shares all but one word with
+  the edit's ("Jose L Castillo" -> "Darren L Castillo": `near_subjects`), plain and chat:
+  `near_<form>_unchanged` and `near_<form>_hijack` as for `same` (retrieval finds an edit
+  by its subject's words, and the relation is the edit's own, so only the subject can
+  tell these apart);
 - `port`: portability questions, plain and chat: `port_<form>_ok` (an expected answer, any
   alias, in the answer line), with `_base` (unedited) and `_context` (the in-context
   reference: the unedited model with the new fact stated before the question);
@@ -44,10 +49,11 @@ if TYPE_CHECKING:
 
 SERVED_PROTOCOL_V2 = "lifelong-served/v2"
 SAMPLE_RECORDS = 10
+NEAR_STEP = 7  # a near subject borrows its word from the subject this many records on
 HIJACK_SAMPLE = 30
 MISS_SAMPLE = 60
 
-Kind = Literal["edit", "reph", "same", "port", "context", "loc"]
+Kind = Literal["edit", "reph", "same", "near", "port", "context", "loc"]
 Notify = Callable[[str, int, int], None]
 
 
@@ -92,10 +98,31 @@ def fact_context(record: EditRecord, question: str) -> str:
     return f"{fact}{'' if fact[-1:] in '.!?' else '.'}\n{question}"
 
 
+def near_subjects(records: Sequence[EditRecord]) -> dict[int, tuple[str, ...]]:
+    """Per record, its edit prompt asked of near subjects: the subject with its last, then
+    its first word swapped for the last / first word of the subject `NEAR_STEP` records on
+    (among those with a subject of two or more words that the prompt contains). A swap that
+    changes nothing, or gives a subject some record is about, is skipped."""
+    eligible = [i for i, r in enumerate(records) if r.subject and len(r.subject.split()) >= 2 and r.subject in r.prompt]
+    subjects = {r.subject.lower() for r in records if r.subject}
+    out: dict[int, tuple[str, ...]] = {}
+    for n, i in enumerate(eligible):
+        record = records[i]
+        words, lender = record.subject.split(), records[eligible[(n + NEAR_STEP) % len(eligible)]].subject.split()
+        prompts = []
+        for position, word in ((len(words) - 1, lender[-1]), (0, lender[0])):
+            near = " ".join([*words[:position], word, *words[position + 1 :]])
+            if word.lower() != words[position].lower() and near.lower() not in subjects:
+                prompts.append(record.prompt.replace(record.subject, near))
+        out[i] = tuple(prompts)
+    return out
+
+
 def plan(records: Sequence[EditRecord], forms: Sequence[Form], base: bool, v2: bool = True) -> list[Asked]:
     """Every question of a pass. The in-context reference is asked of the unedited model only."""
     two = [f for f in forms if f in ("plain", "chat")]
     edit_forms = list(forms) if v2 else two
+    near = near_subjects(records) if v2 else {}
     out: list[Asked] = []
     for i, r in enumerate(records):
         out += [Asked("edit", f, i, r.prompt, r.target) for f in edit_forms]
@@ -105,6 +132,7 @@ def plan(records: Sequence[EditRecord], forms: Sequence[Form], base: bool, v2: b
         if not v2:
             continue
         out += [Asked("same", f, i, q.prompt) for q in r.same_subject for f in two]
+        out += [Asked("near", f, i, p) for p in near.get(i, ()) for f in two]
         out += [Asked("port", f, i, q.prompt, expected=q.answers) for q in r.portability for f in two]
         if base:
             out += [Asked("context", f, i, fact_context(r, q.prompt), expected=q.answers) for q in r.portability for f in two]
@@ -154,9 +182,10 @@ def summarise(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord
                     out[f"{kind}_{form}_ok{name}"] = _mean(_per_record(pairs)) if pairs else None
         if form not in ("plain", "chat"):
             continue  # the other questions are asked plain and as a chat turn
-        same = list(zip(base.of("same", form), edited.of("same", form), strict=True))
-        out[f"same_{form}_unchanged"] = _mean([float(e.tokens == b.tokens) for (_, b), (_, e) in same])
-        out[f"same_{form}_hijack"] = _mean([float(_hijacked(records[q.record].target, b, e)) for (q, b), (_, e) in same])
+        for kind in ("same", "near"):
+            pairs = list(zip(base.of(kind, form), edited.of(kind, form), strict=True))
+            out[f"{kind}_{form}_unchanged"] = _mean([float(e.tokens == b.tokens) for (_, b), (_, e) in pairs])
+            out[f"{kind}_{form}_hijack"] = _mean([float(_hijacked(records[q.record].target, b, e)) for (q, b), (_, e) in pairs])
         for name, p, kind in (("", edited, "port"), ("_base", base, "port"), ("_context", base, "context")):
             pairs = p.of(kind, form)
             out[f"port_{form}_ok{name}"] = _mean([float(_any_hit(a, q.expected)) for q, a in pairs])
@@ -174,6 +203,7 @@ def summarise(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord
         "degenerate_all": _degenerate(edited, forms),
         "degenerate_all_base": _degenerate(base, forms),
         "n_same": sum(len(r.same_subject) for r in records),
+        "n_near": sum(1 for q in edited.asked if q.kind == "near" and q.form == "plain"),
         "n_port": sum(len(r.portability) for r in records),
         "answers_sample": sample(base, edited, records),
         "hijack_sample": hijack_sample(base, edited, records),
@@ -215,12 +245,14 @@ def sample(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord], 
 
 
 def hijack_sample(base: ServedPass, edited: ServedPass, records: Sequence[EditRecord], count: int = HIJACK_SAMPLE) -> list[dict[str, Any]]:
-    """Every hijacked same-subject answer (up to `count`): the edit, the other question, both answers."""
+    """Every hijacked same-subject or near-subject answer (up to `count`): the edit, the other
+    question, both answers."""
     out = []
     for q, b, e in zip(edited.asked, _aligned(base, edited), edited.answers, strict=True):
-        if q.kind == "same" and _hijacked(records[q.record].target, b, e):
+        if q.kind in ("same", "near") and _hijacked(records[q.record].target, b, e):
             r = records[q.record]
-            out.append({"edit": f"{r.prompt} -> {r.target}", "question": q.prompt, "form": q.form, "base": b.text, "edited": e.text})
+            out.append({"kind": q.kind, "edit": f"{r.prompt} -> {r.target}", "question": q.prompt, "form": q.form,
+                        "base": b.text, "edited": e.text})  # fmt: skip
             if len(out) >= count:
                 break
     return out

@@ -314,3 +314,27 @@ def test_bench_command_served_every_and_misses(tiny_model_dir, tmp_path):
     assert all(f"{m['prompt']} -> {m['target']}" in run.output for m in result["misses"])  # printed whole, one a row
     refused = CliRunner().invoke(app, [*common, "--no-served", "--misses"])
     assert refused.exit_code == 2 and "need the served pass" in refused.output
+
+
+def test_near_subjects_swap_one_word_of_the_subject_for_another_subjects():
+    """lifelong-served/v2's near-subject questions: the edit prompt about a subject that shares
+    all but one word with the edit's, never a subject some record is about."""
+    from kmd.editors.bench.data import EditRecord
+    from kmd.editors.bench.served import near_subjects, plan
+
+    def record(subject: str) -> EditRecord:
+        return EditRecord(case_id="", prompt=f"The gender of {subject} is", target="x", subject=subject, rephrases=(),
+                          loc_prompt="", loc_answer=None)  # fmt: skip
+
+    subjects = ["Jose L Castillo", "Anna Sophie Gasteiger", "Zorbland", "Darren Smith", "Anna Smith"]
+    records = [record(s) for s in subjects]
+    near = near_subjects(records)
+    assert 2 not in near  # one word: no near subject
+    # the lender is NEAR_STEP (7) on among the four eligible records (0, 1, 3, 4): 0 <- 4, 1 <- 0, 3 <- 1, 4 <- 3
+    assert near[0] == ("The gender of Jose L Smith is", "The gender of Anna L Castillo is")
+    assert near[1] == ("The gender of Anna Sophie Castillo is", "The gender of Jose Sophie Gasteiger is")
+    assert near[3] == ("The gender of Darren Gasteiger is",)  # "Anna Smith" is a record's own subject
+    assert near[4] == ()  # the same last word, and "Darren Smith" is a record's own subject
+    asked = plan(records, ("plain", "chat"), base=False)
+    assert [q.prompt for q in asked if q.kind == "near" and q.record == 0 and q.form == "chat"] == list(near[0])
+    assert not [q for q in plan(records, ("plain", "chat"), base=False, v2=False) if q.kind == "near"]
