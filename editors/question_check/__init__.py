@@ -11,8 +11,10 @@ hold:
   masked in both, go through a small trained network (model.py) whose score must clear
   the threshold stored with it;
 - the subject: the row names the edit's subject (at least half of its words, allowing
-  a plural or a short typo, and every number in it: `subject_named`), so a question with the same relation about
-  another subject that retrieval reached by mistake stays the base model's.
+  a plural or a short typo, and every number in it) and not another subject that shares
+  words with it ("Darren L Castillo" for "Jose L Castillo": `subject_named`), so a
+  question with the same relation about another subject that retrieval reached by
+  mistake stays the base model's.
 
 Rows it turns away run as the base model: the pointer, the end rule and the edit's memory
 never touch them.
