@@ -9,17 +9,18 @@ A save writes the new tensor file (fsync), then atomically replaces the manifest
 deletes tensor files the manifest no longer names. A crash at any point leaves either
 the old or the new state, never a mix (and at most a tensor file no manifest names, which
 the next save deletes). The tensor file is streamed from the tensors' memory to disk and
-hashed from disk: a save holds no serialised copy of a state (3.6 GB for MEMOIR at 10,000
-edits, which held two). Nothing is pickled. Loading checks the format,
-the base model's identity, the backend, the config, the tensors' checksum and each edit
-request's checksum, and refuses any mismatch with a message saying what differs (the
-daemon also checks each edit request against the ledger's record of it at start).
+hashed from disk: a save holds no serialised copy of the state (it held two). Nothing is
+pickled. Loading checks the format, the base model's identity, the backend, the config,
+the tensors' checksum and each edit request's checksum, and refuses any mismatch with a
+message saying what differs (the daemon also checks each edit request against the
+ledger's record of it at start).
 
 A state's *digest* is the sha256 of its manifest's bytes; the manifest holds the
 tensors' sha256, so the digest names manifest and tensors together. A save can be
-split (`encode_state`, which writes the tensor file, then `write_state`, which commits the
-manifest) so the caller can record the digest elsewhere first; a load given a digest refuses a state that is not that one (the
-daemon loads only states whose digest its ledger recorded: `kmd.daemon.bound_state`).
+split (`encode_state`, which writes the tensor file, then `write_state`, which commits
+the manifest) so the caller can record the digest elsewhere first; a load given a digest
+refuses a state that is not that one (the daemon loads only states whose digest its
+ledger recorded: `kmd.daemon.bound_state`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from kmd.editors.model import ModelHost, ModelSettings
 from kmd.editors.protocol import EditRequest, UnknownEditError
 from kmd.editors.registry import backend_names, get_backend
 from kmd.editors.scoring import generate, generate_ids, score_targets
-from kmd.editors.state import StateError, load_editor, save_editor
+from kmd.editors.state import StateError, encode_state, load_editor, save_editor, state_digest
 
 from tiny import chat_template
 
@@ -146,6 +146,22 @@ def test_load_refuses_another_model_and_corrupted_state(tiny_host, other_model_d
     (state / "manifest.json").write_text("{not json")
     with pytest.raises(StateError, match="corrupted manifest"):
         load_editor(state, tiny_host)
+
+
+def test_a_state_encoded_but_not_committed_leaves_the_saved_one(tiny_host, editor, tmp_path):
+    """`encode_state` writes the tensor file, `write_state` the manifest: a crash between the
+    two (the daemon's `state.named` point) leaves the saved state; the next save removes the file."""
+    editor.apply(EDIT)
+    path = save_editor(editor, tmp_path / "state")
+    digest, expected = state_digest(path), logits(tiny_host, editor)
+    editor.apply(OTHER)
+    encode_state(editor, path)  # never committed
+    assert len(list(path.glob("tensors-*.safetensors"))) == 2 and state_digest(path) == digest
+    with editor.suspended():  # one editor attached to the model at a time
+        reloaded = load_editor(path, tiny_host)
+        assert len(reloaded.edit_ids) == 1 and torch.equal(logits(tiny_host, reloaded), expected)
+    save_editor(editor, path)
+    assert len(list(path.glob("tensors-*.safetensors"))) == 1 and not list(path.glob(".tensors-*"))
 
 
 def test_saving_again_replaces_state_atomically(tiny_host, editor, tmp_path):
