@@ -70,6 +70,7 @@ _QUESTION_WORDS = frozenset(
     "what who whom whose which where when why how is are was were does did do can could will would should "
     "tell name please give list in on at for from with this that these those it its his her their there".split()
 )
+_NOT_NAMES = _QUESTION_WORDS | _STOP_WORDS
 
 
 def _same_word(a: str, b: str) -> bool:
@@ -83,7 +84,7 @@ def _spelling_of(word: str, subject_word: str) -> bool:
     ("F" for "Fernanda"), a short or long form ("Ray", "Raymond"), a typo or a possessive
     ("Procaccinj", "Hais")?"""
     lower = word.lower()
-    if lower in _STOP_WORDS or lower in _QUESTION_WORDS or lower[0] != subject_word[0]:
+    if lower in _NOT_NAMES or lower[0] != subject_word[0]:
         return False
     if len(word) == 1:
         return word.isupper()
@@ -119,7 +120,7 @@ def _names_another(question: str, subject: str) -> bool:
         word = raw[index]
         if any(_spelling_of(word, w) for w in subject_words):
             return False
-        return any(c.isdigit() for c in word) or (word[0].isupper() and word.lower() not in _QUESTION_WORDS | _STOP_WORDS)
+        return any(c.isdigit() for c in word) or (word[0].isupper() and word.lower() not in _NOT_NAMES)
 
     def absent(wanted: list[str], among: list[str]) -> bool:  # the subject's words beyond the run: none further on
         return not any(_spelling_of(q, w) for w in wanted if w not in _STOP_WORDS for q in among)
