@@ -105,14 +105,17 @@ def text_of(driver, css: str) -> str:
 def click_and_load(driver, element, timeout: float = 60.0) -> None:
     """Click `element` and wait for the page it leads to: `click()` returns before the navigation
     (a form post and its redirect) finishes, and reading the page then reads the old one."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old_page = driver.find_element(By.TAG_NAME, "html")
+    # The old page carries a mark that a new one lacks. Asking an element of the old page whether
+    # it is stale races with Chromium tearing that page down: chromedriver 156 then answers "Node
+    # with given id does not belong to the document", an unknown error rather than a stale one.
+    # A script run mid-navigation may fail the same way, so the wait retries on any driver error.
+    driver.execute_script("window.kmdOldPage = true")
     element.click()
-    WebDriverWait(driver, timeout).until(EC.staleness_of(old_page))
-    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, timeout, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return window.kmdOldPage === undefined && document.readyState === 'complete'"))
 
 
 def wait_for_url(driver, test, timeout: float = 30.0) -> str:
