@@ -144,9 +144,7 @@ def adopt_state(source: Path, editor_dir: Path) -> None:
         fsync_path(tmp)
         os.replace(tmp, editor_dir / name)
     fsync_path(editor_dir)
-    for stale in editor_dir.glob("tensors-*.safetensors"):
-        if stale.name != tensor_file:
-            stale.unlink(missing_ok=True)
+    remove_stale_tensors(editor_dir, tensor_file)
 
 
 @dataclass

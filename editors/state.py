@@ -172,10 +172,16 @@ def write_state(state: EncodedState, path: Path) -> Path:
     if not (path / state.tensor_file).is_file():
         raise StateError(f"{path}: tensor file {state.tensor_file} is missing; encode the state in this directory")
     write_atomic(path / MANIFEST, state.manifest)
-    for stale in [*path.glob("tensors-*.safetensors"), *path.glob(".tensors-*.partial")]:
-        if stale.name != state.tensor_file:
-            stale.unlink(missing_ok=True)
+    remove_stale_tensors(path, state.tensor_file)
     return path
+
+
+def remove_stale_tensors(path: Path, kept: str) -> None:
+    """Remove the tensor files in `path` other than `kept` (the one its manifest names), and
+    unfinished ones: after the manifest is committed, no state needs them."""
+    for stale in [*path.glob("tensors-*.safetensors"), *path.glob(".tensors-*.partial")]:
+        if stale.name != kept:
+            stale.unlink(missing_ok=True)
 
 
 def save_editor(editor: Editor, path: str | Path) -> Path:
