@@ -417,20 +417,37 @@ class Editor(ABC):
                 out[i] = bool(ok)
         return out
 
-    def keep_answerable(self, hit: torch.Tensor, best: torch.Tensor, row_ids: Sequence[str],
-                        questions: Callable[[list[int]], list[str]]) -> torch.Tensor:  # fmt: skip
-        """hit (B,) bool, the rows the backend routed -> the same with the rows whose edit may
-        not answer their question turned off (`answerable`). `best` (B,): each row's edit as
-        an index into `row_ids`; `questions(rows)`: those rows' questions (asked only when
-        the check is on)."""
+    def first_answerable(self, hit: torch.Tensor, best: torch.Tensor, row_ids: Sequence[str],
+                         questions: Callable[[list[int]], list[str]],
+                         candidates: Callable[[int, str], Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The edit each routed row keeps: its first candidate whose edit may answer the row's
+        question (`answerable`); a row with none accepted runs as the base model.
+
+        hit (B,) bool: the rows the backend routed; best (B,): each row's winner as an index
+        into `row_ids`; `questions(rows)`: those rows' questions (asked only when the check
+        is on); `candidates(row, question)`: the row's edits in order, its winner first
+        (None: the winner alone). A retrieval ranks "Nimbrook Energy" first for a question
+        about "Nimbrook Labs" as readily as the other way round; the next edits that also
+        cleared the backend's bar are its runner-ups. Checked in rounds (every row's first,
+        then the refused rows' next), so a row its winner answers costs one check.
+        -> (best, hit), each (B,)."""
         rows = hit.nonzero().flatten().tolist()
         if not rows or not hasattr(self.config, "question_check"):
-            return hit
-        verdicts = self.answerable(questions(rows), [row_ids[int(best[row])] for row in rows])
-        out = hit.clone()
-        for row, ok in zip(rows, verdicts, strict=True):
-            out[row] = ok
-        return out
+            return best, hit
+        asked = dict(zip(rows, questions(rows), strict=True))
+        queue = {row: list(candidates(row, asked[row])) if candidates else [int(best[row])] for row in rows}
+        best, hit = best.clone(), hit.clone()
+        hit[rows] = False
+        while queue:
+            offered = [(row, keys.pop(0)) for row, keys in queue.items() if keys]
+            if not offered:
+                break
+            verdicts = self.answerable([asked[row] for row, _ in offered], [row_ids[key] for _, key in offered])
+            for (row, key), ok in zip(offered, verdicts, strict=True):
+                if ok:
+                    best[row], hit[row] = key, True
+                    del queue[row]
+        return best, hit
 
     # ----- routing-aware probing (optional) ------------------------------------------------
     def routing_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -490,6 +507,17 @@ class Editor(ABC):
     @abstractmethod
     def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         """Rebuild from `state_tensors()` / `extra_state()` output."""
+
+
+def runners_up_of(score: torch.Tensor, best: int, limit: int, eligible: torch.Tensor) -> list[int]:
+    """The `limit` edits ranked next after `best` by `score` (N,), those of them `eligible`
+    (N,) bool (they cleared the backend's bar too): the candidates after a row's winner
+    (`Editor.first_answerable`)."""
+    if limit < 1:
+        return []
+    top = score.topk(min(limit + 1, score.shape[0])).indices.tolist()  # not a sort of all N edits
+    ranked = [key for key in top if key != best]
+    return [key for key in ranked[:limit] if bool(eligible[key])]
 
 
 def late_layer(backend: str, num_layers: int, layer: int | None) -> int:

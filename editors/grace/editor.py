@@ -174,8 +174,7 @@ class GraceEditor(Editor):
             best_dist, best = covering.min(dim=1)  # the nearest entry whose radius covers the query
             hit = torch.isfinite(best_dist)
             if ids is not None:
-                hit = self.keep_answerable(hit, best, self.row_ids,
-                                           lambda rows: self.host.chat.questions(ids, prompt, rows))  # fmt: skip
+                _, hit = self.first_answerable(hit, best, self.row_ids, lambda rows: self.host.chat.questions(ids, prompt, rows))
             relative = steps[None, :] - last[:, None]  # (B, T): 0 at the last prompt token
             decision = routing.decisions[self.name] = {"hit": hit, "best": best, "next": seq - last}
             rows = hit.nonzero().flatten()
@@ -236,8 +235,8 @@ class GraceEditor(Editor):
             return [None] * query.shape[0]
         dist = torch.cdist(query, self.keys)  # (B, N)
         best_dist, best = torch.where(dist <= self.radii[None, :], dist, torch.inf).min(dim=1)
-        hit = self.keep_answerable(torch.isfinite(best_dist), best, self.row_ids,
-                                   lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
+        _, hit = self.first_answerable(torch.isfinite(best_dist), best, self.row_ids,
+                                       lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
         return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     # ----- persistence ------------------------------------------------------------------------

@@ -338,18 +338,9 @@ class LlpEditor(Editor):
         """The question check on the routed rows: each row's candidates (`candidates`) go
         to it in order and the first it accepts acts on the row; a row with none accepted
         runs as the base model. votes, score (B, N) (`tally`); best, hit (B,) (`decide`)
-        -> (best, hit). Every candidate pair goes through one check."""
-        rows = hit.nonzero().flatten().tolist()
-        if not rows:
-            return best, hit
-        asked = dict(zip(rows, questions(rows), strict=True))
-        pairs = [(row, key) for row in rows for key in self.candidates(asked[row], votes, score, need, row, int(best[row]))]
-        verdicts = self.answerable([asked[row] for row, _ in pairs], [self.row_ids[key] for _, key in pairs])
-        best, checked = best.clone(), torch.zeros_like(hit)
-        for (row, key), ok in zip(pairs, verdicts, strict=True):
-            if ok and not checked[row]:  # pairs keep each row's order: its first accepted key
-                best[row], checked[row] = key, True
-        return best, checked
+        -> (best, hit)."""
+        return self.first_answerable(hit, best, self.row_ids, questions,
+                                     lambda row, question: self.candidates(question, votes, score, need, row, int(best[row])))
 
     def candidates(self, question: str, votes: torch.Tensor, score: torch.Tensor, need: int, row: int, winner: int
                    ) -> list[int]:  # fmt: skip

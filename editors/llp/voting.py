@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kmd.editors.llp.config import LlpConfig
+from kmd.editors.protocol import runners_up_of
 
 
 def max_similarities(standardized: torch.Tensor, prompt_mask: torch.Tensor, unit_keys: torch.Tensor) -> torch.Tensor:
@@ -140,8 +141,4 @@ def decide(votes: torch.Tensor, score: torch.Tensor, need: int) -> tuple[torch.T
 def runners_up(votes: torch.Tensor, score: torch.Tensor, row: int, best: int, need: int, limit: int) -> list[int]:
     """The `limit` keys ranked next after `best` in row (by score), those of them that also
     have `need` votes. votes, score: (B, N) from `layer_votes`."""
-    if limit < 1:
-        return []
-    top = score[row].topk(min(limit + 1, score.shape[1])).indices.tolist()  # not a sort of all N keys
-    ranked = [key for key in top if key != best]
-    return [key for key in ranked[:limit] if votes[row, key] >= need]
+    return runners_up_of(score[row], best, limit, votes[row] >= need)

@@ -65,6 +65,10 @@ class MemoirConfig:
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it routes.
     question_check: bool = True
+    # Serving: when the question check refuses a row's edit, the next `runners_up` edits whose
+    # masks also overlap the row's by `tau` (most first) are offered in turn, and the first it
+    # accepts acts (an alike name's edit can overlap a question most). 0: the best edit only.
+    runners_up: int = 2
     # A chat turn is routed by the user's message run alone (pooled as a bare prompt is when
     # its mask is made); "in_context": by its tokens after the template's system prompt.
     chat_retrieval: ChatRetrieval = "alone"

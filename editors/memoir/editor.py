@@ -42,7 +42,7 @@ on a memory that contained it, so their own deltas keep that influence.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,7 +55,7 @@ from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
-from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer
+from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer, runners_up_of
 from kmd.editors.regroup import Regroup, entries
 from kmd.editors.rows import GrowingRows
 from kmd.editors.scoring import module_input, prompt_inputs
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 class MemoirEditor(Editor):
     name = "memoir"
     config_class = MemoirConfig
+    SERVING_ONLY = ("runners_up",)
 
     def __init__(self, host: ModelHost, config: MemoirConfig | None = None) -> None:
         super().__init__(host, config)
@@ -299,12 +300,8 @@ class MemoirEditor(Editor):
         decision = routing.decisions.get(self.name)
         if decision is None:  # prefill: decide per row from its prompt tokens only
             ids, prompt = self.answer.prompt_ids(routing), routing.mask_for(batch, seq, a.device)
-            pooled = self._pooled(a, ids, prompt)
-            score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
-            hit = score >= self.config.tau
-            if ids is not None:
-                hit = self.keep_answerable(hit, best, self.row_ids,
-                                           lambda rows: self.host.chat.questions(ids, prompt, rows))  # fmt: skip
+            questions = None if ids is None else (lambda rows: self.host.chat.questions(ids, prompt, rows))
+            best, hit, score = self._routed(self._pooled(a, ids, prompt), questions)
             rows = hit.nonzero().flatten()
             decision = routing.decisions[self.name] = {"rows": rows, "edit": best[rows], "score": score}
             self.answer.start(routing, rows, [self.request(self.row_ids[e]).target for e in best[rows].tolist()])
@@ -323,6 +320,26 @@ class MemoirEditor(Editor):
         out = output.clone()
         out[rows] = output[rows] + added.to(output.dtype)
         return out
+
+    def _routed(self, pooled: torch.Tensor, questions: Callable[[list[int]], list[str]] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(B, d_ff) pooled rows -> per row (edit, hit, the best overlap), each (B,): the edit
+        whose mask overlaps the row's most, at least `tau`, or the next `runners_up` of them
+        in turn, the first the question check accepts (`Editor.first_answerable`; no check
+        without the rows' `questions`, a raw model call)."""
+        overlaps = self.overlaps(self.tophash(pooled))  # (B, N)
+        score, winner = overlaps.max(dim=1)
+        hit = score >= self.config.tau
+        if questions is None:
+            return winner, hit, score
+        cleared = overlaps >= self.config.tau
+
+        def candidates(row: int, _question: str) -> list[int]:
+            best = int(winner[row])
+            return [best, *runners_up_of(overlaps[row], best, self.config.runners_up, cleared[row])]
+
+        best, hit = self.first_answerable(hit, winner, self.row_ids, questions, candidates)
+        return best, hit, score
 
     def _regroup(self, how: Regroup, decisions: list[dict[str, Any]]) -> dict[str, Any]:
         """A regrouped batch (continuous batching): each routed row keeps its edit and answer state."""
@@ -363,9 +380,7 @@ class MemoirEditor(Editor):
         pooled = features["pooled"]
         if not self.row_ids:
             return [None] * pooled.shape[0]
-        score, best = self.overlaps(self.tophash(pooled)).max(dim=1)  # (B,), (B,)
-        hits = self.keep_answerable(score >= self.config.tau, best, self.row_ids,
-                                    lambda rows: [features["questions"][r] for r in rows])  # fmt: skip
+        best, hits, _ = self._routed(pooled, lambda rows: [features["questions"][r] for r in rows])
         out: list[tuple[str, tuple[str, ...]] | None] = []
         for b, hit in zip(best.tolist(), hits.tolist()):
             sharing = (((self.owners @ self.owners[b]) > 0) & (self.shards == self.shards[b])).nonzero().flatten().tolist()

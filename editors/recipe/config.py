@@ -51,6 +51,11 @@ class RecipeConfig:
     # row asks what the edit's prompt asks (its relation, not only its subject). Per edit: an
     # edit applied with False (e.g. a relation's editor_options) gets every row it retrieves.
     question_check: bool = True
+    # Serving: when the question check refuses a row's nearest edit, the next `runners_up` edits
+    # that also clear the sentinel (in score order) are offered in turn, and the first it accepts
+    # acts: "Nimbrook Energy"'s edit is nearest to a question about "Nimbrook Labs" as readily as
+    # the other way round. 0: the nearest edit only.
+    runners_up: int = 2
     # How routed rows answer: the pointer, the end and restate rules, and whether the prefix
     # stops acting once the target is written (editors/answer_stop.py). The prefix keeps
     # acting here: stopping it makes RECIPE's answers far worse (BENCHMARKS.md).

@@ -18,7 +18,9 @@ recently retrieved dropped first); serving only merges them into routed rows.
 Serving, per row of a batch and from prompt tokens only: on the prefill, each row's
 prompt tokens are decoded to text, encoded, and mapped by the query MLP to r_q; the row
 retrieves its nearest stored edit when that scores above the Knowledge Sentinel (and
-`margin`), otherwise it runs as the base model. KV-cache decode steps reuse the decision.
+`margin`) and the question check accepts it, else the next `runners_up` edits that clear
+the sentinel in turn; otherwise it runs as the base model. KV-cache decode steps reuse the
+decision.
 
 The trained networks come from `kmd recipe train` (editors/recipe/train.py); the
 editor's `checkpoint` option names that file, and its checksum is kept in the saved
@@ -39,7 +41,7 @@ from loguru import logger
 
 from kmd.editors.answer_stop import RoutedAnswers, TokenTexts, pointer_hook
 from kmd.editors.hooks import HookSpec
-from kmd.editors.protocol import EditorError, EditRequest, Editor
+from kmd.editors.protocol import EditorError, EditRequest, Editor, runners_up_of
 from kmd.editors.regroup import Regroup
 from kmd.editors.rows import GrowingRows
 from kmd.editors.recipe.config import RecipeConfig
@@ -83,6 +85,7 @@ def file_sha256(path: Path) -> str:
 class RecipeEditor(Editor):
     name = "recipe"
     config_class = RecipeConfig
+    SERVING_ONLY = ("runners_up",)
 
     def __init__(self, host: ModelHost, config: RecipeConfig | None = None) -> None:
         super().__init__(host, config)
@@ -181,11 +184,19 @@ class RecipeEditor(Editor):
     def retrieve(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query text: (best row, hit). A hit beats the sentinel by more than `margin`
         and passes the question check (the query asks what the edit's prompt asks)."""
-        best, hit = self._match(self._query_reps(queries))
-        return best, self._checked(queries, best, hit)
+        return self._routed(self._query_reps(queries), queries)
 
-    def _checked(self, questions: Sequence[str], best: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
-        return self.keep_answerable(hit, best, self.row_ids, lambda rows: [questions[r] for r in rows])
+    def _routed(self, reps: torch.Tensor, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q, R) query reps and the rows' texts -> per row (edit row, hit): the nearest
+        edit that clears the sentinel, or the next `runners_up` of them in turn, the first
+        the question check accepts (`Editor.first_answerable`)."""
+        winner, hit, scores, cleared = self._match(reps)
+
+        def candidates(row: int, _question: str) -> list[int]:
+            best = int(winner[row])
+            return [best, *runners_up_of(scores[row], best, self.config.runners_up, cleared[row])]
+
+        return self.first_answerable(hit, winner, self.row_ids, lambda rows: [questions[r] for r in rows], candidates)
 
     def _query_reps(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, Q, R) query reps of each text: the whole text, then (when `last_sentence_query`)
@@ -200,18 +211,21 @@ class RecipeEditor(Editor):
             last[several] = self.networks.query_reps(encode_texts([lasts[i] for i in several], self.host.device))
         return torch.stack([whole, last], dim=1)
 
-    def _match(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q, R) query reps (or (B, R)) -> per row (best row, hit): of a row's Q queries,
-        the one whose best edit clears the sentinel by the widest margin."""
+    def _match(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, Q, R) query reps (or (B, R)) -> per row (best row (B,), hit (B,), every edit's
+        score (B, N), cleared (B, N): which edits clear the sentinel and their bar), all
+        from the one of the row's Q queries whose best edit clears the sentinel by the
+        widest margin."""
         if reps.dim() == 2:
             reps = reps[:, None]
         b, q, r = reps.shape
         scores, over = self._scores(reps.reshape(b * q, r), self.reps, self.shifts)  # (B*Q, N) each
+        margins = over - self.bars[None, :]  # (B*Q, N)
         best = scores.argmax(dim=1)
-        margin = over.gather(1, best[:, None])[:, 0] - self.bars[best]  # (B*Q,)
+        margin = margins.gather(1, best[:, None])[:, 0]  # (B*Q,)
         chosen = margin.view(b, q).argmax(dim=1)  # ties: the whole text
-        rows = torch.arange(b, device=reps.device)
-        return best.view(b, q)[rows, chosen], margin.view(b, q)[rows, chosen] > 0
+        picked = torch.arange(b, device=reps.device) * q + chosen  # (B,) rows of the (B*Q, ...) tensors
+        return best[picked], margin[picked] > 0, scores[picked], margins[picked] > 0
 
     def _scores(self, queries: torch.Tensor, keys: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (M, R), edits' knowledge reps `keys` (N, R), their shifts (N,) -> (scores
@@ -289,8 +303,7 @@ class RecipeEditor(Editor):
         reps = features["reps"]
         if not self.row_ids:
             return [None] * reps.shape[0]
-        best, hit = self._match(reps)
-        hit = self._checked(features["questions"], best, hit)
+        best, hit = self._routed(reps, features["questions"])
         return [self.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
 
     def _current(self) -> Injection | None:

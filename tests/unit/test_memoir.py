@@ -312,3 +312,30 @@ def test_shards_keep_each_memory_to_its_own_edits(tiny_host, tmp_path):
     assert editor.gram is None and torch.count_nonzero(editor.memory[1]) == 0
     fourth = editor.apply(THIRD)  # the last shard has room again
     assert editor.memory.shape[0] == 2 and editor.shards.tolist() == [0, 0, 1] and editor.edit_ids[-1] == fourth
+
+
+def test_a_refused_edit_offers_the_row_to_the_next_edit_that_overlaps_it(tiny_host, monkeypatch):
+    """The question check refuses "Nimbrook Energy"'s edit, whose mask overlaps a question
+    about "Nimbrook Labs" most; Labs' edit, which overlaps it by tau too, is offered next and
+    acts. Refused rows get their runner-ups in a second round, so a row its best edit answers
+    costs one check; with runner_up 0 the refused row runs as the base model."""
+    energy = EditRequest(prompt="The CEO of Nimbrook Energy is", target="Pavel Halloran", subject="Nimbrook Energy")
+    labs = EditRequest(prompt="The CEO of Nimbrook Labs is", target="Tomas Aziz", subject="Nimbrook Labs")
+    asked = [labs.prompt, energy.prompt, "The CEO of Nimbrook Farms is", UNRELATED]
+    editor = make(tiny_host)
+    editor.apply(energy)
+    editor.apply(labs)
+    # (B=4, N=2): Energy's mask overlaps each of the first three most; the unrelated row neither by tau
+    monkeypatch.setattr(editor, "overlaps", lambda masks: torch.tensor([[0.95, 0.9], [1.0, 0.9], [0.9, 0.85], [0.5, 0.3]]))
+    offered = []
+    check = editor.answerable
+    monkeypatch.setattr(editor, "answerable", lambda questions, ids: offered.append(list(ids)) or check(questions, ids))
+    energy_id, labs_id = editor.row_ids
+    for runners, hits in ((2, [True, True, False, False]), (0, [False, True, False, False])):
+        offered.clear()
+        with editor.configured(runners_up=runners):
+            best, hit, _ = editor._routed(torch.zeros(len(asked), editor.d_ff), lambda rows: [asked[r] for r in rows])
+        assert hit.tolist() == hits
+        assert [editor.row_ids[b] for b, h in zip(best.tolist(), hit.tolist()) if h] == ([labs_id] if runners else []) + [energy_id]
+        first = [energy_id] * 3
+        assert offered == ([first, [labs_id] * 2] if runners else [first])  # the refused two, then their runner-up
