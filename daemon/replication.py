@@ -44,7 +44,7 @@ from kmd.daemon.db import HEAD_FILE
 from kmd.daemon.edit_request import editor_key
 from kmd.daemon.ledger import HeadFile, HeadFileError
 from kmd.daemon.serving.state import ServedState
-from kmd.editors.state import MANIFEST, StateError, fsync_path, read_manifest
+from kmd.editors.state import MANIFEST, StateError, fsync_path, read_manifest, remove_stale_tensors
 
 if TYPE_CHECKING:
     from kmd.daemon.ledger import Ledger, PublishedState

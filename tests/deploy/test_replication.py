@@ -98,3 +98,23 @@ def test_a_new_writer_restores_the_state_nearest_the_ledger(writer, tmp_path):
     empty.mkdir()
     assert closest_state([empty, published], committed) == published
     assert closest_state([published, writer.maintainer.editor_dir], set()) == published  # a tie: the first
+
+
+def test_adopting_a_state_copies_it_and_removes_the_tensor_files_it_does_not_name(writer, tmp_path):
+    """What a new writer does when the published state is nearer the ledger than its own
+    (the PostgreSQL takeover test runs it too): the tensor file, then the manifest, then
+    the leftovers of the old state and of a crashed save go."""
+    from kmd.daemon.replication import adopt_state
+    from kmd.editors.state import MANIFEST, read_manifest
+
+    writer.cycle()
+    published = published_dir(writer.settings.publish_path, writer.ledger.published_state().version)
+    mine = tmp_path / "editor"
+    mine.mkdir()
+    (mine / "tensors-0123456789abcdef.safetensors").write_bytes(b"an older state")
+    (mine / ".tensors-crashed.partial").write_bytes(b"a save that never finished")
+    adopt_state(published, mine)
+    tensor_file = read_manifest(published)["tensors"]["file"]
+    assert sorted(p.name for p in mine.iterdir()) == sorted([MANIFEST, tensor_file])
+    assert (mine / MANIFEST).read_bytes() == (published / MANIFEST).read_bytes()
+    assert (mine / tensor_file).read_bytes() == (published / tensor_file).read_bytes()
