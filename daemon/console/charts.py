@@ -8,7 +8,6 @@ goes through `markupsafe.escape`: the result is inserted into the page as markup
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING

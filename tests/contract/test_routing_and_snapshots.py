@@ -114,7 +114,6 @@ def test_an_edit_does_not_answer_another_question_about_its_subject(tiny_host, n
     retrieval reaches both; without the check (per edit, kept in the saved state), the
     retrieval alone answers both."""
     from kmd.editors.answers import ask
-    from kmd.editors.protocol import Editor
 
     edit = EditRequest(prompt="the capital of France is", target="Tokyo", subject="France")
     other = "the language of France is"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from intake.helpers import Clock, Route, SynonymEncoder
+from intake.helpers import Route, SynonymEncoder
 from kmd.daemon.intake import LedgerSink, intake_for
 from kmd.daemon.ledger import Ledger
 from kmd.daemon.matching import ObjectMatcher

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from kmd.editors.answer_stop import AnswerPolicy, AnswerTracker, Rule, TokenTexts
+from kmd.editors.answer_stop import AnswerPolicy, AnswerTracker, TokenTexts
 
 
 def tracker_for(tokenizer, targets, **policy) -> AnswerTracker:
