@@ -318,7 +318,7 @@ def test_a_refused_edit_offers_the_row_to_the_next_edit_that_overlaps_it(tiny_ho
     """The question check refuses "Nimbrook Energy"'s edit, whose mask overlaps a question
     about "Nimbrook Labs" most; Labs' edit, which overlaps it by tau too, is offered next and
     acts. Refused rows get their runner-ups in a second round, so a row its best edit answers
-    costs one check; with runner_up 0 the refused row runs as the base model."""
+    costs one check; with runners_up 0 the refused row runs as the base model."""
     energy = EditRequest(prompt="The CEO of Nimbrook Energy is", target="Pavel Halloran", subject="Nimbrook Energy")
     labs = EditRequest(prompt="The CEO of Nimbrook Labs is", target="Tomas Aziz", subject="Nimbrook Labs")
     asked = [labs.prompt, energy.prompt, "The CEO of Nimbrook Farms is", UNRELATED]

@@ -314,7 +314,6 @@ def test_appended_rows_grow_in_place_without_touching_forks_or_saved_states(tiny
     assert all(torch.equal(getattr(loaded, name), getattr(editor, name)) for name in before)
 
 
-
 def test_a_question_whose_nearest_edit_is_an_alike_name_gets_its_own_edit(tiny_host, trained):
     """"Nimbrook Energy"'s edit, made to be nearest to every question (threshold_shift), is
     refused for a question about "Nimbrook Labs" by the question check; the runner-up that
@@ -324,13 +323,17 @@ def test_a_question_whose_nearest_edit_is_an_alike_name_gets_its_own_edit(tiny_h
                          edit_id="energy")
     labs = EditRequest(prompt="The CEO of Nimbrook Labs is", target="Tomas Aziz", subject="Nimbrook Labs", edit_id="labs")
     asked = [labs.prompt, energy.prompt, "The CEO of Nimbrook Farms is"]
-    for runners, expected in ((2, [True, True, False]), (0, [False, True, False])):
-        editor = make(tiny_host, trained, margin=-1.0, runners_up=runners)
-        with editor.configured(threshold_shift=-10.0):
-            editor.apply(energy)
-        editor.apply(labs)
-        winner, _, _, cleared = editor._match(editor._query_reps(asked))
-        assert winner.tolist() == [0, 0, 0] and cleared[0].tolist() == [True, True]  # Energy's edit is nearest to all
+    editor = make(tiny_host, trained, margin=-1.0)
+    with editor.configured(threshold_shift=-10.0):
+        editor.apply(energy)
+    editor.apply(labs)
+    winner, _, _, cleared = editor._match(editor._query_reps(asked))
+    assert winner.tolist() == [0, 0, 0] and cleared[0].tolist() == [True, True]  # Energy's edit is nearest to all
+
+    def routed() -> list[str | None]:
         best, hit = editor.retrieve(asked)
-        assert hit.tolist() == expected
-        assert [editor.row_ids[b] for b, h in zip(best.tolist(), hit.tolist()) if h] == ["labs", "energy"][2 - sum(expected):]
+        return [editor.row_ids[b] if h else None for b, h in zip(best.tolist(), hit.tolist())]
+
+    assert routed() == ["labs", "energy", None]
+    with editor.configured(runners_up=0):
+        assert routed() == [None, "energy", None]
