@@ -219,8 +219,10 @@ def test_health_answers_fast_while_generation_is_saturated(tmp_path, tiny_host):
         daemon.stop_api()
         daemon.close()
     timings.sort()
-    assert timings[len(timings) // 2] < 0.1, timings  # the median, on a shared 2-core test machine
-    assert timings[-1] < 1.0, timings
+    # The finding was 37 s. The bounds leave room for a 2-core machine that is also running
+    # other work (0.1 s / 1.0 s failed there now and then, never on an idle one).
+    assert timings[len(timings) // 2] < 0.25, timings  # the median
+    assert timings[-1] < 2.0, timings
 
 
 @pytest.mark.parametrize("number", [2**64, 10**23, 2**63])
