@@ -48,7 +48,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-
 from kmd.editors.batching import left_padded_ids
 from kmd.editors.scoring import generate_ids
 

@@ -438,10 +438,7 @@ class Editor(ABC):
         queue = {row: list(candidates(row, asked[row])) if candidates else [int(best[row])] for row in rows}
         best, hit = best.clone(), hit.clone()
         hit[rows] = False
-        while queue:
-            offered = [(row, keys.pop(0)) for row, keys in queue.items() if keys]
-            if not offered:
-                break
+        while offered := [(row, keys.pop(0)) for row, keys in queue.items() if keys]:
             verdicts = self.answerable([asked[row] for row, _ in offered], [row_ids[key] for _, key in offered])
             for (row, key), ok in zip(offered, verdicts, strict=True):
                 if ok:
@@ -507,6 +504,19 @@ class Editor(ABC):
     @abstractmethod
     def _restore(self, requests: Sequence[EditRequest], tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         """Rebuild from `state_tensors()` / `extra_state()` output."""
+
+
+def ranked_candidates(winner: torch.Tensor, scores: torch.Tensor, cleared: torch.Tensor, limit: int
+                      ) -> Callable[[int, str], list[int]]:  # fmt: skip
+    """`Editor.first_answerable`'s candidates for a backend that ranks every edit per row:
+    each row's winner, then its `limit` runner-ups by `scores` among the edits that
+    `cleared` the backend's bar. winner (B,); scores, cleared (B, N)."""
+
+    def candidates(row: int, _question: str) -> list[int]:
+        best = int(winner[row])
+        return [best, *runners_up_of(scores[row], best, limit, cleared[row])]
+
+    return candidates
 
 
 def runners_up_of(score: torch.Tensor, best: int, limit: int, eligible: torch.Tensor) -> list[int]:

@@ -55,7 +55,7 @@ from kmd.editors.batching import teacher_forced_batch
 from kmd.editors.hooks import HookSpec, hooked, resolve_module
 from kmd.editors.memoir.config import MemoirConfig
 from kmd.editors.minnorm import min_norm_change
-from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer, runners_up_of
+from kmd.editors.protocol import EditorError, EditRequest, Editor, late_layer, ranked_candidates
 from kmd.editors.regroup import Regroup, entries
 from kmd.editors.rows import GrowingRows
 from kmd.editors.scoring import module_input, prompt_inputs
@@ -332,12 +332,7 @@ class MemoirEditor(Editor):
         hit = score >= self.config.tau
         if questions is None:
             return winner, hit, score
-        cleared = overlaps >= self.config.tau
-
-        def candidates(row: int, _question: str) -> list[int]:
-            best = int(winner[row])
-            return [best, *runners_up_of(overlaps[row], best, self.config.runners_up, cleared[row])]
-
+        candidates = ranked_candidates(winner, overlaps, overlaps >= self.config.tau, self.config.runners_up)
         best, hit = self.first_answerable(hit, winner, self.row_ids, questions, candidates)
         return best, hit, score
 

@@ -41,7 +41,7 @@ from loguru import logger
 
 from kmd.editors.answer_stop import RoutedAnswers, TokenTexts, pointer_hook
 from kmd.editors.hooks import HookSpec
-from kmd.editors.protocol import EditorError, EditRequest, Editor, runners_up_of
+from kmd.editors.protocol import EditorError, EditRequest, Editor, ranked_candidates
 from kmd.editors.regroup import Regroup
 from kmd.editors.rows import GrowingRows
 from kmd.editors.recipe.config import RecipeConfig
@@ -191,12 +191,8 @@ class RecipeEditor(Editor):
         edit that clears the sentinel, or the next `runners_up` of them in turn, the first
         the question check accepts (`Editor.first_answerable`)."""
         winner, hit, scores, cleared = self._match(reps)
-
-        def candidates(row: int, _question: str) -> list[int]:
-            best = int(winner[row])
-            return [best, *runners_up_of(scores[row], best, self.config.runners_up, cleared[row])]
-
-        return self.first_answerable(hit, winner, self.row_ids, lambda rows: [questions[r] for r in rows], candidates)
+        return self.first_answerable(hit, winner, self.row_ids, lambda rows: [questions[r] for r in rows],
+                                     ranked_candidates(winner, scores, cleared, self.config.runners_up))
 
     def _query_reps(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, Q, R) query reps of each text: the whole text, then (when `last_sentence_query`)
